@@ -1,0 +1,82 @@
+"""Input validation shared by the core: clear errors before any tracing work.
+
+Every check raises `ValueError` (bad value or shape) or `TypeError` (bad
+dtype) with a message that names the argument, what it got and what is
+accepted. Checks only look at static information (shapes, dtypes, Python
+options), so they are free under `jax.jit`.
+"""
+
+from collections.abc import Collection, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+
+def check_choice(name: str, value, choices: Collection[str]) -> str:
+  """Raises ValueError unless `value` is one of `choices`."""
+  if value not in choices:
+    raise ValueError(
+        f"Unknown {name} {value!r}; expected one of "
+        f"{', '.join(repr(c) for c in choices)}."
+    )
+  return value
+
+
+def check_rank(name: str, x, ranks: int | Sequence[int]) -> None:
+  """Raises ValueError unless `x.ndim` is in `ranks`."""
+  ranks = (ranks,) if isinstance(ranks, int) else tuple(ranks)
+  ndim = np.ndim(x)
+  if ndim not in ranks:
+    expected = " or ".join(str(r) for r in ranks)
+    raise ValueError(
+        f"{name} must have rank {expected}; got rank {ndim} with shape "
+        f"{np.shape(x)}."
+    )
+
+
+def check_float(name: str, x) -> None:
+  """Raises TypeError unless `x` has a floating dtype."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise TypeError(
+        f"{name} must have a floating dtype (float32, bfloat16, float16, "
+        f"float64); got {dtype}."
+    )
+
+
+def check_int(name: str, x) -> None:
+  """Raises TypeError unless `x` has an integer dtype."""
+  dtype = jnp.result_type(x)
+  if not jnp.issubdtype(dtype, jnp.integer):
+    raise TypeError(
+        f"{name} must have an integer dtype (token ids); got {dtype}."
+    )
+
+
+def check_same_shape(**arrays) -> None:
+  """Raises ValueError unless all given arrays share one shape."""
+  shapes = {name: np.shape(x) for name, x in arrays.items() if x is not None}
+  if len(set(shapes.values())) > 1:
+    desc = ", ".join(f"{n}={s}" for n, s in shapes.items())
+    raise ValueError(f"Shapes must match; got {desc}.")
+
+
+def check_mask(mask, shape) -> None:
+  """Raises ValueError/TypeError unless `mask` is a bool array of `shape`."""
+  if jnp.result_type(mask) != jnp.bool_:
+    raise TypeError(
+        f"mask must be a bool array of valid tokens; got dtype "
+        f"{jnp.result_type(mask)}."
+    )
+  if np.shape(mask) != tuple(shape):
+    raise ValueError(
+        f"mask must have shape {tuple(shape)}; got {np.shape(mask)}."
+    )
+
+
+def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
+  """Raises ValueError for a concrete number that is negative (or zero)."""
+  if isinstance(value, (int, float)):
+    if value < 0 or (value == 0 and not allow_zero):
+      bound = ">= 0" if allow_zero else "> 0"
+      raise ValueError(f"{name} must be {bound}; got {value}.")

@@ -1,0 +1,188 @@
+"""Entropy-dynamics and precision diagnostics, and the pass@k estimator.
+
+* `entropy_dynamics`: the batch covariance of log pi and A, whose negative
+  is the first-order entropy change of a natural-gradient step (method.md
+  §1), with entropy statistics.
+* `precision_mismatch`: how far two computations of the same log-probs
+  (e.g. bf16 vs float32, sampler vs trainer) disagree, in the units that
+  matter for clipping: the ratio bias and the tokens a PPO band would clip
+  although the true ratio is 1 ("phantom" clips).
+* `pass_at_k`: the unbiased estimator `1 - C(n-c, k) / C(n, k)`.
+"""
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entropo import _checks
+from entropo import masking
+
+DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
+# A token is "high entropy" (a fork) when it spreads more than a fair coin.
+DEFAULT_HIGH_ENTROPY_THRESHOLD = math.log(2.0)
+
+
+def entropy_dynamics(
+    logps: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    entropy: jax.Array | None = None,
+    step_size: float = 1.0,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    high_entropy_threshold: float = DEFAULT_HIGH_ENTROPY_THRESHOLD,
+    axis_name=None,
+) -> dict[str, jax.Array]:
+  """Covariance law diagnostics over the valid tokens of the global batch.
+
+  Args:
+    logps: `[B, T]` float, log pi of the taken tokens.
+    advantages: `[B]` or `[B, T]` float.
+    mask: `[B, T]` bool.
+    entropy: optional `[B, T]` token entropy; adds `entropy/*` statistics.
+    step_size: eta in the prediction `dH ~ -eta * Cov(log pi, A)`.
+    quantiles: entropy quantiles to report.
+    high_entropy_threshold: nats above which a token counts as high entropy
+      (default ln 2).
+    axis_name: optional mesh axis the batch is split over.
+
+  Returns:
+    Flat dict of float32 scalars: `dyn/cov_logp_adv`, `dyn/corr_logp_adv`,
+    `dyn/pred_entropy_change`; with `entropy`: `entropy/mean`, `entropy/std`,
+    `entropy/q{percent}`, `entropy/high_frac`.
+  """
+  _checks.check_float("logps", logps)
+  _checks.check_rank("logps", logps, 2)
+  _checks.check_mask(mask, logps.shape)
+  _checks.check_float("advantages", advantages)
+  _checks.check_rank("advantages", advantages, (1, 2))
+  adv = advantages if advantages.ndim == 2 else advantages[:, None]
+  adv = jnp.broadcast_to(adv.astype(jnp.float32), logps.shape)
+  lp = logps.astype(jnp.float32)
+  mean = lambda x: masking.masked_mean(x, mask, axis_name=axis_name)
+  lp_c = lp - mean(lp)
+  adv_c = adv - mean(adv)
+  cov = mean(lp_c * adv_c)
+  var_lp, var_adv = mean(jnp.square(lp_c)), mean(jnp.square(adv_c))
+  out = {
+      "dyn/cov_logp_adv": cov,
+      "dyn/corr_logp_adv": masking.safe_divide(cov,
+                                               jnp.sqrt(var_lp * var_adv)),
+      "dyn/pred_entropy_change": -step_size * cov,
+  }
+  if entropy is not None:
+    _checks.check_float("entropy", entropy)
+    _checks.check_same_shape(logps=logps, entropy=entropy)
+    ent = entropy.astype(jnp.float32)
+    out["entropy/mean"] = mean(ent)
+    out["entropy/std"] = masking.masked_std(ent, mask, axis_name=axis_name)
+    values = masking.masked_quantiles(ent, mask, quantiles,
+                                      axis_name=axis_name)
+    for i, q in enumerate(quantiles):
+      out[f"entropy/q{round(100 * q):02d}"] = values[i]
+    out["entropy/high_frac"] = mean(ent > high_entropy_threshold)
+  return jax.tree.map(
+      lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), out
+  )
+
+
+def precision_mismatch(
+    logps_a: jax.Array,
+    logps_b: jax.Array,
+    mask: jax.Array,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    axis_name=None,
+) -> dict[str, jax.Array]:
+  """Disagreement between two computations of the same token log-probs.
+
+  `logps_a` is the computation under test (e.g. bf16 trainer, or sampler)
+  and `logps_b` the reference (e.g. float32 trainer). With identical
+  parameters the true ratio `pi_a / pi_b` is exactly 1, so any deviation is
+  numerical: its mean is the ratio bias of method.md §5, and a token whose
+  ratio leaves `[1 - clip_low, 1 + clip_high]` would be clipped by PPO for
+  no reason ("phantom" clip).
+
+  Args:
+    logps_a: `[B, T]` float.
+    logps_b: `[B, T]` float.
+    mask: `[B, T]` bool.
+    clip_low: epsilon_low of the band.
+    clip_high: epsilon_high of the band.
+    axis_name: optional mesh axis the batch is split over.
+
+  Returns:
+    Flat dict of float32 scalars: `mismatch/ratio_bias` (mean ratio - 1),
+    `mismatch/log_ratio_mean`, `mismatch/abs_diff_mean`,
+    `mismatch/max_abs_diff`, `mismatch/phantom_clipfrac_low`,
+    `mismatch/phantom_clipfrac_high`, `mismatch/kl_k3`.
+  """
+  _checks.check_float("logps_a", logps_a)
+  _checks.check_float("logps_b", logps_b)
+  _checks.check_rank("logps_a", logps_a, 2)
+  _checks.check_same_shape(logps_a=logps_a, logps_b=logps_b)
+  _checks.check_mask(mask, logps_a.shape)
+  diff = logps_a.astype(jnp.float32) - logps_b.astype(jnp.float32)
+  ratio = jnp.exp(jnp.clip(diff, -20.0, 20.0))
+  mean = lambda x: masking.masked_mean(x, mask, axis_name=axis_name)
+  out = {
+      "mismatch/ratio_bias": mean(ratio) - 1.0,
+      "mismatch/log_ratio_mean": mean(diff),
+      "mismatch/abs_diff_mean": mean(jnp.abs(diff)),
+      "mismatch/max_abs_diff": masking.masked_max(jnp.abs(diff), mask,
+                                                  axis_name=axis_name),
+      "mismatch/phantom_clipfrac_low": mean(ratio < 1.0 - clip_low),
+      "mismatch/phantom_clipfrac_high": mean(ratio > 1.0 + clip_high),
+      # k3 estimate of KL(pi_b || pi_a) with samples from pi_b: non-negative.
+      "mismatch/kl_k3": mean(1.0 / ratio - 1.0 + diff),
+  }
+  return jax.tree.map(lambda x: jax.lax.stop_gradient(x), out)
+
+
+def pass_at_k(num_correct, num_samples, k: int):
+  """Unbiased pass@k, `1 - C(n - c, k) / C(n, k)` (Chen et al., 2021).
+
+  Computed as `1 - prod_{i=0}^{k-1} (n - c - i) / (n - i)`, which is exact
+  and never forms a large binomial coefficient.
+
+  Args:
+    num_correct: int or int array c (per problem), `0 <= c <= n`.
+    num_samples: int or int array n, broadcastable with c; must be >= k.
+    k: Python int >= 1.
+
+  Returns:
+    float32 array shaped like the broadcast of c and n (scalar for scalars).
+  """
+  if not isinstance(k, (int, np.integer)) or k < 1:
+    raise ValueError(f"k must be a positive int; got {k!r}.")
+  c = jnp.asarray(num_correct)
+  n = jnp.asarray(num_samples)
+  for name, x in (("num_correct", c), ("num_samples", n)):
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+      raise TypeError(f"{name} must be integers (counts); got {x.dtype}.")
+  for name, x in (("num_correct", num_correct), ("num_samples", num_samples)):
+    if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
+      raise ValueError(f"{name} must be >= 0; got {np.asarray(x)}.")
+  if not isinstance(num_samples, jax.core.Tracer) and np.any(
+      np.asarray(num_samples) < k
+  ):
+    raise ValueError(
+        f"pass@{k} needs at least k={k} samples per problem; got "
+        f"num_samples={np.asarray(num_samples)}."
+    )
+  if not any(isinstance(x, jax.core.Tracer) for x in (num_correct,
+                                                       num_samples)):
+    if np.any(np.asarray(num_correct) > np.asarray(num_samples)):
+      raise ValueError(
+          f"num_correct must be <= num_samples; got {np.asarray(num_correct)}"
+          f" > {np.asarray(num_samples)}."
+      )
+  c = c.astype(jnp.float32)[..., None]
+  n = n.astype(jnp.float32)[..., None]
+  i = jnp.arange(k, dtype=jnp.float32)
+  factors = jnp.clip((n - c - i) / (n - i), 0.0, 1.0)  # [..., k]
+  return 1.0 - jnp.prod(factors, axis=-1)

@@ -1,0 +1,38 @@
+"""entropo: entropy-preserving reinforcement learning for language models."""
+
+import setuptools
+
+# Versions pinned to what is tested here (Python 3.11; jax 0.11+ needs 3.12).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "numpy>=1.26",
+    "chex==0.1.92",
+]
+
+EXTRAS_REQUIRE = {
+    "test": [
+        "pytest>=8",
+        "pytest-xdist>=3.5",
+        "hypothesis>=6.100",
+    ],
+    "bench": [
+        "psutil>=5.9",
+    ],
+}
+
+setuptools.setup(
+    name="entropo",
+    version="0.1.0",
+    description=(
+        "Entropy-preserving reinforcement learning for language models "
+        "(REPO, ADAPO) in JAX."
+    ),
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=setuptools.find_packages(include=["entropo", "entropo.*"]),
+    python_requires=">=3.11",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    license="Apache-2.0",
+)
