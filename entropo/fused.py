@@ -34,7 +34,7 @@ import jax.numpy as jnp
 from entropo import _checks
 from entropo import precision as precision_lib
 
-DEFAULT_CHUNK_SIZE = 4096
+DEFAULT_CHUNK_SIZE = 2048
 
 
 def fused_logprobs_entropy(
