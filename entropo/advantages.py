@@ -130,6 +130,11 @@ def grpo_advantages(
   groups = jax.lax.stop_gradient(_as_groups(rewards, group_size))  # [P, G]
   _check_group_of_two(groups)
   g = groups.shape[1]
+  if not 0 <= ddof < g:
+    raise ValueError(
+        f"ddof={ddof} would divide by {g} - {ddof} <= 0 or inflate the "
+        f"standard deviation; accepted: 0 <= ddof < {g} (the group size)."
+    )
   centred = groups - jnp.mean(groups, axis=1, keepdims=True)  # [P, G]
   if scale == "group":
     var = jnp.sum(jnp.square(centred), axis=1, keepdims=True) / (g - ddof)

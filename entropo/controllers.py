@@ -20,7 +20,8 @@ entropy above target lowers it. Each has two laws:
   the bonus coefficient (`law="dual"`, the Lagrange multiplier of the
   constraint `H >= target`).
 
-Every law keeps its value within the stated bounds, whatever the inputs.
+Every law keeps its value within the stated bounds, whatever the inputs; a
+NaN entropy (a diverged batch) leaves the state unchanged.
 """
 
 import dataclasses
@@ -58,16 +59,29 @@ def _relative_error(entropy, target):
   return (target - _f32(entropy)) / scale
 
 
-def _pi_step(integral, error, kp, ki):
-  """One step of a bounded PI law; returns `(u in [-1, 1], new integral)`.
+def _pi_step(integral, error, kp, ki, low=-1.0):
+  """One step of a bounded PI law; returns `(u in [low, 1], new integral)`.
 
-  The integral is clamped so that `ki * integral` stays in [-1, 1]
+  The integral is clamped so that `ki * integral` stays in [low, 1]
   (anti-windup): after a long excursion the law recovers at once.
   """
   bound = 1.0 / ki if ki > 0 else 0.0
-  integral = jnp.clip(integral + error, -bound, bound)
-  u = jnp.clip(kp * error + ki * integral, -1.0, 1.0)
+  integral = jnp.clip(integral + error, low * bound, bound)
+  u = jnp.clip(kp * error + ki * integral, low, 1.0)
   return u, integral
+
+
+def _hold_if_nan(old, new):
+  """The old state where the update produced NaN (a NaN entropy or target).
+
+  A diverged batch must not poison the controller's state for good (it is
+  checkpointed); the step laws already hold on NaN, since every comparison
+  with NaN is false.
+  """
+  bad = jnp.zeros((), bool)
+  for x in new:
+    bad = bad | jnp.isnan(x)
+  return type(new)(*(jnp.where(bad, o, n) for o, n in zip(old, new)))
 
 
 def _check_pi_gains(kp, ki):
@@ -119,11 +133,24 @@ class ZetaController:
           f"Need 0 < zeta_min <= zeta_max; got zeta_min={self.zeta_min}, "
           f"zeta_max={self.zeta_max}."
       )
-    low = -self.zeta_max if self.sign_flip else 0.0
-    if not low <= self.init_zeta <= self.zeta_max:
+    if self.law == "pi":
+      low = -self.zeta_max if self.sign_flip else 0.0
+      ok = low <= self.init_zeta <= self.zeta_max
+      accepted = f"[{low}, {self.zeta_max}]"
+    elif self.sign_flip:  # the doubling law's values: 0 or |zeta| in bounds
+      ok = (self.init_zeta == 0
+            or self.zeta_min <= abs(self.init_zeta) <= self.zeta_max)
+      accepted = (f"0 or +-[{self.zeta_min}, {self.zeta_max}] (the doubling "
+                  f"law)")
+    else:
+      ok = self.zeta_min <= self.init_zeta <= self.zeta_max
+      accepted = (f"[{self.zeta_min}, {self.zeta_max}] (the doubling law "
+                  f"without sign flip)")
+    if not ok:
       raise ValueError(
-          f"init_zeta={self.init_zeta} is outside [{low}, {self.zeta_max}]."
+          f"init_zeta={self.init_zeta} is outside {accepted}."
       )
+    _checks.check_positive("tolerance", self.tolerance, allow_zero=True)
     _check_pi_gains(self.kp, self.ki)
 
   def init(self) -> ZetaState:
@@ -132,12 +159,13 @@ class ZetaController:
 
   def update(self, state: ZetaState, entropy, *, target) -> ZetaState:
     if self.law == "pi":
+      # Without sign flip u lives in [0, 1], and so does ki * integral:
+      # otherwise the integral winds up below 0 where it has no effect.
       u, integral = _pi_step(state.integral,
                              _relative_error(entropy, target), self.kp,
-                             self.ki)
-      if not self.sign_flip:
-        u = jnp.maximum(u, 0.0)
-      return ZetaState(zeta=self.zeta_max * u, integral=integral)
+                             self.ki, low=-1.0 if self.sign_flip else 0.0)
+      return _hold_if_nan(
+          state, ZetaState(zeta=self.zeta_max * u, integral=integral))
     zeta = state.zeta
     lo, hi = self.zeta_min, self.zeta_max
     if self.sign_flip:
@@ -216,6 +244,7 @@ class ClipHighController:
       )
     if not self.factor > 1:
       raise ValueError(f"factor must be > 1; got {self.factor}.")
+    _checks.check_positive("tolerance", self.tolerance, allow_zero=True)
     _check_pi_gains(self.kp, self.ki)
 
   def _log_span(self):
@@ -237,8 +266,9 @@ class ClipHighController:
                              self.ki)
       mid, half = self._log_span()
       value = jnp.clip(jnp.exp(mid + half * u), lo, hi)
-      return ClipHighState(clip_high=value.astype(jnp.float32),
-                           integral=integral)
+      return _hold_if_nan(
+          state, ClipHighState(clip_high=value.astype(jnp.float32),
+                               integral=integral))
     eps = state.clip_high
     entropy, target = _f32(entropy), _f32(target)
     new = jnp.where(entropy < target - self.tolerance,
@@ -280,6 +310,7 @@ class EntropyCoefController:
       )
     _checks.check_positive("delta", self.delta)
     _checks.check_positive("lr", self.lr)
+    _checks.check_positive("tolerance", self.tolerance, allow_zero=True)
 
   def init(self) -> EntropyCoefState:
     return EntropyCoefState(coef=_f32(self.init_coef))
@@ -290,6 +321,7 @@ class EntropyCoefController:
     alpha = state.coef
     if self.law == "dual":
       new = alpha + self.lr * (target - entropy)
+      new = jnp.where(jnp.isnan(new), alpha, new)  # NaN entropy: hold
     else:
       new = jnp.where(entropy < target - self.tolerance, alpha + self.delta,
                       alpha)

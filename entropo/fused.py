@@ -114,7 +114,7 @@ def _chunk_logits(h, w, c, chunk, policy):
   w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)  # [D, C]
   cols = start + jnp.arange(chunk)  # [C]
   valid = cols >= c * chunk  # [C]
-  z = policy.head_product(h, w_c).astype(jnp.float32)  # [N, C]
+  z = policy.round_logits(policy.head_product(h, w_c))  # [N, C] float32
   z = jnp.where(valid, z, -jnp.inf)
   return z, w_c, cols, valid, start
 
@@ -174,7 +174,7 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
     logp = jnp.where(valid, z - lse[:, None], 0.0)  # [N, C]
     p = jnp.where(valid, jnp.exp(logp), 0.0)
     onehot = (cols == targets[:, None]) & valid
-    dz = g_lp[:, None] * (onehot - p) - g_h[:, None] * p * (
+    dz = g_lp[:, None] * (onehot - p) + g_h[:, None] * p * (
         logp + entropy[:, None]
     )  # [N, C] float32
     dz_op = dz.astype(policy.head_dtype)

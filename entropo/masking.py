@@ -9,6 +9,7 @@ NaN) gradient.
 """
 
 from collections.abc import Sequence
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -24,23 +25,75 @@ AGGREGATION_MODES = (
 
 
 def psum(x, axis_name):
-  """`lax.psum` over `axis_name`, or identity when it is None."""
-  return x if axis_name is None else jax.lax.psum(x, axis_name)
+  """Sum over `axis_name` (identity when None) with the right gradient.
+
+  Losses here are global sums that every device holds a copy of, and each
+  device differentiates its copy with respect to its own inputs. Inside
+  `jax.shard_map` (with its default `check_vma=True`) JAX knows the summed
+  value is varying over the axis and transposes `psum` correctly. Under
+  `jax.pmap`, or `shard_map(check_vma=False)`, it cannot tell and transposes
+  `psum` to another `psum`, which would multiply every gradient by the axis
+  size; there the sum gets an identity backward pass instead, so gradients
+  are the single-device ones in every setting.
+  """
+  if axis_name is None:
+    return x
+  if _is_varying(x, axis_name):
+    return jax.lax.psum(x, axis_name)
+  return _psum_identity_vjp(x, axis_name)
+
+
+def _is_varying(x, axis_name) -> bool:
+  axis_type = getattr(jax.typeof(x), "manual_axis_type", None)
+  names = axis_name if isinstance(axis_name, tuple) else (axis_name,)
+  return axis_type is not None and all(n in axis_type.varying for n in names)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _psum_identity_vjp(x, axis_name):
+  return jax.lax.psum(x, axis_name)
+
+
+def _psum_identity_fwd(x, axis_name):
+  return jax.lax.psum(x, axis_name), None
+
+
+def _psum_identity_bwd(axis_name, _, g):
+  del axis_name
+  return (g,)
+
+
+_psum_identity_vjp.defvjp(_psum_identity_fwd, _psum_identity_bwd)
 
 
 def pmax(x, axis_name):
-  return x if axis_name is None else jax.lax.pmax(x, axis_name)
+  """Max over `axis_name` (identity when None), differentiable.
+
+  `lax.pmax` has no differentiation rule, so a metric built on it breaks
+  `jax.grad` of any loss that returns it as aux; the max of the gathered
+  values is differentiable (the gradient goes to the device holding the max).
+  """
+  if axis_name is None:
+    return x
+  gathered = jax.lax.all_gather(x, axis_name, axis=0, to="invarying")
+  return jnp.max(gathered, axis=0)
 
 
 def pmin(x, axis_name):
-  return x if axis_name is None else jax.lax.pmin(x, axis_name)
+  """Min over `axis_name` (identity when None), differentiable."""
+  return x if axis_name is None else -pmax(-x, axis_name)
 
 
 def all_gather(x, axis_name):
-  """Concatenates `x` along axis 0 over `axis_name` (identity when None)."""
+  """Concatenates `x` along axis 0 over `axis_name` (identity when None).
+
+  The result is typed invariant over the axis (the same on every device),
+  so values reduced from it (quantiles, thresholds) can leave `shard_map`
+  with `out_specs=P()`.
+  """
   if axis_name is None:
     return x
-  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True)
+  return jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")
 
 
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:

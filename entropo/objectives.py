@@ -16,7 +16,8 @@ and the band `[lo, hi]`:
   clip_low=3e-4, clip_high=4e-4).
 * `gspo_token`: the same value with a per-token gradient,
   `s_i,t = sg[s_i] pi(a_t) / sg[pi(a_t)]`.
-* `clip_cov`: PPO, plus: among valid tokens that PPO did not clip and whose
+* `clip_cov`: PPO, plus: among valid tokens that PPO did not clip (on
+  either side of the band, nor by the dual clip) and whose
   covariance `cov_t` lies in `(lo_cov, hi_cov)`, `max(1, floor(r N))` are
   drawn at random over the global batch and their term is detached (zero
   gradient; the original implementation also zeroes their value).
@@ -145,6 +146,12 @@ def policy_loss(
   old = jax.lax.stop_gradient(old_logps.astype(jnp.float32))
   adv = jax.lax.stop_gradient(advantages.astype(jnp.float32))
   adv = jnp.broadcast_to(adv if adv.ndim == 2 else adv[:, None], logps.shape)
+  # Padding may hold anything (-inf - -inf is nan): zero it before any
+  # arithmetic, or a non-finite padded value turns the zero cotangent of a
+  # masked token into nan in the backward pass.
+  logps = jnp.where(mask, logps, 0.0)
+  old = jnp.where(mask, old, 0.0)
+  adv = jnp.where(mask, adv, 0.0)
 
   log_ratio = policy.log_ratio(logps, old)  # [B, T]
   if objective in ("gspo", "gspo_token"):
@@ -161,8 +168,11 @@ def policy_loss(
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, lo, hi)
   terms = jnp.maximum(unclipped, clipped)
+  ppo_clipped = clipped > unclipped  # [B, T] tokens PPO gives no gradient
   if dual_clip is not None:
-    terms = jnp.where(adv < 0, jnp.minimum(terms, -adv * dual_clip), terms)
+    dual = (adv < 0) & (terms > -adv * dual_clip)  # [B, T]
+    terms = jnp.where(dual, -adv * dual_clip, terms)
+    ppo_clipped = ppo_clipped | dual
 
   metrics = {}
   if objective == "reinforce":
@@ -171,7 +181,7 @@ def policy_loss(
     cov = covariance.token_covariance(logps, adv, mask, axis_name=axis_name)
     if objective == "clip_cov":
       cov_lo, cov_hi = clip_cov_bounds
-      eligible = mask & (clipped <= unclipped) & (cov > cov_lo) & (cov < cov_hi)
+      eligible = mask & ~ppo_clipped & (cov > cov_lo) & (cov < cov_hi)
       k = covariance.num_selected(clip_cov_ratio, mask, axis_name=axis_name)
       chosen = covariance.select_random(key, eligible, k, axis_name=axis_name)
       terms = jnp.where(chosen, jax.lax.stop_gradient(terms), terms)
@@ -187,7 +197,7 @@ def policy_loss(
     )
   if importance_weights is not None:
     terms = terms * jax.lax.stop_gradient(
-        importance_weights.astype(jnp.float32)
+        jnp.where(mask, importance_weights.astype(jnp.float32), 0.0)
     )
 
   loss = masking.aggregate(terms, mask, mode=agg, axis_name=axis_name,

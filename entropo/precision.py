@@ -94,11 +94,11 @@ class Precision:
     does for low-precision reductions on GPU and TPU); what a low-precision
     policy changes is the rounding of the logits and of the results.
     """
-    return x.astype(self.logits_dtype).astype(jnp.float32)
+    return _round_to(x, self.logits_dtype)
 
   def round_output(self, x: jax.Array) -> jax.Array:
     """A log-prob or entropy rounded to `logits_dtype`, returned float32."""
-    return x.astype(self.logits_dtype).astype(jnp.float32)
+    return _round_to(x, self.logits_dtype)
 
   def head_product(self, hidden: jax.Array, lm_head: jax.Array) -> jax.Array:
     """`hidden @ lm_head` under the policy: `[..., D] x [D, V] -> [..., V]`.
@@ -125,6 +125,20 @@ class Precision:
     )
     bound = self.max_log_ratio
     return jnp.clip(diff, -bound, bound)
+
+
+def _round_to(x: jax.Array, dtype) -> jax.Array:
+  """`x` rounded to `dtype` (exactly as `astype`), returned float32.
+
+  Under jit XLA may drop a rounding it deems excess precision: on CPU it
+  folds `convert(dot(..) -> bf16) -> f32` into a float32 dot, so a `bf16`
+  policy would silently keep float32 logits. The optimization barrier pins
+  the low-precision value, so the rounding the policy asks for happens.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return x.astype(jnp.float32)
+  low = jax.lax.optimization_barrier(x.astype(dtype))
+  return low.astype(jnp.float32)
 
 
 def _cast_floating(tree, dtype):

@@ -115,8 +115,13 @@ def kl_penalty(
     `(loss, {"kl/mean", "kl/coef", "kl/loss"})`; `kl/mean` is the token
     mean of the chosen estimator.
   """
+  _checks.check_same_shape(logps=logps, ref_logps=ref_logps)
   _checks.check_mask(mask, jnp.shape(logps))
-  kl = kl_divergence(logps, ref_logps, estimator=estimator, clamp=clamp)
+  # Padding may hold anything (-inf - -inf is nan): zero it, or a non-finite
+  # padded value turns the zero cotangent of a masked token into nan.
+  pad = lambda x: jnp.where(mask, x, jnp.zeros((), jnp.result_type(x)))
+  kl = kl_divergence(pad(logps), pad(ref_logps), estimator=estimator,
+                     clamp=clamp)
   loss = coef * masking.aggregate(kl, mask, mode=mode, axis_name=axis_name,
                                   norm=norm)
   metrics = {

@@ -122,11 +122,16 @@ def repo_d_coefficient(
   """`Cov(A, L) / Var(L)` over the valid tokens of the global batch.
 
   The regression coefficient of the advantage on the centred log-prob `L`;
-  0 when `L` has no variance. Float32 scalar, stop-gradient.
+  exactly 0 when `L` is constant over the valid tokens (or none is valid).
+  Float32 scalar, stop-gradient.
   """
   adv = _token_advantages(advantages, logps)
-  centred = _centred_logp(logps, entropy)
   _checks.check_mask(mask, logps.shape)
+  # Shifted by a valid value (the global max, exact under sharding): a
+  # constant L becomes exactly 0, so Var(L) is exactly 0 rather than a
+  # rounding residue of the mean that would make beta arbitrary.
+  centred = _centred_logp(logps, entropy)
+  centred = centred - masking.masked_max(centred, mask, axis_name=axis_name)
   mean_a = masking.masked_mean(adv, mask, axis_name=axis_name)
   mean_l = masking.masked_mean(centred, mask, axis_name=axis_name)
   cov = masking.masked_mean(

@@ -1,0 +1,445 @@
+"""Tests for entropo/fused.py: fused_logprobs_entropy.
+
+The fused head must return, and differentiate, exactly what the materialised
+`token_logprobs(h @ W, t)` / `token_entropy(h @ W)` return, for every chunk
+size, without ever holding `[N, V]` logits.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import entropo
+from tests.reference import logprobs as ref
+
+D, V = 8, 13
+# Chunk sizes: 1; 4 and 5 do not divide 13 (the last chunk is shifted left
+# over 3 and 2 already-seen columns); 13 = V; 20 > V; the default.
+CHUNKS = [1, 4, 5, V, 20, None]
+
+
+def _inputs(rng, lead, *, d=D, vocab=V, dtype=np.float32, scale=1.0):
+  hidden = (rng.standard_normal(lead + (d,)) * scale).astype(dtype)
+  lm_head = (rng.standard_normal((d, vocab)) / math.sqrt(d) * 2).astype(dtype)
+  targets = rng.integers(0, vocab, lead)
+  return hidden, lm_head, targets
+
+
+def _fused(hidden, lm_head, targets, chunk=None, precision=None):
+  kwargs = {} if chunk is None else {"chunk_size": chunk}
+  return entropo.fused_logprobs_entropy(hidden, lm_head, targets,
+                                        precision=precision, **kwargs)
+
+
+def _materialised(hidden, lm_head, targets, precision=None):
+  policy = entropo.get_precision(precision)
+  logits = policy.head_product(jnp.asarray(hidden), jnp.asarray(lm_head))
+  return (entropo.token_logprobs(logits, targets, precision=policy),
+          entropo.token_entropy(logits, precision=policy))
+
+
+def _loss(fn, g_lp, g_h):
+  """A scalar mixing both outputs with random cotangents."""
+  def loss(hidden, lm_head, targets):
+    lp, h = fn(hidden, lm_head, targets)
+    return jnp.sum(g_lp * lp) + jnp.sum(g_h * h)
+  return loss
+
+
+def _grads(fn, hidden, lm_head, targets, g_lp, g_h):
+  return jax.grad(_loss(fn, g_lp, g_h), argnums=(0, 1))(
+      jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(targets))
+
+
+def _assert_f32_close(actual, expected, scale=1.0):
+  """Float32 vs float64 (or vs float32): ~1e-5 of the magnitudes."""
+  actual = np.asarray(actual, np.float64)
+  expected = np.asarray(expected, np.float64)
+  bound = 1e-5 * (np.abs(expected) + scale)
+  err = np.abs(actual - expected)
+  assert np.all(err <= bound), (err.max(), np.argmax(err - bound))
+
+
+# Values against the float64 reference and the materialised path.
+
+
+# Each chunk size with one leading shape, alternating [N] and [B, T].
+LEADS = [(11,), (2, 3)]
+CHUNK_LEADS = [(c, LEADS[i % 2]) for i, c in enumerate(CHUNKS)]
+
+
+@pytest.mark.parametrize("chunk,lead", CHUNK_LEADS)
+def test_matches_reference_and_materialised(rng, chunk, lead):
+  hidden, lm_head, targets = _inputs(rng, lead)
+  lp, h = _fused(hidden, lm_head, targets, chunk)
+  assert lp.shape == h.shape == lead
+  assert lp.dtype == h.dtype == jnp.float32
+  logits64 = ref.head_logits(hidden, lm_head)
+  _assert_f32_close(lp, ref.token_logprobs(logits64, targets))
+  _assert_f32_close(h, ref.token_entropy(logits64))
+  mat_lp, mat_h = _materialised(hidden, lm_head, targets)
+  _assert_f32_close(lp, mat_lp)
+  _assert_f32_close(h, mat_h)
+
+
+def test_hand_computed_case():
+  # One hidden unit: logits = [0, log 3] for the first row, [log 3, 0] for
+  # the second (softmax [1/4, 3/4] and [3/4, 1/4]), split into chunks of 1.
+  hidden = jnp.array([[1.0], [-1.0]], jnp.float32)
+  lm_head = jnp.array([[0.0, math.log(3.0)]], jnp.float32)
+  targets = jnp.array([1, 1])
+  shift = jnp.array([[0.0], [math.log(3.0)]])
+  del shift
+  lp, h = entropo.fused_logprobs_entropy(hidden, lm_head, targets,
+                                         chunk_size=1)
+  # Row 2 logits are [0, -log 3]: softmax [3/4, 1/4].
+  np.testing.assert_allclose(np.asarray(lp), [math.log(0.75), math.log(0.25)],
+                             rtol=1e-6)
+  h_hand = math.log(4.0) - 0.75 * math.log(3.0)  # 0.5623351...
+  np.testing.assert_allclose(np.asarray(h), [h_hand, h_hand], rtol=1e-6)
+
+
+def test_shifted_last_chunk_counts_no_column_twice(rng):
+  # V = 10, chunk 4: chunks start at 0, 4 and 6 (shifted left), so columns
+  # 6 and 7 are seen twice. Give exactly those columns the largest logits
+  # and use them as targets: any double counting of the sum, the entropy
+  # terms, the target logit or the lm_head gradient shows up at O(1).
+  d, vocab, n = 4, 10, 6
+  hidden = np.abs(rng.standard_normal((n, d))).astype(np.float32) + 0.5
+  lm_head = (rng.standard_normal((d, vocab)) * 0.3).astype(np.float32)
+  lm_head[:, 6:8] += 1.5
+  targets = np.array([6, 7, 6, 7, 9, 0])
+  lp, h = entropo.fused_logprobs_entropy(hidden, lm_head, targets,
+                                         chunk_size=4)
+  logits64 = ref.head_logits(hidden, lm_head)
+  _assert_f32_close(lp, ref.token_logprobs(logits64, targets))
+  _assert_f32_close(h, ref.token_entropy(logits64))
+  g_lp = rng.standard_normal(n).astype(np.float32)
+  g_h = rng.standard_normal(n).astype(np.float32)
+  dh, dw = _grads(lambda a, b, t: entropo.fused_logprobs_entropy(
+      a, b, t, chunk_size=4), hidden, lm_head, targets, g_lp, g_h)
+  ref_dh, ref_dw = ref.fused_vjp(hidden, lm_head, targets, g_lp, g_h)
+  _assert_f32_close(dh, ref_dh)
+  _assert_f32_close(dw, ref_dw)
+  # The doubled columns carry real gradient (so the check above bites).
+  assert np.abs(ref_dw[:, 6:8]).min() > 1e-2
+
+
+def test_chunk_size_does_not_change_the_result_beyond_rounding(rng):
+  hidden, lm_head, targets = _inputs(rng, (5, 4), vocab=37)
+  outs = [_fused(hidden, lm_head, targets, c) for c in (1, 6, 36, 99)]
+  for lp, h in outs[1:]:
+    _assert_f32_close(lp, outs[0][0])
+    _assert_f32_close(h, outs[0][1])
+
+
+def test_jit_equals_no_jit(rng):
+  hidden, lm_head, targets = _inputs(rng, (2, 5))
+  for precision in (None, "bf16"):
+    eager = _fused(hidden, lm_head, targets, 4, precision)
+    jitted = jax.jit(lambda a, b, t, p=precision: _fused(a, b, t, 4, p))(
+        hidden, lm_head, targets)
+    for x, y in zip(eager, jitted):
+      np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6,
+                                 atol=1e-6)
+  g = np.ones((2, 5), np.float32)
+  fn = lambda a, b, t: _fused(a, b, t, 4)  # noqa: E731
+  eager = _grads(fn, hidden, lm_head, targets, g, g)
+  jitted = jax.jit(jax.grad(_loss(fn, g, g), argnums=(0, 1)))(
+      hidden, lm_head, targets)
+  for x, y in zip(eager, jitted):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-6,
+                               atol=1e-6)
+
+
+# Gradients.
+
+
+@pytest.mark.parametrize("chunk,lead", [(1, (7,)), (5, (2, 3)), (V, (7,)),
+                                        (20, (2, 3))])
+def test_gradients_match_materialised_and_reference(rng, chunk, lead):
+  hidden, lm_head, targets = _inputs(rng, lead)
+  g_lp = rng.standard_normal(lead).astype(np.float32)
+  g_h = rng.standard_normal(lead).astype(np.float32)
+  fused = lambda a, b, t: _fused(a, b, t, chunk)  # noqa: E731
+  dh, dw = _grads(fused, hidden, lm_head, targets, g_lp, g_h)
+  assert dh.shape == hidden.shape and dw.shape == lm_head.shape
+  assert dh.dtype == dw.dtype == jnp.float32
+  mat_dh, mat_dw = _grads(_materialised, hidden, lm_head, targets, g_lp, g_h)
+  _assert_f32_close(dh, mat_dh)
+  _assert_f32_close(dw, mat_dw)
+  ref_dh, ref_dw = ref.fused_vjp(hidden, lm_head, targets, g_lp, g_h)
+  _assert_f32_close(dh, ref_dh)
+  _assert_f32_close(dw, ref_dw)
+
+
+def test_gradient_of_each_output_separately(rng):
+  # A zero cotangent on one output must silence its term of the gradient.
+  hidden, lm_head, targets = _inputs(rng, (6,))
+  zeros = np.zeros(6, np.float32)
+  g = rng.standard_normal(6).astype(np.float32)
+  fused = lambda a, b, t: _fused(a, b, t, 5)  # noqa: E731
+  for g_lp, g_h in ((g, zeros), (zeros, g)):
+    dh, dw = _grads(fused, hidden, lm_head, targets, g_lp, g_h)
+    ref_dh, ref_dw = ref.fused_vjp(hidden, lm_head, targets, g_lp, g_h)
+    _assert_f32_close(dh, ref_dh)
+    _assert_f32_close(dw, ref_dw)
+
+
+# Precision presets and low-precision inputs.
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16_fp32_head",
+                                       "bf16_fp32_logits"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_float32_logit_presets_equal_materialised(rng, precision, dtype):
+  hidden, lm_head, targets = _inputs(rng, (3, 4), dtype=np.float32)
+  hidden = jnp.asarray(hidden, dtype)
+  lm_head = jnp.asarray(lm_head, dtype)
+  lp, h = _fused(hidden, lm_head, targets, 5, precision)
+  assert lp.dtype == h.dtype == jnp.float32
+  mat_lp, mat_h = _materialised(hidden, lm_head, targets, precision)
+  _assert_f32_close(lp, mat_lp)
+  _assert_f32_close(h, mat_h)
+
+
+@pytest.mark.parametrize("precision,dtype_name,ulp", [
+    ("bf16", "bfloat16", 2.0**-7), ("fp16", "float16", 2.0**-10)])
+def test_low_precision_presets_equal_materialised(rng, precision, dtype_name,
+                                                  ulp):
+  hidden, lm_head, targets = _inputs(rng, (4, 6), vocab=29)
+  lp, h = _fused(hidden, lm_head, targets, 8, precision)
+  mat_lp, mat_h = _materialised(hidden, lm_head, targets, precision)
+  lp, h, mat_lp, mat_h = (np.asarray(x) for x in (lp, h, mat_lp, mat_h))
+  # Both round their float32 results to the low dtype; the float32 sums are
+  # accumulated in a different order (online vs two-pass), which can land
+  # on either side of a rounding boundary: at most one ulp apart, and
+  # mostly identical.
+  for x, y in ((lp, mat_lp), (h, mat_h)):
+    np.testing.assert_array_equal(x, ref.round_to(x, dtype_name))
+    assert np.all(np.abs(x - y) <= ulp * np.abs(y))
+    assert np.mean(x == y) > 0.9
+  # And the preset really changes the numbers relative to float32.
+  lp32, _ = _fused(hidden, lm_head, targets, 8, "fp32")
+  assert np.abs(lp - np.asarray(lp32)).max() > 1e-3
+
+
+def test_fp32_head_preset_is_float32_and_bf16_is_not(rng):
+  hidden, lm_head, targets = _inputs(rng, (4, 6), vocab=29)
+  lp32, h32 = _fused(hidden, lm_head, targets, 8, "fp32")
+  lp_fix, h_fix = _fused(hidden, lm_head, targets, 8, "bf16_fp32_head")
+  # The paper's fix computes the head exactly as float32 does.
+  np.testing.assert_array_equal(np.asarray(lp_fix), np.asarray(lp32))
+  np.testing.assert_array_equal(np.asarray(h_fix), np.asarray(h32))
+  # bf16 operands with a float32 product: the operands' bf16 rounding moves
+  # logits by about 2^-9 |h| |w| per term, far less than bf16 logits do.
+  lp_mixed, _ = _fused(hidden, lm_head, targets, 8, "bf16_fp32_logits")
+  lp_bf16, _ = _fused(hidden, lm_head, targets, 8, "bf16")
+  err_mixed = np.abs(np.asarray(lp_mixed) - np.asarray(lp32)).max()
+  err_bf16 = np.abs(np.asarray(lp_bf16) - np.asarray(lp32)).max()
+  assert 1e-5 < err_mixed < err_bf16
+
+
+@pytest.mark.parametrize("precision", ["bf16_fp32_logits", "bf16"])
+def test_bf16_gradients_equal_materialised(rng, precision):
+  hidden, lm_head, targets = _inputs(rng, (3, 4), dtype=np.float32)
+  hidden = jnp.asarray(hidden, jnp.bfloat16)
+  lm_head = jnp.asarray(lm_head, jnp.bfloat16)
+  g_lp = rng.standard_normal((3, 4)).astype(np.float32)
+  g_h = rng.standard_normal((3, 4)).astype(np.float32)
+  fused = lambda a, b, t: _fused(a, b, t, 5, precision)  # noqa: E731
+  mat = lambda a, b, t: _materialised(a, b, t, precision)  # noqa: E731
+  dh, dw = _grads(fused, hidden, lm_head, targets, g_lp, g_h)
+  mat_dh, mat_dw = _grads(mat, hidden, lm_head, targets, g_lp, g_h)
+  assert dh.dtype == dw.dtype == jnp.bfloat16
+  # Bound: the logit gradient dz and the products dz W^T, h^T dz are each
+  # rounded to bf16 somewhere along either path (2^-9 relative per term);
+  # bf16 logits (the `bf16` preset) also move p by 2^-8 relative. So the
+  # two gradients agree to a few bf16 ulps of the magnitudes summed,
+  # sum_v |dz_v| |W_kv| and sum_n |h_nk| |dz_nv|.
+  h64 = np.asarray(hidden, np.float64).reshape(-1, D)
+  w64 = np.asarray(lm_head, np.float64)
+  dz = ref.logits_vjp(h64 @ w64, targets.reshape(-1), g_lp.reshape(-1),
+                      g_h.reshape(-1))  # [N, V]
+  mag_dh = (np.abs(dz) @ np.abs(w64).T).reshape(hidden.shape)
+  mag_dw = np.abs(h64).T @ np.abs(dz)
+  rel = 2.0**-7 if precision == "bf16" else 2.0**-8
+  for x, y, mag in ((dh, mat_dh, mag_dh), (dw, mat_dw, mag_dw)):
+    err = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+    assert np.all(err <= 2 * rel * mag + 1e-6), (err / mag).max()
+  # Against the float64 gradient of the bf16-valued inputs, for the float32
+  # product: the same bound (no bf16 logits there).
+  if precision == "bf16_fp32_logits":
+    ref_dh, ref_dw = ref.fused_vjp(np.asarray(hidden, np.float64), w64,
+                                   targets, g_lp, g_h)
+    for x, y, mag in ((dh, ref_dh, mag_dh), (dw, ref_dw, mag_dw)):
+      err = np.abs(np.asarray(x, np.float64) - y)
+      assert np.all(err <= 2 * rel * mag + 1e-6), (err / mag).max()
+
+
+# Stability.
+
+
+def test_stable_with_huge_hidden_norms(rng):
+  # |logits| ~ 1e4: the online log-sum-exp must stay finite and exact to
+  # the float32 rounding of the logits themselves.
+  hidden, lm_head, targets = _inputs(rng, (2, 5), scale=3e3)
+  g_lp = rng.standard_normal((2, 5)).astype(np.float32)
+  g_h = rng.standard_normal((2, 5)).astype(np.float32)
+  logits64 = ref.head_logits(hidden, lm_head)  # [2, 5, V]
+  assert np.abs(logits64).max() > 5e3
+  # Entropy is not trivially 0 for every row: make row 0 tie its top two.
+  lp, h = _fused(hidden, lm_head, targets, 5)
+  lp, h = np.asarray(lp), np.asarray(h)
+  assert np.all(np.isfinite(lp)) and np.all(np.isfinite(h))
+  assert np.all(h >= 0) and np.all(h <= math.log(V) + 1e-6)
+  # The float32 product's error per logit is at most D * 2^-24 *
+  # sum_k |h_k w_kv| (standard dot-product bound); log-probs move by at most
+  # twice the largest logit error, the entropy by 2 H times it.
+  delta = D * 2.0**-24 * (np.abs(hidden).astype(np.float64)
+                          @ np.abs(lm_head).astype(np.float64)).max(-1)
+  ref_lp = ref.token_logprobs(logits64, targets)
+  ref_h = ref.token_entropy(logits64)
+  assert np.all(np.abs(lp - ref_lp) <= 2 * delta + 1e-5 * np.abs(ref_lp))
+  assert np.all(np.abs(h - ref_h) <= 2 * ref_h * delta + 1e-6)
+  mat_lp, mat_h = _materialised(hidden, lm_head, targets)
+  _assert_f32_close(lp, mat_lp, scale=np.abs(ref_lp) + 1)
+  _assert_f32_close(h, mat_h)
+  dh, dw = _grads(lambda a, b, t: _fused(a, b, t, 5), hidden, lm_head,
+                  targets, g_lp, g_h)
+  mat_dh, mat_dw = _grads(_materialised, hidden, lm_head, targets, g_lp, g_h)
+  assert np.all(np.isfinite(np.asarray(dh)))
+  assert np.all(np.isfinite(np.asarray(dw)))
+  # Gradients: p is recovered as exp(z - lse), with lse held to float32
+  # (half an ulp of 1e4 is 5e-4), so each dz_v is exact to ~1e-3 relative;
+  # bound by that times the magnitudes summed.
+  h2 = np.asarray(hidden, np.float64).reshape(-1, D)
+  w64 = np.asarray(lm_head, np.float64)
+  dz = ref.logits_vjp(logits64.reshape(-1, V), targets.reshape(-1),
+                      g_lp.reshape(-1), g_h.reshape(-1))
+  mag_dh = (np.abs(dz) @ np.abs(w64).T).reshape(hidden.shape)
+  mag_dw = np.abs(h2).T @ np.abs(dz)
+  for x, y, mag in ((dh, mat_dh, mag_dh), (dw, mat_dw, mag_dw)):
+    err = np.abs(np.asarray(x, np.float64) - np.asarray(y, np.float64))
+    assert np.all(err <= 2e-3 * mag + 1e-5), (err / (mag + 1e-30)).max()
+
+
+def test_bf16_inputs_with_huge_norms_are_finite(rng):
+  hidden, lm_head, targets = _inputs(rng, (6,), scale=3e3)
+  for precision in ("bf16", "bf16_fp32_logits"):
+    fn = lambda a, b, t, p=precision: _fused(a, b, t, 4, p)  # noqa: E731
+    args = (jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(lm_head,
+                                                           jnp.bfloat16))
+    lp, h = fn(*args, targets)
+    dh, dw = _grads(fn, *args, targets, np.ones(6), np.ones(6))
+    for x in (lp, h, dh, dw):
+      assert np.all(np.isfinite(np.asarray(x, np.float32)))
+
+
+# Memory: the [N, V] logits are never held.
+
+
+def _temp_bytes(fn, *shapes):
+  compiled = jax.jit(fn).lower(*shapes).compile()
+  return compiled.memory_analysis().temp_size_in_bytes, compiled.as_text()
+
+
+def test_never_materialises_the_logits():
+  n, d, vocab, chunk = 2048, 16, 8192, 256
+  full = n * vocab * 4  # 64 MiB of float32 logits
+  per_chunk = n * chunk * 4  # 2 MiB
+  args = (jax.ShapeDtypeStruct((n, d), jnp.float32),
+          jax.ShapeDtypeStruct((d, vocab), jnp.float32),
+          jax.ShapeDtypeStruct((n,), jnp.int32))
+
+  def fused(h, w, t):
+    lp, ent = entropo.fused_logprobs_entropy(h, w, t, chunk_size=chunk)
+    return jnp.sum(lp) + jnp.sum(ent)
+
+  def materialised(h, w, t):
+    lp, ent = _materialised(h, w, t)
+    return jnp.sum(lp) + jnp.sum(ent)
+
+  grad = lambda f: jax.value_and_grad(f, argnums=(0, 1))  # noqa: E731
+  for fn in (fused, grad(fused)):
+    temp, hlo = _temp_bytes(fn, *args)
+    # A few [N, C] chunk buffers plus the [D, V] lm_head gradient
+    # accumulator; nothing of size N * V.
+    assert temp <= 8 * per_chunk + 2 * d * vocab * 4, temp
+    assert temp < full / 8, temp
+    assert f"[{n},{vocab}]" not in hlo
+  # The measurement can see [N, V]: the materialised path holds it.
+  for fn in (materialised, grad(materialised)):
+    temp, hlo = _temp_bytes(fn, *args)
+    assert temp >= full, temp
+    assert f"[{n},{vocab}]" in hlo
+
+
+# Bad input.
+
+
+def _ok(rng):
+  return _inputs(rng, (2, 3))
+
+
+def test_wrong_ranks_raise(rng):
+  hidden, lm_head, targets = _ok(rng)
+  with pytest.raises(ValueError, match=r"hidden must have rank 2 or 3; got "
+                     r"rank 1 with shape \(8,\)"):
+    entropo.fused_logprobs_entropy(hidden[0, 0], lm_head, targets[0, 0])
+  with pytest.raises(ValueError, match=r"hidden.*rank 4"):
+    entropo.fused_logprobs_entropy(hidden[None], lm_head, targets[None])
+  with pytest.raises(ValueError, match=r"lm_head must have rank 2; got rank 3"):
+    entropo.fused_logprobs_entropy(hidden, lm_head[None], targets)
+  with pytest.raises(ValueError, match=r"lm_head must have rank 2; got rank 1"):
+    entropo.fused_logprobs_entropy(hidden, lm_head[:, 0], targets)
+
+
+def test_integer_inputs_raise(rng):
+  hidden, lm_head, targets = _ok(rng)
+  with pytest.raises(TypeError, match=r"hidden must have a floating dtype.*"
+                     r"got int32"):
+    entropo.fused_logprobs_entropy(hidden.astype(np.int32), lm_head, targets)
+  with pytest.raises(TypeError, match=r"lm_head must have a floating dtype.*"
+                     r"got int8"):
+    entropo.fused_logprobs_entropy(hidden, lm_head.astype(np.int8), targets)
+
+
+def test_float_targets_raise(rng):
+  hidden, lm_head, targets = _ok(rng)
+  with pytest.raises(TypeError, match=r"targets must have an integer dtype.*"
+                     r"got float32"):
+    entropo.fused_logprobs_entropy(hidden, lm_head,
+                                   targets.astype(np.float32))
+
+
+def test_targets_shape_mismatch_raises(rng):
+  hidden, lm_head, targets = _ok(rng)
+  with pytest.raises(ValueError, match=r"targets must have shape "
+                     r"hidden.shape\[:-1\] = \(2, 3\); got \(6,\)"):
+    entropo.fused_logprobs_entropy(hidden, lm_head, targets.reshape(-1))
+
+
+def test_width_mismatch_raises(rng):
+  hidden, lm_head, targets = _ok(rng)
+  with pytest.raises(ValueError, match=r"hidden width 8 does not match "
+                     r"lm_head rows 13"):
+    entropo.fused_logprobs_entropy(hidden, lm_head.T, targets)
+
+
+@pytest.mark.parametrize("chunk,shown", [(0, "0"), (-4, "-4"), (2.5, "2.5"),
+                                         ("4", "'4'"), (None, "None")])
+def test_bad_chunk_size_raises(rng, chunk, shown):
+  hidden, lm_head, targets = _ok(rng)
+  with pytest.raises((ValueError, TypeError),
+                     match=rf"chunk_size must be a positive int; got {shown}"):
+    entropo.fused_logprobs_entropy(hidden, lm_head, targets, chunk_size=chunk)
+
+
+def test_unknown_precision_raises(rng):
+  hidden, lm_head, targets = _ok(rng)
+  with pytest.raises(ValueError, match=r"'tf32'.*'bf16_fp32_head'"):
+    entropo.fused_logprobs_entropy(hidden, lm_head, targets, precision="tf32")

@@ -1,0 +1,339 @@
+"""Tests for entropo/precision.py: presets, validation, casts, head product."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import entropo
+from entropo import precision as precision_lib
+from tests.reference import logprobs as ref
+
+F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
+
+# The table in precision.py's docstring:
+# name -> (param, compute, head operands, logits).
+DOCUMENTED = {
+    "fp32": (F32, F32, F32, F32),
+    "bf16": (F32, BF16, BF16, BF16),
+    "bf16_fp32_head": (F32, BF16, F32, F32),
+    "bf16_fp32_logits": (F32, BF16, BF16, F32),
+    "fp16": (F32, F16, F16, F16),
+}
+
+
+# Presets and lookup.
+
+
+def test_presets_are_exactly_the_documented_ones():
+  assert set(entropo.PRESETS) == set(DOCUMENTED)
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_preset_dtypes_match_the_documented_table(name):
+  policy = entropo.get_precision(name)
+  param, compute, head, logits = DOCUMENTED[name]
+  assert policy.name == name
+  assert policy.param_dtype == jnp.dtype(param)
+  assert policy.compute_dtype == jnp.dtype(compute)
+  assert policy.head_dtype == jnp.dtype(head)
+  assert policy.logits_dtype == jnp.dtype(logits)
+  # The sampler runs the model body, so it uses the compute dtype.
+  assert policy.sampler_dtype == jnp.dtype(compute)
+  assert policy.max_log_ratio == precision_lib.DEFAULT_MAX_LOG_RATIO == 20.0
+
+
+def test_get_precision_none_is_fp32():
+  policy = entropo.get_precision(None)
+  assert policy is entropo.PRESETS["fp32"]
+  for field in ("param_dtype", "compute_dtype", "head_dtype", "logits_dtype",
+                "sampler_dtype"):
+    assert getattr(policy, field) == jnp.dtype(jnp.float32)
+
+
+def test_get_precision_passes_a_policy_through():
+  custom = entropo.Precision(name="mine", logits_dtype=jnp.float16)
+  assert entropo.get_precision(custom) is custom
+
+
+def test_get_precision_unknown_name_names_value_and_choices():
+  with pytest.raises(ValueError, match=r"'bf32'") as info:
+    entropo.get_precision("bf32")
+  for name in DOCUMENTED:
+    assert repr(name) in str(info.value)
+
+
+# Validation of the dataclass.
+
+
+@pytest.mark.parametrize("field", ["param_dtype", "compute_dtype",
+                                   "head_dtype", "logits_dtype",
+                                   "sampler_dtype"])
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_, jnp.uint8])
+def test_precision_rejects_non_float_dtypes(field, dtype):
+  with pytest.raises(ValueError, match=rf"Precision\.{field}.*"
+                     rf"{jnp.dtype(dtype).name}"):
+    entropo.Precision(**{field: dtype})
+
+
+@pytest.mark.parametrize("bound", [0.0, -1.0, float("nan")])
+def test_precision_rejects_non_positive_max_log_ratio(bound):
+  with pytest.raises(ValueError, match=r"max_log_ratio.*got"):
+    entropo.Precision(max_log_ratio=bound)
+
+
+def test_precision_normalises_dtypes_is_frozen_and_replaceable():
+  policy = entropo.Precision(head_dtype="bfloat16")
+  assert policy.head_dtype == jnp.dtype(jnp.bfloat16)
+  assert isinstance(policy.head_dtype, np.dtype)
+  with pytest.raises(dataclasses.FrozenInstanceError):
+    policy.head_dtype = jnp.float32
+  changed = policy.replace(logits_dtype=jnp.float16)
+  assert changed.logits_dtype == jnp.dtype(jnp.float16)
+  assert changed.head_dtype == jnp.dtype(jnp.bfloat16)
+  assert policy.logits_dtype == jnp.dtype(jnp.float32)  # original untouched
+  with pytest.raises(ValueError, match="logits_dtype.*int8"):
+    policy.replace(logits_dtype=jnp.int8)
+
+
+def test_precision_is_keyword_only():
+  with pytest.raises(TypeError):
+    entropo.Precision("fp32")  # pylint: disable=too-many-function-args
+
+
+# Casts.
+
+
+def test_cast_params_and_compute_touch_only_floating_leaves():
+  policy = entropo.get_precision("bf16")
+  tree = {
+      "w": jnp.ones((2, 3), jnp.float32),
+      "ids": jnp.arange(3, dtype=jnp.int32),
+      "flag": jnp.array([True]),
+      "nested": [jnp.zeros((1,), jnp.float16)],
+  }
+  compute = policy.cast_compute(tree)
+  assert compute["w"].dtype == jnp.bfloat16
+  assert compute["nested"][0].dtype == jnp.bfloat16
+  assert compute["ids"].dtype == jnp.int32
+  assert compute["flag"].dtype == jnp.bool_
+  params = policy.cast_params(compute)
+  assert params["w"].dtype == jnp.float32
+  assert params["nested"][0].dtype == jnp.float32
+  assert params["ids"].dtype == jnp.int32
+
+
+@pytest.mark.parametrize("name,dtype_name", [("bf16", "bfloat16"),
+                                             ("fp16", "float16"),
+                                             ("fp32", "float32")])
+def test_round_logits_and_output_round_to_logits_dtype_return_f32(
+    rng, name, dtype_name):
+  policy = entropo.get_precision(name)
+  x = (rng.standard_normal((4, 9)) * 5).astype(np.float32)
+  expected = ref.round_to(x, dtype_name)
+  for fn in (policy.round_logits, policy.round_output):
+    out = fn(jnp.asarray(x))
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(out, np.float64), expected)
+  if name == "fp32":
+    np.testing.assert_array_equal(np.asarray(policy.round_logits(x)), x)
+  else:
+    # The rounding is real: most values move.
+    assert np.mean(expected != x) > 0.9
+
+
+# The head product.
+
+
+@pytest.mark.parametrize("name", sorted(DOCUMENTED))
+def test_head_product_returns_logits_dtype(rng, name):
+  policy = entropo.get_precision(name)
+  h = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((8, 11)), jnp.float32)
+  out = policy.head_product(h, w)
+  assert out.shape == (3, 5, 11)
+  assert out.dtype == policy.logits_dtype
+
+
+def test_head_product_accumulates_in_logits_dtype(rng):
+  # A long contraction (D = 2048) of bf16 operands. The exact product of the
+  # rounded operands is the float64 reference on bf16-rounded inputs.
+  h = jnp.asarray(rng.standard_normal((6, 2048)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((2048, 7)), jnp.bfloat16)
+  exact = np.asarray(h, np.float64) @ np.asarray(w, np.float64)  # [6, 7]
+  scale = np.sqrt(2048.0)  # typical |logit|
+
+  f32_product = entropo.get_precision("bf16_fp32_logits").head_product(h, w)
+  bf16_product = entropo.get_precision("bf16").head_product(h, w)
+  assert f32_product.dtype == jnp.float32
+  assert bf16_product.dtype == jnp.bfloat16
+
+  f32_err = np.abs(np.asarray(f32_product, np.float64) - exact)
+  bf16_err = np.abs(np.asarray(bf16_product, np.float64) - exact)
+  # Float32 accumulation: error a few float32 ulps of the partial sums
+  # (2^-24 * |partials| * D at worst), far below one bf16 ulp of the result.
+  assert f32_err.max() < 2.0**-24 * scale * 2048 * 0.1
+  # Bfloat16 result: within one bf16 rounding (half an ulp, 2^-9 relative)
+  # of the exact value, plus the float32 accumulation error.
+  assert np.all(bf16_err <= 2.0**-8 * np.abs(exact) + 1e-3)
+  # And the two products genuinely differ: the bf16 one is rounded.
+  np.testing.assert_array_equal(
+      np.asarray(bf16_product, np.float64), ref.round_to(exact, "bfloat16"))
+  assert np.mean(bf16_err > 10 * f32_err) > 0.8
+
+
+def test_head_product_casts_operands_to_head_dtype(rng):
+  # bf16_fp32_head: float32 operands stay float32 (no bf16 rounding of the
+  # weights); bf16_fp32_logits rounds the operands, then multiplies in f32.
+  h = rng.standard_normal((5, 16)).astype(np.float32)
+  w = rng.standard_normal((16, 9)).astype(np.float32)
+  exact = h.astype(np.float64) @ w.astype(np.float64)
+  rounded = (ref.round_to(h, "bfloat16") @ ref.round_to(w, "bfloat16"))
+  head32 = entropo.get_precision("bf16_fp32_head").head_product(h, w)
+  logits32 = entropo.get_precision("bf16_fp32_logits").head_product(h, w)
+  np.testing.assert_allclose(np.asarray(head32), exact, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(logits32), rounded, rtol=1e-5,
+                             atol=1e-5)
+  # Rounding the operands to bf16 moves the logits by ~2^-9 * |h||w|.
+  assert np.abs(rounded - exact).max() > 1e-3
+
+
+def test_head_product_gradient_dtypes_follow_inputs(rng):
+  policy = entropo.get_precision("bf16_fp32_logits")
+  h = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
+  gh, gw = jax.grad(lambda a, b: jnp.sum(policy.head_product(a, b)),
+                    argnums=(0, 1))(h, w)
+  assert gh.dtype == jnp.float32 and gw.dtype == jnp.float32
+  # d sum(h W) / dh = rows of bf16-rounded W summed (in float32); the cast
+  # of h to bf16 inside the product rounds its cotangent to bf16 as well,
+  # so the float32 gradient carries bf16 values: one bf16 rounding (2^-8
+  # relative at most) of the exact sum.
+  exact = np.broadcast_to(
+      ref.round_to(np.asarray(w), "bfloat16").sum(axis=1), (4, 8))
+  np.testing.assert_array_equal(np.asarray(gh),
+                                ref.round_to(np.asarray(gh), "bfloat16"))
+  np.testing.assert_allclose(np.asarray(gh), exact, rtol=2.0**-8, atol=0)
+
+
+# Log-ratios.
+
+
+def test_log_ratio_clamps_to_max_log_ratio():
+  policy = entropo.get_precision("fp32")
+  logps = jnp.array([-50.0, -1.0, 0.0, -30.0, -0.5], jnp.float32)
+  old = jnp.array([-1.0, -50.0, 0.0, -29.0, -0.25], jnp.float32)
+  out = policy.log_ratio(logps, old)
+  assert out.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(out), [-20.0, 20.0, 0.0, -1.0, -0.25],
+                             rtol=0, atol=1e-6)
+  custom = policy.replace(max_log_ratio=0.5)
+  np.testing.assert_allclose(np.asarray(custom.log_ratio(logps, old)),
+                             [-0.5, 0.5, 0.0, -0.5, -0.25], rtol=0, atol=1e-6)
+  assert np.all(np.isfinite(np.exp(np.asarray(out))))
+
+
+def test_log_ratio_gradient_is_zero_outside_the_clamp():
+  policy = entropo.get_precision("fp32")
+  logps = jnp.array([-50.0, -1.0, -30.0], jnp.float32)
+  old = jnp.array([-1.0, -50.0, -29.0], jnp.float32)
+  g_new, g_old = jax.grad(
+      lambda a, b: jnp.sum(policy.log_ratio(a, b)), argnums=(0, 1))(logps, old)
+  np.testing.assert_array_equal(np.asarray(g_new), [0.0, 0.0, 1.0])
+  np.testing.assert_array_equal(np.asarray(g_old), [0.0, 0.0, -1.0])
+
+
+def test_log_ratio_rounds_to_logits_dtype_under_bf16(rng):
+  logps = -rng.random(64).astype(np.float32) * 3
+  old = -rng.random(64).astype(np.float32) * 3
+  diff = logps.astype(np.float64) - old.astype(np.float64)
+  bf16 = entropo.get_precision("bf16").log_ratio(logps, old)
+  fp32 = entropo.get_precision("fp32").log_ratio(logps, old)
+  assert bf16.dtype == fp32.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(fp32), diff, rtol=1e-6, atol=1e-6)
+  # The float32 difference of float32 inputs is exact here (Sterbenz / same
+  # binade), so bf16 output is exactly that difference rounded to bf16.
+  np.testing.assert_array_equal(np.asarray(bf16, np.float64),
+                                ref.round_to(np.asarray(fp32), "bfloat16"))
+  assert np.abs(np.asarray(bf16) - np.asarray(fp32)).max() > 1e-4
+
+
+def test_clamp_log_ratio_is_float32_and_clamped():
+  x = jnp.array([-100.0, -3.0, 0.25, 7.0, 100.0], jnp.bfloat16)
+  out = entropo.clamp_log_ratio(x)
+  assert out.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(out), [-20.0, -3.0, 0.25, 7.0, 20.0])
+  np.testing.assert_array_equal(
+      np.asarray(entropo.clamp_log_ratio(x, bound=5.0)),
+      [-5.0, -3.0, 0.25, 5.0, 5.0])
+
+
+# The precision policy seen through token_logprobs (the paper's confound).
+
+
+@pytest.mark.parametrize("name,dtype_name", [("bf16", "bfloat16"),
+                                             ("fp16", "float16")])
+def test_low_precision_preset_reproduces_rounded_logprobs(
+    rng, name, dtype_name):
+  logits = (rng.standard_normal((4, 6, 37)) * 3).astype(np.float32)
+  targets = rng.integers(0, 37, (4, 6))
+  out = np.asarray(entropo.token_logprobs(logits, targets, precision=name))
+  assert out.dtype == np.float32
+  # Expected: log-probs of the logits rounded to the low dtype, computed
+  # in float64 here, then rounded to the low dtype.
+  exact = ref.token_logprobs(ref.round_to(logits, dtype_name), targets)
+  expected = ref.round_to(exact, dtype_name)
+  # The library computes the log-softmax in float32, which can land on the
+  # other side of a rounding boundary: allow one ulp of the low dtype
+  # (2^-7 relative for bf16, 2^-10 for fp16), and demand most are exact.
+  ulp = 2.0**-7 if dtype_name == "bfloat16" else 2.0**-10
+  assert np.all(np.abs(out - expected) <= ulp * np.abs(expected) + 1e-30)
+  assert np.mean(out == expected) > 0.95
+  # Outputs are representable in the low dtype.
+  np.testing.assert_array_equal(out, ref.round_to(out, dtype_name))
+  # The preset changes the numbers (vs float32) by more than float32 noise.
+  fp32 = np.asarray(entropo.token_logprobs(logits, targets, precision="fp32"))
+  assert np.abs(out - fp32).max() > 1e-3
+
+
+def test_fp32_preset_does_not_change_logprobs(rng):
+  logits = (rng.standard_normal((5, 23)) * 3).astype(np.float32)
+  targets = rng.integers(0, 23, (5,))
+  default = entropo.token_logprobs(logits, targets)
+  for precision in ("fp32", entropo.PRESETS["fp32"], "bf16_fp32_head",
+                    "bf16_fp32_logits"):
+    np.testing.assert_array_equal(
+        np.asarray(entropo.token_logprobs(logits, targets,
+                                          precision=precision)),
+        np.asarray(default))
+  np.testing.assert_allclose(np.asarray(default),
+                             ref.token_logprobs(logits, targets),
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name,dtype_name", [("bf16", "bfloat16"),
+                                             ("fp16", "float16")])
+def test_rounding_survives_jit_after_a_dot(rng, name, dtype_name):
+  # Regression: under jit XLA (CPU) folded `convert(dot -> bf16) -> f32`
+  # into a float32 dot, so the `bf16` policy silently kept float32 logits.
+  policy = entropo.get_precision(name)
+  h = jnp.asarray(rng.standard_normal((6, 16)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((16, 9)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 9, (6,)))
+
+  def logits(a, b):
+    return policy.round_logits(policy.head_product(a, b))
+
+  eager = np.asarray(logits(h, w))
+  jitted = np.asarray(jax.jit(logits)(h, w))
+  np.testing.assert_array_equal(jitted, ref.round_to(jitted, dtype_name))
+  np.testing.assert_array_equal(jitted, eager)
+
+  def logps(a, b):
+    return entropo.token_logprobs(policy.head_product(a, b), targets,
+                                  precision=policy)
+
+  np.testing.assert_array_equal(np.asarray(jax.jit(logps)(h, w)),
+                                np.asarray(logps(h, w)))
