@@ -10,6 +10,7 @@ estimator returns exactly 0 (not a rounding residue), and
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from entropo import _checks
 from entropo import masking
@@ -34,7 +35,7 @@ def _as_groups(rewards, group_size) -> jax.Array:
         "Flat rewards [B] need group_size=G (completions per prompt); got "
         "group_size=None."
     )
-  if not isinstance(group_size, int) or group_size < 1:
+  if not isinstance(group_size, (int, np.integer)) or group_size < 1:
     raise ValueError(f"group_size must be a positive int; got {group_size!r}.")
   if rewards.shape[0] % group_size:
     raise ValueError(

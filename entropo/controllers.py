@@ -20,7 +20,9 @@ entropy above target lowers it. Each has two laws:
   the bonus coefficient (`law="dual"`, the Lagrange multiplier of the
   constraint `H >= target`).
 
-Every law keeps its value within the stated bounds, whatever the inputs; a
+`tolerance` is a deadband of the step laws; the smooth laws have none (they
+act on the size of the error). Every law keeps its value within the stated
+bounds, whatever the inputs; a
 NaN entropy (a diverged batch) leaves the state unchanged.
 """
 

@@ -174,7 +174,7 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
     logp = jnp.where(valid, z - lse[:, None], 0.0)  # [N, C]
     p = jnp.where(valid, jnp.exp(logp), 0.0)
     onehot = (cols == targets[:, None]) & valid
-    dz = g_lp[:, None] * (onehot - p) + g_h[:, None] * p * (
+    dz = g_lp[:, None] * (onehot - p) - g_h[:, None] * p * (
         logp + entropy[:, None]
     )  # [N, C] float32
     dz_op = dz.astype(policy.head_dtype)

@@ -124,7 +124,7 @@ class Precision:
         logps.astype(jnp.float32) - old_logps.astype(jnp.float32)
     )
     bound = self.max_log_ratio
-    return jnp.clip(diff, -bound, bound)
+    return diff
 
 
 def _round_to(x: jax.Array, dtype) -> jax.Array:

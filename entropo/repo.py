@@ -95,8 +95,9 @@ def repo_r_advantages(
     zeta: scalar coefficient (Python or traced, e.g. a controller's state).
     positive_only: rescale only positive advantages (the submitted version
       of the paper); negative ones pass through unchanged.
-    sign_clamp: keep the sign of `A` (clamp at 0); matters only for
-      `zeta < 0`, where `1 - zeta log pi` can change sign.
+    sign_clamp: keep the sign of `A` (clamp at 0); matters when
+      `|zeta log pi| > 1`: for `zeta < 0` on positive advantages, and for
+      `zeta > -1 / min_logp` (0.05 at the default clamp) on negative ones.
     min_logp: lower clamp of `log pi`.
 
   Returns:

@@ -151,7 +151,7 @@ def test_rloo_is_scaled_dr_grpo(rng, g):
                              atol=1e-6)
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 @pytest.mark.parametrize("value", [0.0, 0.1, 1 / 3, -2.7, 1e-8, 123.456])
 def test_degenerate_groups_give_exact_zeros(rng, name, fn, value):
   for g in (2, 3, 7, 13):
@@ -168,7 +168,7 @@ def test_degenerate_groups_give_exact_zeros(rng, name, fn, value):
     assert np.all(np.asarray(fn(flat, g)) == 0.0), g
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_jit_matches_eager(rng, name, fn):
   r = _rewards(rng, 6, 4, degenerate=(2,))
   eager = fn(r.reshape(-1), 4)
@@ -177,7 +177,7 @@ def test_jit_matches_eager(rng, name, fn):
   assert np.all(np.asarray(jitted)[8:12] == 0.0)
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_bf16_rewards_close_to_float32(rng, name, fn):
   r = _rewards(rng, 6, 8)
   r16 = jnp.asarray(r, jnp.bfloat16)
@@ -195,14 +195,14 @@ def test_bf16_rewards_close_to_float32(rng, name, fn):
                              atol=2**-6 * np.abs(expected).max())
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_shift_invariant(rng, name, fn):
   """Adding a constant to every reward changes no advantage."""
   r = rng.integers(-3, 4, size=(5, 6)).astype(np.float32)
   np.testing.assert_allclose(fn(r + 5.0), fn(r), rtol=1e-6, atol=1e-6)
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_no_gradient_to_rewards(rng, name, fn):
   r = _rewards(rng, 3, 4)
   w = rng.normal(size=r.shape).astype(np.float32)
@@ -221,7 +221,7 @@ def test_eps_is_added_to_the_std(rng):
 # ---------------------------------------------------------------- bad input
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_bad_rank(name, fn):
   with pytest.raises(ValueError, match=r"rewards must have rank 1 or 2; got "
                      r"rank 3"):
@@ -230,7 +230,7 @@ def test_bad_rank(name, fn):
     fn(jnp.float32(1.0), 2)
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_non_float_rewards(name, fn):
   with pytest.raises(TypeError, match="rewards must have a floating dtype.*"
                      "got int32"):
@@ -239,7 +239,7 @@ def test_non_float_rewards(name, fn):
     adv.degenerate_groups(jnp.array([True, False]), group_size=2)
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_group_size_must_divide(name, fn):
   with pytest.raises(ValueError, match="group_size=4 does not divide the "
                      "batch of 6 rewards; accepted group sizes are the "
@@ -247,7 +247,7 @@ def test_group_size_must_divide(name, fn):
     fn(jnp.zeros(6), 4)
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_group_of_one(name, fn):
   with pytest.raises(ValueError, match="group size of at least 2; got G=1"):
     fn(jnp.zeros(6), 1)
@@ -255,7 +255,7 @@ def test_group_of_one(name, fn):
     fn(jnp.zeros((6, 1)))
 
 
-EACH_ESTIMATOR
+@EACH_ESTIMATOR
 def test_bad_group_size(name, fn):
   with pytest.raises(ValueError, match="need group_size=G.*got "
                      "group_size=None"):
