@@ -11,7 +11,7 @@ keeps four float32 running statistics per token (an online log-sum-exp):
     u = sum_v exp(z_v - m) (z_v - m)
     z_target (the target's logit, picked from whichever chunk holds it)
 
-so that `lse = m + log s`, `log pi(target) = z_target - lse` and
+so that `log pi(target) = (z_target - m) - log s` and
 `H = log s - u / s`, all centred and stable for logits of any size.
 
 The gradient is a custom VJP that recomputes each chunk's logits (one more
@@ -57,7 +57,9 @@ def fused_logprobs_entropy(
     hidden: `[B, T, D]` (or `[N, D]`) float, final hidden states.
     lm_head: `[D, V]` float, the output projection (the transposed embedding
       for tied models).
-    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`.
+    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`; an id outside
+      (e.g. padding) gives a meaningless value at that position (its logit
+      counts as 0), so mask it.
     chunk_size: vocabulary columns per chunk (clipped to V). Smaller saves
       memory; larger has fewer, bigger matmuls.
     precision: a `Precision`, a preset name, or None (`fp32`).
@@ -81,7 +83,8 @@ def fused_logprobs_entropy(
         f"targets must have shape hidden.shape[:-1] = {hidden.shape[:-1]}; "
         f"got {targets.shape}."
     )
-  if not isinstance(chunk_size, int) or chunk_size <= 0:
+  if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
+      or chunk_size <= 0):
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
   policy = precision_lib.get_precision(precision)
   lead = hidden.shape[:-1]
@@ -146,8 +149,9 @@ def _forward(h, w, targets, chunk, policy):
   chunks = jnp.arange(_num_chunks(w.shape[1], chunk))
   (m, s, u, z_t), _ = jax.lax.scan(body, init, chunks)
   log_s = jnp.log(s)
-  lse = m + log_s  # [N]
-  return z_t - lse, log_s - u / s, lse
+  # (z_t - m) - log s, never z_t - (m + log s): at |z| ~ 1e4 the sum m +
+  # log s would round to float32 steps of 1e-3 and so would every log-prob.
+  return (z_t - m) - log_s, log_s - u / s, (m, log_s)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
@@ -157,12 +161,12 @@ def _fused(h, w, targets, chunk, policy):
 
 
 def _fused_fwd(h, w, targets, chunk, policy):
-  logps, entropy, lse = _forward(h, w, targets, chunk, policy)
-  return (logps, entropy), (h, w, targets, lse, entropy)
+  logps, entropy, (m, log_s) = _forward(h, w, targets, chunk, policy)
+  return (logps, entropy), (h, w, targets, m, log_s, entropy)
 
 
 def _fused_bwd(chunk, policy, residuals, cotangents):
-  h, w, targets, lse, entropy = residuals
+  h, w, targets, m, log_s, entropy = residuals
   g_lp, g_h = (g.astype(jnp.float32) for g in cotangents)  # [N] each
   dot = functools.partial(
       jnp.matmul, preferred_element_type=jnp.float32
@@ -171,7 +175,7 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
   def body(carry, c):
     dh, dw = carry  # [N, D], [D, V] float32
     z, w_c, cols, valid, start = _chunk_logits(h, w, c, chunk, policy)
-    logp = jnp.where(valid, z - lse[:, None], 0.0)  # [N, C]
+    logp = jnp.where(valid, (z - m[:, None]) - log_s[:, None], 0.0)  # [N, C]
     p = jnp.where(valid, jnp.exp(logp), 0.0)
     onehot = (cols == targets[:, None]) & valid
     dz = g_lp[:, None] * (onehot - p) - g_h[:, None] * p * (

@@ -36,7 +36,8 @@ def token_logprobs(
 
   Args:
     logits: `[B, T, V]` (or `[N, V]`) float, any float dtype.
-    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`.
+    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`; an id outside
+      (e.g. padding) gives NaN at that position, so mask it.
     precision: a `Precision`, a preset name, or None (`fp32`). Its
       `logits_dtype` is the dtype of the log-softmax.
 

@@ -124,7 +124,7 @@ class Precision:
         logps.astype(jnp.float32) - old_logps.astype(jnp.float32)
     )
     bound = self.max_log_ratio
-    return diff
+    return jnp.clip(diff, -bound, bound)
 
 
 def _round_to(x: jax.Array, dtype) -> jax.Array:

@@ -157,6 +157,24 @@ def test_head_product_returns_logits_dtype(rng, name):
   assert out.dtype == policy.logits_dtype
 
 
+def test_head_product_hand_computed():
+  # [1, 2^-8] . [1, 1] = 1 + 2^-8 = 1.00390625: exact in float32, and
+  # exactly halfway between the bf16 neighbours 1 and 1 + 2^-7, so a bf16
+  # product rounds it to even, 1.0. The operands are exact in bf16.
+  h = jnp.array([[1.0, 2.0**-8]], jnp.float32)
+  w = jnp.array([[1.0], [1.0]], jnp.float32)
+  assert float(entropo.get_precision("fp32").head_product(h, w)[0, 0]) == (
+      1.00390625)
+  assert float(entropo.get_precision("bf16_fp32_logits").head_product(
+      h, w)[0, 0]) == 1.00390625
+  assert float(entropo.get_precision("bf16").head_product(h, w)[0, 0]) == 1.0
+  # [1, 2] . [3, 4] = 11 under every preset.
+  for name in DOCUMENTED:
+    out = entropo.get_precision(name).head_product(
+        jnp.array([[1.0, 2.0]]), jnp.array([[3.0], [4.0]]))
+    assert float(out[0, 0]) == 11.0
+
+
 def test_head_product_accumulates_in_logits_dtype(rng):
   # A long contraction (D = 2048) of bf16 operands. The exact product of the
   # rounded operands is the float64 reference on bf16-rounded inputs.

@@ -3,7 +3,7 @@
 Everything here follows the definitions one position at a time:
 
     log pi(v) = z_v - (m + log sum_u exp(z_u - m)),   m = max_u z_u
-    H         = -sum_v pi(v) log pi(v)                (terms with pi(v) = 0 are 0)
+    H         = -sum_v pi(v) log pi(v)   (terms with pi(v) = 0 are 0)
     dlog pi(t)/dz_v = 1[v = t] - pi(v)
     dH/dz_v         = -pi(v) (log pi(v) + H)
 
