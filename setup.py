@@ -8,6 +8,9 @@ INSTALL_REQUIRES = [
     "jaxlib==0.10.2",
     "numpy>=1.26",
     "chex==0.1.92",
+    "flax==0.12.8",
+    "safetensors>=0.4",
+    "tokenizers>=0.20",
 ]
 
 EXTRAS_REQUIRE = {
@@ -15,6 +18,9 @@ EXTRAS_REQUIRE = {
         "pytest>=8",
         "pytest-xdist>=3.5",
         "hypothesis>=6.100",
+        # CPU wheel on the machine; an unpinned torch pulls CUDA packages.
+        "torch==2.13.0",
+        "transformers==5.23.0",
     ],
     "bench": [
         "psutil>=5.9",

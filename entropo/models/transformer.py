@@ -1,0 +1,295 @@
+"""A Flax NNX decoder-only transformer for the Llama / Qwen2 / Qwen3 family.
+
+RMSNorm, rotary embeddings (non-interleaved halves, as in the Hugging Face
+implementations), grouped-query attention with optional q/k/v biases (Qwen2)
+and q/k RMSNorm (Qwen3), a SwiGLU MLP, tied or untied output projection.
+
+`model(tokens, ...)` returns final hidden states `[B, T, D]`: training feeds
+them with `model.lm_head_matrix()` to `entropo.fused_logprobs_entropy`, so
+`[B, T, V]` logits are never materialised. `model.logits(tokens)` exists for
+small vocabularies and tests.
+
+Every parameter carries `logical_axes` metadata over the names `vocab`,
+`embed`, `heads`, `kv`, `head_dim` and `mlp`; `entropo.sharding` maps them to
+mesh axes.
+
+Dtypes come from a `Precision` policy: parameters are stored in
+`param_dtype`, the body computes in `compute_dtype`, normalisation
+statistics and the attention softmax run in float32, and the head is left
+to the policy's `head_product`.
+
+The KV cache is a plain pytree owned by the caller (the sampler):
+`{"k": [L][B, S, KV, hd], "v": ..., "valid": [B, S] bool}`. A call with
+`cache=` and `cache_index=i` writes the new keys and values at slots
+`i .. i + T` and attends over every valid slot at or before each query's
+slot.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from entropo import precision as precision_lib
+from entropo.models.config import ModelConfig
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def _param(rngs, shape, axes, *, std, dtype):
+  value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), logical_axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  """`x / rms(x) * scale`, statistics in float32."""
+
+  def __init__(self, dim: int, *, eps: float, axes, dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=axes)
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    normed = (x32 * jax.lax.rsqrt(var + self.eps)).astype(x.dtype)
+    return normed * self.scale[...].astype(x.dtype)
+
+
+def rope_tables(positions, head_dim: int, theta: float):
+  """`(cos, sin)`, each `[B, T, head_dim]` float32, for integer positions."""
+  inv_freq = 1.0 / (
+      theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  )  # [hd/2]
+  freqs = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, hd/2]
+  emb = jnp.concatenate([freqs, freqs], axis=-1)  # [B, T, hd]
+  return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates `x: [B, T, N, hd]` by position (halves layout)."""
+  half = x.shape[-1] // 2
+  rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+  cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+  out = x.astype(jnp.float32) * cos + rotated.astype(jnp.float32) * sin
+  return out.astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  """Grouped-query attention with RoPE and an optional KV cache."""
+
+  def __init__(self, config: ModelConfig, policy, *, rngs: nnx.Rngs):
+    d, h, kv, hd = (config.hidden_size, config.num_heads, config.num_kv_heads,
+                    config.head_dim)
+    dt = policy.param_dtype
+    std = 1.0 / math.sqrt(d)
+    self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"),
+                         std=std, dtype=dt)
+    self.k_proj = _param(rngs, (d, kv, hd), ("embed", "kv", "head_dim"),
+                         std=std, dtype=dt)
+    self.v_proj = _param(rngs, (d, kv, hd), ("embed", "kv", "head_dim"),
+                         std=std, dtype=dt)
+    self.o_proj = _param(rngs, (h, hd, d), ("heads", "head_dim", "embed"),
+                         std=1.0 / math.sqrt(h * hd), dtype=dt)
+    if config.qkv_bias:
+      self.q_bias = nnx.Param(jnp.zeros((h, hd), dt),
+                              logical_axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((kv, hd), dt),
+                              logical_axes=("kv", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((kv, hd), dt),
+                              logical_axes=("kv", "head_dim"))
+    if config.qk_norm:
+      self.q_norm = RMSNorm(hd, eps=config.rms_norm_eps, axes=("head_dim",),
+                            dtype=dt)
+      self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, axes=("head_dim",),
+                            dtype=dt)
+    self.config = config
+    self.policy = policy
+
+  def __call__(self, x, cos, sin, key_valid, query_slots, cache=None,
+               cache_index=None):
+    """x: `[B, T, D]`; key_valid: `[B, S]`; query_slots: `[T]` int.
+
+    Returns `(out [B, T, D], (k, v))` where `(k, v)` are the keys/values
+    attended over (`[B, S, KV, hd]`, the updated cache when given).
+    """
+    cfg, policy = self.config, self.policy
+    cast = policy.cast_compute
+    q = jnp.einsum("btd,dhk->bthk", x, cast(self.q_proj[...]))
+    k = jnp.einsum("btd,dhk->bthk", x, cast(self.k_proj[...]))
+    v = jnp.einsum("btd,dhk->bthk", x, cast(self.v_proj[...]))
+    if cfg.qkv_bias:
+      q = q + cast(self.q_bias[...])
+      k = k + cast(self.k_bias[...])
+      v = v + cast(self.v_bias[...])
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+      k_all, v_all = cache
+      k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype),
+                                              cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype),
+                                              cache_index, axis=1)
+    b, t = x.shape[:2]
+    group = cfg.num_heads // cfg.num_kv_heads
+    q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(cfg.head_dim)
+    key_slots = jnp.arange(k.shape[1])  # [S]
+    allowed = (key_slots[None, :] <= query_slots[:, None])[None]  # [1, T, S]
+    allowed = allowed & key_valid[:, None, :]  # [B, T, S]
+    scores = jnp.where(allowed[:, None, None], scores, _NEG)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+    out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
+    out = jnp.einsum("bthk,hkd->btd", out, cast(self.o_proj[...]))
+    return out, (k, v)
+
+
+class MLP(nnx.Module):
+  """SwiGLU: `down(silu(gate(x)) * up(x))`."""
+
+  def __init__(self, config: ModelConfig, policy, *, rngs: nnx.Rngs):
+    d, f, dt = config.hidden_size, config.intermediate_size, policy.param_dtype
+    self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"),
+                            std=1.0 / math.sqrt(d), dtype=dt)
+    self.up_proj = _param(rngs, (d, f), ("embed", "mlp"),
+                          std=1.0 / math.sqrt(d), dtype=dt)
+    self.down_proj = _param(rngs, (f, d), ("mlp", "embed"),
+                            std=1.0 / math.sqrt(f), dtype=dt)
+    self.policy = policy
+
+  def __call__(self, x):
+    cast = self.policy.cast_compute
+    gate = x @ cast(self.gate_proj[...])
+    up = x @ cast(self.up_proj[...])
+    return (jax.nn.silu(gate) * up) @ cast(self.down_proj[...])
+
+
+class Block(nnx.Module):
+  """Pre-norm decoder block: attention and MLP with residuals."""
+
+  def __init__(self, config: ModelConfig, policy, *, rngs: nnx.Rngs):
+    dt = policy.param_dtype
+    self.input_layernorm = RMSNorm(config.hidden_size,
+                                   eps=config.rms_norm_eps, axes=("embed",),
+                                   dtype=dt)
+    self.attn = Attention(config, policy, rngs=rngs)
+    self.post_attention_layernorm = RMSNorm(config.hidden_size,
+                                            eps=config.rms_norm_eps,
+                                            axes=("embed",), dtype=dt)
+    self.mlp = MLP(config, policy, rngs=rngs)
+
+  def __call__(self, x, cos, sin, key_valid, query_slots, cache=None,
+               cache_index=None):
+    attn, kv = self.attn(self.input_layernorm(x), cos, sin, key_valid,
+                         query_slots, cache, cache_index)
+    x = x + attn
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, kv
+
+
+def default_positions(attention_mask):
+  """Positions counting valid tokens: `cumsum(mask) - 1`, clipped at 0.
+
+  Works for left- and right-padded rows alike.
+  """
+  return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1,
+                     0)
+
+
+class Transformer(nnx.Module):
+  """The decoder. See the module docstring."""
+
+  def __init__(self, config: ModelConfig, *, precision="fp32",
+               rngs: nnx.Rngs):
+    policy = precision_lib.get_precision(precision)
+    dt = policy.param_dtype
+    self.config = config
+    self.policy = policy
+    self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size),
+                               ("vocab", "embed"), std=1.0, dtype=dt)
+    self.layers = nnx.List(
+        [Block(config, policy, rngs=rngs) for _ in range(config.num_layers)]
+    )
+    self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
+                        axes=("embed",), dtype=dt)
+    if not config.tie_word_embeddings:
+      self.lm_head = _param(rngs, (config.hidden_size, config.vocab_size),
+                            ("embed", "vocab"),
+                            std=1.0 / math.sqrt(config.hidden_size),
+                            dtype=dt)
+
+  def lm_head_matrix(self) -> jax.Array:
+    """The output projection `[D, V]` (the embedding transposed if tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embed_tokens[...].T
+    return self.lm_head[...]
+
+  def init_cache(self, batch: int, length: int, *, dtype=None) -> dict:
+    """An empty KV cache for `batch` rows and `length` slots."""
+    cfg = self.config
+    dtype = self.policy.compute_dtype if dtype is None else dtype
+    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    return {
+        "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+        "valid": jnp.zeros((batch, length), bool),
+    }
+
+  def __call__(self, tokens, *, attention_mask=None, positions=None,
+               cache=None, cache_index=None):
+    """Final hidden states `[B, T, D]` (compute dtype).
+
+    Args:
+      tokens: `[B, T]` int.
+      attention_mask: `[B, T]` bool, valid tokens (default all).
+      positions: `[B, T]` int rotary positions (default counts valid
+        tokens, see `default_positions`).
+      cache: optional KV cache from `init_cache`; then `cache_index` (int
+        scalar, may be traced) is the slot of `tokens[:, 0]`, and the call
+        returns `(hidden, new_cache)`.
+
+    Returns:
+      `hidden`, or `(hidden, new_cache)` when `cache` is given.
+    """
+    if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+      raise ValueError(
+          f"tokens must be a [B, T] int array; got {tokens.dtype} "
+          f"{tokens.shape}."
+      )
+    cfg, policy = self.config, self.policy
+    b, t = tokens.shape
+    if attention_mask is None:
+      attention_mask = jnp.ones((b, t), bool)
+    if positions is None:
+      positions = default_positions(attention_mask)
+    x = policy.cast_compute(jnp.take(self.embed_tokens[...], tokens, axis=0))
+    cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    if cache is None:
+      key_valid, query_slots = attention_mask, jnp.arange(t)
+    else:
+      if cache_index is None:
+        raise ValueError("cache_index is required with cache.")
+      key_valid = jax.lax.dynamic_update_slice_in_dim(
+          cache["valid"], attention_mask, cache_index, axis=1)
+      query_slots = cache_index + jnp.arange(t)
+    new_k, new_v = [], []
+    for i, layer in enumerate(self.layers):
+      layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
+      x, (k, v) = layer(x, cos, sin, key_valid, query_slots, layer_cache,
+                        cache_index)
+      new_k.append(k)
+      new_v.append(v)
+    hidden = self.norm(x)
+    if cache is None:
+      return hidden
+    return hidden, {"k": new_k, "v": new_v, "valid": key_valid}
+
+  def logits(self, tokens, *, attention_mask=None, positions=None):
+    """`[B, T, V]` float32 logits through the precision policy's head."""
+    hidden = self(tokens, attention_mask=attention_mask, positions=positions)
+    logits = self.policy.head_product(hidden, self.lm_head_matrix())
+    return self.policy.round_logits(logits)
