@@ -9,7 +9,8 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "chex==0.1.92",
     "flax==0.12.8",
-    "safetensors>=0.4",
+    "ml_dtypes>=0.5",
+    "safetensors>=0.8",
     "tokenizers>=0.20",
 ]
 

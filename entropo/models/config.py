@@ -101,7 +101,7 @@ class ModelConfig:
       raise ValueError("mlp_bias=True is not implemented.")
     if family == "llama" and hf.get("attention_bias"):
       raise ValueError("attention_bias=True is not implemented for llama.")
-    if family == "qwen2" and hf.get("use_sliding_window"):
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window"):
       raise ValueError("use_sliding_window=True is not implemented.")
     if family == "qwen3" and hf.get("attention_bias"):
       raise ValueError("attention_bias=True is not implemented for qwen3.")

@@ -1,0 +1,436 @@
+"""A jit-compiled KV-cache sampler that returns the log-probs RL needs.
+
+`sample(model, prompt_tokens, prompt_mask, key=..., max_new_tokens=N)`
+continues a batch of prompts of different lengths and returns, for every
+sampled token `y_t`, two log-probabilities:
+
+* `logps`: `log pi(y_t)` under the untruncated temperature-1 policy,
+  `softmax(z_t)`. It is computed by the trainer's own code (the policy's
+  `head_product`, logits rounded to `logits_dtype`, `token_logprobs`), so in
+  float32 it equals the trainer's recomputation `fused_logprobs_entropy(
+  model(tokens)[:, :-1], lm_head, tokens[:, 1:])` to float32 rounding.
+* `processed_logps`: `log q(y_t)` under the distribution actually sampled
+  from, `q = softmax(trunc(z_t / T))`, where `trunc`
+  (`entropo.models.truncation.truncate_logits`) sets the logits outside the
+  kept support (top-k, then top-p of the renormalised top-k distribution)
+  to `-inf`. With `T = 1`, `log q = log pi - log S` where `S` is the policy
+  mass of the kept support, so `logps - processed_logps = log S <= 0`: the
+  term that silently rescales an importance ratio when the two are mixed up
+  (TRL #6789). Returning both lets the trainer use the behaviour density it
+  wants (or renormalise its own logits over the same support with
+  `truncate_logits`). Greedy decoding (`T = 0`) samples a point mass:
+  `processed_logps` is 0.
+
+Layout. Rows may be padded anywhere (left, right or both); the sampler moves
+each row's prompt tokens, in order, to the right end of the `P` prompt
+slots (left padding), so every row's first new token lands in slot `P` and
+all rows decode in lock-step. Rotary positions count valid tokens, as
+`default_positions` does in training, so the trainer gets the sampler's
+positions back from `result.attention_mask`. Every returned array is
+`[B, P + N]` and aligned with `result.tokens`: entry `t` of `logps` is the
+log-prob of `tokens[:, t]` (0 outside the completion), so the trainer's
+`[B, P + N - 1]` log-probs of `tokens[:, 1:]` compare with `logps[:, 1:]`.
+
+Stopping. A row stops after it emits an EOS id (kept, with
+`completion_mask` True) or after `max_new_tokens`; the slots after its stop
+hold the pad id (the first EOS id, else 0) with masks False and log-probs 0.
+The loop is a `lax.while_loop` that ends as soon as every row has stopped.
+
+Cost. Prompts are prefilled in one call; each new token then costs one
+single-token forward pass against the KV cache (`use_cache=False` instead
+reruns the model over the whole `[B, P + N]` buffer every step: the
+recompute baseline of benchmarks/sampler.py, same sampling code).
+
+Randomness. Step `j` draws from `fold_in(key, j)`: the same key, inputs and
+settings give the same tokens; the draw of a row depends on the batch it is
+in.
+
+Precision. The body runs in the model's `compute_dtype`; the KV cache is
+stored in the policy's `sampler_dtype`; the head and log-probs follow the
+policy exactly as in training. Under a bf16 preset the sampler's log-probs
+therefore differ from float32 trainer log-probs; measure the gap with
+`entropo.precision_mismatch(result.logps, trainer_logps, mask)`.
+
+Validation. Bad arguments raise `ValueError` (or `TypeError` for dtypes)
+naming the bad value before anything is traced or compiled: an empty prompt
+row, a prompt longer than the context, `max_new_tokens` that would
+overflow it, an EOS id or prompt token outside the vocabulary, a negative
+temperature, `top_k < 1`, `top_p` outside `(0, 1]`. Compiled functions are
+cached by jit per model structure, shapes and static settings (`greedy`,
+`top_k`, whether top-p is on, the number of EOS ids, `max_new_tokens`);
+temperature, `top_p` and the EOS ids themselves are traced.
+"""
+
+import math
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from entropo import logprobs as logprobs_lib
+from entropo.models import transformer as transformer_lib
+from entropo.models import truncation
+
+
+class SampleResult(NamedTuple):
+  """Prompts and completions, left-aligned prompts, all `[B, P + N]`.
+
+  Attributes:
+    tokens: `[B, P + N]` int32. Prompt slots `[0, P)` hold each row's prompt
+      right-aligned (pad id on the left); slots `[P, P + N)` the completion,
+      then the pad id after the row stopped.
+    prompt_mask: `[B, P + N]` bool, the prompt tokens.
+    completion_mask: `[B, P + N]` bool, the sampled tokens up to and
+      including EOS.
+    logps: `[B, P + N]` float32, `log pi(token)` under the untruncated
+      temperature-1 policy at completion slots, else 0.
+    processed_logps: `[B, P + N]` float32, the log-prob under the
+      distribution sampled from (temperature, top-k, top-p) at completion
+      slots, else 0 (and 0 for greedy decoding).
+    entropy: `[B, P + N]` float32, the full-vocabulary entropy of the
+      temperature-1 policy at the step that sampled each completion token,
+      else 0.
+    lengths: `[B]` int32, completion lengths (EOS included).
+  """
+
+  tokens: jax.Array
+  prompt_mask: jax.Array
+  completion_mask: jax.Array
+  logps: jax.Array
+  processed_logps: jax.Array
+  entropy: jax.Array
+  lengths: jax.Array
+
+  @property
+  def attention_mask(self) -> jax.Array:
+    """`[B, P + N]` bool, prompt and completion: the trainer's mask."""
+    return self.prompt_mask | self.completion_mask
+
+
+def sample(
+    model,
+    prompt_tokens,
+    prompt_mask,
+    *,
+    key,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_id: int | Sequence[int] | None = None,
+    use_cache: bool = True,
+) -> SampleResult:
+  """Samples `max_new_tokens` continuations of a batch of prompts.
+
+  See the module docstring for the layout, the two kinds of log-probs and
+  the stopping rule.
+
+  Args:
+    model: an `entropo.models.Transformer`.
+    prompt_tokens: `[B, P]` int token ids (concrete, not traced).
+    prompt_mask: `[B, P]` bool (or 0/1 int) valid prompt tokens; every row
+      needs at least one.
+    key: a JAX PRNG key (`jax.random.key` or `jax.random.PRNGKey`).
+    max_new_tokens: N >= 1; the longest prompt plus N must fit in the
+      model's context (`config.max_position_embeddings`).
+    temperature: T >= 0; 0 means greedy decoding (argmax, ties to the
+      lowest id, top-k/top-p ignored).
+    top_k: keep the k largest logits (None: all; values above the
+      vocabulary size keep all). Ties with the k-th largest are kept.
+    top_p: in (0, 1]: keep the smallest set of most likely tokens whose
+      (top-k renormalised) mass reaches `top_p`; ties at the cut are kept.
+      None or 1.0: no nucleus truncation.
+    eos_id: an id or ids in `[0, V)` that end a row (None: run N tokens).
+    use_cache: False reruns the model over the whole sequence buffer at
+      every step instead of using the KV cache (a slow baseline).
+
+  Returns:
+    A `SampleResult`.
+  """
+  fn, args, kwargs = _prepare(
+      model, prompt_tokens, prompt_mask, key=key,
+      max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+      top_p=top_p, eos_id=eos_id, use_cache=use_cache)
+  return fn(*args, **kwargs)
+
+
+# Validation: everything here looks at concrete values, before tracing.
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(
+      value, (bool, np.bool_))
+
+
+def _is_real(value) -> bool:
+  return isinstance(value, (int, float, np.integer, np.floating)) and not (
+      isinstance(value, (bool, np.bool_)))
+
+
+def _concrete(name, x) -> np.ndarray:
+  if isinstance(x, jax.core.Tracer):
+    raise ValueError(
+        f"{name} must be a concrete array: sample() validates its inputs "
+        "and compiles itself, so call it outside jax.jit/vmap."
+    )
+  return np.asarray(x)
+
+
+def _rows(indices) -> str:
+  indices = [int(i) for i in indices]
+  shown = ", ".join(str(i) for i in indices[:8])
+  return shown + (", ..." if len(indices) > 8 else "")
+
+
+def _check_key(key):
+  if isinstance(key, jax.core.Tracer):
+    return key
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
+    if key.shape != ():
+      raise ValueError(f"key must be a single PRNG key; got shape "
+                       f"{key.shape}.")
+    return key
+  arr = np.asarray(key) if dtype is not None else None
+  if arr is None or arr.dtype != np.uint32 or arr.shape != (2,):
+    raise ValueError(
+        "key must be a JAX PRNG key (jax.random.key(seed) or "
+        f"jax.random.PRNGKey(seed)); got {key!r}."
+    )
+  return jax.random.wrap_key_data(jnp.asarray(arr))
+
+
+def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
+             temperature, top_k, top_p, eos_id, use_cache):
+  """Validates the arguments; returns the jitted function and its inputs."""
+  cfg = model.config
+  vocab, context = cfg.vocab_size, cfg.max_position_embeddings
+
+  tokens = _concrete("prompt_tokens", prompt_tokens)
+  mask = _concrete("prompt_mask", prompt_mask)
+  if tokens.ndim != 2:
+    raise ValueError(f"prompt_tokens must be a [B, P] array; got shape "
+                     f"{tokens.shape}.")
+  if not np.issubdtype(tokens.dtype, np.integer):
+    raise TypeError(f"prompt_tokens must have an integer dtype (token ids); "
+                    f"got {tokens.dtype}.")
+  if mask.shape != tokens.shape:
+    raise ValueError(f"prompt_mask must have the shape of prompt_tokens "
+                     f"{tokens.shape}; got {mask.shape}.")
+  if mask.dtype != np.bool_:
+    if not np.issubdtype(mask.dtype, np.integer) or not np.isin(
+        mask, (0, 1)).all():
+      raise TypeError(f"prompt_mask must be bool (or 0/1 integers); got "
+                      f"dtype {mask.dtype}.")
+    mask = mask.astype(bool)
+  batch, width = tokens.shape
+  if batch == 0 or width == 0:
+    raise ValueError(f"The prompt is empty: prompt_tokens has shape "
+                     f"{tokens.shape}.")
+  lengths = mask.sum(axis=1)
+  if (lengths == 0).any():
+    raise ValueError(
+        f"Empty prompt: prompt_mask has no valid token in row(s) "
+        f"{_rows(np.flatnonzero(lengths == 0))}; every prompt needs at "
+        "least one token."
+    )
+  bad = mask & ((tokens < 0) | (tokens >= vocab))
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise ValueError(
+        f"prompt_tokens[{row}, {col}] = {tokens[row, col]} is outside the "
+        f"vocabulary [0, {vocab})."
+    )
+  longest = int(lengths.max())
+  if longest > context:
+    raise ValueError(
+        f"A prompt of {longest} tokens (row {int(lengths.argmax())}) is "
+        f"longer than the model's context of {context} tokens."
+    )
+  if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be a positive int; got "
+                     f"{max_new_tokens!r}.")
+  max_new_tokens = int(max_new_tokens)
+  if longest + max_new_tokens > context:
+    raise ValueError(
+        f"max_new_tokens={max_new_tokens} would overflow the model's "
+        f"context: the longest prompt has {longest} tokens and "
+        f"{longest} + {max_new_tokens} > {context}; use max_new_tokens <= "
+        f"{context - longest}."
+    )
+  if not _is_real(temperature) or not (
+      math.isfinite(temperature) and temperature >= 0):
+    raise ValueError(f"temperature must be a finite number >= 0 (0 means "
+                     f"greedy); got {temperature!r}.")
+  greedy = temperature == 0
+  if top_k is not None:
+    if not _is_int(top_k) or top_k < 1:
+      raise ValueError(f"top_k must be None or an int >= 1; got {top_k!r}.")
+    top_k = None if top_k >= vocab else int(top_k)
+  if top_p is not None:
+    if not _is_real(top_p) or not 0 < top_p <= 1:
+      raise ValueError(f"top_p must be None or in (0, 1]; got {top_p!r}.")
+  use_top_p = top_p is not None and top_p < 1
+  if greedy:  # argmax is always kept: truncation changes nothing
+    top_k, use_top_p = None, False
+  if eos_id is None:
+    eos_ids = ()
+  elif _is_int(eos_id):
+    eos_ids = (int(eos_id),)
+  elif isinstance(eos_id, Sequence) and all(_is_int(e) for e in eos_id):
+    eos_ids = tuple(int(e) for e in eos_id)
+  else:
+    raise ValueError(f"eos_id must be None, an int or a sequence of ints; "
+                     f"got {eos_id!r}.")
+  for e in eos_ids:
+    if not 0 <= e < vocab:
+      raise ValueError(f"eos_id {e} is outside the vocabulary [0, {vocab}).")
+  if not isinstance(use_cache, bool):
+    raise ValueError(f"use_cache must be a bool; got {use_cache!r}.")
+  key = _check_key(key)
+
+  graphdef, state = nnx.split(model)
+  args = (
+      graphdef,
+      state,
+      jnp.asarray(tokens, jnp.int32),
+      jnp.asarray(mask),
+      key,
+      jnp.float32(1.0 if greedy else temperature),
+      jnp.float32(1.0 if top_p is None else top_p),
+      jnp.asarray(eos_ids, jnp.int32).reshape(len(eos_ids)),
+  )
+  kwargs = dict(
+      max_new_tokens=max_new_tokens,
+      greedy=greedy,
+      top_k=top_k,
+      use_top_p=use_top_p,
+      use_cache=use_cache,
+  )
+  return _generate_jit, args, kwargs
+
+
+# The compiled part.
+
+
+def _choose(z, key, temperature, top_p, *, policy, greedy, top_k, use_top_p):
+  """Samples one token per row from logits `z: [B, V]` (float32, rounded).
+
+  Returns `(token [B] int32, logp [B], processed_logp [B], entropy [B])`.
+  """
+  if greedy:
+    token = jnp.argmax(z, axis=-1).astype(jnp.int32)
+    processed = jnp.zeros(z.shape[:1], jnp.float32)
+  else:
+    s = policy.round_logits(z / temperature)
+    s = truncation.truncate_logits(s, top_k=top_k,
+                                   top_p=top_p if use_top_p else None)
+    token = jax.random.categorical(key, s, axis=-1).astype(jnp.int32)
+    processed = logprobs_lib.token_logprobs(s, token, precision=policy)
+  logp = logprobs_lib.token_logprobs(z, token, precision=policy)
+  entropy = logprobs_lib.token_entropy(z, precision=policy)
+  return token, logp, processed, entropy
+
+
+def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
+              eos_ids, *, max_new_tokens, greedy, top_k, use_top_p,
+              use_cache):
+  model = nnx.merge(graphdef, state)
+  pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
+  policy = model.policy
+  batch, width = tokens.shape
+  n = max_new_tokens
+  total = width + n
+
+  # Left-align: a stable sort of the mask puts pads first, tokens in order.
+  order = jnp.argsort(mask, axis=1, stable=True)  # [B, P]
+  mask = jnp.take_along_axis(mask, order, axis=1)
+  tokens = jnp.take_along_axis(tokens, order, axis=1)
+  tokens = jnp.where(mask, tokens, pad_id)
+  prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
+  lm_head = model.lm_head_matrix()
+
+  buf = jnp.concatenate(
+      [tokens, jnp.full((batch, n), pad_id, jnp.int32)], axis=1)  # [B, P+N]
+  prompt_mask = jnp.concatenate([mask, jnp.zeros((batch, n), bool)], axis=1)
+  choose = lambda h, j: _choose(
+      policy.round_logits(policy.head_product(h, lm_head)),
+      jax.random.fold_in(key, j), temperature, top_p, policy=policy,
+      greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+
+  if use_cache:
+    cache = model.init_cache(batch, total, dtype=policy.sampler_dtype)
+    hidden, cache = model(
+        tokens, attention_mask=mask,
+        positions=transformer_lib.default_positions(mask), cache=cache,
+        cache_index=0)
+  else:
+    cache = None
+    hidden = model(buf, attention_mask=prompt_mask)
+  h = hidden[:, width - 1]  # [B, D]; the last prompt slot is always valid
+
+  def record(carry, j, h):
+    buf, comp, lps, plps, ents, done = carry
+    token, lp, plp, ent = choose(h, j)
+    live = ~done
+    token = jnp.where(live, token, pad_id)
+    slot = width + j
+    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(
+        a, v[:, None].astype(a.dtype), slot, axis=1)
+    zero = jnp.zeros_like(lp)
+    buf = put(buf, token)
+    comp = put(comp, live)
+    lps = put(lps, jnp.where(live, lp, zero))
+    plps = put(plps, jnp.where(live, plp, zero))
+    ents = put(ents, jnp.where(live, ent, zero))
+    done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=1)
+    return buf, comp, lps, plps, ents, done
+
+  zeros = jnp.zeros((batch, total), jnp.float32)
+  carry = (buf, jnp.zeros((batch, total), bool), zeros, zeros, zeros,
+           jnp.zeros((batch,), bool))
+  carry = record(carry, 0, h)
+
+  def cond(state):
+    j, _, carry = state
+    return (j < n) & ~jnp.all(carry[-1])
+
+  def body(state):
+    j, cache, carry = state
+    buf, comp = carry[0], carry[1]
+    if use_cache:
+      # Feed token j - 1 (slot P + j - 1) and read the logits for token j.
+      last = jax.lax.dynamic_slice_in_dim(buf, width + j - 1, 1, axis=1)
+      hidden, cache = model(
+          last, attention_mask=jnp.ones((batch, 1), bool),
+          positions=(prompt_len + j - 1)[:, None], cache=cache,
+          cache_index=width + j - 1)
+      h = hidden[:, 0]
+    else:
+      hidden = model(buf, attention_mask=prompt_mask | comp)
+      h = jax.lax.dynamic_index_in_dim(hidden, width + j - 1, axis=1,
+                                       keepdims=False)
+    return j + 1, cache, record(carry, j, h)
+
+  _, _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, carry))
+  buf, comp, lps, plps, ents, _ = carry
+  return SampleResult(
+      tokens=buf,
+      prompt_mask=prompt_mask,
+      completion_mask=comp,
+      logps=lps,
+      processed_logps=plps,
+      entropy=ents,
+      lengths=jnp.sum(comp, axis=1, dtype=jnp.int32),
+  )
+
+
+_generate_jit = jax.jit(
+    _generate,
+    static_argnums=(0,),
+    static_argnames=("max_new_tokens", "greedy", "top_k", "use_top_p",
+                     "use_cache"),
+)
