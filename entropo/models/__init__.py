@@ -8,3 +8,4 @@ from entropo.models.hf import from_pretrained
 from entropo.models.hf import save_pretrained
 from entropo.models.tokenizer import Tokenizer
 from entropo.models.tokenizer import load_tokenizer
+from entropo.models.truncation import truncate_logits
