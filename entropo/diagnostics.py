@@ -190,23 +190,23 @@ def pass_at_k(num_correct, num_samples, k: int):
   for name, x in (("num_correct", c), ("num_samples", n)):
     if not jnp.issubdtype(x.dtype, jnp.integer):
       raise TypeError(f"{name} must be integers (counts); got {x.dtype}.")
-  for name, x in (("num_correct", num_correct), ("num_samples", num_samples)):
-    if not isinstance(x, jax.core.Tracer) and np.any(np.asarray(x) < 0):
-      raise ValueError(f"{name} must be >= 0; got {np.asarray(x)}.")
-  if not isinstance(num_samples, jax.core.Tracer) and np.any(
-      np.asarray(num_samples) < k
-  ):
+  # Value checks on whatever is concrete (traced counts are checked by the
+  # caller's own data flow).
+  concrete = lambda x: (None if isinstance(x, jax.core.Tracer)
+                        else np.asarray(x))
+  c_np, n_np = concrete(num_correct), concrete(num_samples)
+  for name, x in (("num_correct", c_np), ("num_samples", n_np)):
+    if x is not None and np.any(x < 0):
+      raise ValueError(f"{name} must be >= 0; got {x}.")
+  if n_np is not None and np.any(n_np < k):
     raise ValueError(
         f"pass@{k} needs at least k={k} samples per problem; got "
-        f"num_samples={np.asarray(num_samples)}."
+        f"num_samples={n_np}."
     )
-  if not any(isinstance(x, jax.core.Tracer) for x in (num_correct,
-                                                       num_samples)):
-    if np.any(np.asarray(num_correct) > np.asarray(num_samples)):
-      raise ValueError(
-          f"num_correct must be <= num_samples; got {np.asarray(num_correct)}"
-          f" > {np.asarray(num_samples)}."
-      )
+  if c_np is not None and n_np is not None and np.any(c_np > n_np):
+    raise ValueError(
+        f"num_correct must be <= num_samples; got {c_np} > {n_np}."
+    )
   c = c.astype(jnp.float32)[..., None]
   n = n.astype(jnp.float32)[..., None]
   i = jnp.arange(k, dtype=jnp.float32)
