@@ -91,9 +91,7 @@ def entropy_dynamics(
     for i, name in enumerate(names):
       out[name] = values[i]
     out["entropy/high_frac"] = mean(ent > high_entropy_threshold)
-  return jax.tree.map(
-      lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), out
-  )
+  return masking.scalar_metrics(out)
 
 
 def precision_mismatch(
@@ -150,7 +148,7 @@ def precision_mismatch(
       # k3 estimate of KL(pi_b || pi_a) with samples from pi_b: non-negative.
       "mismatch/kl_k3": mean(_k3(diff_c)),
   }
-  return jax.tree.map(lambda x: jax.lax.stop_gradient(x), out)
+  return masking.scalar_metrics(out)
 
 
 def _k3(d):

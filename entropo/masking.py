@@ -96,6 +96,12 @@ def all_gather(x, axis_name):
   return jax.lax.all_gather(x, axis_name, axis=0, tiled=True, to="invarying")
 
 
+def scalar_metrics(metrics: dict) -> dict[str, jax.Array]:
+  """A metrics dict as float32 stop-gradient values (style habit 6)."""
+  return {k: jax.lax.stop_gradient(jnp.asarray(v, jnp.float32))
+          for k, v in metrics.items()}
+
+
 def safe_divide(num: jax.Array, den: jax.Array) -> jax.Array:
   """`num / den`, and 0 (with zero gradient) where `den == 0`."""
   ok = den != 0

@@ -212,9 +212,7 @@ def policy_loss(
         entropy, mask, axis_name=axis_name
     )
   metrics["pg/loss"] = loss
-  metrics = jax.tree.map(
-      lambda x: jax.lax.stop_gradient(jnp.asarray(x, jnp.float32)), metrics
-  )
+  metrics = masking.scalar_metrics(metrics)
   return loss, metrics
 
 

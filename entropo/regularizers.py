@@ -48,9 +48,7 @@ def entropy_bonus(
       "entropy/bonus_coef": jnp.asarray(coef, jnp.float32),
       "entropy/bonus_loss": loss,
   }
-  metrics = jax.tree.map(
-      lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), metrics
-  )
+  metrics = masking.scalar_metrics(metrics)
   return loss.astype(jnp.float32), metrics
 
 
@@ -129,7 +127,5 @@ def kl_penalty(
       "kl/coef": jnp.asarray(coef, jnp.float32),
       "kl/loss": loss,
   }
-  metrics = jax.tree.map(
-      lambda x: jax.lax.stop_gradient(x.astype(jnp.float32)), metrics
-  )
+  metrics = masking.scalar_metrics(metrics)
   return loss.astype(jnp.float32), metrics
