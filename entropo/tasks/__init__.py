@@ -10,12 +10,14 @@ from entropo.tasks.base import Task
 from entropo.tasks.base import warm_start_examples
 from entropo.tasks.countdown import Countdown
 from entropo.tasks.countdown import CountdownAll
+from entropo.tasks.gsm8k import Gsm8k
 from entropo.tasks.tokenizer import char_tokenizer
 from entropo.tasks.tokenizer import save_tokenizer
 
 TASKS = {
     "countdown": Countdown,
     "countdown_all": CountdownAll,
+    "gsm8k": Gsm8k,
 }
 
 

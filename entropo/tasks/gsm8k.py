@@ -100,13 +100,13 @@ def _read(path: str | os.PathLike
   empty = True
   with open(path, "rb") as f:
     for index, raw in enumerate(f):
+      if not raw.strip():
+        continue
       where = f"{os.fspath(path)}:{index + 1}"
       try:
-        line = json.loads(raw.decode("utf-8")) if raw.strip() else None
+        line = json.loads(raw.decode("utf-8"))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise ValueError(f"{where}: malformed JSON: {e}") from None
-      if line is None:
-        continue
       if not isinstance(line, dict):
         raise ValueError(f"{where}: expected a JSON object, got "
                          f"{type(line).__name__}")
