@@ -12,6 +12,19 @@ INSTALL_REQUIRES = [
     "ml_dtypes>=0.5",
     "safetensors>=0.8",
     "tokenizers>=0.20",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    # Data: TFDS builders read back without TensorFlow, grain pipelines.
+    "tensorflow-datasets==4.9.10",
+    "array_record==0.8.6",
+    "grain==0.2.18",
+    "importlib_resources>=6",
+    # Experiments: absl flags, configs, logging and plots.
+    "absl-py>=2",
+    "ml-collections==1.1.0",
+    "tensorboardX==2.6.5",
+    "matplotlib>=3.8",
+    "tqdm>=4.66",
 ]
 
 EXTRAS_REQUIRE = {

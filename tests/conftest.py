@@ -11,9 +11,19 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import pathlib  # noqa: E402
+
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Many tests compile the same programs (the trainer's steps and sampler for
+# the tiny model); a persistent cache shared by the xdist workers compiles
+# each once per machine.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 NUM_DEVICES = 8
 

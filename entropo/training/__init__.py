@@ -1,0 +1,10 @@
+"""The RL trainer: configuration, the loop, checkpoints and metrics."""
+
+from entropo.training.config import ALGORITHMS
+from entropo.training.config import MODIFIERS
+from entropo.training.config import algorithm
+from entropo.training.config import default_config
+from entropo.training.config import validate
+from entropo.training.loop import NonFiniteError
+from entropo.training.loop import Trainer
+from entropo.training.loop import train

@@ -1,0 +1,129 @@
+"""Metrics: JSONL, TensorBoard event files, a progress bar and end-of-run plots.
+
+`MetricLogger(workdir)` appends one JSON object per iteration to
+`metrics.jsonl` (resumed runs append after the last logged iteration),
+mirrors scalars to TensorBoard event files under `tensorboard/` (written by
+`tensorboardX`, no TensorFlow), shows a `tqdm` bar with the headline
+numbers, and `plot()` draws entropy, reward and pass@k curves as PNGs.
+Only the process that should write (process 0 in multi-host runs) creates a
+logger with `enabled=True`.
+"""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+
+HEADLINE = ("reward/mean", "entropy/mean", "entropy/change_pct")
+
+
+def read_jsonl(path) -> list[dict]:
+  """The records of a metrics file (empty if there is none)."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class MetricLogger:
+  """Writes each iteration's metrics; see the module docstring."""
+
+  def __init__(self, workdir, *, total: int, start: int = 0,
+               tensorboard: bool = True, progress: bool = True,
+               enabled: bool = True):
+    self.workdir = pathlib.Path(workdir)
+    self.enabled = enabled
+    self.path = self.workdir / "metrics.jsonl"
+    self._tb = self._bar = None
+    if not enabled:
+      return
+    # Drop records past the resume point (a crash after logging but before
+    # the checkpoint), so that the file is exactly one uninterrupted run.
+    kept = [r for r in read_jsonl(self.path) if r["iteration"] < start]
+    self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    if tensorboard:
+      import tensorboardX  # pylint: disable=g-import-not-at-top
+      self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
+    if progress:
+      import tqdm  # pylint: disable=g-import-not-at-top
+      self._bar = tqdm.tqdm(total=total, initial=start, desc="RL",
+                            unit="it", dynamic_ncols=True)
+
+  def write(self, iteration: int, metrics: dict[str, float]) -> None:
+    if not self.enabled:
+      return
+    record = {"iteration": int(iteration)}
+    record.update({k: _number(v) for k, v in sorted(metrics.items())})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    if self._tb is not None:
+      for key, value in record.items():
+        if key != "iteration" and value is not None:
+          self._tb.add_scalar(key, value, iteration)
+    if self._bar is not None:
+      self._bar.update(1)
+      self._bar.set_postfix({k.split("/")[0] + ("%" if "pct" in k else ""):
+                             f"{record[k]:.3g}" for k in HEADLINE
+                             if record.get(k) is not None})
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
+    if self._bar is not None:
+      self._bar.close()
+
+def _number(value):
+  value = float(np.asarray(value))
+  return value if math.isfinite(value) else None
+
+
+def _series(records, key, baseline):
+  """(x, y) of a metric; `eval/*` sits at the number of updates behind it."""
+  shift = 1 if key.startswith("eval/") else 0
+  pairs = [(r["iteration"] + shift, r[key]) for r in records
+           if r.get(key) is not None]
+  if shift and baseline and key in baseline:
+    pairs.insert(0, (0, baseline[key]))
+  return [p[0] for p in pairs], [p[1] for p in pairs]
+
+
+def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
+  """Draws a run's curves (matplotlib, headless) and returns the files.
+
+  `baseline` (the evaluation before RL) adds the `eval/*` points at 0.
+  """
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  records = read_jsonl(metrics_path)
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  panels = {
+      "entropy": ["entropy/mean", "target_entropy"],
+      "reward": ["reward/mean", "eval/pass@1"],
+      "entropy_eval": ["eval/entropy"],
+      "pass_at_k": sorted({k for r in records for k in r
+                           if k.startswith("eval/pass@")},
+                          key=lambda k: int(k.split("@")[1])),
+  }
+  files = []
+  for name, keys in panels.items():
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for key in keys:
+      x, y = _series(records, key, baseline)
+      if x:
+        ax.plot(x, y, marker="." if len(x) < 30 else None, label=key)
+    ax.set_xlabel("iteration")
+    ax.set_title(name.replace("_", " "))
+    ax.grid(alpha=0.3)
+    if ax.lines:
+      ax.legend()
+    path = out_dir / f"{name}.png"
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    files.append(path)
+  return files

@@ -1,0 +1,165 @@
+"""The jitted pieces of an RL iteration: forward log-probs and the update.
+
+`Learner` closes over the static parts of the configuration (objective,
+aggregation, which regularisers are on) and compiles two functions over
+`(params, ...)` pytrees, where `params = nnx.state(model, nnx.Param)`:
+
+* `forward(params, tokens, attention_mask)` -> `(logps, entropy)`, each
+  `[B, L - 1]`: log pi of `tokens[:, 1:]` and the full-vocabulary entropy,
+  through the fused head (no `[B, L, V]` logits) under the model's precision
+  policy. This is the trainer's own computation of the old log-probs.
+* `update(params, opt_state, batch, hyper, key)` -> one optax step on
+  `policy_loss` (+ entropy bonus, + KL to the reference) and its metrics.
+
+Hyperparameters that controllers move (`clip_high`, `entropy_coef`) are
+traced inputs, so changing them never recompiles. Under a mesh the batch
+arrives sharded over `(data, fsdp)` and the parameters by their logical
+axes; the loss is computed on global arrays, so XLA inserts the
+collectives and the result equals a single-device step.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+import entropo
+from entropo import masking
+
+# Per-token arrays of a training batch, all [B, L - 1] (`tokens` and
+# `attention_mask` are [B, L]).
+BATCH_KEYS = ("tokens", "attention_mask", "mask", "advantages", "old_logps",
+              "ref_logps", "importance_weights")
+
+
+def make_optimizer(optim) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, from the `optim` config section."""
+  return optax.chain(
+      optax.clip_by_global_norm(optim.max_grad_norm),
+      optax.adamw(optim.learning_rate, b1=optim.b1, b2=optim.b2,
+                  weight_decay=optim.weight_decay))
+
+
+class Learner:
+  """Compiled forward and update functions for one model structure."""
+
+  def __init__(self, graphdef, algo, optimizer: optax.GradientTransformation,
+               *, max_new_tokens: int, group_size: int):
+    self.graphdef = graphdef
+    self.algo = algo
+    self.optimizer = optimizer
+    self.norm = algo.norm or float(max_new_tokens)
+    self.group_size = group_size
+    self.forward = jax.jit(self._forward)
+    self.prepare = jax.jit(self._prepare)
+    self.update = jax.jit(self._update)
+
+  def _model(self, params):
+    return nnx.merge(self.graphdef, params)
+
+  def _forward(self, params, tokens, attention_mask):
+    model = self._model(params)
+    hidden = model(tokens, attention_mask=attention_mask)
+    return entropo.fused_logprobs_entropy(
+        hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
+        precision=model.policy)
+
+  def _prepare(self, params, ref_params, tokens, attention_mask, mask,
+               sampler_logps, rewards, zeta, clip_high):
+    """The update batch (old log-probs, advantages) and pre-update metrics.
+
+    `mask` and `sampler_logps` are `[B, L - 1]` (aligned with the targets
+    `tokens[:, 1:]`), `rewards` is `[B]` with groups of `group_size` rows.
+    """
+    a, g = self.algo, self.group_size
+    logps, entropy = self._forward(params, tokens, attention_mask)
+    if a.advantage == "rloo":
+      adv = entropo.rloo_advantages(rewards, group_size=g)
+    else:
+      scale = "none" if a.advantage == "dr_grpo" else a.grpo_scale
+      adv = entropo.grpo_advantages(rewards, group_size=g, scale=scale)
+    adv = jnp.broadcast_to(adv[:, None], mask.shape)
+    if a.repo == "repo_r":
+      adv = entropo.repo_r_advantages(adv, logps, zeta=zeta,
+                                      positive_only=a.repo_positive_only)
+    elif a.repo == "repo":
+      adv = entropo.repo_advantages(adv, logps, entropy, beta=zeta)
+    elif a.repo == "repo_d":
+      adv = entropo.repo_d_advantages(adv, logps, entropy, mask, zeta=zeta)
+    weights = jnp.ones_like(logps)
+    if a.tis_cap > 0:  # truncated importance weights, trainer / sampler
+      weights = jnp.minimum(
+          jnp.exp(jnp.clip(logps - sampler_logps, -20.0, 20.0)), a.tis_cap)
+    ref_logps = logps
+    if ref_params is not None:
+      ref_logps, _ = self._forward(ref_params, tokens, attention_mask)
+    batch = dict(
+        tokens=tokens, attention_mask=attention_mask, mask=mask,
+        advantages=adv, ref_logps=ref_logps, importance_weights=weights,
+        old_logps=sampler_logps if a.old_logps == "sampler" else logps)
+    metrics = entropo.entropy_dynamics(logps, adv, mask, entropy=entropy)
+    metrics.update(entropo.precision_mismatch(
+        sampler_logps, logps, mask, clip_low=a.clip_low, clip_high=clip_high))
+    return batch, metrics
+
+  def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],
+           key) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The total loss of a (mini)batch and its metrics."""
+    a = self.algo
+    logps, entropy = self._forward(params, batch["tokens"],
+                                   batch["attention_mask"])
+    mask = batch["mask"]
+    loss, metrics = entropo.policy_loss(
+        logps, batch["old_logps"], batch["advantages"], mask,
+        objective=a.objective, clip_low=a.clip_low,
+        clip_high=hyper["clip_high"], dual_clip=a.dual_clip or None,
+        band=a.band, agg=a.agg, norm=self.norm, key=key,
+        clip_cov_ratio=a.clip_cov_ratio, kl_cov_ratio=a.kl_cov_ratio,
+        kl_cov_coef=a.kl_cov_coef,
+        importance_weights=batch["importance_weights"], entropy=entropy,
+        precision=self._model(params).policy)
+    if a.entropy_coef > 0 or a.entropy_control != "none":
+      bonus, bonus_metrics = entropo.entropy_bonus(
+          entropy, mask, coef=hyper["entropy_coef"], mode=a.agg,
+          norm=self.norm)
+      loss = loss + bonus
+      metrics.update(bonus_metrics)
+    if a.kl_coef > 0:
+      kl, kl_metrics = entropo.kl_penalty(
+          logps, batch["ref_logps"], mask, coef=a.kl_coef,
+          estimator=a.kl_estimator, mode=a.agg, norm=self.norm)
+      loss = loss + kl
+      metrics.update(kl_metrics)
+    metrics["loss"] = loss
+    return loss, metrics
+
+  def _update(self, params, opt_state, batch, hyper, key):
+    grad_fn = jax.value_and_grad(self.loss, has_aux=True)
+    (_, metrics), grads = grad_fn(params, batch, hyper, key)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    updates, opt_state = self.optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    return params, opt_state, masking.scalar_metrics(metrics)
+
+
+def sft_loss(graphdef, params, tokens, attention_mask, loss_mask):
+  """Token-mean cross-entropy of the `loss_mask` targets (warm start)."""
+  model = nnx.merge(graphdef, params)
+  hidden = model(tokens, attention_mask=attention_mask)
+  logps, _ = entropo.fused_logprobs_entropy(
+      hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
+      precision=model.policy)
+  return -masking.aggregate(logps, loss_mask[:, 1:], mode="token_mean")
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def sft_step(graphdef, optimizer, params, opt_state, tokens, attention_mask,
+             loss_mask):
+  """One supervised step; returns `(params, opt_state, loss)`."""
+  loss, grads = jax.value_and_grad(sft_loss, argnums=1)(
+      graphdef, params, tokens, attention_mask, loss_mask)
+  updates, opt_state = optimizer.update(grads, opt_state, params)
+  return optax.apply_updates(params, updates), opt_state, loss

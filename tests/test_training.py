@@ -1,0 +1,238 @@
+"""The RL trainer: presets, controllers, resume, sharding, failures."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from entropo.training import ALGORITHMS
+from entropo.training import NonFiniteError
+from entropo.training import Trainer
+from entropo.training import algorithm
+from entropo.training import train
+from entropo.training import validate
+from entropo.training import logger as logger_lib
+from tests.training_setup import tiny_config
+from tests.training_setup import warm_started
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+VOLATILE = ("time/", "throughput/")
+
+
+@pytest.fixture(scope="module", name="init_from")
+def _init_from(tmp_path_factory):
+  return warm_started(tmp_path_factory.mktemp("warm"))
+
+
+@pytest.fixture(scope="module", name="data_dir")
+def _data_dir(tmp_path_factory):
+  return str(tmp_path_factory.mktemp("data"))
+
+
+def _config(init_from, data_dir, algo="grpo", **sections):
+  c = tiny_config(algo, **sections)
+  c.model.init_from = init_from
+  c.data.data_dir = data_dir
+  return c
+
+
+def _records(workdir):
+  return logger_lib.read_jsonl(pathlib.Path(workdir) / "metrics.jsonl")
+
+
+def _stable(record):
+  return {k: v for k, v in record.items() if not k.startswith(VOLATILE)}
+
+
+PRESETS = sorted(ALGORITHMS) + ["grpo+repo", "grpo+repo_d", "dapo+repo_r",
+                                "dr_grpo+repo_r"]
+
+
+@pytest.mark.parametrize("algo", PRESETS)
+def test_every_preset_trains(algo, init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, algo, train=dict(iterations=2,
+                                                    eval_every=2))
+  if algo == "dapo":
+    c.algo.minibatches = 2  # also covers the minibatch path
+  final = train(c, tmp_path)
+  records = _records(tmp_path)
+  assert [r["iteration"] for r in records] == [0, 1]
+  for r in records:
+    assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])
+    assert r["entropy/mean"] > 0
+    assert 0 <= r["reward/mean"] <= 1
+    assert r["mismatch/max_abs_diff"] < 1e-4  # fp32 sampler == trainer
+  assert "eval/pass@4" in final and final["eval/pass@4"] >= (
+      final["eval/pass@1"])
+  baseline = json.loads((tmp_path / "baseline.json").read_text())
+  assert baseline["eval/entropy"] > 0
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("algo,key", [
+    ("grpo+repo_r", "controller/zeta"),
+    ("adapo", "controller/clip_high"),
+    ("entropy_adaptive", "controller/entropy_coef"),
+])
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_controllers_move_toward_the_target(algo, key, direction, init_from,
+                                            data_dir, tmp_path):
+  # A target far above (below) any entropy: the knob must rise (fall).
+  target = 50.0 if direction == "up" else 1e-6
+  c = _config(init_from, data_dir, algo,
+              train=dict(iterations=3, eval_every=10))
+  c.algo.target_entropy = target
+  if algo == "adapo":
+    c.algo.clip_high = 0.3  # room to move either way in [0.2, 0.4]
+  if algo == "entropy_adaptive" and direction == "down":
+    c.algo.entropy_coef = 0.01
+  if algo == "grpo+repo_r":
+    c.algo.zeta_sign_flip = False
+  train(c, tmp_path)
+  values = [r[key] for r in _records(tmp_path)]
+  steps = np.diff(values)
+  if direction == "up":
+    assert np.all(steps > 0), values
+  else:
+    assert np.all(steps < 0), values
+
+
+def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, "dapo+repo_r",
+              train=dict(iterations=4, eval_every=2, checkpoint_every=2))
+  train(c, tmp_path / "whole")
+  whole = _records(tmp_path / "whole")
+  c.train.iterations = 2
+  train(c, tmp_path / "split")
+  assert len(_records(tmp_path / "split")) == 2
+  c.train.iterations = 4
+  train(c, tmp_path / "split")
+  split = _records(tmp_path / "split")
+  assert [_stable(r) for r in split] == [_stable(r) for r in whole]
+  a = Trainer(c, tmp_path / "whole").state["params"]
+  b = Trainer(c, tmp_path / "split").state["params"]
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  # What a crash in the middle of saving step 4 leaves behind.
+  junk = tmp_path / "checkpoints" / "4.orbax-checkpoint-tmp-1234"
+  (junk / "state").mkdir(parents=True)
+  (junk / "state" / "partial").write_bytes(b"\0" * 10)
+  trainer = Trainer(c, tmp_path)
+  assert trainer.meta["iteration"] == 2
+
+
+def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
+  one = Trainer(_config(init_from, data_dir), tmp_path / "one")
+  eight = Trainer(_config(init_from, data_dir,
+                          mesh=dict(data=2, fsdp=2, tensor=2)),
+                  tmp_path / "eight")
+  assert len(eight.mesh.devices.flat) == 8
+  roll, _ = one.collect(jax.random.key(3))
+  # Mixed rewards in every group, whatever the tiny policy wrote.
+  roll.rewards = np.tile(np.float32([1, 0, 0, 1]), len(roll.rewards) // 4)
+  results = []
+  for trainer in (one, eight):
+    batch, dyn = trainer.prepare(roll)
+    metrics = trainer.update(batch, jax.random.key(4))
+    results.append((dyn, metrics, trainer.state["params"]))
+  (dyn1, m1, p1), (dyn8, m8, p8) = results
+  assert m1["grad_norm"] > 0
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6,
+                               err_msg=k)
+  np.testing.assert_allclose(float(dyn8["entropy/mean"]),
+                             float(dyn1["entropy/mean"]), rtol=1e-5)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5,
+                               atol=1e-6)
+  spec = eight.state["params"]["embed_tokens"].value.sharding.spec
+  assert any(axis is not None for axis in spec)  # really sharded
+
+
+def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
+                                              monkeypatch):
+  c = _config(init_from, data_dir, train=dict(iterations=4,
+                                              checkpoint_every=2))
+  train(c, tmp_path)  # checkpoints at iterations 2 and 4
+  c.train.iterations = 6
+  trainer = Trainer(c, tmp_path)
+  update = trainer.learner.update
+
+  def poisoned(*args):
+    params, opt_state, metrics = update(*args)
+    return params, opt_state, {**metrics, "grad_norm": np.float32("nan")}
+
+  monkeypatch.setattr(trainer.learner, "update", poisoned)
+  with pytest.raises(NonFiniteError, match="grad_norm=nan at iteration 4"):
+    trainer.run()
+  assert Trainer(c, tmp_path).meta["iteration"] == 4
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("algo.objective", "ppo2", "algo.objective"),
+    ("algo.agg", "mean", "algo.agg"),
+    ("algo.clip_high", -0.1, "algo.clip_high"),
+    ("algo.minibatches", 3, "algo.minibatches"),
+    ("algo.dual_clip", 0.5, "algo.dual_clip"),
+    ("sampling.group_size", 1, "sampling.group_size"),
+    ("train.pass_k", (1, 64), "train.pass_k"),
+    ("precision", "fp8", "precision"),
+    ("mesh.data", 16, "mesh"),
+    ("warm_start.spread", 2.0, "warm_start.spread"),
+])
+def test_bad_configs_name_the_field(field, value, match):
+  c = tiny_config()
+  section, _, name = field.rpartition(".")
+  (c[section] if section else c)[name] = value
+  with pytest.raises(ValueError, match=match):
+    validate(c)
+
+
+def test_unknown_algorithm():
+  with pytest.raises(ValueError, match="Unknown algorithm 'ppo'"):
+    algorithm("ppo")
+  with pytest.raises(ValueError, match="modifier 'repo_x'"):
+    algorithm("grpo+repo_x")
+  assert algorithm("dapo+repo_r")["repo"] == "repo_r"
+  assert algorithm("dapo+repo_r")["clip_high"] == 0.28
+
+
+def test_launcher_rejects_a_bad_override_before_compute(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/countdown.py:dapo",
+       f"--workdir={tmp_path}", "--config.algo.agg=mean"],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode != 0
+  assert "algo.agg" in proc.stderr + proc.stdout
+  assert not (tmp_path / "warm_start").exists()
+
+
+@pytest.mark.slow
+def test_launcher_runs_a_tiny_experiment(init_from, tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/countdown.py:adapo",
+       f"--workdir={tmp_path}", f"--init_from={init_from}",
+       "--config.model.num_layers=1", "--config.data.train_size=64",
+       "--config.data.eval_size=4", "--config.sampling.prompts_per_batch=2",
+       "--config.sampling.group_size=4", "--config.sampling.max_new_tokens=8",
+       "--config.train.iterations=2", "--config.train.eval_every=2",
+       "--config.train.eval_samples=4", "--config.train.pass_k=(1,4)",
+       "--config.train.progress=False"],
+      cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "final:" in proc.stdout
+  assert len(_records(tmp_path)) == 2
+  for name in ("entropy", "reward", "pass_at_k"):
+    assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
