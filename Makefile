@@ -32,11 +32,15 @@ test: install
 test-fast: install
 	$(VENV_PY) -m pytest -n 2 -m "not slow" $(PYTEST_ARGS)
 
+WORKDIR ?= workdir/demo
+
 demo: install
-	$(VENV_PY) -m entropo.demo
+	$(VENV_PY) -m experiments.main --config=experiments/configs/countdown.py \
+	  --workdir=$(WORKDIR)
 
 bench: install
 	$(VENV_PY) benchmarks/fused_head.py
+	$(VENV_PY) benchmarks/trainer.py
 
 clean:
 	rm -rf .venv build *.egg-info .pytest_cache

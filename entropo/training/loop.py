@@ -211,6 +211,8 @@ class Trainer:
         self.workdir / "checkpoints",
         max_to_keep=config.train.max_checkpoints)
     self._restore()
+    self.timing = {}
+    self.last_log_time = 0.0
 
   # -- setup
 
@@ -273,6 +275,7 @@ class Trainer:
   def rollout(self, batch: dict, key) -> Rollout:
     """Samples completions for a prompt batch and scores them."""
     s = self.config.sampling
+    t0 = time.perf_counter()
     result = sample(self.model_at(self.state["params"]),
                     np.asarray(batch["prompt_tokens"]),
                     np.asarray(batch["prompt_mask"]), key=key,
@@ -281,7 +284,10 @@ class Trainer:
                     eos_id=self.tokenizer.eos_ids)
     tokens = np.asarray(result.tokens)
     completion_mask = np.asarray(result.completion_mask)
+    t1 = time.perf_counter()
     rewards, reasons = self.score(tokens, completion_mask, batch["problem"])
+    self.timing["time/sample"] += t1 - t0
+    self.timing["time/score"] += time.perf_counter() - t1
     return Rollout(tokens, np.asarray(result.attention_mask), completion_mask,
                    np.asarray(result.logps), rewards, reasons,
                    np.asarray(batch["id"]))
@@ -380,6 +386,7 @@ class Trainer:
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
     t0 = time.perf_counter()
+    self.timing = {"time/sample": 0.0, "time/score": 0.0}
     key = jax.random.wrap_key_data(self.state["key"])
     key, collect_key, update_key = jax.random.split(key, 3)
     self.state["key"] = jax.random.key_data(key)
@@ -407,9 +414,10 @@ class Trainer:
         "entropy/cumulative": self.meta["cumulative_entropy"],
         "target_entropy": self.meta["target_entropy"],
         "completion/length": generated / len(roll.rewards),
-        "time/sample_score": t1 - t0,
+        **self.timing,
         "time/train": t2 - t1,
-        "throughput/generated_tokens_per_s": generated / max(t1 - t0, 1e-9),
+        "throughput/generated_tokens_per_s": generated / max(
+            self.timing["time/sample"], 1e-9),
         "throughput/train_tokens_per_s": float(roll.attention_mask.sum())
                                          * self.algo.epochs
                                          / max(t2 - t1, 1e-9),
@@ -494,7 +502,9 @@ class Trainer:
           t = time.perf_counter()
           metrics.update(self.evaluate())
           metrics["time/eval"] = time.perf_counter() - t
+        t = time.perf_counter()
         logger.write(it, metrics)
+        self.last_log_time = time.perf_counter() - t
         if (it + 1) % c.train.checkpoint_every == 0 or (
             it + 1 == c.train.iterations):
           self.save()
