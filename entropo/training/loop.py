@@ -211,7 +211,7 @@ class Trainer:
         self.workdir / "checkpoints",
         max_to_keep=config.train.max_checkpoints)
     self._restore()
-    self.timing = {}
+    self.timing = {"time/sample": 0.0, "time/score": 0.0}
     self.last_log_time = 0.0
 
   # -- setup

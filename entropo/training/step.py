@@ -139,7 +139,7 @@ class Learner:
   def _update(self, params, opt_state, batch, hyper, key):
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
     (_, metrics), grads = grad_fn(params, batch, hyper, key)
-    metrics["grad_norm"] = optax.global_norm(grads)
+    metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, masking.scalar_metrics(metrics)

@@ -1,6 +1,6 @@
 """The tiny model on the built-in countdown task (the main job).
 
-Launch (CPU, about 5 minutes on 2 cores):
+Launch (CPU, about 3 minutes on 2 cores):
 
     python -m experiments.main --config=experiments/configs/countdown.py \\
         --workdir=/tmp/entropo/countdown
@@ -14,10 +14,13 @@ prompts x 8 completions each). The algorithm is the part after a colon:
 `countdown.py:dapo`, `countdown.py:grpo`, `countdown.py:adapo`, ... (see
 `entropo.training.config.ALGORITHMS`).
 
-Expected result: reward rises from the warm start's level, and REPO-R keeps
-the token entropy near the entropy measured before RL (its target), where
-plain GRPO lets it fall. Metrics in `<workdir>/metrics.jsonl` and
-TensorBoard files in `<workdir>/tensorboard`; plots in `<workdir>/plots`.
+Expected result (measured on 2 CPU cores, docs/training.md): about 3
+minutes in all; the warm-started policy has pass@1 ~0.09, pass@16 ~0.5 and
+a token entropy of ~0.67 nats; after 60 iterations REPO-R (zeta <= 1) ends
+about 13 % below its starting entropy with pass@16 ~0.48, where plain GRPO
+(`countdown.py:grpo`) falls by ~52 % with pass@16 ~0.31. Metrics in
+`<workdir>/metrics.jsonl`, TensorBoard files in `<workdir>/tensorboard`,
+plots in `<workdir>/plots`.
 """
 
 from entropo.training import config as config_lib
