@@ -236,3 +236,16 @@ def test_launcher_runs_a_tiny_experiment(init_from, tmp_path):
   assert len(_records(tmp_path)) == 2
   for name in ("entropy", "reward", "pass_at_k"):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
+
+
+def test_gsm8k_config_names_what_is_missing(tmp_path):
+  from experiments.configs import gsm8k_hf  # pylint: disable=g-import-not-at-top
+  c = gsm8k_hf.get_config("dapo+repo_r")
+  with pytest.raises(ValueError, match="task.path"):
+    validate(c)
+  c.task.path = str(tmp_path)
+  with pytest.raises(ValueError, match="model.init_from"):
+    validate(c)
+  c.model.init_from = str(tmp_path)
+  validate(c)
+  assert c.precision == "bf16_fp32_head" and c.algo.repo == "repo_r"

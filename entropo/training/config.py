@@ -226,8 +226,12 @@ def validate(config: ConfigDict) -> None:
     _fail("warm_start.spread", f"must be in [0, 1]; got "
           f"{config.warm_start.spread}")
   if config.task.name == "gsm8k" and not config.task.path:
-    _fail("task.path", "the gsm8k task reads a local JSONL file; set "
-          "--config.task.path=/path/to/dir_with_train.jsonl")
+    _fail("task.path", "the gsm8k task reads local JSONL files; set "
+          "--config.task.path=<dir with train.jsonl and test.jsonl>")
+  if config.task.name == "gsm8k" and not config.model.init_from:
+    _fail("model.init_from", "the tiny warm start is for the built-in "
+          "tasks; start gsm8k from a Hugging Face checkpoint with "
+          "--init_from=<dir>")
   if a.repo != "none" and not 0 < a.zeta_min <= a.zeta_max:
     _fail("algo.zeta_min", f"need 0 < zeta_min <= zeta_max; got "
           f"{a.zeta_min}, {a.zeta_max}")
