@@ -136,6 +136,25 @@ def test_too_long_or_empty_prompt_is_an_error():
     list(_prompts(records, num_epochs=1))
 
 
+def test_prompt_batch_matches_the_shuffled_pipeline_layout():
+  records = _records()
+  batch = pipeline.prompt_batch(records[3:6], TOK, max_prompt_len=MAX_LEN,
+                                group_size=2)
+  assert batch["id"].tolist() == [103, 103, 104, 104, 105, 105]
+  for shuffled in _take(_prompts(num_epochs=1), 4):
+    for row, i in enumerate(shuffled["id"]):
+      alone = pipeline.prompt_batch([records[int(i) - 100]], TOK,
+                                    max_prompt_len=MAX_LEN)
+      for key in ("prompt_tokens", "prompt_mask", "problem"):
+        np.testing.assert_array_equal(alone[key][0], shuffled[key][row])
+  records[4]["prompt"] = "x" * (MAX_LEN + 3)
+  with pytest.raises(ValueError, match="Record id 104: its prompt has 11"):
+    pipeline.prompt_batch(records, TOK, max_prompt_len=MAX_LEN)
+  with pytest.raises(ValueError, match="group_size"):
+    pipeline.prompt_batch(records[:1], TOK, max_prompt_len=MAX_LEN,
+                          group_size=0)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     ({"group_size": 0}, "group_size"),
     ({"prompts_per_batch": 2.0}, "prompts_per_batch"),

@@ -178,6 +178,17 @@ def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
   assert Trainer(c, tmp_path).meta["iteration"] == 4
 
 
+def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
+  from entropo.training import loop  # pylint: disable=g-import-not-at-top
+  c = tiny_config(warm_start=dict(steps=0))
+  path = loop.warm_start(c, loop.make_task(c.task), tasks.char_tokenizer(),
+                         tmp_path / "ws")
+  assert json.loads((path / "warm_start_loss.json").read_text()) == []
+  assert from_pretrained(path).config.hidden_size == 32
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("algo.objective", "ppo2", "algo.objective"),
     ("algo.agg", "mean", "algo.agg"),

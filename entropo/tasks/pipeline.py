@@ -85,6 +85,23 @@ def _group_batch(elements: Sequence[Mapping[str, Any]], *, group_size: int
                          axis=0) for key in elements[0]}
 
 
+def prompt_batch(records: Sequence[Mapping[str, Any]], tokenizer, *,
+                 max_prompt_len: int, group_size: int = 1,
+                 add_special_tokens: bool = True) -> dict[str, np.ndarray]:
+  """One batch of `records` in order, laid out as `prompt_batches` does.
+
+  For evaluation: no shuffling, no state. Each record's prompt is repeated
+  `group_size` times in adjacent rows; a prompt longer than
+  `max_prompt_len` raises, naming the record.
+  """
+  _check_int("group_size", group_size, 1)
+  _check_int("max_prompt_len", max_prompt_len, 1)
+  return _group_batch([_encode_prompt(
+      (i, r), tokenizer=tokenizer, max_len=max_prompt_len,
+      add_special_tokens=add_special_tokens) for i, r in enumerate(records)],
+                      group_size=group_size)
+
+
 def prompt_batches(source: Sequence[Mapping[str, Any]], tokenizer, *,
                    prompts_per_batch: int, group_size: int,
                    max_prompt_len: int, seed: int, shard_index: int = 0,

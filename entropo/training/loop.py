@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 from flax import nnx
 
 import entropo
@@ -96,11 +97,10 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   batches = iter(pipeline.sft_batches(
       pairs, tokenizer, batch_size=ws.batch_size, seed=ws.seed,
       max_len=max_len))
-  optimizer = optax_adam(ws.learning_rate, ws.steps)
+  optimizer = step_lib.warm_start_optimizer(ws.learning_rate, ws.steps)
   graphdef, params = nnx.split(model)
   opt_state = optimizer.init(params)
   losses = []
-  import tqdm  # pylint: disable=g-import-not-at-top
   bar = tqdm.tqdm(range(ws.steps), desc="warm start", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
   for i in bar:
@@ -115,17 +115,9 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   save_pretrained(model, directory)
   tasks_lib.save_tokenizer(tokenizer, directory)
   (directory / "warm_start_loss.json").write_text(json.dumps(losses))
-  _log(f"warm start: {ws.steps} steps, final loss {losses[-1]:.4f} "
-       f"-> {directory}")
+  final = f", final loss {losses[-1]:.4f}" if losses else ""
+  _log(f"warm start: {ws.steps} steps{final} -> {directory}")
   return directory
-
-
-def optax_adam(learning_rate: float, steps: int):
-  import optax  # pylint: disable=g-import-not-at-top
-  schedule = optax.warmup_cosine_decay_schedule(
-      0.0, learning_rate, max(1, steps // 20), max(2, steps),
-      learning_rate * 0.1)
-  return optax.adamw(schedule, weight_decay=0.0)
 
 
 # ------------------------------------------------------------------- trainer
@@ -141,13 +133,11 @@ class Rollout:
   sampler_logps: np.ndarray
   rewards: np.ndarray  # [B]
   reasons: list[str]
-  ids: np.ndarray  # [B]
 
   def take(self, rows) -> "Rollout":
     return Rollout(self.tokens[rows], self.attention_mask[rows],
                    self.completion_mask[rows], self.sampler_logps[rows],
-                   self.rewards[rows], [self.reasons[i] for i in rows],
-                   self.ids[rows])
+                   self.rewards[rows], [self.reasons[i] for i in rows])
 
   @staticmethod
   def concat(parts: list["Rollout"]) -> "Rollout":
@@ -289,8 +279,7 @@ class Trainer:
     self.timing["time/sample"] += t1 - t0
     self.timing["time/score"] += time.perf_counter() - t1
     return Rollout(tokens, np.asarray(result.attention_mask), completion_mask,
-                   np.asarray(result.logps), rewards, reasons,
-                   np.asarray(batch["id"]))
+                   np.asarray(result.logps), rewards, reasons)
 
   def score(self, tokens, completion_mask, problems):
     rewards, reasons = [], []
@@ -434,28 +423,24 @@ class Trainer:
     c = self.config
     n = c.train.eval_samples
     records = self.eval_records
-    prompts = [self.tokenizer.encode(r["prompt"]) for r in records]
-    width = c.data.max_prompt_len
     key = jax.random.fold_in(jax.random.key(c.seed + 1), self.meta["iteration"])
     correct = np.zeros(len(records), np.int64)
     entropies, lengths = [], []
     chunk = max(1, 512 // n)  # prompts per sampler call
     for start in range(0, len(records), chunk):
-      part = list(range(start, min(start + chunk, len(records))))
-      rows = [i for i in part for _ in range(n)]
-      tokens = np.full((len(rows), width), self.tokenizer.pad_id, np.int32)
-      mask = np.zeros((len(rows), width), bool)
-      for j, i in enumerate(rows):
-        tokens[j, :len(prompts[i])] = prompts[i]
-        mask[j, :len(prompts[i])] = True
-      result = sample(self.model_at(self.state["params"]), tokens, mask,
+      part = records[start:start + chunk]
+      rows = np.repeat(np.arange(start, start + len(part)), n)
+      batch = pipeline.prompt_batch(part, self.tokenizer, group_size=n,
+                                    max_prompt_len=c.data.max_prompt_len)
+      result = sample(self.model_at(self.state["params"]),
+                      batch["prompt_tokens"], batch["prompt_mask"],
                       key=jax.random.fold_in(key, start),
                       max_new_tokens=c.sampling.max_new_tokens,
                       temperature=c.sampling.temperature,
                       eos_id=self.tokenizer.eos_ids)
       cmask = np.asarray(result.completion_mask)
       rewards, _ = self.score(np.asarray(result.tokens), cmask,
-                              [records[i]["problem"] for i in rows])
+                              batch["problem"])
       np.add.at(correct, rows, (rewards == 1.0).astype(np.int64))
       entropies.append(np.asarray(result.entropy)[cmask])
       lengths.append(cmask.sum(1))

@@ -1,13 +1,14 @@
-"""The jitted pieces of an RL iteration: forward log-probs and the update.
+"""The jitted pieces of an RL iteration: the pre-update pass and the update.
 
 `Learner` closes over the static parts of the configuration (objective,
 aggregation, which regularisers are on) and compiles two functions over
 `(params, ...)` pytrees, where `params = nnx.state(model, nnx.Param)`:
 
-* `forward(params, tokens, attention_mask)` -> `(logps, entropy)`, each
-  `[B, L - 1]`: log pi of `tokens[:, 1:]` and the full-vocabulary entropy,
-  through the fused head (no `[B, L, V]` logits) under the model's precision
-  policy. This is the trainer's own computation of the old log-probs.
+* `prepare(params, ref_params, tokens, ...)` -> `(batch, metrics)`: the
+  trainer's own log-probs and entropy (`sequence_logps`: the fused head, no
+  `[B, L, V]` logits, under the model's precision policy), advantages, the
+  REPO variant, importance weights, and the entropy-dynamics and
+  sampler-vs-trainer metrics;
 * `update(params, opt_state, batch, hyper, key)` -> one optax step on
   `policy_loss` (+ entropy bonus, + KL to the reference) and its metrics.
 
@@ -43,6 +44,27 @@ def make_optimizer(optim) -> optax.GradientTransformation:
                   weight_decay=optim.weight_decay))
 
 
+def warm_start_optimizer(learning_rate: float, steps: int
+                         ) -> optax.GradientTransformation:
+  """AdamW with linear warm-up and cosine decay to 10 % over `steps`."""
+  schedule = optax.warmup_cosine_decay_schedule(
+      0.0, learning_rate, max(1, steps // 20), max(2, steps),
+      learning_rate * 0.1)
+  return optax.adamw(schedule, weight_decay=0.0)
+
+
+def sequence_logps(model, tokens, attention_mask):
+  """`(logps, entropy)` of `tokens[:, 1:]`, each `[B, L - 1]` float32.
+
+  Through the fused head (no `[B, L, V]` logits) under the model's precision
+  policy: the trainer's own computation of log-probs.
+  """
+  hidden = model(tokens, attention_mask=attention_mask)
+  return entropo.fused_logprobs_entropy(
+      hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
+      precision=model.policy)
+
+
 class Learner:
   """Compiled forward and update functions for one model structure."""
 
@@ -53,7 +75,6 @@ class Learner:
     self.optimizer = optimizer
     self.norm = algo.norm or float(max_new_tokens)
     self.group_size = group_size
-    self.forward = jax.jit(self._forward)
     self.prepare = jax.jit(self._prepare)
     self.update = jax.jit(self._update)
 
@@ -61,11 +82,7 @@ class Learner:
     return nnx.merge(self.graphdef, params)
 
   def _forward(self, params, tokens, attention_mask):
-    model = self._model(params)
-    hidden = model(tokens, attention_mask=attention_mask)
-    return entropo.fused_logprobs_entropy(
-        hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
-        precision=model.policy)
+    return sequence_logps(self._model(params), tokens, attention_mask)
 
   def _prepare(self, params, ref_params, tokens, attention_mask, mask,
                sampler_logps, rewards, zeta, clip_high):
@@ -109,8 +126,9 @@ class Learner:
            key) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss of a (mini)batch and its metrics."""
     a = self.algo
-    logps, entropy = self._forward(params, batch["tokens"],
-                                   batch["attention_mask"])
+    model = self._model(params)
+    logps, entropy = sequence_logps(model, batch["tokens"],
+                                    batch["attention_mask"])
     mask = batch["mask"]
     loss, metrics = entropo.policy_loss(
         logps, batch["old_logps"], batch["advantages"], mask,
@@ -120,7 +138,7 @@ class Learner:
         clip_cov_ratio=a.clip_cov_ratio, kl_cov_ratio=a.kl_cov_ratio,
         kl_cov_coef=a.kl_cov_coef,
         importance_weights=batch["importance_weights"], entropy=entropy,
-        precision=self._model(params).policy)
+        precision=model.policy)
     if a.entropy_coef > 0 or a.entropy_control != "none":
       bonus, bonus_metrics = entropo.entropy_bonus(
           entropy, mask, coef=hyper["entropy_coef"], mode=a.agg,
@@ -147,11 +165,8 @@ class Learner:
 
 def sft_loss(graphdef, params, tokens, attention_mask, loss_mask):
   """Token-mean cross-entropy of the `loss_mask` targets (warm start)."""
-  model = nnx.merge(graphdef, params)
-  hidden = model(tokens, attention_mask=attention_mask)
-  logps, _ = entropo.fused_logprobs_entropy(
-      hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
-      precision=model.policy)
+  logps, _ = sequence_logps(nnx.merge(graphdef, params), tokens,
+                            attention_mask)
   return -masking.aggregate(logps, loss_mask[:, 1:], mode="token_mean")
 
 
