@@ -123,8 +123,11 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
   c.warm_start = ConfigDict(dict(
       steps=600, batch_size=64, learning_rate=3e-3, num_problems=4000,
       samples_per_problem=4, spread=0.6, seed=1_000_003))
+  # `data.seed` generates the problems (train and held-out splits); the
+  # run's `seed` shuffles them and drives sampling, so runs that differ only
+  # in `seed` share one dataset and one held-out set.
   c.data = ConfigDict(dict(train_size=20_000, eval_size=64, max_prompt_len=16,
-                           data_dir=""))
+                           data_dir="", seed=0))
   c.sampling = ConfigDict(dict(
       prompts_per_batch=16, group_size=8, max_new_tokens=16,
       temperature=1.0))
@@ -220,6 +223,7 @@ def validate(config: ConfigDict) -> None:
   if any(k > config.train.eval_samples or k < 1 for k in config.train.pass_k):
     _fail("train.pass_k", f"every k must be in [1, eval_samples="
           f"{config.train.eval_samples}]; got {tuple(config.train.pass_k)}")
+  _positive(config, "data.seed", allow_zero=True, integer=True)
   _positive(config, "optim.learning_rate")
   _positive(config, "warm_start.steps", allow_zero=True, integer=True)
   if not 0 <= config.warm_start.spread <= 1:

@@ -225,7 +225,7 @@ class Trainer:
       builder = data_lib.prepare(self.task, data_dir, manual_dir=c.task.path)
     else:
       builder = data_lib.prepare(
-          self.task, data_dir, seed=c.seed,
+          self.task, data_dir, seed=c.data.seed,
           splits={"train": c.data.train_size, "test": c.data.eval_size})
     name = builder.builder_config.name
     self.train_source = data_lib.load(self.task, data_dir, "train",

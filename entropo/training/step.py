@@ -118,8 +118,11 @@ class Learner:
         advantages=adv, ref_logps=ref_logps, importance_weights=weights,
         old_logps=sampler_logps if a.old_logps == "sampler" else logps)
     metrics = entropo.entropy_dynamics(logps, adv, mask, entropy=entropy)
+    # rho = pi_trainer / pi_sampler: the ratio of the first update when the
+    # old log-probs come from the sampler (identical parameters, so any
+    # deviation from 1 is numerical).
     metrics.update(entropo.precision_mismatch(
-        sampler_logps, logps, mask, clip_low=a.clip_low, clip_high=clip_high))
+        logps, sampler_logps, mask, clip_low=a.clip_low, clip_high=clip_high))
     return batch, metrics
 
   def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],

@@ -1,0 +1,389 @@
+"""The entropo study: the paper's claims at small scale, rerunnable.
+
+    python -m experiments.study --workdir=workdir/study          # the full study
+    python -m experiments.study --workdir=/tmp/study --smoke     # a 1-minute check
+    python -m experiments.study --workdir=workdir/study --stages=report
+
+Stages (`--stages`, in this order; each skips the runs it already finished,
+so an interrupted study continues where it stopped):
+
+* `warm_start`: trains the tiny model once on correct countdown solutions
+  (`experiments/configs/countdown.py`); every run starts from this policy.
+* `algorithms`: each of `--algorithms` x `--seeds` for `--iterations` RL
+  iterations on countdown (task A), the same data, held-out set and settings
+  for all; the seed changes the prompt order and the sampling.
+* `sequential`: the final policies of `--sources` (an entropy-collapsing and
+  an entropy-preserving algorithm, and the warm start itself as a control)
+  are trained with GRPO on `countdown_all` (task B: every number used
+  exactly once).
+* `precision`: `--precision_algorithms` under each of `--presets`, with the
+  old log-probs taken from the sampler, so that the sampler-trainer gap of a
+  preset enters the importance ratio as it does in systems that reuse the
+  inference engine's log-probs.
+* `ratio_bias`: the controlled measurement. With identical parameters, the
+  warm-started policy samples a fixed batch under each preset and the
+  trainer recomputes its log-probs; the true ratio is exactly 1, so the
+  measured ratio is pure numerical error.
+* `report`: tables (`report/summary.md`, `report/summary.json`) and plots
+  (`report/*.png`) from everything above.
+
+Layout of `--workdir`: `warm_start/` (a Hugging Face directory), `data/`
+(the TFDS datasets every run shares), `runs/<stage>/<name>/seed<k>/` (each a
+normal entropo run directory: metrics.jsonl, baseline.json, checkpoints),
+`ratio_bias.json`, `report/`, `timing.json` (wall time of every run).
+"""
+
+import json
+import math
+import pathlib
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments import study_report
+from experiments.study_report import summarize
+
+STAGES = ("warm_start", "algorithms", "sequential", "precision", "ratio_bias",
+          "report")
+# The paper's comparison at small scale (ISSUE: GRPO, RLOO, DAPO, GSPO,
+# entropy bonus, REPO-R on GRPO and on DAPO, REPO-D, ADAPO).
+ALGORITHMS = ("grpo", "rloo", "dapo", "gspo", "entropy_bonus", "grpo+repo_r",
+              "dapo+repo_r", "grpo+repo_d", "adapo")
+PRESETS = ("fp32", "bf16", "bf16_fp32_head", "fp16")
+PASS_K = (1, 2, 4, 8, 16)
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the study lives.")
+_STAGES = flags.DEFINE_list("stages", list(STAGES), f"Any of {STAGES}.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every run.")
+_ITERATIONS = flags.DEFINE_integer("iterations", 100,
+                                   "RL iterations of every run.")
+_ALGORITHMS = flags.DEFINE_list("algorithms", list(ALGORITHMS),
+                                "Algorithms of the algorithm stage.")
+_SOURCES = flags.DEFINE_list(
+    "sources", ["grpo", "grpo+repo_r", "warm_start"],
+    "Task-A policies trained on task B: algorithms of the algorithm stage, "
+    "or warm_start.")
+_SEQ_ALGORITHM = flags.DEFINE_string("sequential_algorithm", "grpo",
+                                     "The algorithm used on task B.")
+_PRECISION_ALGORITHMS = flags.DEFINE_list(
+    "precision_algorithms", ["dapo", "grpo+repo_r"],
+    "Algorithms of the precision stage.")
+_PRESETS = flags.DEFINE_list("presets", list(PRESETS), "Precision presets.")
+_PRECISION_SEEDS = flags.DEFINE_list("precision_seeds", ["0"],
+                                     "Seeds of the precision stage.")
+_SMOKE = flags.DEFINE_bool(
+    "smoke", False, "Tiny model and settings (seconds per run): checks the "
+    "pipeline end to end, measures nothing.")
+flags.mark_flag_as_required("workdir")
+
+
+def _log(message: str) -> None:
+  print(f"[study] {message}", flush=True)
+
+
+# --------------------------------------------------------------- configs
+
+
+def base_config(algo: str, study_dir: pathlib.Path, *, iterations: int,
+                smoke: bool, seed: int = 0):
+  """The config of one study run: the main job's, with the study settings.
+
+  All runs share the warm start, the data (and so the held-out set) and
+  these settings; only the algorithm, precision, task and seed differ.
+  """
+  from experiments.configs import countdown  # pylint: disable=g-import-not-at-top
+  c = countdown.get_config(algo)
+  c.seed = seed
+  c.model.init_from = str(study_dir / "warm_start")
+  c.data.update(data_dir=str(study_dir / "data"), eval_size=128)
+  # Four optimizer steps per batch of 128 completions: after the first,
+  # the policy has moved, so importance ratios and the clip band (and with
+  # them DAPO's clip-higher and ADAPO's controller) take effect. With one
+  # step per batch every ratio is exactly 1 and the band does nothing.
+  c.algo.minibatches = 4
+  c.train.update(iterations=iterations, eval_every=max(1, iterations // 4),
+                 eval_samples=16, pass_k=PASS_K, checkpoint_every=iterations,
+                 max_checkpoints=1, progress=False, tensorboard=False,
+                 plots=False)
+  if smoke:
+    c.model.update(hidden_size=32, intermediate_size=64, num_layers=1,
+                   num_heads=2, num_kv_heads=1)
+    c.warm_start.update(steps=30, num_problems=200, batch_size=16,
+                        learning_rate=1e-2)
+    c.data.update(train_size=64, eval_size=4)
+    c.sampling.update(prompts_per_batch=2, group_size=4, max_new_tokens=8)
+    c.algo.minibatches = 2
+    c.train.update(eval_every=max(1, iterations), eval_samples=4,
+                   pass_k=(1, 2, 4))
+  return c
+
+
+def run_dir(study_dir, stage, name, seed) -> pathlib.Path:
+  return study_dir / "runs" / stage / name.replace("+", "_") / f"seed{seed}"
+
+
+# ------------------------------------------------------------------ runs
+
+
+class Study:
+  """Runs the stages into one directory; see the module docstring."""
+
+  def __init__(self, directory, *, seeds, iterations, smoke=False):
+    self.dir = pathlib.Path(directory)
+    self.dir.mkdir(parents=True, exist_ok=True)
+    self.seeds = [int(s) for s in seeds]
+    self.iterations = iterations
+    self.smoke = smoke
+    self.timing_path = self.dir / "timing.json"
+    self.timing = (json.loads(self.timing_path.read_text())
+                   if self.timing_path.is_file() else {})
+
+  def config(self, algo, *, seed=0, **overrides):
+    c = base_config(algo, self.dir, iterations=self.iterations,
+                    smoke=self.smoke, seed=seed)
+    for field, value in overrides.items():
+      section, name = field.split(".")
+      c[section][name] = value
+    return c
+
+  def _record(self, name: str, seconds: float) -> None:
+    self.timing[name] = round(seconds, 1)
+    self.timing_path.write_text(json.dumps(self.timing, indent=2))
+
+  def warm_start(self) -> None:
+    from entropo import tasks  # pylint: disable=g-import-not-at-top
+    from entropo.training import loop  # pylint: disable=g-import-not-at-top
+    if (self.dir / "warm_start" / "config.json").is_file():
+      _log("warm start: exists")
+      return
+    t = time.perf_counter()
+    c = self.config("grpo")
+    loop.warm_start(c, loop.make_task(c.task), tasks.char_tokenizer(),
+                    self.dir / "warm_start")
+    self._record("warm_start", time.perf_counter() - t)
+
+  def run(self, config, directory: pathlib.Path, label: str) -> None:
+    """Trains one run to completion (or skips it if it is complete)."""
+    from entropo.training import train  # pylint: disable=g-import-not-at-top
+    key = str(directory.relative_to(self.dir))
+    if key in self.timing:
+      _log(f"{label}: done earlier")
+      return
+    t = time.perf_counter()
+    train(config, directory)
+    seconds = time.perf_counter() - t
+    self._record(key, seconds)
+    s = summarize(directory)
+    k = s["max_k"]
+    _log(f"{label}: {seconds:.0f} s, entropy {s['entropy_change_pct']:+.0f} "
+         f"%, pass@1 {s['final']['eval/pass@1']:.3f}, pass@{k} "
+         f"{s['final'][f'eval/pass@{k}']:.3f}")
+
+  def algorithms(self, algorithms) -> None:
+    jobs = [(a, s) for a in algorithms for s in self.seeds]
+    for i, (algo, seed) in enumerate(jobs):
+      self.run(self.config(algo, seed=seed),
+               run_dir(self.dir, "algorithms", algo, seed),
+               f"({i + 1}/{len(jobs)}) {algo} seed {seed}")
+
+  def export(self, source: str, seed: int) -> pathlib.Path:
+    """The final task-A policy of `source` as a Hugging Face directory."""
+    if source == "warm_start":
+      return self.dir / "warm_start"
+    from entropo import tasks  # pylint: disable=g-import-not-at-top
+    from entropo.models import save_pretrained  # pylint: disable=g-import-not-at-top
+    from entropo.training import loop  # pylint: disable=g-import-not-at-top
+    src = run_dir(self.dir, "algorithms", source, seed)
+    out = src / "final_policy"
+    if (out / "config.json").is_file():
+      return out
+    if str(src.relative_to(self.dir)) not in self.timing:
+      raise ValueError(f"Sequential source {source!r} seed {seed} has no "
+                       f"finished task-A run in {src}; run the algorithms "
+                       f"stage with it first.")
+    trainer = loop.Trainer(self.config(source, seed=seed), src)
+    trainer.checkpointer.close()
+    save_pretrained(trainer.model_at(trainer.state["params"]), out)
+    tasks.save_tokenizer(trainer.tokenizer, out)
+    return out
+
+  def sequential(self, sources, algorithm) -> None:
+    jobs = [(src, s) for src in sources for s in self.seeds]
+    for i, (source, seed) in enumerate(jobs):
+      c = self.config(algorithm, seed=seed)
+      c.task.name = "countdown_all"
+      c.model.init_from = str(self.export(source, seed))
+      self.run(c, run_dir(self.dir, "sequential", source, seed),
+               f"({i + 1}/{len(jobs)}) task B from {source} seed {seed}")
+
+  def precision(self, algorithms, presets, seeds) -> None:
+    jobs = [(a, p, s) for a in algorithms for p in presets for s in seeds]
+    for i, (algo, preset, seed) in enumerate(jobs):
+      c = self.config(algo, seed=seed)
+      c.precision = preset
+      c.algo.old_logps = "sampler"
+      self.run(c, run_dir(self.dir, "precision", f"{algo}/{preset}", seed),
+               f"({i + 1}/{len(jobs)}) {algo} {preset} seed {seed}")
+
+  def ratio_bias(self, presets) -> dict:
+    key = "ratio_bias"
+    path = self.dir / "ratio_bias.json"
+    if path.is_file() and key in self.timing:
+      _log("ratio bias: done earlier")
+      return json.loads(path.read_text())
+    t = time.perf_counter()
+    c = self.config("grpo")
+    result = measure_ratio_bias(
+        self.dir / "warm_start", c, presets,
+        batches=1 if self.smoke else 32, seed=c.seed)
+    path.write_text(json.dumps(result, indent=2))
+    self._record(key, time.perf_counter() - t)
+    for preset, r in result["presets"].items():
+      _log(f"ratio bias {preset}: {r['ratio_bias']:+.2e} "
+           f"(+-{2 * r['ratio_bias_se']:.1e}), phantom clips "
+           f"{r['phantom_clipfrac_low']:.2e} / {r['phantom_clipfrac_high']:.2e}")
+    return result
+
+
+def measure_ratio_bias(model_dir, config, presets, *, batches: int,
+                       seed: int) -> dict:
+  """The importance ratio of identical parameters under each preset.
+
+  For each preset, the policy loaded under it samples `batches` batches of
+  held-out prompts (its own sampler, KV cache, its precision); the trainer's
+  forward under the same preset recomputes the log-probs of the same tokens,
+  and so does the float32 trainer. `rho = pi_trainer / pi_sampler` is then
+  the first-step importance ratio a PPO update would see if the old
+  log-probs came from the sampler; its true value is exactly 1.
+
+  Returns per preset: the mean of rho - 1 with its standard error over
+  tokens, phantom clip fractions outside [1 - clip_low, 1 + clip_high],
+  max |log rho|, and the trainer's and sampler's max |delta log pi| against
+  the float32 trainer.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import entropo  # pylint: disable=g-import-not-at-top
+  from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
+  from entropo.models import load_tokenizer  # pylint: disable=g-import-not-at-top
+  from entropo.models import sample  # pylint: disable=g-import-not-at-top
+  from entropo.tasks import data as data_lib  # pylint: disable=g-import-not-at-top
+  from entropo.tasks import pipeline  # pylint: disable=g-import-not-at-top
+  from entropo.training import loop  # pylint: disable=g-import-not-at-top
+  from entropo.training import step  # pylint: disable=g-import-not-at-top
+
+  task = loop.make_task(config.task)
+  tokenizer = load_tokenizer(model_dir)
+  builder = data_lib.prepare(
+      task, config.data.data_dir, seed=config.data.seed,
+      splits={"train": config.data.train_size, "test": config.data.eval_size})
+  records = data_lib.load(task, config.data.data_dir, "test",
+                          config_name=builder.builder_config.name)
+  records = [records[i] for i in range(len(records))]
+  s, a = config.sampling, config.algo
+  batch = pipeline.prompt_batch(records[:s.prompts_per_batch * 4], tokenizer,
+                                group_size=s.group_size,
+                                max_prompt_len=config.data.max_prompt_len)
+  forward = jax.jit(lambda model, tokens, mask: step.sequence_logps(
+      model, tokens, mask)[0])
+  reference = from_pretrained(model_dir, precision="fp32")
+  out = {"tokens": 0, "prompts": len(batch["prompt_tokens"]) // s.group_size,
+         "group_size": s.group_size, "batches": batches,
+         "clip_low": a.clip_low, "clip_high": a.clip_high, "presets": {}}
+  for preset in presets:
+    model = from_pretrained(model_dir, precision=preset)
+    log_rho, d_trainer, d_sampler = [], [], []
+    for b in range(batches):
+      result = sample(model, batch["prompt_tokens"], batch["prompt_mask"],
+                      key=jax.random.key(seed * 1000 + b),
+                      max_new_tokens=s.max_new_tokens, temperature=1.0,
+                      eos_id=tokenizer.eos_ids)
+      tokens, attn = result.tokens, result.attention_mask
+      mask = np.asarray(result.completion_mask)[:, 1:]
+      sampler = np.asarray(result.logps)[:, 1:]
+      trainer = np.asarray(forward(model, tokens, attn))
+      exact = np.asarray(forward(reference, tokens, attn))
+      log_rho.append((trainer - sampler)[mask])
+      d_trainer.append((trainer - exact)[mask])
+      d_sampler.append((sampler - exact)[mask])
+    log_rho = np.concatenate(log_rho).astype(np.float64)
+    rho = np.exp(np.clip(log_rho, -20, 20))
+    n = rho.size
+    # The library's metric on the same numbers (a check on this function).
+    lib = entropo.precision_mismatch(
+        jnp.asarray(log_rho[None].astype(np.float32)),
+        jnp.zeros((1, n), jnp.float32), jnp.ones((1, n), bool),
+        clip_low=a.clip_low, clip_high=a.clip_high)
+    out["tokens"] = n
+    out["presets"][preset] = {
+        "ratio_bias": float(np.mean(rho - 1)),
+        "ratio_bias_se": float(np.std(rho - 1) / math.sqrt(n)),
+        "ratio_bias_library": float(lib["mismatch/ratio_bias"]),
+        "log_ratio_mean": float(np.mean(log_rho)),
+        "log_ratio_std": float(np.std(log_rho)),
+        "max_abs_log_ratio": float(np.max(np.abs(log_rho))),
+        "share_above_1": float(np.mean(log_rho > 0)),
+        "share_below_1": float(np.mean(log_rho < 0)),
+        "phantom_clipfrac_low": float(np.mean(rho < 1 - a.clip_low)),
+        "phantom_clipfrac_high": float(np.mean(rho > 1 + a.clip_high)),
+        "trainer_max_abs_diff_vs_fp32": float(np.max(np.abs(
+            np.concatenate(d_trainer)))),
+        "sampler_max_abs_diff_vs_fp32": float(np.max(np.abs(
+            np.concatenate(d_sampler)))),
+        "log_ratio_quantiles": [float(q) for q in np.quantile(
+            log_rho, [0.001, 0.01, 0.5, 0.99, 0.999])],
+    }
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  unknown = sorted(set(_STAGES.value) - set(STAGES))
+  if unknown:
+    raise app.UsageError(f"Unknown stages {unknown}; choose from {STAGES}.")
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  for name in (_ALGORITHMS.value + _PRECISION_ALGORITHMS.value
+               + [_SEQ_ALGORITHM.value]):
+    try:
+      config_lib.algorithm(name)
+    except ValueError as e:
+      raise app.UsageError(str(e)) from None
+  for source in _SOURCES.value:
+    if source != "warm_start" and source not in _ALGORITHMS.value:
+      raise app.UsageError(f"--sources: {source!r} is neither warm_start nor "
+                           f"one of --algorithms {_ALGORITHMS.value}.")
+  for preset in _PRESETS.value:
+    if preset not in PRESETS:
+      raise app.UsageError(f"--presets: unknown preset {preset!r}; choose "
+                           f"from {PRESETS}.")
+  logging.set_verbosity(logging.WARNING)
+  study = Study(_WORKDIR.value, seeds=_SEEDS.value,
+                iterations=_ITERATIONS.value, smoke=_SMOKE.value)
+  t = time.perf_counter()
+  stages = [s for s in STAGES if s in _STAGES.value]
+  for stage in stages:
+    _log(f"stage {stage}")
+    if stage == "warm_start":
+      study.warm_start()
+    elif stage == "algorithms":
+      study.algorithms(_ALGORITHMS.value)
+    elif stage == "sequential":
+      study.sequential(_SOURCES.value, _SEQ_ALGORITHM.value)
+    elif stage == "precision":
+      study.precision(_PRECISION_ALGORITHMS.value, _PRESETS.value,
+                      [int(s) for s in _PRECISION_SEEDS.value])
+    elif stage == "ratio_bias":
+      study.ratio_bias(_PRESETS.value)
+    elif stage == "report":
+      files = study_report.write_report(study.dir)
+      _log(f"report: {', '.join(str(f) for f in files)}")
+  _log(f"stages {stages} took {time.perf_counter() - t:.0f} s; total run "
+       f"time so far {sum(study.timing.values()) / 60:.1f} min")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,411 @@
+"""Tables and plots of an `experiments.study` directory.
+
+`write_report(study_dir)` reads every finished run under `runs/` (their
+`metrics.jsonl` and `baseline.json`), `ratio_bias.json` and `timing.json`,
+and writes `report/summary.json`, `report/summary.md` and the plots:
+
+* `entropy_curves.png`: train-batch token entropy over iterations, mean
+  over seeds with the min-max band, per algorithm;
+* `accuracy_vs_entropy.png`: held-out pass@1 against held-out entropy at
+  each evaluation, from the start (the paper's Figure 1 shape);
+* `pass_at_k.png`: final pass@k against k, per algorithm, and the start;
+* `cumulative_entropy.png`: final pass@1 and pass@16 against cumulative
+  entropy, one point per run;
+* `sequential.png`: task-B reward and held-out pass@1 per source policy;
+* `precision_entropy.png`, `precision_mismatch.png`: entropy and the
+  sampler-trainer ratio statistics per precision preset;
+* `ratio_bias.png`: the controlled measurement.
+"""
+
+import collections
+import json
+import pathlib
+
+import numpy as np
+
+from entropo.training import logger
+
+
+def summarize(directory) -> dict:
+  """The headline numbers of one finished run directory."""
+  directory = pathlib.Path(directory)
+  records = logger.read_jsonl(directory / "metrics.jsonl")
+  baseline = json.loads((directory / "baseline.json").read_text())
+  evals = [r for r in records if r.get("eval/pass@1") is not None]
+  final = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
+  ks = sorted(int(k.split("@")[1]) for k in final if "pass@" in k)
+  tail = records[-max(1, len(records) // 10):]
+  mean = lambda key, rs: float(sum(r[key] for r in rs) / len(rs))  # noqa
+  return {
+      "iterations": len(records),
+      "initial_entropy": baseline["eval/entropy"],
+      "final_entropy": mean("entropy/mean", tail),
+      # Train-batch entropy of the last 10 % of iterations vs the entropy
+      # before RL.
+      "entropy_change_pct": mean("entropy/change_pct", tail),
+      "eval_entropy_change_pct": 100 * (final["eval/entropy"]
+                                        / baseline["eval/entropy"] - 1),
+      "cumulative_entropy": records[-1]["entropy/cumulative"],
+      "baseline": baseline,
+      "final": final,
+      "max_k": ks[-1],
+      "reward_first": mean("reward/mean", records[:max(1, len(records) // 10)]),
+      "reward_last": mean("reward/mean", tail),
+      "ratio_bias": mean("mismatch/ratio_bias", records),
+      "phantom_clipfrac_low": mean("mismatch/phantom_clipfrac_low", records),
+      "phantom_clipfrac_high": mean("mismatch/phantom_clipfrac_high", records),
+      "max_abs_diff": max(r["mismatch/max_abs_diff"] for r in records),
+  }
+
+
+def _runs(study_dir: pathlib.Path, stage: str) -> dict[str, dict[int, dict]]:
+  """{name: {seed: summary}} of the finished runs of a stage."""
+  timing_path = study_dir / "timing.json"
+  timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+  out = collections.defaultdict(dict)
+  root = study_dir / "runs" / stage
+  for key, seconds in timing.items():
+    path = study_dir / key
+    if not key.startswith(f"runs/{stage}/") or not path.is_dir():
+      continue
+    name = str(path.parent.relative_to(root))
+    seed = int(path.name.removeprefix("seed"))
+    summary = summarize(path)
+    summary["seconds"] = seconds
+    summary["records"] = logger.read_jsonl(path / "metrics.jsonl")
+    out[name][seed] = summary
+  return dict(out)
+
+
+def _label(name: str) -> str:
+  return name.replace("_repo_r", "+REPO-R").replace("_repo_d", "+REPO-D")
+
+
+def _curve(runs: dict[int, dict], key: str):
+  """Iterations and the mean, min and max over seeds of a per-iteration key."""
+  series = [np.array([r.get(key) if r.get(key) is not None else np.nan
+                      for r in s["records"]], float) for s in runs.values()]
+  n = min(len(s) for s in series)
+  stack = np.stack([s[:n] for s in series])
+  return (np.arange(n), np.nanmean(stack, 0), np.nanmin(stack, 0),
+          np.nanmax(stack, 0))
+
+
+def _evals(summary: dict, key: str):
+  """(updates, values) of an eval metric, starting with the baseline."""
+  xs, ys = [0], [summary["baseline"][key]]
+  for r in summary["records"]:
+    if r.get(key) is not None:
+      xs.append(r["iteration"] + 1)
+      ys.append(r[key])
+  return np.array(xs), np.array(ys)
+
+
+def _smooth(y, width=5):
+  if len(y) < width:
+    return y
+  kernel = np.ones(width) / width
+  padded = np.concatenate([np.full(width // 2, y[0]), y,
+                           np.full(width - 1 - width // 2, y[-1])])
+  return np.convolve(padded, kernel, mode="valid")
+
+
+def _pm(values, digits=3, pct=False) -> str:
+  values = np.asarray(values, float)
+  fmt = f"{{:+.{digits}g}}" if pct else f"{{:.{digits}f}}"
+  if len(values) == 1:
+    return fmt.format(values[0])
+  return f"{fmt.format(values.mean())} ± {values.std(ddof=1):.{digits}f}"
+
+
+def _table(header, rows) -> str:
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+  return "\n".join(lines)
+
+
+def _figure(plt, path, fig):
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+  return path
+
+
+def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
+  md, data = [], {}
+  if not runs:
+    return md, data
+  first = next(iter(next(iter(runs.values())).values()))
+  ks = sorted(int(k.split("@")[1]) for k in first["final"] if "pass@" in k)
+  base = first["baseline"]
+  header = ["algorithm", "seeds", "entropy change %", "cumulative entropy",
+            "pass@1", f"pass@{ks[-1]}", "train reward first → last 10 %",
+            "min per run"]
+  rows = []
+  for name, seeds in runs.items():
+    s = list(seeds.values())
+    rows.append([
+        _label(name), len(s),
+        _pm([x["entropy_change_pct"] for x in s], 2, pct=True),
+        _pm([x["cumulative_entropy"] for x in s], 1),
+        _pm([x["final"]["eval/pass@1"] for x in s]),
+        _pm([x["final"][f"eval/pass@{ks[-1]}"] for x in s]),
+        f"{np.mean([x['reward_first'] for x in s]):.3f} → "
+        f"{np.mean([x['reward_last'] for x in s]):.3f}",
+        f"{np.mean([x['seconds'] for x in s]) / 60:.1f}"])
+    data[name] = {
+        "entropy_change_pct": [x["entropy_change_pct"] for x in s],
+        "cumulative_entropy": [x["cumulative_entropy"] for x in s],
+        **{f"pass@{k}": [x["final"][f"eval/pass@{k}"] for x in s]
+           for k in ks}}
+  md.append(f"Before RL (the shared warm start): entropy "
+            f"{base['eval/entropy']:.3f} nats/token, " + ", ".join(
+                f"pass@{k} {base[f'eval/pass@{k}']:.3f}" for k in ks) + ".")
+  md.append(_table(header, rows))
+  # Correlation of cumulative entropy and final accuracy over all runs.
+  cum = np.array([x["cumulative_entropy"] for v in runs.values()
+                  for x in v.values()])
+  for k in (1, ks[-1]):
+    acc = np.array([x["final"][f"eval/pass@{k}"] for v in runs.values()
+                    for x in v.values()])
+    if len(cum) > 2 and cum.std() > 0 and acc.std() > 0:
+      r = float(np.corrcoef(cum, acc)[0, 1])
+      data[f"corr_cumulative_entropy_pass@{k}"] = r
+      md.append(f"Pearson correlation of cumulative entropy and final "
+                f"pass@{k} over all {len(cum)} runs: {r:+.2f}.")
+
+  colors = plt.cm.tab10(np.linspace(0, 1, 10))
+  fig, ax = plt.subplots(figsize=(8, 5))
+  for (name, seeds), color in zip(runs.items(), colors):
+    x, mean, lo, hi = _curve(seeds, "entropy/mean")
+    ax.plot(x, _smooth(mean), color=color, label=_label(name))
+    ax.fill_between(x, _smooth(lo), _smooth(hi), color=color, alpha=0.12)
+  ax.axhline(base["eval/entropy"], color="k", ls=":", lw=1,
+             label="start (target)")
+  ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
+         title="Entropy during RL (mean over seeds, min-max band)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  files.append(_figure(plt, out / "entropy_curves.png", fig))
+
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for (name, seeds), color in zip(runs.items(), colors):
+    ent = np.mean([_evals(s, "eval/entropy")[1] for s in seeds.values()], 0)
+    acc = np.mean([_evals(s, "eval/pass@1")[1] for s in seeds.values()], 0)
+    ax.plot(ent, acc, marker="o", ms=3, color=color, label=_label(name))
+    ax.plot(ent[-1], acc[-1], marker="*", ms=11, color=color)
+  ax.plot(base["eval/entropy"], base["eval/pass@1"], "ks", label="start")
+  ax.set(xlabel="held-out token entropy (nats)", ylabel="held-out pass@1",
+         title="Accuracy against entropy during RL (mean over seeds; "
+               "star = end)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  files.append(_figure(plt, out / "accuracy_vs_entropy.png", fig))
+
+  fig, ax = plt.subplots(figsize=(7, 5))
+  for (name, seeds), color in zip(runs.items(), colors):
+    ys = np.mean([[s["final"][f"eval/pass@{k}"] for k in ks]
+                  for s in seeds.values()], 0)
+    ax.plot(ks, ys, marker="o", color=color, label=_label(name))
+  ax.plot(ks, [base[f"eval/pass@{k}"] for k in ks], "k--", marker="s",
+          label="start")
+  ax.set_xscale("log", base=2)
+  ax.set(xlabel="k", ylabel="held-out pass@k",
+         title="pass@k after RL (mean over seeds)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, ncol=2)
+  files.append(_figure(plt, out / "pass_at_k.png", fig))
+
+  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  for ax, k in zip(axes, (1, ks[-1])):
+    for (name, seeds), color in zip(runs.items(), colors):
+      ax.scatter([s["cumulative_entropy"] for s in seeds.values()],
+                 [s["final"][f"eval/pass@{k}"] for s in seeds.values()],
+                 color=color, label=_label(name), s=18)
+    ax.set(xlabel="cumulative entropy (sum over iterations)",
+           ylabel=f"final held-out pass@{k}")
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  files.append(_figure(plt, out / "cumulative_entropy.png", fig))
+  return md, data
+
+
+def _sequential_section(runs, plt, out, files) -> tuple[list[str], dict]:
+  md, data = [], {}
+  if not runs:
+    return md, data
+  header = ["task-B run from", "seeds", "task-B pass@1 before → after",
+            "pass@16 before → after", "train reward first → last 10 %",
+            "reward AUC (mean over iterations)", "entropy change %"]
+  rows = []
+  for name, seeds in runs.items():
+    s = list(seeds.values())
+    k = s[0]["max_k"]
+    auc = [np.mean([r["reward/mean"] for r in x["records"]]) for x in s]
+    rows.append([
+        _label(name), len(s),
+        f"{_pm([x['baseline']['eval/pass@1'] for x in s])} → "
+        f"{_pm([x['final']['eval/pass@1'] for x in s])}",
+        f"{_pm([x['baseline'][f'eval/pass@{k}'] for x in s])} → "
+        f"{_pm([x['final'][f'eval/pass@{k}'] for x in s])}",
+        f"{np.mean([x['reward_first'] for x in s]):.3f} → "
+        f"{np.mean([x['reward_last'] for x in s]):.3f}",
+        _pm(auc), _pm([x["entropy_change_pct"] for x in s], 2, pct=True)])
+    data[name] = {"reward_auc": auc,
+                  "pass@1_before": [x["baseline"]["eval/pass@1"] for x in s],
+                  "pass@1_after": [x["final"]["eval/pass@1"] for x in s]}
+  md.append(_table(header, rows))
+  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  for name, seeds in runs.items():
+    x, mean, _, _ = _curve(seeds, "reward/mean")
+    axes[0].plot(x, _smooth(mean, 9), label=_label(name))
+    ev = [_evals(s, "eval/pass@1") for s in seeds.values()]
+    axes[1].plot(ev[0][0], np.mean([e[1] for e in ev], 0), marker="o",
+                 label=_label(name))
+    x, mean, _, _ = _curve(seeds, "entropy/mean")
+    axes[2].plot(x, _smooth(mean), label=_label(name))
+  axes[0].set(xlabel="iteration", ylabel="task-B train reward (9-it. mean)")
+  axes[1].set(xlabel="updates", ylabel="task-B held-out pass@1")
+  axes[2].set(xlabel="iteration", ylabel="token entropy (nats)")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=8)
+  fig.suptitle("Sequential learning: GRPO on task B from each task-A policy "
+               "(mean over seeds)")
+  files.append(_figure(plt, out / "sequential.png", fig))
+  return md, data
+
+
+def _precision_section(runs, plt, out, files) -> tuple[list[str], dict]:
+  md, data = [], {}
+  if not runs:
+    return md, data
+  header = ["algorithm", "preset", "ratio bias (mean ρ − 1)",
+            "phantom clip low", "phantom clip high", "max \\|Δ log π\\|",
+            "entropy change %", "pass@1", "min"]
+  rows = []
+  by_algo = collections.defaultdict(dict)
+  for name, seeds in runs.items():
+    algo, preset = name.split("/")
+    by_algo[algo][preset] = seeds
+    s = list(seeds.values())
+    rows.append([
+        _label(algo), preset,
+        f"{np.mean([x['ratio_bias'] for x in s]):+.2e}",
+        f"{np.mean([x['phantom_clipfrac_low'] for x in s]):.2e}",
+        f"{np.mean([x['phantom_clipfrac_high'] for x in s]):.2e}",
+        f"{max(x['max_abs_diff'] for x in s):.3f}",
+        _pm([x["entropy_change_pct"] for x in s], 2, pct=True),
+        _pm([x["final"]["eval/pass@1"] for x in s]),
+        f"{np.mean([x['seconds'] for x in s]) / 60:.1f}"])
+    data[name] = {k: [x[k] for x in s] for k in (
+        "ratio_bias", "phantom_clipfrac_low", "phantom_clipfrac_high",
+        "entropy_change_pct")}
+  md.append(_table(header, rows))
+  fig, axes = plt.subplots(1, len(by_algo), figsize=(6 * len(by_algo), 4),
+                           squeeze=False)
+  for ax, (algo, presets) in zip(axes[0], by_algo.items()):
+    for preset, seeds in presets.items():
+      x, mean, _, _ = _curve(seeds, "entropy/mean")
+      ax.plot(x, _smooth(mean), label=preset)
+    ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
+           title=f"{_label(algo)}: old log-probs from the sampler")
+    ax.grid(alpha=0.3)
+    ax.legend()
+  files.append(_figure(plt, out / "precision_entropy.png", fig))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for algo, presets in by_algo.items():
+    for ax, key in zip(axes, ("mismatch/ratio_bias",
+                              "mismatch/phantom_clipfrac_low",
+                              "mismatch/phantom_clipfrac_high")):
+      for preset, seeds in presets.items():
+        x, mean, _, _ = _curve(seeds, key)
+        ax.plot(x, _smooth(mean), label=f"{_label(algo)} {preset}")
+      ax.set(xlabel="iteration", title=key)
+      ax.grid(alpha=0.3)
+  axes[0].legend(fontsize=7)
+  files.append(_figure(plt, out / "precision_mismatch.png", fig))
+  return md, data
+
+
+def _ratio_bias_section(result, plt, out, files) -> list[str]:
+  if not result:
+    return []
+  header = ["preset", "mean ρ − 1 (± 2 s.e.)", "mean log ρ", "std log ρ",
+            "share ρ > 1 / ρ < 1", "phantom clip low / high",
+            "max \\|log ρ\\|", "trainer / sampler max \\|Δ log π\\| vs fp32"]
+  rows = []
+  for preset, r in result["presets"].items():
+    rows.append([
+        preset, f"{r['ratio_bias']:+.2e} ± {2 * r['ratio_bias_se']:.1e}",
+        f"{r['log_ratio_mean']:+.2e}", f"{r['log_ratio_std']:.2e}",
+        f"{r['share_above_1']:.3f} / {r['share_below_1']:.3f}",
+        f"{r['phantom_clipfrac_low']:.1e} / {r['phantom_clipfrac_high']:.1e}",
+        f"{r['max_abs_log_ratio']:.3f}",
+        f"{r['trainer_max_abs_diff_vs_fp32']:.3f} / "
+        f"{r['sampler_max_abs_diff_vs_fp32']:.3f}"])
+  md = [f"{result['tokens']} completion tokens per preset "
+        f"({result['prompts']} held-out prompts × {result['group_size']} "
+        f"samples × {result['batches']} batches), band "
+        f"[1 − {result['clip_low']}, 1 + {result['clip_high']}].",
+        _table(header, rows)]
+  presets = list(result["presets"])
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  x = np.arange(len(presets))
+  axes[0].bar(x, [result["presets"][p]["ratio_bias"] for p in presets],
+              yerr=[2 * result["presets"][p]["ratio_bias_se"]
+                    for p in presets], capsize=4, color="tab:blue")
+  axes[0].axhline(0, color="k", lw=0.8)
+  axes[0].set(xticks=x, xticklabels=presets, ylabel="mean ρ − 1 (± 2 s.e.)",
+              title="Ratio bias, identical parameters")
+  w = 0.38
+  axes[1].bar(x - w / 2, [result["presets"][p]["phantom_clipfrac_low"]
+                          for p in presets], w, label="ρ < 1 − ε_low")
+  axes[1].bar(x + w / 2, [result["presets"][p]["phantom_clipfrac_high"]
+                          for p in presets], w, label="ρ > 1 + ε_high")
+  axes[1].set(xticks=x, xticklabels=presets, ylabel="share of tokens",
+              title="Phantom clips")
+  axes[1].legend()
+  for ax in axes:
+    ax.grid(alpha=0.3, axis="y")
+  files.append(_figure(plt, out / "ratio_bias.png", fig))
+  return md
+
+
+def write_report(study_dir) -> list[pathlib.Path]:
+  """Writes report/summary.{md,json} and the plots; returns the files."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  study_dir = pathlib.Path(study_dir)
+  out = study_dir / "report"
+  out.mkdir(parents=True, exist_ok=True)
+  files: list[pathlib.Path] = []
+  summary, md = {}, ["# Study report", ""]
+  sections = (("Algorithms (task A: countdown)", "algorithms",
+               _algorithm_section),
+              ("Sequential learning (task B: countdown_all)", "sequential",
+               _sequential_section),
+              ("Precision presets (old log-probs from the sampler)",
+               "precision", _precision_section))
+  for title, stage, section in sections:
+    lines, data = section(_runs(study_dir, stage), plt, out, files)
+    if lines:
+      md += [f"## {title}", ""] + [line + "\n" for line in lines]
+      summary[stage] = data
+  path = study_dir / "ratio_bias.json"
+  if path.is_file():
+    result = json.loads(path.read_text())
+    md += ["## Controlled ratio bias (identical parameters)", ""] + [
+        line + "\n" for line in _ratio_bias_section(result, plt, out, files)]
+    summary["ratio_bias"] = result
+  timing_path = study_dir / "timing.json"
+  if timing_path.is_file():
+    timing = json.loads(timing_path.read_text())
+    summary["timing"] = timing
+    md.append(f"Total run time: {sum(timing.values()) / 60:.1f} min over "
+              f"{len(timing)} jobs.\n")
+  (out / "summary.md").write_text("\n".join(md))
+  (out / "summary.json").write_text(json.dumps(summary, indent=2))
+  return [out / "summary.md", out / "summary.json"] + files
