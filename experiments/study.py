@@ -194,7 +194,6 @@ class Study:
       return self.dir / "warm_start"
     from entropo import tasks  # pylint: disable=g-import-not-at-top
     from entropo.models import save_pretrained  # pylint: disable=g-import-not-at-top
-    from entropo.training import loop  # pylint: disable=g-import-not-at-top
     src = run_dir(self.dir, "algorithms", source, seed)
     out = src / "final_policy"
     if (out / "config.json").is_file():
@@ -203,8 +202,7 @@ class Study:
       raise ValueError(f"Sequential source {source!r} seed {seed} has no "
                        f"finished task-A run in {src}; run the algorithms "
                        f"stage with it first.")
-    trainer = loop.Trainer(self.config(source, seed=seed), src)
-    trainer.checkpointer.close()
+    trainer = loop_trainer(self.config(source, seed=seed), src)
     save_pretrained(trainer.model_at(trainer.state["params"]), out)
     tasks.save_tokenizer(trainer.tokenizer, out)
     return out
@@ -245,6 +243,14 @@ class Study:
            f"(+-{2 * r['ratio_bias_se']:.1e}), phantom clips "
            f"{r['phantom_clipfrac_low']:.2e} / {r['phantom_clipfrac_high']:.2e}")
     return result
+
+
+def loop_trainer(config, directory):
+  """A `Trainer` holding the latest checkpoint of the run in `directory`."""
+  from entropo.training import loop  # pylint: disable=g-import-not-at-top
+  trainer = loop.Trainer(config, directory)
+  trainer.checkpointer.close()
+  return trainer
 
 
 def measure_ratio_bias(model_dir, config, presets, *, batches: int,

@@ -1,0 +1,200 @@
+"""The study driver (experiments/study.py) and its report."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from entropo.training import logger
+from experiments import study as study_lib
+from experiments import study_report
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _fake_run(directory: pathlib.Path, rng, iterations=20, eval_every=5):
+  """A run directory with random metrics, as the trainer writes them."""
+  directory.mkdir(parents=True)
+  baseline = {"eval/entropy": 0.7, "eval/pass@1": 0.1, "eval/pass@4": 0.3}
+  (directory / "baseline.json").write_text(json.dumps(baseline))
+  cumulative = 0.0
+  records = []
+  for i in range(iterations):
+    h = float(rng.uniform(0.2, 1.0))
+    cumulative += h
+    r = {"iteration": i, "entropy/mean": h,
+         "entropy/change_pct": 100 * (h - 0.7) / 0.7,
+         "entropy/cumulative": cumulative,
+         "reward/mean": float(rng.uniform()),
+         "mismatch/ratio_bias": float(rng.normal(0, 1e-3)),
+         "mismatch/phantom_clipfrac_low": float(rng.uniform(0, 1e-3)),
+         "mismatch/phantom_clipfrac_high": float(rng.uniform(0, 1e-3)),
+         "mismatch/max_abs_diff": float(rng.uniform())}
+    if (i + 1) % eval_every == 0:
+      r.update({"eval/entropy": float(rng.uniform()),
+                "eval/pass@1": float(rng.uniform()),
+                "eval/pass@4": float(rng.uniform())})
+    records.append(r)
+  with open(directory / "metrics.jsonl", "w") as f:
+    for r in records:
+      f.write(json.dumps(r) + "\n")
+  return records, baseline
+
+
+def test_summarize_matches_float64_reference(tmp_path, rng):
+  records, baseline = _fake_run(tmp_path / "run", rng)
+  s = study_report.summarize(tmp_path / "run")
+  n = len(records)
+  tail = records[n - n // 10:]
+  head = records[:n // 10]
+  want_change = np.mean([r["entropy/change_pct"] for r in tail])
+  np.testing.assert_allclose(s["entropy_change_pct"], want_change, rtol=1e-12)
+  np.testing.assert_allclose(
+      s["final_entropy"], np.mean([r["entropy/mean"] for r in tail]),
+      rtol=1e-12)
+  cumulative = 0.0
+  for r in records:
+    cumulative += r["entropy/mean"]
+  np.testing.assert_allclose(s["cumulative_entropy"], cumulative, rtol=1e-12)
+  last_eval = [r for r in records if "eval/pass@1" in r][-1]
+  assert s["final"]["eval/pass@1"] == last_eval["eval/pass@1"]
+  assert s["max_k"] == 4
+  assert s["baseline"] == baseline
+  np.testing.assert_allclose(
+      s["reward_first"], np.mean([r["reward/mean"] for r in head]))
+  np.testing.assert_allclose(
+      s["ratio_bias"], np.mean([r["mismatch/ratio_bias"] for r in records]))
+  np.testing.assert_allclose(
+      s["eval_entropy_change_pct"],
+      100 * (last_eval["eval/entropy"] / 0.7 - 1))
+
+
+def test_report_from_fake_runs(tmp_path, rng):
+  timing = {}
+  for algo in ("grpo", "grpo_repo_r"):
+    for seed in (0, 1):
+      key = f"runs/algorithms/{algo}/seed{seed}"
+      _fake_run(tmp_path / key, rng)
+      timing[key] = 60.0
+  (tmp_path / "timing.json").write_text(json.dumps(timing))
+  files = study_report.write_report(tmp_path)
+  summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+  assert sorted(summary["algorithms"]) == [
+      "corr_cumulative_entropy_pass@1", "corr_cumulative_entropy_pass@4",
+      "grpo", "grpo_repo_r"]
+  # The correlation over runs, against NumPy on the same numbers.
+  cum, acc = [], []
+  for algo in ("grpo", "grpo_repo_r"):
+    for seed in (0, 1):
+      s = study_report.summarize(tmp_path / f"runs/algorithms/{algo}/seed{seed}")
+      cum.append(s["cumulative_entropy"])
+      acc.append(s["final"]["eval/pass@1"])
+  np.testing.assert_allclose(summary["algorithms"][
+      "corr_cumulative_entropy_pass@1"], np.corrcoef(cum, acc)[0, 1])
+  text = (tmp_path / "report" / "summary.md").read_text()
+  assert "| grpo+REPO-R | 2 |" in text
+  for f in files:
+    assert f.stat().st_size > 0, f
+  assert {f.name for f in files} >= {"entropy_curves.png",
+                                     "accuracy_vs_entropy.png",
+                                     "pass_at_k.png", "cumulative_entropy.png"}
+
+
+@pytest.mark.slow
+def test_smoke_study_end_to_end(tmp_path):
+  """Every stage on the tiny model; reruns skip what is done."""
+  study = study_lib.Study(tmp_path, seeds=[0], iterations=2, smoke=True)
+  study.warm_start()
+  # The smoke model solves nothing, so GRPO's advantages are all zero and
+  # its parameters never move; the entropy bonus moves them regardless.
+  study.algorithms(["grpo", "entropy_bonus"])
+  study.sequential(["entropy_bonus", "warm_start"], "grpo")
+  study.precision(["dapo"], ["fp32", "bf16"], [0])
+  result = study.ratio_bias(["fp32", "bf16"])
+  files = study_report.write_report(tmp_path)
+
+  timing = json.loads((tmp_path / "timing.json").read_text())
+  assert sorted(timing) == sorted([
+      "warm_start", "ratio_bias", "runs/algorithms/grpo/seed0",
+      "runs/algorithms/entropy_bonus/seed0",
+      "runs/sequential/entropy_bonus/seed0",
+      "runs/sequential/warm_start/seed0", "runs/precision/dapo/fp32/seed0",
+      "runs/precision/dapo/bf16/seed0"])
+  for key in timing:
+    if key.startswith("runs/"):
+      records = logger.read_jsonl(tmp_path / key / "metrics.jsonl")
+      assert [r["iteration"] for r in records] == [0, 1], key
+
+  # Task B starts from the final task-A policy, not from the warm start.
+  from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  seq_config = json.loads(
+      (tmp_path / "runs/sequential/entropy_bonus/seed0/config.json"
+       ).read_text())
+  source = tmp_path / "runs/algorithms/entropy_bonus/seed0"
+  exported = pathlib.Path(seq_config["model"]["init_from"])
+  assert exported == source / "final_policy"
+  assert seq_config["task"]["name"] == "countdown_all"
+  trainer = study_lib.loop_trainer(study.config("entropy_bonus", seed=0),
+                                   source)
+  final = nnx.state(from_pretrained(exported), nnx.Param)
+  start = nnx.state(from_pretrained(tmp_path / "warm_start"), nnx.Param)
+  leaves = lambda t: [np.asarray(x) for x in __import__("jax").tree.leaves(t)]  # noqa
+  for a, b in zip(leaves(final), leaves(trainer.state["params"])):
+    np.testing.assert_array_equal(a, b)
+  assert any(not np.array_equal(a, b)
+             for a, b in zip(leaves(final), leaves(start)))
+
+  # Precision runs take the old log-probs from the sampler.
+  prec = json.loads(
+      (tmp_path / "runs/precision/dapo/bf16/seed0/config.json").read_text())
+  assert prec["precision"] == "bf16"
+  assert prec["algo"]["old_logps"] == "sampler"
+
+  # The controlled measurement: float32 sampler and trainer agree.
+  fp32 = result["presets"]["fp32"]
+  assert abs(fp32["ratio_bias"]) < 1e-5
+  assert fp32["phantom_clipfrac_low"] == fp32["phantom_clipfrac_high"] == 0
+  for r in result["presets"].values():
+    np.testing.assert_allclose(r["ratio_bias_library"], r["ratio_bias"],
+                               atol=1e-6)
+  assert result["presets"]["bf16"]["trainer_max_abs_diff_vs_fp32"] > 1e-3
+
+  summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+  assert set(summary) >= {"algorithms", "sequential", "precision",
+                          "ratio_bias", "timing"}
+  assert {f.name for f in files} >= {
+      "summary.md", "entropy_curves.png", "accuracy_vs_entropy.png",
+      "pass_at_k.png", "sequential.png", "precision_entropy.png",
+      "precision_mismatch.png", "ratio_bias.png"}
+
+  # A rerun trains nothing again.
+  before = (tmp_path / "runs/algorithms/grpo/seed0/metrics.jsonl").stat()
+  study = study_lib.Study(tmp_path, seeds=[0], iterations=2, smoke=True)
+  study.algorithms(["grpo"])
+  after = (tmp_path / "runs/algorithms/grpo/seed0/metrics.jsonl").stat()
+  assert before.st_mtime_ns == after.st_mtime_ns
+
+
+def _study(*args):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.study", *args], cwd=ROOT, env=env,
+      capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stages=bogus"], "Unknown stages ['bogus']"),
+    (["--algorithms=grpo,ppo"], "Unknown algorithm 'ppo'"),
+    (["--sources=dapo", "--algorithms=grpo"], "--sources: 'dapo'"),
+    (["--presets=fp8"], "unknown preset 'fp8'"),
+])
+def test_bad_flags_fail_before_compute(tmp_path, args, message):
+  proc = _study(f"--workdir={tmp_path}", *args)
+  assert proc.returncode != 0
+  assert message in proc.stderr, proc.stderr
+  assert not (tmp_path / "timing.json").exists()
