@@ -9,7 +9,7 @@ else
 endif
 PYTEST_ARGS ?=
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast demo study bench clean
 
 $(VENV_PY):
 	$(PYTHON) -m venv .venv
@@ -37,6 +37,12 @@ WORKDIR ?= workdir/demo
 demo: install
 	$(VENV_PY) -m experiments.main --config=experiments/configs/countdown.py \
 	  --workdir=$(WORKDIR)
+
+# The study of docs/results.md (about an hour on 2 CPU cores; resumable).
+STUDY_DIR ?= workdir/study
+
+study: install
+	$(VENV_PY) -m experiments.study --workdir=$(STUDY_DIR)
 
 bench: install
 	$(VENV_PY) benchmarks/fused_head.py

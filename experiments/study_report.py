@@ -332,13 +332,15 @@ def _precision_section(runs, plt, out, files) -> tuple[list[str], dict]:
 def _ratio_bias_section(result, plt, out, files) -> list[str]:
   if not result:
     return []
-  header = ["preset", "mean ρ − 1 (± 2 s.e.)", "mean log ρ", "std log ρ",
+  header = ["preset", "mean ρ − 1 (± 2 s.e.)", "exp(μ + σ²/2) − 1",
+            "mean log ρ (μ)", "std log ρ (σ)",
             "share ρ > 1 / ρ < 1", "phantom clip low / high",
             "max \\|log ρ\\|", "trainer / sampler max \\|Δ log π\\| vs fp32"]
   rows = []
   for preset, r in result["presets"].items():
     rows.append([
         preset, f"{r['ratio_bias']:+.2e} ± {2 * r['ratio_bias_se']:.1e}",
+        f"{np.expm1(r['log_ratio_mean'] + r['log_ratio_std'] ** 2 / 2):+.2e}",
         f"{r['log_ratio_mean']:+.2e}", f"{r['log_ratio_std']:.2e}",
         f"{r['share_above_1']:.3f} / {r['share_below_1']:.3f}",
         f"{r['phantom_clipfrac_low']:.1e} / {r['phantom_clipfrac_high']:.1e}",
