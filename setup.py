@@ -35,6 +35,10 @@ EXTRAS_REQUIRE = {
         # CPU wheel on the machine; an unpinned torch pulls CUDA packages.
         "torch==2.13.0",
         "transformers==5.23.0",
+        # Executing the notebooks headlessly (tests/test_notebooks.py).
+        "nbclient==0.11.0",
+        "nbformat==5.11.1",
+        "ipykernel==7.4.0",
     ],
     "bench": [
         "psutil>=5.9",

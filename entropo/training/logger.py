@@ -94,9 +94,9 @@ def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
 
   `baseline` (the evaluation before RL) adds the `eval/*` points at 0.
   """
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  # Figures without pyplot: no global backend switch (inline plots in a
+  # notebook keep working after `train`), nothing to close.
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
   records = read_jsonl(metrics_path)
   out_dir = pathlib.Path(out_dir)
@@ -111,7 +111,8 @@ def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
   }
   files = []
   for name, keys in panels.items():
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     for key in keys:
       x, y = _series(records, key, baseline)
       if x:
@@ -124,6 +125,5 @@ def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
     path = out_dir / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
     files.append(path)
   return files
