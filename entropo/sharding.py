@@ -18,6 +18,15 @@ A dimension whose size the mesh axis does not divide is replicated instead
 axis is used at most once per array. The batch is split over
 `("data", "fsdp")`. XLA's SPMD partitioner inserts the collectives (fsdp
 all-gathers, tensor reduce-scatters) under `jax.jit`.
+
+Several processes (`jax.distributed`): a mesh spans the devices of all of
+them and arrays on it are global, each process holding its devices' shards.
+`process_rows` says which rows of a batch this process's devices hold (a
+contiguous block when processes own consecutive devices, as in
+`jax.devices()` order), `from_process_rows` assembles a global batch from
+every process's block, `local_rows` reads this process's block back, and
+`to_host` copies a whole global array to every process. With one process
+they are plain copies.
 """
 
 from collections.abc import Sequence
@@ -25,6 +34,7 @@ from collections.abc import Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType
 from jax.sharding import Mesh
 from jax.sharding import NamedSharding
@@ -128,3 +138,61 @@ def shard_model(model: nnx.Module, mesh: Mesh,
 def batch_sharding(mesh: Mesh, rank: int = 2) -> NamedSharding:
   """Sharding of a `[B, ...]` batch array: B over `("data", "fsdp")`."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (rank - 1))))
+
+
+def process_rows(mesh: Mesh, num_rows: int) -> slice:
+  """The rows of a `[num_rows, ...]` batch that this process's devices hold.
+
+  Raises ValueError if they are not one contiguous block (a mesh whose
+  batch axes interleave the processes' devices).
+  """
+  spans = {index[0].indices(num_rows)[:2] for index in batch_sharding(
+      mesh, rank=1).addressable_devices_indices_map((num_rows,)).values()}
+  start, stop = min(a for a, _ in spans), max(b for _, b in spans)
+  if sum(b - a for a, b in spans) != stop - start:
+    raise ValueError(f"Process {jax.process_index()} holds rows "
+                     f"{sorted(spans)} of a batch of {num_rows}: not one "
+                     f"contiguous block. Order the mesh's devices by process "
+                     f"(as jax.devices() does).")
+  return slice(start, stop)
+
+
+def from_process_rows(mesh: Mesh, local, num_rows: int) -> jax.Array:
+  """A global `[num_rows, ...]` batch from each process's `process_rows`.
+
+  `local` holds this process's rows (NumPy); the result is sharded by
+  `batch_sharding(mesh)`.
+  """
+  local = np.asarray(local)
+  return jax.make_array_from_process_local_data(
+      batch_sharding(mesh, local.ndim), local,
+      (num_rows, *local.shape[1:]))
+
+
+def local_rows(x: jax.Array) -> np.ndarray:
+  """This process's rows of a batch-sharded global array, as NumPy.
+
+  The whole array when this process holds all of it (one process).
+  """
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  n = x.shape[0]
+  parts = {}
+  for shard in x.addressable_shards:
+    rows, *rest = shard.index
+    if any(r.indices(d)[:2] != (0, d) for r, d in zip(rest, x.shape[1:])):
+      raise ValueError(f"local_rows reads arrays sharded over rows only; "
+                       f"got {x.sharding}.")
+    parts.setdefault(rows.indices(n)[:2], shard)
+  spans = sorted(parts)
+  if any(a[1] != b[0] for a, b in zip(spans, spans[1:])):
+    raise ValueError(f"This process holds rows {spans} of {n}: not one "
+                     f"contiguous block.")
+  return np.concatenate([np.asarray(parts[s].data) for s in spans])
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a (global) array as NumPy, on every process."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -9,9 +9,13 @@ field can be overridden: `--config.algo.zeta_max=0.05`,
 `--config.train.iterations=200`, `--config.precision=bf16`. A rerun with the
 same `--workdir` resumes from its latest checkpoint. Invalid configurations
 fail before any compute, naming the field.
-"""
 
-import os
+Multi-process runs (several hosts, or several local processes) start every
+process with the same flags and the environment variables of
+`entropo.training.distributed` (`ENTROPO_COORDINATOR_ADDRESS`,
+`ENTROPO_NUM_PROCESSES`, `ENTROPO_PROCESS_ID`, or `ENTROPO_DISTRIBUTED=auto`);
+the workdir must be on a filesystem all processes share.
+"""
 
 from absl import app
 from absl import flags
@@ -32,10 +36,11 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  import jax  # pylint: disable=g-import-not-at-top
-  if int(os.environ.get("ENTROPO_NUM_PROCESSES", "1")) > 1 or (
-      "JAX_COORDINATOR_ADDRESS" in os.environ):
-    jax.distributed.initialize()
+  from entropo.training import distributed  # pylint: disable=g-import-not-at-top
+  try:
+    distributed.initialize_from_env()
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from entropo.training import train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value

@@ -16,6 +16,7 @@ import pytest
 import scipy.stats
 
 import entropo
+from entropo import sharding
 from entropo.models import sample
 from entropo.models import sampler as sampler_lib
 from tests import hf_models
@@ -207,6 +208,21 @@ def test_deterministic_per_key(model, rng):
   # A raw uint32 key is the same key.
   d = run(jax.random.PRNGKey(7))
   np.testing.assert_array_equal(a.tokens, d.tokens)
+
+
+def test_batch_sharded_prompts_stay_sharded(model, rng):
+  # As the trainer passes them: on a mesh, the batch split over devices.
+  tokens, mask = _prompts(rng)
+  mesh = sharding.make_mesh(data=2, devices=jax.devices()[:2])
+  put = lambda x: jax.device_put(x, sharding.batch_sharding(mesh))  # noqa
+  run = lambda t, m: sample(model, t, m, key=jax.random.key(3),
+                            max_new_tokens=10)
+  placed, plain = run(put(tokens), put(mask)), run(tokens, mask)
+  assert placed.tokens.sharding.is_equivalent_to(
+      sharding.batch_sharding(mesh), 2)
+  np.testing.assert_array_equal(placed.tokens, plain.tokens)
+  np.testing.assert_allclose(placed.logps, plain.logps, rtol=1e-6,
+                             atol=1e-6)
 
 
 def test_steps_draw_fresh_noise(rng):

@@ -1,4 +1,4 @@
-"""grain pipelines: group layout, sharding, seeds, exact resume, SFT masks."""
+"""grain pipelines: group layout, process slices, seeds, resume, SFT masks."""
 
 import itertools
 import json
@@ -91,15 +91,33 @@ def test_seeds():
   assert first != _ids(_take(_prompts(seed=6), 8))
 
 
-@pytest.mark.parametrize("shard_count", [1, 3, 5])
-def test_shards_are_disjoint_and_cover_the_source(shard_count):
-  shards = [_ids(list(_prompts(shard_index=i, shard_count=shard_count,
-                                prompts_per_batch=1, num_epochs=1)))
+@pytest.mark.parametrize("shard_count", [1, 2, 3])
+def test_shards_are_slices_of_the_global_batches(shard_count):
+  # 6 prompts a batch over 12 records: batches cross epoch boundaries.
+  whole = _take(_prompts(prompts_per_batch=6), 5)
+  shards = [iter(_prompts(prompts_per_batch=6, shard_index=i,
+                          shard_count=shard_count))
             for i in range(shard_count)]
-  for i, shard in enumerate(shards):
-    assert len(shard) == len(range(i, N, shard_count))
-  everything = [i for shard in shards for i in shard]
-  assert sorted(everything) == [r["id"] for r in _records()]
+  for batch in whole:
+    parts = [next(shard) for shard in shards]
+    for part in parts:  # whole groups: 6 / shard_count prompts x 2
+      assert len(part["id"]) == 12 // shard_count
+    _equal([{k: np.concatenate([p[k] for p in parts]) for k in batch}],
+           [batch])
+  # Every process is at the same position, which restores on any of them.
+  states = [pipeline.iterator_state(shard) for shard in shards]
+  assert all(state == states[0] for state in states)
+  resumed = pipeline.restore(iter(_prompts(prompts_per_batch=6)), states[-1])
+  _equal(_take(resumed, 2), _take(_prompts(prompts_per_batch=6), 7)[5:])
+
+
+def test_sft_shards_are_slices_of_the_global_batches():
+  whole = _take(_sft(_records(), batch_size=6), 3)
+  parts = [_take(_sft(_records(), batch_size=6, shard_index=i,
+                      shard_count=2), 3) for i in range(2)]
+  for batch, first, second in zip(whole, *parts):
+    _equal([{k: np.concatenate([first[k], second[k]]) for k in batch}],
+           [batch])
 
 
 @pytest.mark.parametrize("taken", [1, 3, 4, 9])  # 4 batches an epoch
@@ -159,6 +177,8 @@ def test_prompt_batch_matches_the_shuffled_pipeline_layout():
     ({"group_size": 0}, "group_size"),
     ({"prompts_per_batch": 2.0}, "prompts_per_batch"),
     ({"shard_index": 3, "shard_count": 3}, "shard_index"),
+    ({"prompts_per_batch": 4, "shard_count": 3},
+     "prompts_per_batch=4 does not split over shard_count=3"),
     ({"seed": -1}, "seed"),
     ({"num_epochs": 0}, "num_epochs"),
 ])

@@ -71,6 +71,7 @@ import numpy as np
 from flax import nnx
 
 from entropo import logprobs as logprobs_lib
+from entropo import sharding as sharding_lib
 from entropo.models import transformer as transformer_lib
 from entropo.models import truncation
 
@@ -130,7 +131,11 @@ def sample(
 
   Args:
     model: an `entropo.models.Transformer`.
-    prompt_tokens: `[B, P]` int token ids (concrete, not traced).
+    prompt_tokens: `[B, P]` int token ids (concrete, not traced). A
+      `jax.Array` placed with a `NamedSharding` (e.g. a batch sharding)
+      stays there and the compiled sampler follows it; a global array of
+      several processes (`jax.distributed`) is validated on this process's
+      rows.
     prompt_mask: `[B, P]` bool (or 0/1 int) valid prompt tokens; every row
       needs at least one.
     key: a JAX PRNG key (`jax.random.key` or `jax.random.PRNGKey`).
@@ -171,12 +176,23 @@ def _is_real(value) -> bool:
 
 
 def _concrete(name, x) -> np.ndarray:
+  """The values to validate: all of `x`, or this process's rows of it."""
   if isinstance(x, jax.core.Tracer):
     raise ValueError(
         f"{name} must be a concrete array: sample() validates its inputs "
         "and compiles itself, so call it outside jax.jit/vmap."
     )
+  if isinstance(x, jax.Array) and not x.is_fully_addressable:
+    return sharding_lib.local_rows(x)
   return np.asarray(x)
+
+
+def _device_input(x, checked: np.ndarray, dtype) -> jax.Array:
+  """`x` for the compiled call; an array placed on a mesh stays there."""
+  if isinstance(x, jax.Array) and (not x.is_fully_addressable or isinstance(
+      x.sharding, jax.sharding.NamedSharding)):
+    return x if x.dtype == dtype else x.astype(dtype)
+  return jnp.asarray(checked, dtype)
 
 
 def _rows(indices) -> str:
@@ -296,8 +312,8 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
   args = (
       graphdef,
       state,
-      jnp.asarray(tokens, jnp.int32),
-      jnp.asarray(mask),
+      _device_input(prompt_tokens, tokens, jnp.int32),
+      _device_input(prompt_mask, mask, jnp.bool_),
       key,
       jnp.float32(1.0 if greedy else temperature),
       jnp.float32(1.0 if top_p is None else top_p),

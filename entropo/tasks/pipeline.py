@@ -3,19 +3,27 @@
 Both pipelines read a random-access sequence (`entropo.tasks.data.load`'s
 records, or a list) and build the same chain:
 
-    source -> this process's shard -> shuffle (seeded, reshuffled every
-    epoch) -> repeat -> tokenize -> batch
+    source indices -> shuffle (seeded, reshuffled every epoch) -> repeat
+    -> global batches of indices -> this process's slice -> load, tokenize
 
-Sharding comes first: process `shard_index` of `shard_count` sees the
-elements `shard_index::shard_count`, disjoint from the other processes'.
+Global batches are the same on every process. Process `shard_index` of
+`shard_count` loads and tokenizes only its contiguous slice of each: rows
+`[shard_index * n, (shard_index + 1) * n)` with `n = batch / shard_count`
+(for prompt batches, `n` prompts, each repeated G times, so a group never
+straddles processes). Concatenating the processes' batches in process
+order gives exactly the batch of a single process: what a run trains on
+does not depend on how many processes share it. The batch size must
+divide by `shard_count`.
+
 Batches are dicts of numpy arrays with static shapes (a last partial batch
 is dropped). Sequences are left-aligned: real tokens first, then `pad_id`.
 Nothing is truncated: a sequence longer than its budget raises an error
 naming the record.
 
 Resuming: the returned `grain.IterDataset` gives iterators whose
-`get_state()` is a small JSON-serialisable dict; `set_state` on a fresh
-iterator of the same pipeline (same source and arguments) continues with
+`get_state()` is a small JSON-serialisable dict (the position in the global
+stream, the same on every process); `set_state` on a fresh iterator of the
+same pipeline (same source and arguments, any `shard_index`) continues with
 exactly the batch that would have come next, across epoch boundaries too:
 
     it = iter(prompt_batches(...))
@@ -40,21 +48,34 @@ def _check_int(name: str, value, low: int, high: int | None = None):
     raise ValueError(f"{name} must be an int {bounds}; got {value!r}.")
 
 
-def _shuffled(source: Sequence[Any], *, seed: int, shard_index: int,
-              shard_count: int, num_epochs: int | None) -> grain.MapDataset:
-  """(index, element) pairs of this shard, shuffled and repeated."""
+def _global_batches(source: Sequence[Any], *, name: str, batch_size: int,
+                    seed: int, shard_index: int, shard_count: int,
+                    num_epochs: int | None) -> grain.IterDataset:
+  """Global batches of shuffled source indices, sliced to this process.
+
+  Only indices are shuffled and batched, so a process loads just the
+  records of its own slice. The iterator's state counts elements of the
+  global stream, whatever the slice.
+  """
+  _check_int(name, batch_size, 1)
   _check_int("seed", seed, 0, 2**32)
   _check_int("shard_count", shard_count, 1)
   _check_int("shard_index", shard_index, 0, shard_count)
   if num_epochs is not None:
     _check_int("num_epochs", num_epochs, 1)
-  dataset = grain.MapDataset.source(source).map_with_index(
-      lambda index, element: (index, element))
-  dataset = dataset[shard_index::shard_count]
-  if not len(dataset):
-    raise ValueError(f"Shard {shard_index} of {shard_count} of a source of "
-                     f"{len(source)} elements is empty.")
-  return dataset.seed(seed).shuffle().repeat(num_epochs)
+  if batch_size % shard_count:
+    raise ValueError(f"{name}={batch_size} does not split over shard_count="
+                     f"{shard_count} processes: each process takes an equal "
+                     f"contiguous slice of every global batch.")
+  if not len(source):
+    raise ValueError("The source is empty.")
+  size = batch_size // shard_count
+  start = shard_index * size
+  indices = grain.MapDataset.range(len(source)).seed(seed).shuffle().repeat(
+      num_epochs)
+  return indices.to_iter_dataset().batch(
+      batch_size, drop_remainder=True,
+      batch_fn=lambda rows: [int(i) for i in rows[start:start + size]])
 
 
 def _left_aligned(ids: Sequence[int], length: int, pad_id: int
@@ -114,16 +135,18 @@ def prompt_batches(source: Sequence[Mapping[str, Any]], tokenizer, *,
       random access, e.g. `entropo.tasks.data.load(...)`.
     tokenizer: has `encode(text, add_special_tokens=...)` and `pad_id`
       (e.g. `entropo.models.Tokenizer`).
-    prompts_per_batch: P, prompts per batch (per process).
+    prompts_per_batch: P, prompts per global batch (all processes); must
+      divide by `shard_count`.
     group_size: G, completions per prompt.
     max_prompt_len: the width of `prompt_tokens`; longer prompts raise.
     seed: the shuffle seed, in [0, 2**32).
-    shard_index, shard_count: this process's shard of the source.
-    num_epochs: passes over the shard (None: forever).
+    shard_index, shard_count: this process's slice of each global batch.
+    num_epochs: passes over the source (None: forever).
     add_special_tokens: passed to `encode` (e.g. a model's BOS).
 
   Returns:
-    A `grain.IterDataset` of dicts with `B = P * G` rows, rows
+    A `grain.IterDataset` of dicts with `B = P / shard_count * G` rows
+    (this process's prompts of the global batch), rows
     `[g * G, (g + 1) * G)` holding the same prompt (the layout of
     `entropo.advantages`):
       prompt_tokens: int32 [B, max_prompt_len], left-aligned, pad_id after.
@@ -135,17 +158,21 @@ def prompt_batches(source: Sequence[Mapping[str, Any]], tokenizer, *,
     ValueError: bad arguments; when iterating, a prompt of no tokens or of
       more than `max_prompt_len` (naming the record id and the lengths).
   """
-  _check_int("prompts_per_batch", prompts_per_batch, 1)
   _check_int("group_size", group_size, 1)
   _check_int("max_prompt_len", max_prompt_len, 1)
-  dataset = _shuffled(source, seed=seed, shard_index=shard_index,
-                      shard_count=shard_count, num_epochs=num_epochs)
-  dataset = dataset.map(functools.partial(
-      _encode_prompt, tokenizer=tokenizer, max_len=max_prompt_len,
-      add_special_tokens=add_special_tokens))
-  return dataset.to_iter_dataset().batch(
-      prompts_per_batch, drop_remainder=True,
-      batch_fn=functools.partial(_group_batch, group_size=group_size))
+  return _global_batches(
+      source, name="prompts_per_batch", batch_size=prompts_per_batch,
+      seed=seed, shard_index=shard_index, shard_count=shard_count,
+      num_epochs=num_epochs).map(functools.partial(
+          _load_prompts, source=source, tokenizer=tokenizer,
+          max_len=max_prompt_len, add_special_tokens=add_special_tokens,
+          group_size=group_size))
+
+
+def _load_prompts(indices: Sequence[int], *, source, group_size: int,
+                  **encode) -> dict[str, np.ndarray]:
+  return _group_batch([_encode_prompt((i, source[i]), **encode)
+                       for i in indices], group_size=group_size)
 
 
 def _encode_example(item, *, tokenizer, max_len: int,
@@ -185,26 +212,33 @@ def sft_batches(examples: Sequence[Any], tokenizer, *, batch_size: int,
       `entropo.tasks.warm_start_examples`), or records whose `solution` is
       the completion; `len` and random access.
     tokenizer: has `encode`, `pad_id` and `eos_id`.
-    batch_size: B, examples per batch (per process).
+    batch_size: examples per global batch (all processes); each process
+      gets `batch_size / shard_count` of them.
     max_len: L, the width of the batch; longer examples raise.
     seed, shard_index, shard_count, num_epochs, add_special_tokens: as in
       `prompt_batches`.
 
   Returns:
     A `grain.IterDataset` of dicts:
-      tokens: int32 [B, L], left-aligned, pad_id after.
+      tokens: int32 [B, L] (B: this process's examples), left-aligned,
+        pad_id after.
       mask: bool [B, L], True on the real tokens.
       loss_mask: bool [B, L], True on the completion and EOS tokens (the
         tokens to predict: position t is predicted from tokens before t).
   """
-  _check_int("batch_size", batch_size, 1)
   _check_int("max_len", max_len, 1)
-  dataset = _shuffled(examples, seed=seed, shard_index=shard_index,
-                      shard_count=shard_count, num_epochs=num_epochs)
-  dataset = dataset.map(functools.partial(
-      _encode_example, tokenizer=tokenizer, max_len=max_len,
-      add_special_tokens=add_special_tokens))
-  return dataset.to_iter_dataset().batch(batch_size, drop_remainder=True)
+  return _global_batches(
+      examples, name="batch_size", batch_size=batch_size, seed=seed,
+      shard_index=shard_index, shard_count=shard_count,
+      num_epochs=num_epochs).map(functools.partial(
+          _load_examples, source=examples, tokenizer=tokenizer,
+          max_len=max_len, add_special_tokens=add_special_tokens))
+
+
+def _load_examples(indices: Sequence[int], *, source,
+                   **encode) -> dict[str, np.ndarray]:
+  encoded = [_encode_example((i, source[i]), **encode) for i in indices]
+  return {key: np.stack([e[key] for e in encoded]) for key in encoded[0]}
 
 
 def iterator_state(iterator: grain.DatasetIterator) -> dict[str, Any]:

@@ -217,6 +217,14 @@ def validate(config: ConfigDict) -> None:
   if size > jax.device_count():
     _fail("mesh", f"data x fsdp x tensor = {size} exceeds the "
           f"{jax.device_count()} devices")
+  processes = jax.process_count()
+  if processes > 1 and size != jax.device_count():
+    _fail("mesh", f"a run of {processes} processes uses all "
+          f"{jax.device_count()} devices; data x fsdp x tensor = {size}")
+  if s.prompts_per_batch % processes:
+    _fail("sampling.prompts_per_batch", f"{s.prompts_per_batch} prompts do "
+          f"not split over {processes} processes (each loads an equal slice "
+          f"of every batch, whole groups)")
   for field in ("iterations", "eval_every", "eval_samples", "checkpoint_every",
                 "log_every"):
     _positive(config, f"train.{field}", integer=True)

@@ -17,9 +17,23 @@ the final metrics. One iteration (see docs/training.md):
 Everything that decides the future of the run (parameters, optimizer and
 controller states, PRNG key, data-iterator position, entropy target,
 running sums) is checkpointed, so a resumed run continues exactly.
+
+Several processes (`entropo.training.distributed`) run the same loop on one
+mesh over all their devices. Every array the steps see is a global
+`jax.Array`: each process loads and tokenizes only its rows of each global
+batch (`pipeline.prompt_batches` with this process's slice), the sampler
+and the steps run on the batch sharding, and each process scores its own
+rows. Whatever decides control flow (rewards, verdicts, dynamic-sampling
+choices, evaluation counts) is gathered to every process, so all of them
+take the same decisions and meet in the same collectives. The batches, and
+so the run, do not depend on the number of processes. Process 0 writes the
+metrics, plots, `baseline.json` and `config.json`; every process takes part
+in Orbax's checkpoint saves and restores; the data set and the warm start
+are written by process 0 while the others wait.
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -30,6 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec
 
 import entropo
 from entropo import controllers as controllers_lib
@@ -45,6 +61,7 @@ from entropo.tasks import data as data_lib
 from entropo.tasks import pipeline
 from entropo.training import checkpoint as checkpoint_lib
 from entropo.training import config as config_lib
+from entropo.training import distributed
 from entropo.training import logger as logger_lib
 from entropo.training import step as step_lib
 
@@ -125,26 +142,31 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
 
 @dataclasses.dataclass
 class Rollout:
-  """One scored batch of completions (NumPy, `[B, L]` unless noted)."""
+  """One scored batch of completions.
 
-  tokens: np.ndarray
-  attention_mask: np.ndarray
-  completion_mask: np.ndarray
-  sampler_logps: np.ndarray
+  The sequences are `[B, L]` global arrays on the batch sharding; the
+  rewards and verdicts of the whole batch are on the host, the same on
+  every process.
+  """
+
+  tokens: jax.Array
+  attention_mask: jax.Array
+  completion_mask: jax.Array
+  sampler_logps: jax.Array
   rewards: np.ndarray  # [B]
-  reasons: list[str]
+  reasons: list[str]  # [B]
 
-  def take(self, rows) -> "Rollout":
-    return Rollout(self.tokens[rows], self.attention_mask[rows],
-                   self.completion_mask[rows], self.sampler_logps[rows],
-                   self.rewards[rows], [self.reasons[i] for i in rows])
+  def arrays(self) -> tuple[jax.Array, ...]:
+    return (self.tokens, self.attention_mask, self.completion_mask,
+            self.sampler_logps)
 
-  @staticmethod
-  def concat(parts: list["Rollout"]) -> "Rollout":
-    return Rollout(*(np.concatenate([getattr(p, f.name) for p in parts])
-                     if f.name != "reasons"
-                     else sum((p.reasons for p in parts), [])
-                     for f in dataclasses.fields(Rollout)))
+
+@functools.partial(jax.jit, static_argnums=0)
+def _gather_rows(sharding, parts, rows):
+  """Rows `rows` of the concatenation of `parts` (pytrees of `[B, ...]`)."""
+  whole = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
+  return jax.lax.with_sharding_constraint(
+      jax.tree.map(lambda x: x[rows], whole), sharding)
 
 
 class Trainer:
@@ -165,7 +187,9 @@ class Trainer:
         devices=jax.devices()[:m.data * m.fsdp * m.tensor])
     sharding.shard_model(self.model, self.mesh)
     self.graphdef, params = nnx.split(self.model)
-    self.batch_sharding = sharding.batch_sharding(self.mesh)
+    # Dimension 0 over (data, fsdp), the rest replicated: any rank.
+    self.batch_sharding = sharding.batch_sharding(self.mesh, rank=1)
+    self.batch_shards = m.data * m.fsdp
     self.optimizer = step_lib.make_optimizer(config.optim)
     self.learner = step_lib.Learner(
         self.graphdef, self.algo, self.optimizer,
@@ -186,14 +210,14 @@ class Trainer:
         coef_max=max(self.algo.entropy_coef_max, self.algo.entropy_coef),
         delta=self.algo.entropy_coef_delta, lr=self.algo.entropy_coef_law_lr,
         law="dual" if self.algo.entropy_control == "dual" else "step")
-    self.state = {
+    self.state = self._on_mesh({
         "params": params,
         "opt_state": self.optimizer.init(params),
         "zeta": self.zeta_ctl.init(),
         "clip": self.clip_ctl.init(),
         "coef": self.coef_ctl.init(),
         "key": jax.random.key_data(jax.random.key(config.seed)),
-    }
+    })
     self.meta = {"iteration": 0, "data_state": None, "initial_entropy": None,
                  "target_entropy": None, "cumulative_entropy": 0.0}
     self._init_data()
@@ -206,6 +230,18 @@ class Trainer:
 
   # -- setup
 
+  def _on_mesh(self, tree):
+    """`tree` with every array not yet on the mesh replicated over it.
+
+    Scalars (optimizer count, controller states, PRNG key) become global
+    arrays too, which multi-process steps and Orbax checkpoints need.
+    """
+    replicated = NamedSharding(self.mesh, PartitionSpec())
+    return jax.tree.map(
+        lambda x: x if isinstance(getattr(x, "sharding", None),
+                                  NamedSharding)
+        else jax.device_put(x, replicated), tree)
+
   def _init_model(self):
     c = self.config
     if c.model.init_from:
@@ -213,8 +249,9 @@ class Trainer:
       self.tokenizer = load_tokenizer(path)
     else:
       self.tokenizer = tasks_lib.char_tokenizer()
-      path = warm_start(c, self.task, self.tokenizer,
-                        self.workdir / "warm_start")
+      path = distributed.on_primary_first(
+          "warm start", warm_start, c, self.task, self.tokenizer,
+          self.workdir / "warm_start")
     self.model = from_pretrained(path, precision=self.policy)
     self.warm_start_dir = path
 
@@ -222,23 +259,29 @@ class Trainer:
     c = self.config
     data_dir = c.data.data_dir or str(self.workdir / "data")
     if c.task.name == "gsm8k":
-      builder = data_lib.prepare(self.task, data_dir, manual_dir=c.task.path)
+      prepare = functools.partial(data_lib.prepare, self.task, data_dir,
+                                  manual_dir=c.task.path)
     else:
-      builder = data_lib.prepare(
-          self.task, data_dir, seed=c.data.seed,
+      prepare = functools.partial(
+          data_lib.prepare, self.task, data_dir, seed=c.data.seed,
           splits={"train": c.data.train_size, "test": c.data.eval_size})
+    builder = distributed.on_primary_first("data", prepare)
     name = builder.builder_config.name
     self.train_source = data_lib.load(self.task, data_dir, "train",
                                       config_name=name)
     eval_source = data_lib.load(self.task, data_dir, "test", config_name=name)
     self.eval_records = [eval_source[i] for i in
                          range(min(len(eval_source), c.data.eval_size))]
+    # This process loads the rows of each global batch its devices hold.
+    size = c.sampling.prompts_per_batch * c.sampling.group_size
+    rows = sharding.process_rows(self.mesh, size)
+    local = rows.stop - rows.start
     self.batches = pipeline.prompt_batches(
         self.train_source, self.tokenizer,
         prompts_per_batch=c.sampling.prompts_per_batch,
         group_size=c.sampling.group_size, seed=c.seed,
         max_prompt_len=c.data.max_prompt_len,
-        shard_index=jax.process_index(), shard_count=jax.process_count())
+        shard_index=rows.start // local, shard_count=size // local)
     self.data_iter = iter(self.batches)
 
   def _restore(self):
@@ -262,26 +305,45 @@ class Trainer:
   def model_at(self, params) -> Transformer:
     return nnx.merge(self.graphdef, params)
 
+  def _sample(self, prompt_tokens, prompt_mask, key, **settings):
+    """Samples from the current policy; the result on the batch sharding."""
+    if not isinstance(key.sharding, NamedSharding):  # evaluation's keys
+      # Replicated over the mesh, like the training keys, so that both
+      # share one compiled sampler.
+      key = jax.random.wrap_key_data(jax.device_put(
+          np.asarray(jax.random.key_data(key)),
+          NamedSharding(self.mesh, PartitionSpec())))
+    result = sample(self.model_at(self.state["params"]), prompt_tokens,
+                    prompt_mask, key=key,
+                    max_new_tokens=self.config.sampling.max_new_tokens,
+                    eos_id=self.tokenizer.eos_ids, **settings)
+    return jax.device_put(result, self.batch_sharding)
+
   def rollout(self, batch: dict, key) -> Rollout:
-    """Samples completions for a prompt batch and scores them."""
+    """Samples completions for a prompt batch and scores them.
+
+    `batch` holds this process's rows of the global batch (the pipeline's
+    slice); the rollout is global.
+    """
     s = self.config.sampling
     t0 = time.perf_counter()
-    result = sample(self.model_at(self.state["params"]),
-                    np.asarray(batch["prompt_tokens"]),
-                    np.asarray(batch["prompt_mask"]), key=key,
-                    max_new_tokens=s.max_new_tokens,
-                    temperature=s.temperature,
-                    eos_id=self.tokenizer.eos_ids)
-    tokens = np.asarray(result.tokens)
-    completion_mask = np.asarray(result.completion_mask)
+    size = s.prompts_per_batch * s.group_size
+    result = self._sample(
+        sharding.from_process_rows(self.mesh, batch["prompt_tokens"], size),
+        sharding.from_process_rows(self.mesh, batch["prompt_mask"], size),
+        key, temperature=s.temperature)
+    tokens = sharding.local_rows(result.tokens)
+    completion_mask = sharding.local_rows(result.completion_mask)
     t1 = time.perf_counter()
-    rewards, reasons = self.score(tokens, completion_mask, batch["problem"])
+    rewards, reasons = self.gather_scores(
+        *self.score(tokens, completion_mask, batch["problem"]), size)
     self.timing["time/sample"] += t1 - t0
     self.timing["time/score"] += time.perf_counter() - t1
-    return Rollout(tokens, np.asarray(result.attention_mask), completion_mask,
-                   np.asarray(result.logps), rewards, reasons)
+    return Rollout(result.tokens, result.attention_mask,
+                   result.completion_mask, result.logps, rewards, reasons)
 
   def score(self, tokens, completion_mask, problems):
+    """Rewards and verdicts of completions (NumPy rows) by the verifier."""
     rewards, reasons = [], []
     eos = set(self.tokenizer.eos_ids)
     for row, mask, problem in zip(tokens, completion_mask, problems):
@@ -291,39 +353,64 @@ class Trainer:
       reasons.append(reward.reason)
     return np.asarray(rewards, np.float32), reasons
 
+  def gather_scores(self, rewards, reasons, size: int):
+    """The whole batch's rewards and verdicts from each process's rows.
+
+    Each process scores only the rows its devices hold; every process gets
+    all `size` of them, so all take the same decisions.
+    """
+    if jax.process_count() == 1:
+      return rewards, reasons
+    codes = np.asarray([tasks_lib.REASONS.index(r) for r in reasons],
+                       np.int32)
+    rewards, codes = (sharding.to_host(sharding.from_process_rows(
+        self.mesh, x, size)) for x in (rewards, codes))
+    return rewards, [tasks_lib.REASONS[i] for i in codes]
+
   def collect(self, key) -> tuple[Rollout, dict]:
-    """A full batch; with dynamic sampling, of informative groups only."""
+    """A full batch; with dynamic sampling, of informative groups only.
+
+    Every process sees all rewards, so all choose the same groups.
+    """
     s, a = self.config.sampling, self.algo
     g, want = s.group_size, s.prompts_per_batch
-    kept, degenerate, draws = [], [], 0
+    draws, kept, degenerate = [], [], []  # groups as (draw, first row)
     while True:
       key, sub = jax.random.split(key)
       roll = self.rollout(next(self.data_iter), sub)
-      draws += 1
-      groups = roll.rewards.reshape(-1, g)
-      flat = np.all(groups == groups[:, :1], axis=1)
       if not a.dynamic_sampling:
         return roll, {"dynamic/draws": 1.0}
+      groups = roll.rewards.reshape(-1, g)
+      flat = np.all(groups == groups[:, :1], axis=1)
       for i in range(len(groups)):
-        rows = np.arange(i * g, (i + 1) * g)
-        (degenerate if flat[i] else kept).append(roll.take(rows))
-      if len(kept) >= want or draws > a.max_resample:
+        (degenerate if flat[i] else kept).append((len(draws), i * g))
+      draws.append(roll)
+      if len(kept) >= want or len(draws) > a.max_resample:
         break
     informative = min(len(kept), want)
-    parts = (kept + degenerate)[:want]
-    return Rollout.concat(parts), {
-        "dynamic/draws": float(draws),
+    size = want * g
+    rows = np.concatenate([np.arange(d * size + r, d * size + r + g)
+                           for d, r in (kept + degenerate)[:want]])
+    arrays = _gather_rows(self.batch_sharding,
+                          [roll.arrays() for roll in draws], rows)
+    rewards = np.concatenate([roll.rewards for roll in draws])[rows]
+    reasons = sum((roll.reasons for roll in draws), [])
+    return Rollout(*arrays, rewards, [reasons[i] for i in rows]), {
+        "dynamic/draws": float(len(draws)),
         "dynamic/kept_fraction": informative / want}
 
   # -- one iteration
 
   def prepare(self, roll: Rollout) -> tuple[dict, dict]:
     """Trainer log-probs, advantages and REPO: the batch for the updates."""
-    put = lambda x: jax.device_put(jnp.asarray(x), self.batch_sharding)  # noqa
+    put = lambda x: jax.device_put(x, self.batch_sharding)  # noqa: E731
+    rewards = roll.rewards
     return self.learner.prepare(
         self.state["params"], self.ref_params, put(roll.tokens),
         put(roll.attention_mask), put(roll.completion_mask[:, 1:]),
-        put(roll.sampler_logps[:, 1:]), jnp.asarray(roll.rewards),
+        put(roll.sampler_logps[:, 1:]),
+        jax.make_array_from_callback(rewards.shape, self.batch_sharding,
+                                     lambda index: rewards[index]),
         self.state["zeta"].zeta, self.state["clip"].clip_high)
 
   def update(self, batch: dict, key) -> dict:
@@ -341,8 +428,8 @@ class Trainer:
           a.minibatches > 1) else np.arange(n)
       for m in range(a.minibatches):
         rows = order[m * size:(m + 1) * size]
-        mb = {k: jax.device_put(v[rows], self.batch_sharding)
-              for k, v in batch.items()} if a.minibatches > 1 else batch
+        mb = _gather_rows(self.batch_sharding, [batch], rows) if (
+            a.minibatches > 1) else batch
         key, sub = jax.random.split(key)
         params, opt_state, metrics = self.learner.update(
             self.state["params"], self.state["opt_state"], mb, hyper, sub)
@@ -395,7 +482,7 @@ class Trainer:
     self.step_controllers(entropy)
     initial = self.meta["initial_entropy"]
     self.meta["cumulative_entropy"] += entropy
-    generated = int(roll.completion_mask.sum())
+    generated = int(jnp.sum(roll.completion_mask))
     metrics.update({
         "reward/mean": float(roll.rewards.mean()),
         "reward/pass@1": float(np.mean([r == "ok" for r in roll.reasons])),
@@ -407,7 +494,7 @@ class Trainer:
         "time/train": t2 - t1,
         "throughput/generated_tokens_per_s": generated / max(
             self.timing["time/sample"], 1e-9),
-        "throughput/train_tokens_per_s": float(roll.attention_mask.sum())
+        "throughput/train_tokens_per_s": float(jnp.sum(roll.attention_mask))
                                          * self.algo.epochs
                                          / max(t2 - t1, 1e-9),
     })
@@ -419,7 +506,12 @@ class Trainer:
   # -- evaluation
 
   def evaluate(self) -> dict[str, float]:
-    """pass@k, reward and entropy on the held-out prompts."""
+    """pass@k, reward and entropy on the held-out prompts.
+
+    Every process builds the same evaluation batches; each scores the rows
+    its devices hold, and the counts, entropies and lengths are gathered,
+    so every process returns the same numbers.
+    """
     c = self.config
     n = c.train.eval_samples
     records = self.eval_records
@@ -432,17 +524,23 @@ class Trainer:
       rows = np.repeat(np.arange(start, start + len(part)), n)
       batch = pipeline.prompt_batch(part, self.tokenizer, group_size=n,
                                     max_prompt_len=c.data.max_prompt_len)
-      result = sample(self.model_at(self.state["params"]),
-                      batch["prompt_tokens"], batch["prompt_mask"],
-                      key=jax.random.fold_in(key, start),
-                      max_new_tokens=c.sampling.max_new_tokens,
-                      temperature=c.sampling.temperature,
-                      eos_id=self.tokenizer.eos_ids)
-      cmask = np.asarray(result.completion_mask)
-      rewards, _ = self.score(np.asarray(result.tokens), cmask,
-                              batch["problem"])
-      np.add.at(correct, rows, (rewards == 1.0).astype(np.int64))
-      entropies.append(np.asarray(result.entropy)[cmask])
+      # Pad with copies of the last row so the batch splits over devices.
+      size = -(-len(rows) // self.batch_shards) * self.batch_shards
+      batch = {k: np.concatenate([v, np.repeat(v[-1:], size - len(v), 0)])
+               for k, v in batch.items()}
+      local = sharding.process_rows(self.mesh, size)
+      result = self._sample(
+          *(sharding.from_process_rows(self.mesh, batch[k][local], size)
+            for k in ("prompt_tokens", "prompt_mask")),
+          jax.random.fold_in(key, start), temperature=c.sampling.temperature)
+      rewards, _ = self.gather_scores(*self.score(
+          sharding.local_rows(result.tokens),
+          sharding.local_rows(result.completion_mask),
+          batch["problem"][local]), size)
+      cmask = sharding.to_host(result.completion_mask)[:len(rows)]
+      np.add.at(correct, rows,
+                (rewards[:len(rows)] == 1.0).astype(np.int64))
+      entropies.append(sharding.to_host(result.entropy)[:len(rows)][cmask])
       lengths.append(cmask.sum(1))
     out = {f"eval/pass@{k}": float(np.mean(entropo.pass_at_k(
         correct, n, int(k)))) for k in c.train.pass_k}
