@@ -71,7 +71,7 @@ _PRECISION_ALGORITHMS = flags.DEFINE_list(
     "precision_algorithms", ["dapo", "grpo+repo_r"],
     "Algorithms of the precision stage.")
 _PRESETS = flags.DEFINE_list("presets", list(PRESETS), "Precision presets.")
-_PRECISION_SEEDS = flags.DEFINE_list("precision_seeds", ["0"],
+_PRECISION_SEEDS = flags.DEFINE_list("precision_seeds", ["0", "1", "2"],
                                      "Seeds of the precision stage.")
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny model and settings (seconds per run): checks the "

@@ -138,7 +138,9 @@ def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
     return md, data
   first = next(iter(next(iter(runs.values())).values()))
   ks = sorted(int(k.split("@")[1]) for k in first["final"] if "pass@" in k)
-  base = first["baseline"]
+  # The evaluation before RL samples with each run's seed: average them.
+  everyone = [x["baseline"] for v in runs.values() for x in v.values()]
+  base = {k: float(np.mean([b[k] for b in everyone])) for k in first["baseline"]}
   header = ["algorithm", "seeds", "entropy change %", "cumulative entropy",
             "pass@1", f"pass@{ks[-1]}", "train reward first → last 10 %",
             "min per run"]
@@ -159,7 +161,8 @@ def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
         "cumulative_entropy": [x["cumulative_entropy"] for x in s],
         **{f"pass@{k}": [x["final"][f"eval/pass@{k}"] for x in s]
            for k in ks}}
-  md.append(f"Before RL (the shared warm start): entropy "
+  md.append(f"Before RL (the shared warm start, mean of the {len(everyone)} "
+            f"runs' evaluations): entropy "
             f"{base['eval/entropy']:.3f} nats/token, " + ", ".join(
                 f"pass@{k} {base[f'eval/pass@{k}']:.3f}" for k in ks) + ".")
   md.append(_table(header, rows))
