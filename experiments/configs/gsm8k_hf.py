@@ -11,10 +11,13 @@ tokenizer.json); `task.path` a directory with `train.jsonl` and `test.jsonl`
 in GSM8K's format (`{"question", "answer": "... #### 72"}` lines). Nothing
 is downloaded.
 
-Hardware: a GPU with >= 40 GB or a TPU v5e-8 host for Qwen3-0.6B at these
-batch sizes (128 sequences of up to 768 tokens); the precision preset
-`bf16_fp32_head` keeps the head, log-probs and ratios in float32 (the
-paper's fix, method.md section 5).
+Hardware, estimated by `entropo.scaling` (docs/scaling.md, "A worked
+example"; not measured): for Qwen3-0.6B at these batch sizes (128
+sequences of up to 768 tokens, 4 minibatches of 32) the update needs about
+167 GiB on one device, so use 8 devices with `--config.mesh.data=8` (about
+27 GiB each), or on a single 80 GB GPU `--config.algo.minibatches=16`
+(about 47 GiB). The precision preset `bf16_fp32_head` keeps the head,
+log-probs and ratios in float32 (the paper's fix, method.md section 5).
 
 Expected run time and result: not measured in this project yet (no
 accelerator was available when this config was written); the config is
