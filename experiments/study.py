@@ -140,13 +140,9 @@ class Study:
     self.timing = (json.loads(self.timing_path.read_text())
                    if self.timing_path.is_file() else {})
 
-  def config(self, algo, *, seed=0, **overrides):
-    c = base_config(algo, self.dir, iterations=self.iterations,
-                    smoke=self.smoke, seed=seed)
-    for field, value in overrides.items():
-      section, name = field.split(".")
-      c[section][name] = value
-    return c
+  def config(self, algo, *, seed=0):
+    return base_config(algo, self.dir, iterations=self.iterations,
+                       smoke=self.smoke, seed=seed)
 
   def _record(self, name: str, seconds: float) -> None:
     self.timing[name] = round(seconds, 1)
@@ -169,6 +165,7 @@ class Study:
     from entropo.training import train  # pylint: disable=g-import-not-at-top
     key = str(directory.relative_to(self.dir))
     if key in self.timing:
+      _check_same_config(config, directory)
       _log(f"{label}: done earlier")
       return
     t = time.perf_counter()
@@ -229,8 +226,10 @@ class Study:
     key = "ratio_bias"
     path = self.dir / "ratio_bias.json"
     if path.is_file() and key in self.timing:
-      _log("ratio bias: done earlier")
-      return json.loads(path.read_text())
+      result = json.loads(path.read_text())
+      if list(result["presets"]) == list(presets):
+        _log("ratio bias: done earlier")
+        return result
     t = time.perf_counter()
     c = self.config("grpo")
     result = measure_ratio_bias(
@@ -243,6 +242,27 @@ class Study:
            f"(+-{2 * r['ratio_bias_se']:.1e}), phantom clips "
            f"{r['phantom_clipfrac_low']:.2e} / {r['phantom_clipfrac_high']:.2e}")
     return result
+
+
+def _flatten(tree, prefix=""):
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for k, v in tree.items():
+    out.update(_flatten(v, f"{prefix}.{k}" if prefix else k))
+  return out
+
+
+def _check_same_config(config, directory: pathlib.Path) -> None:
+  """A finished run is only reused if it was made with `config`."""
+  saved = _flatten(json.loads((directory / "config.json").read_text()))
+  wanted = _flatten(json.loads(config.to_json_best_effort()))
+  for field in sorted(saved.keys() | wanted.keys()):
+    if saved.get(field) != wanted.get(field):
+      raise ValueError(
+          f"{directory} was trained with {field}={saved.get(field)!r}, but "
+          f"this study asks for {wanted.get(field)!r}. Use another "
+          f"--workdir, or delete that run to retrain it.")
 
 
 def loop_trainer(config, directory):

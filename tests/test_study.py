@@ -178,6 +178,11 @@ def test_smoke_study_end_to_end(tmp_path):
   study.algorithms(["grpo"])
   after = (tmp_path / "runs/algorithms/grpo/seed0/metrics.jsonl").stat()
   assert before.st_mtime_ns == after.st_mtime_ns
+  # ... but never reuses a run made with other settings.
+  study = study_lib.Study(tmp_path, seeds=[0], iterations=3, smoke=True)
+  with pytest.raises(ValueError, match="trained with train.checkpoint_every"
+                     "=2, but this study asks for 3"):
+    study.algorithms(["grpo"])
 
 
 def _study(*args):
