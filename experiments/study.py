@@ -24,6 +24,9 @@ so an interrupted study continues where it stopped):
   warm-started policy samples a fixed batch under each preset and the
   trainer recomputes its log-probs; the true ratio is exactly 1, so the
   measured ratio is pure numerical error.
+* `bounds`: REPO-R with other bounds on zeta and ADAPO with other bounds
+  on epsilon_high (`BOUNDS`), each for `--seeds`: whether a controller that
+  sits at its bound would hold the entropy target with more room.
 * `report`: tables (`report/summary.md`, `report/summary.json`) and plots
   (`report/*.png`) from everything above.
 
@@ -46,7 +49,12 @@ from experiments import study_report
 from experiments.study_report import summarize
 
 STAGES = ("warm_start", "algorithms", "sequential", "precision", "ratio_bias",
-          "report")
+          "bounds", "report")
+# The controllers' bounds, varied one at a time (the `bounds` stage): REPO-R's
+# zeta_max (the algorithms stage uses 1, the paper 0.05) and ADAPO's
+# clip_high_max (the algorithms stage uses 0.4).
+BOUNDS = (("grpo+repo_r", "zeta_max", (0.05, 4.0, 16.0)),
+          ("adapo", "clip_high_max", (1.0, 2.0)))
 # The paper's comparison at small scale (ISSUE: GRPO, RLOO, DAPO, GSPO,
 # entropy bonus, REPO-R on GRPO and on DAPO, REPO-D, ADAPO).
 ALGORITHMS = ("grpo", "rloo", "dapo", "gspo", "entropy_bonus", "grpo+repo_r",
@@ -221,6 +229,16 @@ class Study:
       c.algo.old_logps = "sampler"
       self.run(c, run_dir(self.dir, "precision", f"{algo}/{preset}", seed),
                f"({i + 1}/{len(jobs)}) {algo} {preset} seed {seed}")
+
+  def bounds(self, variants=BOUNDS) -> None:
+    jobs = [(a, f, v, s) for a, f, values in variants for v in values
+            for s in self.seeds]
+    for i, (algo, field, value, seed) in enumerate(jobs):
+      c = self.config(algo, seed=seed)
+      c.algo[field] = value
+      self.run(c, run_dir(self.dir, "bounds", f"{algo}/{field}={value:g}",
+                          seed),
+               f"({i + 1}/{len(jobs)}) {algo} {field}={value:g} seed {seed}")
 
   def ratio_bias(self, presets) -> dict:
     key = "ratio_bias"
@@ -402,6 +420,8 @@ def main(argv):
     elif stage == "precision":
       study.precision(_PRECISION_ALGORITHMS.value, _PRESETS.value,
                       [int(s) for s in _PRECISION_SEEDS.value])
+    elif stage == "bounds":
+      study.bounds()
     elif stage == "ratio_bias":
       study.ratio_bias(_PRESETS.value)
     elif stage == "report":

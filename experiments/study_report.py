@@ -14,7 +14,8 @@ and writes `report/summary.json`, `report/summary.md` and the plots:
 * `sequential.png`: task-B reward and held-out pass@1 per source policy;
 * `precision_entropy.png`, `precision_mismatch.png`: entropy and the
   sampler-trainer ratio statistics per precision preset;
-* `ratio_bias.png`: the controlled measurement.
+* `ratio_bias.png`: the controlled measurement;
+* `bounds_entropy.png`: entropy under other controller bounds.
 """
 
 import collections
@@ -332,6 +333,56 @@ def _precision_section(runs, plt, out, files) -> tuple[list[str], dict]:
   return md, data
 
 
+def _bounds_section(runs, reference, plt, out, files
+                    ) -> tuple[list[str], dict]:
+  """Controllers with other bounds, next to the algorithm stage's runs."""
+  md, data = [], {}
+  if not runs:
+    return md, data
+  defaults = {"grpo_repo_r": "zeta_max=1", "adapo": "clip_high_max=0.4"}
+  controller = {"zeta_max": "controller/zeta",
+                "clip_high_max": "controller/clip_high"}
+  rows_by_algo = collections.defaultdict(dict)
+  for name, seeds in runs.items():
+    algo, variant = name.split("/")
+    rows_by_algo[algo][variant] = seeds
+  for algo, variant in defaults.items():
+    if algo in rows_by_algo and algo in reference:
+      rows_by_algo[algo][f"{variant} (algorithms stage)"] = reference[algo]
+  header = ["algorithm", "bound", "seeds", "entropy change %",
+            "cumulative entropy", "pass@1", "pass@16",
+            "controller at the end"]
+  rows = []
+  fig, axes = plt.subplots(1, len(rows_by_algo),
+                           figsize=(6 * len(rows_by_algo), 4), squeeze=False)
+  for ax, (algo, variants) in zip(axes[0], sorted(rows_by_algo.items())):
+    for variant, seeds in sorted(variants.items(), key=lambda kv: float(
+        kv[0].split("=")[1].split()[0])):
+      s = list(seeds.values())
+      key = controller[variant.split("=")[0]]
+      k = s[0]["max_k"]
+      rows.append([
+          _label(algo), variant, len(s),
+          _pm([x["entropy_change_pct"] for x in s], 2, pct=True),
+          _pm([x["cumulative_entropy"] for x in s], 1),
+          _pm([x["final"]["eval/pass@1"] for x in s]),
+          _pm([x["final"][f"eval/pass@{k}"] for x in s]),
+          _pm([x["records"][-1][key] for x in s], 3)])
+      data[f"{algo}/{variant}"] = {
+          "entropy_change_pct": [x["entropy_change_pct"] for x in s],
+          "pass@1": [x["final"]["eval/pass@1"] for x in s],
+          f"pass@{k}": [x["final"][f"eval/pass@{k}"] for x in s]}
+      x, mean, _, _ = _curve(seeds, "entropy/mean")
+      ax.plot(x, _smooth(mean), label=variant)
+    ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
+           title=f"{_label(algo)}: controller bounds (mean over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  md.append(_table(header, rows))
+  files.append(_figure(plt, out / "bounds_entropy.png", fig))
+  return md, data
+
+
 def _ratio_bias_section(result, plt, out, files) -> list[str]:
   if not result:
     return []
@@ -399,6 +450,13 @@ def write_report(study_dir) -> list[pathlib.Path]:
     if lines:
       md += [f"## {title}", ""] + [line + "\n" for line in lines]
       summary[stage] = data
+  lines, data = _bounds_section(_runs(study_dir, "bounds"),
+                                _runs(study_dir, "algorithms"), plt, out,
+                                files)
+  if lines:
+    md += ["## Controller bounds (task A)", ""] + [
+        line + "\n" for line in lines]
+    summary["bounds"] = data
   path = study_dir / "ratio_bias.json"
   if path.is_file():
     result = json.loads(path.read_text())
