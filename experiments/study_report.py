@@ -28,7 +28,8 @@ from entropo.training import logger
 
 
 def summarize(directory) -> dict:
-  """The headline numbers of one finished run directory."""
+  """The headline numbers of one finished run directory (and, under
+  `records`, its per-iteration metrics)."""
   directory = pathlib.Path(directory)
   records = logger.read_jsonl(directory / "metrics.jsonl")
   baseline = json.loads((directory / "baseline.json").read_text())
@@ -56,6 +57,7 @@ def summarize(directory) -> dict:
       "phantom_clipfrac_low": mean("mismatch/phantom_clipfrac_low", records),
       "phantom_clipfrac_high": mean("mismatch/phantom_clipfrac_high", records),
       "max_abs_diff": max(r["mismatch/max_abs_diff"] for r in records),
+      "records": records,
   }
 
 
@@ -73,7 +75,6 @@ def _runs(study_dir: pathlib.Path, stage: str) -> dict[str, dict[int, dict]]:
     seed = int(path.name.removeprefix("seed"))
     summary = summarize(path)
     summary["seconds"] = seconds
-    summary["records"] = logger.read_jsonl(path / "metrics.jsonl")
     out[name][seed] = summary
   return dict(out)
 
@@ -126,14 +127,21 @@ def _table(header, rows) -> str:
   return "\n".join(lines)
 
 
-def _figure(plt, path, fig):
+def _subplots(ncols=1, *, figsize, squeeze=True):
+  """A figure and its axes, without pyplot: no global backend switch (a
+  notebook's inline plots keep working), nothing to close."""
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=figsize)
+  return fig, fig.subplots(1, ncols, squeeze=squeeze)
+
+
+def _figure(path, fig):
   fig.tight_layout()
   fig.savefig(path, dpi=110)
-  plt.close(fig)
   return path
 
 
-def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
+def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
   md, data = [], {}
   if not runs:
     return md, data
@@ -179,8 +187,9 @@ def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
       md.append(f"Pearson correlation of cumulative entropy and final "
                 f"pass@{k} over all {len(cum)} runs: {r:+.2f}.")
 
-  colors = plt.cm.tab10(np.linspace(0, 1, 10))
-  fig, ax = plt.subplots(figsize=(8, 5))
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  colors = matplotlib.colormaps["tab10"](np.linspace(0, 1, 10))
+  fig, ax = _subplots(figsize=(8, 5))
   for (name, seeds), color in zip(runs.items(), colors):
     x, mean, lo, hi = _curve(seeds, "entropy/mean")
     ax.plot(x, _smooth(mean), color=color, label=_label(name))
@@ -191,9 +200,9 @@ def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
          title="Entropy during RL (mean over seeds, min-max band)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
-  files.append(_figure(plt, out / "entropy_curves.png", fig))
+  files.append(_figure(out / "entropy_curves.png", fig))
 
-  fig, ax = plt.subplots(figsize=(7, 5))
+  fig, ax = _subplots(figsize=(7, 5))
   for (name, seeds), color in zip(runs.items(), colors):
     ent = np.mean([_evals(s, "eval/entropy")[1] for s in seeds.values()], 0)
     acc = np.mean([_evals(s, "eval/pass@1")[1] for s in seeds.values()], 0)
@@ -205,9 +214,9 @@ def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
                "star = end)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
-  files.append(_figure(plt, out / "accuracy_vs_entropy.png", fig))
+  files.append(_figure(out / "accuracy_vs_entropy.png", fig))
 
-  fig, ax = plt.subplots(figsize=(7, 5))
+  fig, ax = _subplots(figsize=(7, 5))
   for (name, seeds), color in zip(runs.items(), colors):
     ys = np.mean([[s["final"][f"eval/pass@{k}"] for k in ks]
                   for s in seeds.values()], 0)
@@ -219,9 +228,9 @@ def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
          title="pass@k after RL (mean over seeds)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
-  files.append(_figure(plt, out / "pass_at_k.png", fig))
+  files.append(_figure(out / "pass_at_k.png", fig))
 
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = _subplots(2, figsize=(10, 4))
   for ax, k in zip(axes, (1, ks[-1])):
     for (name, seeds), color in zip(runs.items(), colors):
       ax.scatter([s["cumulative_entropy"] for s in seeds.values()],
@@ -231,11 +240,11 @@ def _algorithm_section(runs, plt, out, files) -> tuple[list[str], dict]:
            ylabel=f"final held-out pass@{k}")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
-  files.append(_figure(plt, out / "cumulative_entropy.png", fig))
+  files.append(_figure(out / "cumulative_entropy.png", fig))
   return md, data
 
 
-def _sequential_section(runs, plt, out, files) -> tuple[list[str], dict]:
+def _sequential_section(runs, out, files) -> tuple[list[str], dict]:
   md, data = [], {}
   if not runs:
     return md, data
@@ -260,7 +269,7 @@ def _sequential_section(runs, plt, out, files) -> tuple[list[str], dict]:
                   "pass@1_before": [x["baseline"]["eval/pass@1"] for x in s],
                   "pass@1_after": [x["final"]["eval/pass@1"] for x in s]}
   md.append(_table(header, rows))
-  fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+  fig, axes = _subplots(3, figsize=(14, 4))
   for name, seeds in runs.items():
     x, mean, _, _ = _curve(seeds, "reward/mean")
     axes[0].plot(x, _smooth(mean, 9), label=_label(name))
@@ -277,11 +286,11 @@ def _sequential_section(runs, plt, out, files) -> tuple[list[str], dict]:
   axes[0].legend(fontsize=8)
   fig.suptitle("Sequential learning: GRPO on task B from each task-A policy "
                "(mean over seeds)")
-  files.append(_figure(plt, out / "sequential.png", fig))
+  files.append(_figure(out / "sequential.png", fig))
   return md, data
 
 
-def _precision_section(runs, plt, out, files) -> tuple[list[str], dict]:
+def _precision_section(runs, out, files) -> tuple[list[str], dict]:
   md, data = [], {}
   if not runs:
     return md, data
@@ -307,7 +316,7 @@ def _precision_section(runs, plt, out, files) -> tuple[list[str], dict]:
         "ratio_bias", "phantom_clipfrac_low", "phantom_clipfrac_high",
         "entropy_change_pct")}
   md.append(_table(header, rows))
-  fig, axes = plt.subplots(1, len(by_algo), figsize=(6 * len(by_algo), 4),
+  fig, axes = _subplots(len(by_algo), figsize=(6 * len(by_algo), 4),
                            squeeze=False)
   for ax, (algo, presets) in zip(axes[0], by_algo.items()):
     for preset, seeds in presets.items():
@@ -317,8 +326,8 @@ def _precision_section(runs, plt, out, files) -> tuple[list[str], dict]:
            title=f"{_label(algo)}: old log-probs from the sampler")
     ax.grid(alpha=0.3)
     ax.legend()
-  files.append(_figure(plt, out / "precision_entropy.png", fig))
-  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  files.append(_figure(out / "precision_entropy.png", fig))
+  fig, axes = _subplots(3, figsize=(15, 4))
   for algo, presets in by_algo.items():
     for ax, key in zip(axes, ("mismatch/ratio_bias",
                               "mismatch/phantom_clipfrac_low",
@@ -329,12 +338,11 @@ def _precision_section(runs, plt, out, files) -> tuple[list[str], dict]:
       ax.set(xlabel="iteration", title=key)
       ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
-  files.append(_figure(plt, out / "precision_mismatch.png", fig))
+  files.append(_figure(out / "precision_mismatch.png", fig))
   return md, data
 
 
-def _bounds_section(runs, reference, plt, out, files
-                    ) -> tuple[list[str], dict]:
+def _bounds_section(runs, reference, out, files) -> tuple[list[str], dict]:
   """Controllers with other bounds, next to the algorithm stage's runs."""
   md, data = [], {}
   if not runs:
@@ -353,7 +361,7 @@ def _bounds_section(runs, reference, plt, out, files
             "cumulative entropy", "pass@1", "pass@16",
             "controller at the end"]
   rows = []
-  fig, axes = plt.subplots(1, len(rows_by_algo),
+  fig, axes = _subplots(len(rows_by_algo),
                            figsize=(6 * len(rows_by_algo), 4), squeeze=False)
   for ax, (algo, variants) in zip(axes[0], sorted(rows_by_algo.items())):
     for variant, seeds in sorted(variants.items(), key=lambda kv: float(
@@ -379,11 +387,11 @@ def _bounds_section(runs, reference, plt, out, files
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   md.append(_table(header, rows))
-  files.append(_figure(plt, out / "bounds_entropy.png", fig))
+  files.append(_figure(out / "bounds_entropy.png", fig))
   return md, data
 
 
-def _ratio_bias_section(result, plt, out, files) -> list[str]:
+def _ratio_bias_section(result, out, files) -> list[str]:
   if not result:
     return []
   header = ["preset", "mean ρ − 1 (± 2 s.e.)", "exp(μ + σ²/2) − 1",
@@ -407,7 +415,7 @@ def _ratio_bias_section(result, plt, out, files) -> list[str]:
         f"[1 − {result['clip_low']}, 1 + {result['clip_high']}].",
         _table(header, rows)]
   presets = list(result["presets"])
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  fig, axes = _subplots(2, figsize=(11, 4))
   x = np.arange(len(presets))
   axes[0].bar(x, [result["presets"][p]["ratio_bias"] for p in presets],
               yerr=[2 * result["presets"][p]["ratio_bias_se"]
@@ -425,15 +433,12 @@ def _ratio_bias_section(result, plt, out, files) -> list[str]:
   axes[1].legend()
   for ax in axes:
     ax.grid(alpha=0.3, axis="y")
-  files.append(_figure(plt, out / "ratio_bias.png", fig))
+  files.append(_figure(out / "ratio_bias.png", fig))
   return md
 
 
 def write_report(study_dir) -> list[pathlib.Path]:
   """Writes report/summary.{md,json} and the plots; returns the files."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
   study_dir = pathlib.Path(study_dir)
   out = study_dir / "report"
   out.mkdir(parents=True, exist_ok=True)
@@ -445,13 +450,14 @@ def write_report(study_dir) -> list[pathlib.Path]:
                _sequential_section),
               ("Precision presets (old log-probs from the sampler)",
                "precision", _precision_section))
+  runs = {stage: _runs(study_dir, stage) for stage in (
+      "algorithms", "sequential", "precision", "bounds")}
   for title, stage, section in sections:
-    lines, data = section(_runs(study_dir, stage), plt, out, files)
+    lines, data = section(runs[stage], out, files)
     if lines:
       md += [f"## {title}", ""] + [line + "\n" for line in lines]
       summary[stage] = data
-  lines, data = _bounds_section(_runs(study_dir, "bounds"),
-                                _runs(study_dir, "algorithms"), plt, out,
+  lines, data = _bounds_section(runs["bounds"], runs["algorithms"], out,
                                 files)
   if lines:
     md += ["## Controller bounds (task A)", ""] + [
@@ -461,7 +467,7 @@ def write_report(study_dir) -> list[pathlib.Path]:
   if path.is_file():
     result = json.loads(path.read_text())
     md += ["## Controlled ratio bias (identical parameters)", ""] + [
-        line + "\n" for line in _ratio_bias_section(result, plt, out, files)]
+        line + "\n" for line in _ratio_bias_section(result, out, files)]
     summary["ratio_bias"] = result
   timing_path = study_dir / "timing.json"
   if timing_path.is_file():
