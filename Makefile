@@ -38,7 +38,7 @@ demo: install
 	$(VENV_PY) -m experiments.main --config=experiments/configs/countdown.py \
 	  --workdir=$(WORKDIR)
 
-# The study of docs/results.md (about 67 minutes on 2 CPU cores; resumable).
+# The study of docs/results.md (about 66 minutes on 2 CPU cores; resumable).
 STUDY_DIR ?= workdir/study
 
 study: install

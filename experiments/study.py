@@ -334,7 +334,7 @@ def measure_ratio_bias(model_dir, config, presets, *, batches: int,
   forward = jax.jit(lambda model, tokens, mask: step.sequence_logps(
       model, tokens, mask)[0])
   reference = from_pretrained(model_dir, precision="fp32")
-  out = {"tokens": 0, "prompts": len(batch["prompt_tokens"]) // s.group_size,
+  out = {"prompts": len(batch["prompt_tokens"]) // s.group_size,
          "group_size": s.group_size, "batches": batches,
          "clip_low": a.clip_low, "clip_high": a.clip_high, "presets": {}}
   for preset in presets:
@@ -361,8 +361,9 @@ def measure_ratio_bias(model_dir, config, presets, *, batches: int,
         jnp.asarray(log_rho[None].astype(np.float32)),
         jnp.zeros((1, n), jnp.float32), jnp.ones((1, n), bool),
         clip_low=a.clip_low, clip_high=a.clip_high)
-    out["tokens"] = n
     out["presets"][preset] = {
+        # Each preset samples its own completions, so the counts differ.
+        "tokens": n,
         "ratio_bias": float(np.mean(rho - 1)),
         "ratio_bias_se": float(np.std(rho - 1) / math.sqrt(n)),
         "ratio_bias_library": float(lib["mismatch/ratio_bias"]),

@@ -394,14 +394,16 @@ def _bounds_section(runs, reference, out, files) -> tuple[list[str], dict]:
 def _ratio_bias_section(result, out, files) -> list[str]:
   if not result:
     return []
-  header = ["preset", "mean ρ − 1 (± 2 s.e.)", "exp(μ + σ²/2) − 1",
+  header = ["preset", "tokens", "mean ρ − 1 (± 2 s.e.)",
+            "exp(μ + σ²/2) − 1",
             "mean log ρ (μ)", "std log ρ (σ)",
             "share ρ > 1 / ρ < 1", "phantom clip low / high",
             "max \\|log ρ\\|", "trainer / sampler max \\|Δ log π\\| vs fp32"]
   rows = []
   for preset, r in result["presets"].items():
     rows.append([
-        preset, f"{r['ratio_bias']:+.2e} ± {2 * r['ratio_bias_se']:.1e}",
+        preset, r["tokens"],
+        f"{r['ratio_bias']:+.2e} ± {2 * r['ratio_bias_se']:.1e}",
         f"{np.expm1(r['log_ratio_mean'] + r['log_ratio_std'] ** 2 / 2):+.2e}",
         f"{r['log_ratio_mean']:+.2e}", f"{r['log_ratio_std']:.2e}",
         f"{r['share_above_1']:.3f} / {r['share_below_1']:.3f}",
@@ -409,9 +411,9 @@ def _ratio_bias_section(result, out, files) -> list[str]:
         f"{r['max_abs_log_ratio']:.3f}",
         f"{r['trainer_max_abs_diff_vs_fp32']:.3f} / "
         f"{r['sampler_max_abs_diff_vs_fp32']:.3f}"])
-  md = [f"{result['tokens']} completion tokens per preset "
-        f"({result['prompts']} held-out prompts × {result['group_size']} "
-        f"samples × {result['batches']} batches), band "
+  md = [f"Completion tokens of {result['prompts']} held-out prompts × "
+        f"{result['group_size']} samples × {result['batches']} batches, "
+        f"sampled under each preset; band "
         f"[1 − {result['clip_low']}, 1 + {result['clip_high']}].",
         _table(header, rows)]
   presets = list(result["presets"])

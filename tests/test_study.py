@@ -166,6 +166,7 @@ def test_smoke_study_end_to_end(tmp_path):
   assert abs(fp32["ratio_bias"]) < 1e-5
   assert fp32["phantom_clipfrac_low"] == fp32["phantom_clipfrac_high"] == 0
   for r in result["presets"].values():
+    assert r["tokens"] > 0
     np.testing.assert_allclose(r["ratio_bias_library"], r["ratio_bias"],
                                atol=1e-6)
   assert result["presets"]["bf16"]["trainer_max_abs_diff_vs_fp32"] > 1e-3
