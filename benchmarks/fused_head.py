@@ -12,10 +12,11 @@ hidden and lm_head):
 
 * XLA's compiled memory analysis (temporary bytes, from
   `jit(...).lower(...).compile().memory_analysis()`): needs no execution;
-* process peak RSS of one execution, in a fresh subprocess per variant:
-  the executable is compiled ahead of time, the kernel's peak counter is
-  reset, and the execution's peak is reported over the RSS held before it
-  (inputs, runtime, compiler);
+* the peak memory of one execution, in a fresh subprocess per variant,
+  over what was held just before it (inputs, runtime, compiler): on CPU the
+  process's peak RSS (the kernel's peak counter is reset after the
+  ahead-of-time compilation); on GPU/TPU the device allocator's
+  `peak_bytes_in_use` over its `bytes_in_use`;
 * wall time: median over repeats, the two variants interleaved in one
   process so that machine noise hits both alike.
 
@@ -23,6 +24,12 @@ Usage:
 
     python benchmarks/fused_head.py                      # the issue's sizes
     python benchmarks/fused_head.py --configs 1024x256x8192 --repeats 3
+    python benchmarks/fused_head.py --precision bf16_fp32_logits
+
+`--precision` picks the policy both variants run under (a preset of
+`entropo.precision`): hidden states come in its compute dtype, as the
+model hands them over, and `lm_head` stays float32 (master weights), so
+`bf16_fp32_logits` is bf16 operands with a float32 product.
 
 Writes a JSON summary to `--out` (default benchmarks/out/fused_head.json)
 and prints a Markdown table.
@@ -50,9 +57,22 @@ def parse_config(text):
   return n, d, v
 
 
-def make_inputs(n, d, v, seed=0):
+def _config_arg(text):
+  try:
+    ok = min(parse_config(text)) > 0
+  except ValueError:
+    ok = False
+  if not ok:
+    raise argparse.ArgumentTypeError(
+        f"expected NxDxV with three positive ints, e.g. 4096x1024x32768; "
+        f"got {text!r}")
+  return text
+
+
+def make_inputs(n, d, v, precision="fp32", seed=0):
+  policy = entropo.get_precision(precision)
   k = jax.random.split(jax.random.key(seed), 5)
-  hidden = jax.random.normal(k[0], (n, d), jnp.float32)
+  hidden = jax.random.normal(k[0], (n, d), policy.compute_dtype)
   lm_head = jax.random.normal(k[1], (d, v), jnp.float32) / np.sqrt(d)
   targets = jax.random.randint(k[2], (n,), 0, v)
   g_lp = jax.random.normal(k[3], (n,), jnp.float32)
@@ -60,24 +80,26 @@ def make_inputs(n, d, v, seed=0):
   return hidden, lm_head, targets, g_lp, g_h
 
 
-def loss_fn(variant, chunk_size):
+def loss_fn(variant, chunk_size, precision="fp32"):
+  policy = entropo.get_precision(precision)
+
   def materialised(hidden, lm_head, targets, g_lp, g_h):
-    logits = hidden @ lm_head  # [N, V]
-    logps = entropo.token_logprobs(logits, targets)
-    ent = entropo.token_entropy(logits)
+    logits = policy.head_product(hidden, lm_head)  # [N, V]
+    logps = entropo.token_logprobs(logits, targets, precision=policy)
+    ent = entropo.token_entropy(logits, precision=policy)
     return jnp.sum(g_lp * logps) + jnp.sum(g_h * ent)
 
   def fused(hidden, lm_head, targets, g_lp, g_h):
     logps, ent = entropo.fused_logprobs_entropy(
-        hidden, lm_head, targets, chunk_size=chunk_size
+        hidden, lm_head, targets, chunk_size=chunk_size, precision=policy
     )
     return jnp.sum(g_lp * logps) + jnp.sum(g_h * ent)
 
   return {"materialised": materialised, "fused": fused}[variant]
 
 
-def compiled(variant, mode, chunk_size):
-  f = loss_fn(variant, chunk_size)
+def compiled(variant, mode, chunk_size, precision="fp32"):
+  f = loss_fn(variant, chunk_size, precision)
   if mode == "fwd_bwd":
     f = jax.value_and_grad(f, argnums=(0, 1))
   return jax.jit(f)
@@ -100,37 +122,51 @@ def _status_bytes(field):
   raise KeyError(field)
 
 
-def child(args):
-  """Runs one variant in this (fresh) process; prints its RSS as JSON.
+def _on_cpu():
+  return jax.devices()[0].platform == "cpu"
 
-  The executable is compiled ahead of time, then the kernel's peak-RSS
-  counter is reset (`/proc/self/clear_refs`), so the peak of the one
-  execution that follows is measured over the RSS the inputs, the runtime
-  and the compiler already hold, with no compilation inside the window.
+
+def child(args):
+  """Runs one variant in this (fresh) process; prints its peak as JSON.
+
+  The executable is compiled ahead of time, so no compilation falls inside
+  the measured window. On CPU the kernel's peak-RSS counter is then reset
+  (`/proc/self/clear_refs`) and the peak of the one execution is measured
+  over the RSS already held; on an accelerator, over the allocator's
+  `bytes_in_use` (its `peak_bytes_in_use` covers only this execution and
+  the inputs, which are in use before it).
   """
   n, d, v = parse_config(args.child)
-  inputs = make_inputs(n, d, v)
-  executable = compiled(args.variant, args.mode, args.chunk_size).lower(
-      *inputs).compile()
+  inputs = make_inputs(n, d, v, args.precision)
+  executable = compiled(args.variant, args.mode, args.chunk_size,
+                        args.precision).lower(*inputs).compile()
   jax.block_until_ready(inputs)
-  with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-  base = _status_bytes("VmRSS")
-  jax.block_until_ready(executable(*inputs))
-  print(json.dumps({"rss_peak_over_inputs": _status_bytes("VmHWM") - base}))
+  if _on_cpu():
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    base = _status_bytes("VmRSS")
+    jax.block_until_ready(executable(*inputs))
+    peak = _status_bytes("VmHWM") - base
+  else:
+    device = jax.devices()[0]
+    base = device.memory_stats()["bytes_in_use"]
+    jax.block_until_ready(executable(*inputs))
+    peak = device.memory_stats()["peak_bytes_in_use"] - base
+  print(json.dumps({"peak_over_inputs": peak}))
 
 
-def rss_in_subprocess(config, variant, mode, chunk_size):
+def peak_in_subprocess(config, variant, mode, args):
   cmd = [
       sys.executable, __file__, "--child", config, "--variant", variant,
-      "--mode", mode, "--chunk_size", str(chunk_size),
+      "--mode", mode, "--chunk_size", str(args.chunk_size),
+      "--precision", args.precision,
   ]
   out = subprocess.run(cmd, capture_output=True, text=True, check=False)
   if out.returncode != 0:
+    print(f"peak measurement of {variant} {mode} failed:\n{out.stderr}",
+          file=sys.stderr)
     return None
-  return json.loads(out.stdout.strip().splitlines()[-1])[
-      "rss_peak_over_inputs"
-  ]
+  return json.loads(out.stdout.strip().splitlines()[-1])["peak_over_inputs"]
 
 
 def time_interleaved(fns, args, repeats):
@@ -147,22 +183,30 @@ def time_interleaved(fns, args, repeats):
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+def default_max_bytes():
+  """What the materialised temporaries may take for a variant to be run."""
+  if _on_cpu():
+    return 14 * 2**30  # leaves room on a 24 GiB machine
+  limit = jax.devices()[0].memory_stats().get("bytes_limit")
+  return 0.8 * limit if limit else 14 * 2**30
+
+
 def run_config(config, args):
   n, d, v = parse_config(config)
-  inputs = make_inputs(n, d, v)
-  row = {"config": config, "chunk_size": args.chunk_size}
+  inputs = make_inputs(n, d, v, args.precision)
+  row = {"config": config, "chunk_size": args.chunk_size,
+         "precision": args.precision}
   for mode in ("fwd", "fwd_bwd"):
     fns = {
-        variant: compiled(variant, mode, args.chunk_size)
+        variant: compiled(variant, mode, args.chunk_size, args.precision)
         for variant in ("materialised", "fused")
     }
     mem = {name: memory_analysis(fn, inputs) for name, fn in fns.items()}
     row[f"{mode}/memory"] = mem
     fits = mem["materialised"]["temp_bytes"] < args.max_bytes
-    if fits and not args.skip_rss:
-      row[f"{mode}/rss"] = {
-          name: rss_in_subprocess(config, name, mode, args.chunk_size)
-          for name in fns
+    if fits and not args.skip_peak:
+      row[f"{mode}/peak"] = {
+          name: peak_in_subprocess(config, name, mode, args) for name in fns
       }
     if fits and args.repeats > 0:
       row[f"{mode}/seconds"] = time_interleaved(fns, inputs, args.repeats)
@@ -181,38 +225,44 @@ def gib(x):
 
 def markdown(rows):
   lines = [
-      "| N x D x V | pass | temp GiB mat. | temp GiB fused | temp ratio "
-      "| RSS GiB mat. | RSS GiB fused | s mat. | s fused | time ratio |",
-      "|---|---|---|---|---|---|---|---|---|---|",
+      "| N x D x V | precision | pass | temp GiB mat. | temp GiB fused "
+      "| temp ratio | peak GiB mat. | peak GiB fused | s mat. | s fused "
+      "| time ratio |",
+      "|---|---|---|---|---|---|---|---|---|---|---|",
   ]
   for row in rows:
     for mode in ("fwd", "fwd_bwd"):
       mem = row[f"{mode}/memory"]
       tm, tf = mem["materialised"]["temp_bytes"], mem["fused"]["temp_bytes"]
-      rss = row.get(f"{mode}/rss", {})
+      peak = row.get(f"{mode}/peak", {})
       sec = row.get(f"{mode}/seconds")
       time_cols = (
-          f"{sec['materialised']:.2f} | {sec['fused']:.2f} | "
+          f"{sec['materialised']:.3f} | {sec['fused']:.3f} | "
           f"{sec['fused'] / sec['materialised']:.2f}"
           if sec else "not run | not run | n/a"
       )
       lines.append(
-          f"| {row['config']} | {mode} | {gib(tm)} | {gib(tf)} | "
-          f"{tf / tm:.3f} | {gib(rss.get('materialised'))} | "
-          f"{gib(rss.get('fused'))} | {time_cols} |"
+          f"| {row['config']} | {row['precision']} | {mode} | {gib(tm)} | "
+          f"{gib(tf)} | {tf / tm:.3f} | {gib(peak.get('materialised'))} | "
+          f"{gib(peak.get('fused'))} | {time_cols} |"
       )
   return "\n".join(lines)
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS))
+  parser.add_argument("--configs", nargs="+", default=list(DEFAULT_CONFIGS),
+                      type=_config_arg, help="NxDxV, e.g. 4096x1024x32768")
+  parser.add_argument("--precision", default="fp32",
+                      choices=sorted(entropo.precision.PRESETS))
   parser.add_argument("--chunk_size", type=int, default=2048)
   parser.add_argument("--repeats", type=int, default=3)
-  parser.add_argument("--max_bytes", type=float, default=14 * 2**30,
-                      help="run (time, RSS) only if materialised temporaries "
-                      "are below this")
-  parser.add_argument("--skip_rss", action="store_true")
+  parser.add_argument("--max_bytes", type=float, default=None,
+                      help="run (time, peak) only if materialised "
+                      "temporaries are below this (default: 14 GiB on CPU, "
+                      "80%% of device memory on an accelerator)")
+  parser.add_argument("--skip_peak", action="store_true",
+                      help="skip the per-variant peak-memory subprocesses")
   parser.add_argument("--out", default="benchmarks/out/fused_head.json")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -221,13 +271,16 @@ def main():
   if args.child:
     child(args)
     return
-  print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} cpus", flush=True)
+  if args.max_bytes is None:
+    args.max_bytes = default_max_bytes()
+  device = jax.devices()[0].device_kind
+  print(f"jax {jax.__version__} on {device}, {os.cpu_count()} cpus, "
+        f"precision {args.precision}", flush=True)
   rows = [run_config(c, args) for c in args.configs]
   os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
   with open(args.out, "w") as f:
-    json.dump({"device": jax.devices()[0].device_kind, "rows": rows}, f,
-              indent=1)
+    json.dump({"device": device, "jax": jax.__version__,
+               "argv": sys.argv[1:], "rows": rows}, f, indent=1)
   print(markdown(rows))
 
 

@@ -101,44 +101,58 @@ def fused_logprobs_entropy(
   return logps, entropy
 
 
-def _num_chunks(vocab: int, chunk: int) -> int:
-  return -(-vocab // chunk)
+def _chunk_widths(vocab: int, chunk: int) -> tuple[int, int]:
+  """(number of full chunks, width of the remainder chunk, 0 if none)."""
+  return vocab // chunk, vocab % chunk
 
 
-def _chunk_logits(h, w, c, chunk, policy):
-  """Float32 logits `[N, C]` of chunk `c`, and its column ids and validity.
+def _target_logit(z, targets, start):
+  """`z[n, targets[n] - start]` where the target lies in this chunk, else 0.
 
-  The last chunk is shifted left to stay inside the vocabulary (so no padded
-  copy of `lm_head` is ever made); columns it shares with the previous chunk
-  are marked invalid and set to -inf so that nothing is counted twice.
+  A gather of one element per row, not a compare over the whole chunk.
   """
-  vocab = w.shape[1]
-  start = jnp.minimum(c * chunk, vocab - chunk)
-  w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)  # [D, C]
-  cols = start + jnp.arange(chunk)  # [C]
-  valid = cols >= c * chunk  # [C]
-  z = policy.round_logits(policy.head_product(h, w_c))  # [N, C] float32
-  z = jnp.where(valid, z, -jnp.inf)
-  return z, w_c, cols, valid, start
+  width = z.shape[1]
+  idx = targets - start
+  inside = (idx >= 0) & (idx < width)
+  picked = jnp.take_along_axis(z, jnp.clip(idx, 0, width - 1)[:, None], 1)
+  return jnp.where(inside, picked[:, 0], 0.0)
+
+
+def _scan_chunks(body, init, w, chunk):
+  """Runs `body(carry, w_c, start)` over the vocabulary chunks of `w`.
+
+  Full chunks go through a `lax.scan`; a narrower last chunk (when `chunk`
+  does not divide V) is one more call with its own static width, so no
+  column is ever padded, masked or seen twice.
+  """
+  full, rest = _chunk_widths(w.shape[1], chunk)
+
+  def step(carry, c):
+    start = c * chunk
+    w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
+    return body(carry, w_c, start), None
+
+  carry, _ = jax.lax.scan(step, init, jnp.arange(full))
+  if rest:
+    carry = body(carry, w[:, full * chunk:], full * chunk)
+  return carry
 
 
 def _forward(h, w, targets, chunk, policy):
   n = h.shape[0]
+  h_op = h.astype(policy.head_dtype)  # cast once, not per chunk
 
-  def body(carry, c):
+  def body(carry, w_c, start):
     m, s, u, z_t = carry  # each [N]
-    z, _, cols, valid, _ = _chunk_logits(h, w, c, chunk, policy)
+    z = policy.round_logits(policy.head_product(h_op, w_c))  # [N, C] f32
     m_new = jnp.maximum(m, jnp.max(z, axis=-1))  # [N], finite
     delta = jnp.where(jnp.isfinite(m), m - m_new, 0.0)  # [N]
     scale = jnp.exp(delta)
-    d = z - m_new[:, None]  # [N, C], -inf on invalid columns
+    d = z - m_new[:, None]  # [N, C]
     e = jnp.exp(d)
-    ed = jnp.where(valid, e * jnp.where(valid, d, 0.0), 0.0)
     s_new = scale * s + jnp.sum(e, axis=-1)
-    u_new = scale * (u + s * delta) + jnp.sum(ed, axis=-1)
-    hit = (cols == targets[:, None]) & valid  # [N, C]
-    z_t = z_t + jnp.sum(jnp.where(hit, z, 0.0), axis=-1)
-    return (m_new, s_new, u_new, z_t), None
+    u_new = scale * (u + s * delta) + jnp.sum(e * d, axis=-1)
+    return m_new, s_new, u_new, z_t + _target_logit(z, targets, start)
 
   init = (
       jnp.full((n,), -jnp.inf, jnp.float32),
@@ -146,8 +160,7 @@ def _forward(h, w, targets, chunk, policy):
       jnp.zeros((n,), jnp.float32),
       jnp.zeros((n,), jnp.float32),
   )
-  chunks = jnp.arange(_num_chunks(w.shape[1], chunk))
-  (m, s, u, z_t), _ = jax.lax.scan(body, init, chunks)
+  m, s, u, z_t = _scan_chunks(body, init, w, chunk)
   log_s = jnp.log(s)
   # (z_t - m) - log s, never z_t - (m + log s): at |z| ~ 1e4 the sum m +
   # log s would round to float32 steps of 1e-3 and so would every log-prob.
@@ -168,34 +181,34 @@ def _fused_fwd(h, w, targets, chunk, policy):
 def _fused_bwd(chunk, policy, residuals, cotangents):
   h, w, targets, m, log_s, entropy = residuals
   g_lp, g_h = (g.astype(jnp.float32) for g in cotangents)  # [N] each
+  h_op = h.astype(policy.head_dtype)
+  rows = jnp.arange(h.shape[0])
   dot = functools.partial(
       jnp.matmul, preferred_element_type=jnp.float32
   )
 
-  def body(carry, c):
+  def body(carry, w_c, start):
     dh, dw = carry  # [N, D], [D, V] float32
-    z, w_c, cols, valid, start = _chunk_logits(h, w, c, chunk, policy)
-    logp = jnp.where(valid, (z - m[:, None]) - log_s[:, None], 0.0)  # [N, C]
-    p = jnp.where(valid, jnp.exp(logp), 0.0)
-    onehot = (cols == targets[:, None]) & valid
-    dz = g_lp[:, None] * (onehot - p) - g_h[:, None] * p * (
-        logp + entropy[:, None]
-    )  # [N, C] float32
+    z = policy.round_logits(policy.head_product(h_op, w_c))  # [N, C]
+    logp = (z - m[:, None]) - log_s[:, None]
+    p = jnp.exp(logp)
+    # dz = g_lp (onehot - p) - g_h p (log p + H): the dense part here, the
+    # one-hot part as a scatter of one value per row.
+    dz = -p * (g_lp[:, None] + g_h[:, None] * (logp + entropy[:, None]))
+    idx = targets - start
+    inside = (idx >= 0) & (idx < z.shape[1])
+    dz = dz.at[rows, jnp.clip(idx, 0, z.shape[1] - 1)].add(
+        jnp.where(inside, g_lp, 0.0))
     dz_op = dz.astype(policy.head_dtype)
     dh = dh + dot(dz_op, w_c.astype(policy.head_dtype).T)
-    dw_c = dot(h.astype(policy.head_dtype).T, dz_op)  # [D, C]
-    # Invalid columns of a shifted last chunk have dz = 0, so adding keeps
-    # the previous chunk's gradient for them intact.
-    old = jax.lax.dynamic_slice_in_dim(dw, start, chunk, axis=1)
-    dw = jax.lax.dynamic_update_slice_in_dim(dw, old + dw_c, start, axis=1)
-    return (dh, dw), None
+    dw_c = dot(h_op.T, dz_op)  # [D, C]
+    return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
 
   init = (
       jnp.zeros(h.shape, jnp.float32),
       jnp.zeros(w.shape, jnp.float32),
   )
-  chunks = jnp.arange(_num_chunks(w.shape[1], chunk))
-  (dh, dw), _ = jax.lax.scan(body, init, chunks)
+  dh, dw = _scan_chunks(body, init, w, chunk)
   return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 

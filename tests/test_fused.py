@@ -100,16 +100,17 @@ def test_hand_computed_case():
   np.testing.assert_allclose(np.asarray(h), [h_hand, h_hand], rtol=1e-6)
 
 
-def test_shifted_last_chunk_counts_no_column_twice(rng):
-  # V = 10, chunk 4: chunks start at 0, 4 and 6 (shifted left), so columns
-  # 6 and 7 are seen twice. Give exactly those columns the largest logits
-  # and use them as targets: any double counting of the sum, the entropy
-  # terms, the target logit or the lm_head gradient shows up at O(1).
+def test_narrow_last_chunk_counts_every_column_once(rng):
+  # V = 10, chunk 4: two full chunks (a scan) and a last chunk of width 2
+  # (columns 8 and 9, a separate step). Give the columns around the chunk
+  # borders the largest logits and use them (and the last column) as
+  # targets: a dropped or doubled column in the sum, the entropy terms, the
+  # target logit or the lm_head gradient shows up at O(1).
   d, vocab, n = 4, 10, 6
   hidden = np.abs(rng.standard_normal((n, d))).astype(np.float32) + 0.5
   lm_head = (rng.standard_normal((d, vocab)) * 0.3).astype(np.float32)
-  lm_head[:, 6:8] += 1.5
-  targets = np.array([6, 7, 6, 7, 9, 0])
+  lm_head[:, 7:9] += 1.5
+  targets = np.array([7, 8, 7, 8, 9, 0])
   lp, h = entropo.fused_logprobs_entropy(hidden, lm_head, targets,
                                          chunk_size=4)
   logits64 = ref.head_logits(hidden, lm_head)
@@ -122,8 +123,8 @@ def test_shifted_last_chunk_counts_no_column_twice(rng):
   ref_dh, ref_dw = ref.fused_vjp(hidden, lm_head, targets, g_lp, g_h)
   _assert_f32_close(dh, ref_dh)
   _assert_f32_close(dw, ref_dw)
-  # The doubled columns carry real gradient (so the check above bites).
-  assert np.abs(ref_dw[:, 6:8]).min() > 1e-2
+  # The border and tail columns carry real gradient (so the check bites).
+  assert np.abs(ref_dw[:, 7:10]).min() > 1e-2
 
 
 def test_chunk_size_does_not_change_the_result_beyond_rounding(rng):

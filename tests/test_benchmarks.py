@@ -1,0 +1,61 @@
+"""benchmarks/fused_head.py runs end to end at a small size.
+
+The numbers it exists for are measured by hand (docs/benchmarks.md); this
+keeps the script working: both precisions, the per-variant peak-memory
+subprocesses, the JSON and the Markdown table, and its input checks.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "fused_head.py"
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, str(SCRIPT), *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300,
+                        check=False)
+
+
+@pytest.mark.parametrize("precision, peak", [("fp32", True),
+                                             ("bf16_fp32_logits", False)])
+def test_fused_head_benchmark_runs(tmp_path, precision, peak):
+  out = tmp_path / "fused_head.json"
+  args = ["--configs", "256x16x4096", "--chunk_size", "256", "--repeats",
+          "1", "--precision", precision, "--out", str(out)]
+  proc = _run(*args, *([] if peak else ["--skip_peak"]))
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out.read_text())
+  (row,) = result["rows"]
+  assert row["precision"] == precision
+  for mode in ("fwd", "fwd_bwd"):
+    mem = row[f"{mode}/memory"]
+    # [256, 4096] float32 logits are 4 MiB; the fused path holds a few
+    # [256, 256] chunks.
+    assert mem["materialised"]["temp_bytes"] >= 256 * 4096 * 4
+    assert mem["fused"]["temp_bytes"] < mem["materialised"]["temp_bytes"] / 4
+    assert set(row[f"{mode}/seconds"]) == {"materialised", "fused"}
+    assert all(t > 0 for t in row[f"{mode}/seconds"].values())
+    if peak:
+      assert all(p is not None and p > 0
+                 for p in row[f"{mode}/peak"].values())
+    else:
+      assert f"{mode}/peak" not in row
+  table = proc.stdout[proc.stdout.index("| N x D x V"):]
+  assert f"| 256x16x4096 | {precision} | fwd_bwd |" in table
+
+
+@pytest.mark.parametrize("args, shown", [
+    (["--configs", "4096x1024"], "4096x1024"),
+    (["--configs", "0x8x8"], "0x8x8"),
+    (["--precision", "int8"], "int8"),
+])
+def test_fused_head_benchmark_rejects_bad_flags(args, shown):
+  proc = _run(*args)
+  assert proc.returncode == 2
+  assert shown in proc.stderr
