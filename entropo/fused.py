@@ -101,11 +101,6 @@ def fused_logprobs_entropy(
   return logps, entropy
 
 
-def _chunk_widths(vocab: int, chunk: int) -> tuple[int, int]:
-  """(number of full chunks, width of the remainder chunk, 0 if none)."""
-  return vocab // chunk, vocab % chunk
-
-
 def _target_logit(z, targets, start):
   """`z[n, targets[n] - start]` where the target lies in this chunk, else 0.
 
@@ -118,32 +113,37 @@ def _target_logit(z, targets, start):
   return jnp.where(inside, picked[:, 0], 0.0)
 
 
-def _scan_chunks(body, init, w, chunk):
-  """Runs `body(carry, w_c, start)` over the vocabulary chunks of `w`.
+def _scan_chunks(body, init, vocab, chunk):
+  """Runs `carry = body(carry, start, width)` over the vocabulary chunks.
 
-  Full chunks go through a `lax.scan`; a narrower last chunk (when `chunk`
-  does not divide V) is one more call with its own static width, so no
-  column is ever padded, masked or seen twice.
+  The `vocab // chunk` full chunks go through a `lax.scan` (`start` traced,
+  `width = chunk`); a narrower last chunk, when `chunk` does not divide V,
+  is one more call with its own static start and width, so no column is
+  ever padded, masked or seen twice.
   """
-  full, rest = _chunk_widths(w.shape[1], chunk)
+  full, rest = divmod(vocab, chunk)
 
   def step(carry, c):
-    start = c * chunk
-    w_c = jax.lax.dynamic_slice_in_dim(w, start, chunk, axis=1)
-    return body(carry, w_c, start), None
+    return body(carry, c * chunk, chunk), None
 
   carry, _ = jax.lax.scan(step, init, jnp.arange(full))
   if rest:
-    carry = body(carry, w[:, full * chunk:], full * chunk)
+    carry = body(carry, full * chunk, rest)
   return carry
+
+
+def _cols(x, start, width, axis):
+  """`width` rows or columns of `x` from `start` along `axis`."""
+  return jax.lax.dynamic_slice_in_dim(x, start, width, axis=axis)
 
 
 def _forward(h, w, targets, chunk, policy):
   n = h.shape[0]
   h_op = h.astype(policy.head_dtype)  # cast once, not per chunk
 
-  def body(carry, w_c, start):
+  def body(carry, start, width):
     m, s, u, z_t = carry  # each [N]
+    w_c = _cols(w, start, width, axis=1)  # [D, C]
     z = policy.round_logits(policy.head_product(h_op, w_c))  # [N, C] f32
     m_new = jnp.maximum(m, jnp.max(z, axis=-1))  # [N], finite
     delta = jnp.where(jnp.isfinite(m), m - m_new, 0.0)  # [N]
@@ -160,7 +160,7 @@ def _forward(h, w, targets, chunk, policy):
       jnp.zeros((n,), jnp.float32),
       jnp.zeros((n,), jnp.float32),
   )
-  m, s, u, z_t = _scan_chunks(body, init, w, chunk)
+  m, s, u, z_t = _scan_chunks(body, init, w.shape[1], chunk)
   log_s = jnp.log(s)
   # (z_t - m) - log s, never z_t - (m + log s): at |z| ~ 1e4 the sum m +
   # log s would round to float32 steps of 1e-3 and so would every log-prob.
@@ -183,12 +183,23 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
   g_lp, g_h = (g.astype(jnp.float32) for g in cotangents)  # [N] each
   h_op = h.astype(policy.head_dtype)
   rows = jnp.arange(h.shape[0])
+  # Both gradient products take operands transposed once, here, outside the
+  # loop: XLA:CPU runs a bfloat16 dot whose operand is transposed inside
+  # the loop (`dz @ w_c.T`, `h.T @ dz`) about 3x slower than on a row-major
+  # copy, and that made the whole bf16 forward+backward 1.5x slower
+  # (float32 dots do not care; docs/benchmarks.md). `h.T` is `[D, N]`;
+  # `w.T` is a `[V, D]` copy of the head in `head_dtype`, made only for
+  # low-precision heads.
+  h_t = h_op.T  # [D, N]
+  low_precision = jnp.dtype(policy.head_dtype).itemsize < 4
+  w_t = w.astype(policy.head_dtype).T if low_precision else None  # [V, D]
   dot = functools.partial(
       jnp.matmul, preferred_element_type=jnp.float32
   )
 
-  def body(carry, w_c, start):
+  def body(carry, start, width):
     dh, dw = carry  # [N, D], [D, V] float32
+    w_c = _cols(w, start, width, axis=1)  # [D, C]
     z = policy.round_logits(policy.head_product(h_op, w_c))  # [N, C]
     logp = (z - m[:, None]) - log_s[:, None]
     p = jnp.exp(logp)
@@ -196,19 +207,21 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
     # one-hot part as a scatter of one value per row.
     dz = -p * (g_lp[:, None] + g_h[:, None] * (logp + entropy[:, None]))
     idx = targets - start
-    inside = (idx >= 0) & (idx < z.shape[1])
-    dz = dz.at[rows, jnp.clip(idx, 0, z.shape[1] - 1)].add(
+    inside = (idx >= 0) & (idx < width)
+    dz = dz.at[rows, jnp.clip(idx, 0, width - 1)].add(
         jnp.where(inside, g_lp, 0.0))
     dz_op = dz.astype(policy.head_dtype)
-    dh = dh + dot(dz_op, w_c.astype(policy.head_dtype).T)
-    dw_c = dot(h_op.T, dz_op)  # [D, C]
+    w_c_t = (_cols(w_t, start, width, axis=0) if low_precision
+             else w_c.astype(policy.head_dtype).T)  # [C, D]
+    dh = dh + dot(dz_op, w_c_t)
+    dw_c = dot(h_t, dz_op)  # [D, C]
     return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
 
   init = (
       jnp.zeros(h.shape, jnp.float32),
       jnp.zeros(w.shape, jnp.float32),
   )
-  dh, dw = _scan_chunks(body, init, w, chunk)
+  dh, dw = _scan_chunks(body, init, w.shape[1], chunk)
   return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 
