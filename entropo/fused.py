@@ -190,9 +190,14 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
   # (float32 dots do not care; docs/benchmarks.md). `h.T` is `[D, N]`;
   # `w.T` is a `[V, D]` copy of the head in `head_dtype`, made only for
   # low-precision heads.
-  h_t = h_op.T  # [D, N]
+  # The barrier keeps XLA from folding the transposes back into the dots:
+  # besides undoing the point of the copies, a folded bfloat16 x bfloat16
+  # -> float32 dot with a transposed operand is one XLA:CPU (jax 0.10)
+  # cannot run ("Unsupported element type for DotThunk"), which is what
+  # happens when the whole vocabulary is a single chunk, outside the loop.
   low_precision = jnp.dtype(policy.head_dtype).itemsize < 4
   w_t = w.astype(policy.head_dtype).T if low_precision else None  # [V, D]
+  h_t, w_t = jax.lax.optimization_barrier((h_op.T, w_t))  # [D, N], [V, D]
   dot = functools.partial(
       jnp.matmul, preferred_element_type=jnp.float32
   )
@@ -222,6 +227,9 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
       jnp.zeros(w.shape, jnp.float32),
   )
   dh, dw = _scan_chunks(body, init, w.shape[1], chunk)
+  # And keeps a transpose of the result (the gradient of a tied embedding
+  # is `dw.T`) from being folded into the last chunk's dot.
+  dh, dw = jax.lax.optimization_barrier((dh, dw))
   return dh.astype(h.dtype), dw.astype(w.dtype), None
 
 

@@ -16,8 +16,8 @@ import entropo
 from tests.reference import logprobs as ref
 
 D, V = 8, 13
-# Chunk sizes: 1; 4 and 5 do not divide 13 (the last chunk is shifted left
-# over 3 and 2 already-seen columns); 13 = V; 20 > V; the default.
+# Chunk sizes: 1; 4 and 5 do not divide 13 (a narrower last chunk of 1 and
+# 3 columns); 13 = V; 20 > V; the default.
 CHUNKS = [1, 4, 5, V, 20, None]
 
 
@@ -50,7 +50,8 @@ def _loss(fn, g_lp, g_h):
 
 
 def _grads(fn, hidden, lm_head, targets, g_lp, g_h):
-  return jax.grad(_loss(fn, g_lp, g_h), argnums=(0, 1))(
+  """Under `jit`, as the trainer takes them (XLA then rewrites the dots)."""
+  return jax.jit(jax.grad(_loss(fn, g_lp, g_h), argnums=(0, 1)))(
       jnp.asarray(hidden), jnp.asarray(lm_head), jnp.asarray(targets))
 
 
@@ -242,18 +243,31 @@ def test_fp32_head_preset_is_float32_and_bf16_is_not(rng):
   assert 1e-5 < err_mixed < err_bf16
 
 
+# chunk >= V: the whole vocabulary is one chunk, outside any loop, where
+# XLA:CPU once folded a transpose into a bf16 dot it then could not run;
+# `tied`: the head is a transposed `[V, D]` embedding, as in tied models,
+# whose gradient transpose XLA folded the same way.
+@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("chunk", [5, V, 20])
 @pytest.mark.parametrize("precision", ["bf16_fp32_logits", "bf16"])
-def test_bf16_gradients_equal_materialised(rng, precision):
+def test_bf16_gradients_equal_materialised(rng, precision, chunk, tied):
   hidden, lm_head, targets = _inputs(rng, (3, 4), dtype=np.float32)
   hidden = jnp.asarray(hidden, jnp.bfloat16)
-  lm_head = jnp.asarray(lm_head, jnp.bfloat16)
+  # Tied: float32 master weights, cast to bf16 inside, as in the trainer.
+  head_dtype = jnp.float32 if tied else jnp.bfloat16
+  lm_head = jnp.asarray(jnp.asarray(lm_head, jnp.bfloat16), head_dtype)
   g_lp = rng.standard_normal((3, 4)).astype(np.float32)
   g_h = rng.standard_normal((3, 4)).astype(np.float32)
-  fused = lambda a, b, t: _fused(a, b, t, 5, precision)  # noqa: E731
+  fused = lambda a, b, t: _fused(a, b, t, chunk, precision)  # noqa: E731
   mat = lambda a, b, t: _materialised(a, b, t, precision)  # noqa: E731
-  dh, dw = _grads(fused, hidden, lm_head, targets, g_lp, g_h)
+  if tied:
+    embed_grads = _grads(lambda a, e, t: fused(a, e.T, t), hidden,
+                         lm_head.T, targets, g_lp, g_h)
+    dh, dw = embed_grads[0], embed_grads[1].T
+  else:
+    dh, dw = _grads(fused, hidden, lm_head, targets, g_lp, g_h)
   mat_dh, mat_dw = _grads(mat, hidden, lm_head, targets, g_lp, g_h)
-  assert dh.dtype == dw.dtype == jnp.bfloat16
+  assert dh.dtype == jnp.bfloat16 and dw.dtype == head_dtype
   # Bound: the logit gradient dz and the products dz W^T, h^T dz are each
   # rounded to bf16 somewhere along either path (2^-9 relative per term);
   # bf16 logits (the `bf16` preset) also move p by 2^-8 relative. So the
