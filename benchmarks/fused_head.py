@@ -203,18 +203,20 @@ def run_config(config, args):
     }
     mem = {name: memory_analysis(fn, inputs) for name, fn in fns.items()}
     row[f"{mode}/memory"] = mem
-    fits = mem["materialised"]["temp_bytes"] < args.max_bytes
-    if fits and not args.skip_peak:
+    # The materialised variant runs only where its temporaries fit; the
+    # fused one always does (that it runs where the other cannot is the
+    # point), alone then, with no ratio.
+    run = {name: fn for name, fn in fns.items()
+           if mem[name]["temp_bytes"] < args.max_bytes}
+    if len(run) < len(fns):
+      row[f"{mode}/not_run"] = {name: "temporaries exceed --max_bytes"
+                                for name in fns if name not in run}
+    if not args.skip_peak:
       row[f"{mode}/peak"] = {
-          name: peak_in_subprocess(config, name, mode, args) for name in fns
+          name: peak_in_subprocess(config, name, mode, args) for name in run
       }
-    if fits and args.repeats > 0:
-      row[f"{mode}/seconds"] = time_interleaved(fns, inputs, args.repeats)
-    else:
-      row[f"{mode}/skipped_run"] = (
-          "materialised temporaries exceed --max_bytes"
-          if not fits else "--repeats 0"
-      )
+    if args.repeats > 0:
+      row[f"{mode}/seconds"] = time_interleaved(run, inputs, args.repeats)
     print(json.dumps(row), flush=True)
   return row
 
@@ -235,12 +237,11 @@ def markdown(rows):
       mem = row[f"{mode}/memory"]
       tm, tf = mem["materialised"]["temp_bytes"], mem["fused"]["temp_bytes"]
       peak = row.get(f"{mode}/peak", {})
-      sec = row.get(f"{mode}/seconds")
-      time_cols = (
-          f"{sec['materialised']:.3f} | {sec['fused']:.3f} | "
-          f"{sec['fused'] / sec['materialised']:.2f}"
-          if sec else "not run | not run | n/a"
-      )
+      sec = row.get(f"{mode}/seconds", {})
+      sm, sf = sec.get("materialised"), sec.get("fused")
+      time_cols = " | ".join(
+          ["not run" if x is None else f"{x:.3f}" for x in (sm, sf)]
+          + ["n/a" if sm is None or sf is None else f"{sf / sm:.2f}"])
       lines.append(
           f"| {row['config']} | {row['precision']} | {mode} | {gib(tm)} | "
           f"{gib(tf)} | {tf / tm:.3f} | {gib(peak.get('materialised'))} | "

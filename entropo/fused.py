@@ -23,7 +23,8 @@ for upstream cotangents `g_lp` and `g_H`
     d hidden = sum over chunks of dz @ W_c^T,   d W_c = hidden^T @ dz.
 
 Memory is `O(N * chunk_size)` for temporaries, on top of the inputs and
-their gradients.
+their gradients (and, for a bf16/fp16 head, one `[V, D]` copy of the head
+in that dtype in the backward, half the size of the float32 `lm_head`).
 """
 
 import functools

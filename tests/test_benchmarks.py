@@ -50,6 +50,23 @@ def test_fused_head_benchmark_runs(tmp_path, precision, peak):
   assert f"| 256x16x4096 | {precision} | fwd_bwd |" in table
 
 
+def test_fused_head_runs_alone_where_materialised_does_not_fit(tmp_path):
+  # 2 MiB: under the materialised path's 4 MiB of logits, over the fused
+  # path's chunks.
+  out = tmp_path / "fused_head.json"
+  proc = _run("--configs", "256x16x4096", "--chunk_size", "256",
+              "--repeats", "1", "--max_bytes", str(2 * 2**20), "--out",
+              str(out))
+  assert proc.returncode == 0, proc.stderr
+  (row,) = json.loads(out.read_text())["rows"]
+  for mode in ("fwd", "fwd_bwd"):
+    assert set(row[f"{mode}/not_run"]) == {"materialised"}
+    assert set(row[f"{mode}/seconds"]) == {"fused"}
+    assert set(row[f"{mode}/peak"]) == {"fused"}
+    assert row[f"{mode}/peak"]["fused"] > 0
+  assert "| not run | " in proc.stdout and "| n/a |" in proc.stdout
+
+
 @pytest.mark.parametrize("args, shown", [
     (["--configs", "4096x1024"], "4096x1024"),
     (["--configs", "0x8x8"], "0x8x8"),
