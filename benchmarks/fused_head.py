@@ -36,6 +36,7 @@ and prints a Markdown table.
 """
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -98,7 +99,64 @@ def loss_fn(variant, chunk_size, precision="fp32"):
   return {"materialised": materialised, "fused": fused}[variant]
 
 
+def products(mode, chunk_size, precision="fp32"):
+  """The head products the fused path cannot avoid, and nothing else.
+
+  `fwd`: one pass of `hidden @ lm_head[:, chunk]` over the vocabulary;
+  `fwd_bwd`: that pass, then a second loop that recomputes each chunk's
+  product and takes both gradient products from it (`dz @ W_c^T`,
+  `hidden^T @ dz`): 4 products of N·D·V against the materialised path's 3.
+  No softmax, no masking: its time is the floor of the fused path's on
+  this device (the `--floor` column). Operand dtypes and layouts follow
+  `fused.py` (a transposed copy of a low-precision head, `hidden^T` made
+  once). Assumes `chunk_size` divides V.
+  """
+  policy = entropo.get_precision(precision)
+  dot = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
+
+  def forward(h_op, w, n_chunks):
+    def step(acc, c):
+      w_c = jax.lax.dynamic_slice_in_dim(w, c * chunk_size, chunk_size, 1)
+      # A max, as the fused forward takes: a sum of the product could be
+      # rewritten by XLA as a matrix-vector product.
+      z = policy.head_product(h_op, w_c)
+      return jnp.maximum(acc, jnp.max(z, axis=1).astype(jnp.float32)), None
+    acc = jnp.full(h_op.shape[0], -jnp.inf, jnp.float32)
+    return jax.lax.scan(step, acc, jnp.arange(n_chunks))[0]
+
+  def fwd(hidden, lm_head, *_):
+    h_op = hidden.astype(policy.head_dtype)
+    return jnp.sum(forward(h_op, lm_head, lm_head.shape[1] // chunk_size))
+
+  def fwd_bwd(hidden, lm_head, *_):
+    n_chunks = lm_head.shape[1] // chunk_size
+    h_op = hidden.astype(policy.head_dtype)
+    row = forward(h_op, lm_head, n_chunks)  # [N], feeds the second loop
+    w_t = lm_head.astype(policy.head_dtype).T
+    h_t, w_t = jax.lax.optimization_barrier((h_op.T, w_t))
+
+    def step(carry, c):
+      dh, dw = carry
+      start = c * chunk_size
+      w_c = jax.lax.dynamic_slice_in_dim(lm_head, start, chunk_size, 1)
+      z = policy.head_product(h_op, w_c).astype(jnp.float32)
+      dz = (z * row[:, None]).astype(policy.head_dtype)
+      w_c_t = jax.lax.dynamic_slice_in_dim(w_t, start, chunk_size, 0)
+      dh = dh + dot(dz, w_c_t)
+      dw = jax.lax.dynamic_update_slice_in_dim(dw, dot(h_t, dz), start, 1)
+      return (dh, dw), None
+
+    init = (jnp.zeros(hidden.shape, jnp.float32),
+            jnp.zeros(lm_head.shape, jnp.float32))
+    dh, dw = jax.lax.scan(step, init, jnp.arange(n_chunks))[0]
+    return jax.lax.optimization_barrier((dh, dw))
+
+  return jax.jit(fwd if mode == "fwd" else fwd_bwd)
+
+
 def compiled(variant, mode, chunk_size, precision="fp32"):
+  if variant == "floor":
+    return products(mode, chunk_size, precision)
   f = loss_fn(variant, chunk_size, precision)
   if mode == "fwd_bwd":
     f = jax.value_and_grad(f, argnums=(0, 1))
@@ -216,7 +274,11 @@ def run_config(config, args):
           name: peak_in_subprocess(config, name, mode, args) for name in run
       }
     if args.repeats > 0:
-      row[f"{mode}/seconds"] = time_interleaved(run, inputs, args.repeats)
+      timed = dict(run)
+      if args.floor:
+        timed["floor"] = compiled("floor", mode, args.chunk_size,
+                                  args.precision)
+      row[f"{mode}/seconds"] = time_interleaved(timed, inputs, args.repeats)
     print(json.dumps(row), flush=True)
   return row
 
@@ -225,12 +287,23 @@ def gib(x):
   return "n/a" if x is None else f"{x / 2**30:.2f}"
 
 
+def _secs(x):
+  return "not run" if x is None else f"{x:.3f}"
+
+
+def _ratio(a, b):
+  return "n/a" if a is None or b is None else f"{a / b:.2f}"
+
+
 def markdown(rows):
+  floor = any("floor" in row.get(f"{mode}/seconds", {})
+              for row in rows for mode in ("fwd", "fwd_bwd"))
   lines = [
       "| N x D x V | precision | pass | temp GiB mat. | temp GiB fused "
       "| temp ratio | peak GiB mat. | peak GiB fused | s mat. | s fused "
-      "| time ratio |",
-      "|---|---|---|---|---|---|---|---|---|---|---|",
+      "| time ratio |" + (" s floor | floor ratio |" if floor else ""),
+      "|---|---|---|---|---|---|---|---|---|---|---|"
+      + ("---|---|" if floor else ""),
   ]
   for row in rows:
     for mode in ("fwd", "fwd_bwd"):
@@ -238,10 +311,10 @@ def markdown(rows):
       tm, tf = mem["materialised"]["temp_bytes"], mem["fused"]["temp_bytes"]
       peak = row.get(f"{mode}/peak", {})
       sec = row.get(f"{mode}/seconds", {})
-      sm, sf = sec.get("materialised"), sec.get("fused")
-      time_cols = " | ".join(
-          ["not run" if x is None else f"{x:.3f}" for x in (sm, sf)]
-          + ["n/a" if sm is None or sf is None else f"{sf / sm:.2f}"])
+      sm, sf, s0 = (sec.get(k) for k in ("materialised", "fused", "floor"))
+      time_cols = f"{_secs(sm)} | {_secs(sf)} | {_ratio(sf, sm)}"
+      if floor:
+        time_cols += f" | {_secs(s0)} | {_ratio(s0, sm)}"
       lines.append(
           f"| {row['config']} | {row['precision']} | {mode} | {gib(tm)} | "
           f"{gib(tf)} | {tf / tm:.3f} | {gib(peak.get('materialised'))} | "
@@ -264,6 +337,9 @@ def main():
                       "80%% of device memory on an accelerator)")
   parser.add_argument("--skip_peak", action="store_true",
                       help="skip the per-variant peak-memory subprocesses")
+  parser.add_argument("--floor", action="store_true",
+                      help="also time the fused path's 4 head products "
+                      "alone (its floor; chunk_size must divide V)")
   parser.add_argument("--out", default="benchmarks/out/fused_head.json")
   parser.add_argument("--child", help=argparse.SUPPRESS)
   parser.add_argument("--variant", help=argparse.SUPPRESS)
@@ -272,6 +348,12 @@ def main():
   if args.child:
     child(args)
     return
+  if args.floor:
+    uneven = [c for c in args.configs
+              if parse_config(c)[2] % args.chunk_size]
+    if uneven:
+      parser.error(f"--floor needs --chunk_size {args.chunk_size} to divide "
+                   f"V; it does not in {', '.join(uneven)}")
   if args.max_bytes is None:
     args.max_bytes = default_max_bytes()
   device = jax.devices()[0].device_kind

@@ -28,7 +28,8 @@ def test_fused_head_benchmark_runs(tmp_path, precision, peak):
   out = tmp_path / "fused_head.json"
   args = ["--configs", "256x16x4096", "--chunk_size", "256", "--repeats",
           "1", "--precision", precision, "--out", str(out)]
-  proc = _run(*args, *([] if peak else ["--skip_peak"]))
+  # --floor with the peaks, --skip_peak without: both ways in two runs.
+  proc = _run(*args, *(["--floor"] if peak else ["--skip_peak"]))
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out.read_text())
   (row,) = result["rows"]
@@ -39,7 +40,8 @@ def test_fused_head_benchmark_runs(tmp_path, precision, peak):
     # [256, 256] chunks.
     assert mem["materialised"]["temp_bytes"] >= 256 * 4096 * 4
     assert mem["fused"]["temp_bytes"] < mem["materialised"]["temp_bytes"] / 4
-    assert set(row[f"{mode}/seconds"]) == {"materialised", "fused"}
+    timed = {"materialised", "fused"} | ({"floor"} if peak else set())
+    assert set(row[f"{mode}/seconds"]) == timed
     assert all(t > 0 for t in row[f"{mode}/seconds"].values())
     if peak:
       assert all(p is not None and p > 0
@@ -48,6 +50,7 @@ def test_fused_head_benchmark_runs(tmp_path, precision, peak):
       assert f"{mode}/peak" not in row
   table = proc.stdout[proc.stdout.index("| N x D x V"):]
   assert f"| 256x16x4096 | {precision} | fwd_bwd |" in table
+  assert ("| s floor | floor ratio |" in table) == peak
 
 
 def test_fused_head_runs_alone_where_materialised_does_not_fit(tmp_path):
@@ -71,6 +74,8 @@ def test_fused_head_runs_alone_where_materialised_does_not_fit(tmp_path):
     (["--configs", "4096x1024"], "4096x1024"),
     (["--configs", "0x8x8"], "0x8x8"),
     (["--precision", "int8"], "int8"),
+    (["--configs", "64x8x1000", "--chunk_size", "256", "--floor"],
+     "64x8x1000"),
 ])
 def test_fused_head_benchmark_rejects_bad_flags(args, shown):
   proc = _run(*args)
