@@ -102,15 +102,23 @@ def fused_logprobs_entropy(
   return logps, entropy
 
 
+def _target_column(targets, start, width):
+  """Each target's column within the chunk `[start, start + width)`.
+
+  Returns `(column, inside)`: the column clipped into the chunk (a valid
+  index to gather or scatter at) and whether the target lies in it.
+  """
+  idx = targets - start
+  return jnp.clip(idx, 0, width - 1), (idx >= 0) & (idx < width)
+
+
 def _target_logit(z, targets, start):
   """`z[n, targets[n] - start]` where the target lies in this chunk, else 0.
 
   A gather of one element per row, not a compare over the whole chunk.
   """
-  width = z.shape[1]
-  idx = targets - start
-  inside = (idx >= 0) & (idx < width)
-  picked = jnp.take_along_axis(z, jnp.clip(idx, 0, width - 1)[:, None], 1)
+  col, inside = _target_column(targets, start, z.shape[1])
+  picked = jnp.take_along_axis(z, col[:, None], 1)
   return jnp.where(inside, picked[:, 0], 0.0)
 
 
@@ -212,10 +220,8 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
     # dz = g_lp (onehot - p) - g_h p (log p + H): the dense part here, the
     # one-hot part as a scatter of one value per row.
     dz = -p * (g_lp[:, None] + g_h[:, None] * (logp + entropy[:, None]))
-    idx = targets - start
-    inside = (idx >= 0) & (idx < width)
-    dz = dz.at[rows, jnp.clip(idx, 0, width - 1)].add(
-        jnp.where(inside, g_lp, 0.0))
+    col, inside = _target_column(targets, start, width)
+    dz = dz.at[rows, col].add(jnp.where(inside, g_lp, 0.0))
     dz_op = dz.astype(policy.head_dtype)
     w_c_t = (_cols(w_t, start, width, axis=0) if low_precision
              else w_c.astype(policy.head_dtype).T)  # [C, D]
