@@ -108,8 +108,9 @@ def products(mode, chunk_size, precision="fp32"):
   `hidden^T @ dz`): 4 products of N·D·V against the materialised path's 3.
   No softmax, no masking: its time is the floor of the fused path's on
   this device (the `--floor` column). Operand dtypes and layouts follow
-  `fused.py` (a transposed copy of a low-precision head, `hidden^T` made
-  once). Assumes `chunk_size` divides V.
+  `fused.py` (`hidden^T` made once; a transposed `[V, D]` copy of a
+  low-precision head, each float32 chunk transposed in the loop). Assumes
+  `chunk_size` divides V.
   """
   policy = entropo.get_precision(precision)
   dot = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
@@ -132,7 +133,8 @@ def products(mode, chunk_size, precision="fp32"):
     n_chunks = lm_head.shape[1] // chunk_size
     h_op = hidden.astype(policy.head_dtype)
     row = forward(h_op, lm_head, n_chunks)  # [N], feeds the second loop
-    w_t = lm_head.astype(policy.head_dtype).T
+    low_precision = jnp.dtype(policy.head_dtype).itemsize < 4
+    w_t = lm_head.astype(policy.head_dtype).T if low_precision else None
     h_t, w_t = jax.lax.optimization_barrier((h_op.T, w_t))
 
     def step(carry, c):
@@ -141,7 +143,8 @@ def products(mode, chunk_size, precision="fp32"):
       w_c = jax.lax.dynamic_slice_in_dim(lm_head, start, chunk_size, 1)
       z = policy.head_product(h_op, w_c).astype(jnp.float32)
       dz = (z * row[:, None]).astype(policy.head_dtype)
-      w_c_t = jax.lax.dynamic_slice_in_dim(w_t, start, chunk_size, 0)
+      w_c_t = (jax.lax.dynamic_slice_in_dim(w_t, start, chunk_size, 0)
+               if low_precision else w_c.astype(policy.head_dtype).T)
       dh = dh + dot(dz, w_c_t)
       dw = jax.lax.dynamic_update_slice_in_dim(dw, dot(h_t, dz), start, 1)
       return (dh, dw), None
@@ -241,12 +244,14 @@ def time_interleaved(fns, args, repeats):
   return {name: statistics.median(t) for name, t in times.items()}
 
 
+CPU_MAX_BYTES = 14 * 2**30  # leaves room on a 24 GiB machine
+
+
 def default_max_bytes():
-  """What the materialised temporaries may take for a variant to be run."""
-  if _on_cpu():
-    return 14 * 2**30  # leaves room on a 24 GiB machine
-  limit = jax.devices()[0].memory_stats().get("bytes_limit")
-  return 0.8 * limit if limit else 14 * 2**30
+  """What a variant's temporaries may take for it to be run."""
+  limit = None if _on_cpu() else jax.devices()[0].memory_stats().get(
+      "bytes_limit")
+  return 0.8 * limit if limit else CPU_MAX_BYTES
 
 
 def run_config(config, args):

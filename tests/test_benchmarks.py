@@ -2,7 +2,9 @@
 
 The numbers it exists for are measured by hand (docs/benchmarks.md); this
 keeps the script working: both precisions, the per-variant peak-memory
-subprocesses, the JSON and the Markdown table, and its input checks.
+subprocesses, the `--floor` timing, the fused variant alone where the
+materialised one does not fit, the JSON and the Markdown table, and its
+input checks.
 """
 
 import json
