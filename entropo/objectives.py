@@ -66,6 +66,18 @@ def _check_inputs(logps, old_logps, advantages, mask):
     )
 
 
+def _abs_flat_at_zero(x):
+  """`|x|` whose derivative at 0 is 0 (the subgradient's centre).
+
+  `jnp.abs` differentiates to +1 at 0. KL-Cov's penalty `|log pi - log
+  pi_old|` sits exactly at 0 on every iteration's first update (old log-probs
+  are recomputed with the same code), where a +1 would push every selected
+  token down by `coef` and cancel much of its policy-gradient signal.
+  `sign(x) * x` has the same value and the derivative `sign(x)`.
+  """
+  return jnp.sign(x) * x
+
+
 def _sequence_log_ratio(log_ratio, mask):
   """Per-sequence mean log-ratio over valid tokens, `[B, 1]`."""
   tokens = jnp.sum(mask, axis=-1, keepdims=True, dtype=jnp.float32)
@@ -167,8 +179,12 @@ def policy_loss(
 
   unclipped = -adv * ratio
   clipped = -adv * jnp.clip(ratio, lo, hi)
-  terms = jnp.maximum(unclipped, clipped)
+  # max(unclipped, clipped), with ties resolved to the unclipped term: at a
+  # tie (e.g. rho = 1 on the edge of a band with clip_low = 0) jnp.maximum
+  # and jnp.clip would each pass half the gradient, where the objective's
+  # one-sided derivative on the unclipped side is the whole of it.
   ppo_clipped = clipped > unclipped  # [B, T] tokens PPO gives no gradient
+  terms = jnp.where(ppo_clipped, clipped, unclipped)
   if dual_clip is not None:
     dual = (adv < 0) & (terms > -adv * dual_clip)  # [B, T]
     terms = jnp.where(dual, -adv * dual_clip, terms)
@@ -189,7 +205,7 @@ def policy_loss(
       k = covariance.num_selected(kl_cov_ratio, mask, axis_name=axis_name)
       chosen = covariance.select_top_k(cov, mask, k, axis_name=axis_name)
       terms = unclipped + jnp.where(
-          chosen, kl_cov_coef * jnp.abs(log_ratio), 0.0
+          chosen, kl_cov_coef * _abs_flat_at_zero(log_ratio), 0.0
       )
     metrics["cov/mean"] = masking.masked_mean(cov, mask, axis_name=axis_name)
     metrics["cov/selected_frac"] = masking.masked_mean(

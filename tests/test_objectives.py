@@ -257,6 +257,37 @@ def test_ppo_at_ratio_one_has_reinforce_gradient(rng, agg):
     _close(g, expected)
 
 
+@pytest.mark.parametrize("agg", MODES)
+def test_kl_cov_at_ratio_one_has_reinforce_gradient(rng, agg):
+  # The trainer recomputes old log-probs with the same code, so the first
+  # update of every iteration has log pi == log pi_old exactly: there the
+  # penalty coef * |log pi - log pi_old| is at its minimum and must add no
+  # gradient (jnp.abs would add +coef on every selected token).
+  logps, _, adv, mask = _batch(rng, (8, 10))
+  old = logps.copy()
+  _, metrics, g = _run(logps, old, adv, mask, objective="kl_cov", agg=agg,
+                       kl_cov_ratio=0.3, kl_cov_coef=1.0)
+  assert float(metrics["cov/selected_frac"]) > 0.2  # tokens were selected
+  expected = -np.asarray(adv, np.float64) * ref.aggregation_weights(mask, agg)
+  _close(g, expected)
+
+
+@pytest.mark.parametrize("adv_sign", [1.0, -1.0])
+def test_ppo_on_a_band_edge_keeps_the_whole_gradient(rng, adv_sign):
+  # clip_low = 0 puts rho = 1 exactly on the lower edge; clip_high = 0 on
+  # the upper one. The loss max(-A rho, -A clip(rho)) is then a tie, and
+  # the gradient must be the unclipped term's, not a share of it.
+  logps, _, adv, mask = _batch(rng)
+  adv = adv_sign * np.abs(adv)
+  old = logps.copy()
+  expected = -adv.astype(np.float64) * ref.aggregation_weights(
+      mask, "token_mean")
+  for kwargs in (dict(clip_low=0.0), dict(clip_high=0.0),
+                 dict(clip_low=0.0, clip_high=0.0)):
+    _, _, g = _run(logps, old, adv, mask, objective="ppo", **kwargs)
+    _close(g, expected)
+
+
 def test_gspo_equals_gspo_token_in_value(rng):
   for spread in (0.05, 0.6):
     logps, old, adv, mask = _batch(rng, spread=spread)
