@@ -207,9 +207,7 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
   low_precision = jnp.dtype(policy.head_dtype).itemsize < 4
   w_t = w.astype(policy.head_dtype).T if low_precision else None  # [V, D]
   h_t, w_t = jax.lax.optimization_barrier((h_op.T, w_t))  # [D, N], [V, D]
-  dot = functools.partial(
-      jnp.matmul, preferred_element_type=jnp.float32
-  )
+  dot = functools.partial(policy.matmul, preferred_element_type=jnp.float32)
 
   def body(carry, start, width):
     dh, dw = carry  # [N, D], [D, V] float32

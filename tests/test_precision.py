@@ -17,6 +17,7 @@ F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
 # name -> (param, compute, head operands, logits).
 DOCUMENTED = {
     "fp32": (F32, F32, F32, F32),
+    "tf32": (F32, F32, F32, F32),
     "bf16": (F32, BF16, BF16, BF16),
     "bf16_fp32_head": (F32, BF16, F32, F32),
     "bf16_fp32_logits": (F32, BF16, BF16, F32),

@@ -16,7 +16,9 @@ mesh axes.
 Dtypes come from a `Precision` policy: parameters are stored in
 `param_dtype`, the body computes in `compute_dtype`, normalisation
 statistics and the attention softmax run in float32, and the head is left
-to the policy's `head_product`.
+to the policy's `head_product`. Every contraction runs through the policy's
+`einsum`/`matmul`, which name its dot algorithm (float32 means float32 on a
+GPU or TPU too, not TF32 or one bfloat16 pass).
 
 The KV cache is a plain pytree owned by the caller (the sampler):
 `{"k": [L][B, S, KV, hd], "v": ..., "valid": [B, S] bool}`. A call with
@@ -115,9 +117,9 @@ class Attention(nnx.Module):
     """
     cfg, policy = self.config, self.policy
     cast = policy.cast_compute
-    q = jnp.einsum("btd,dhk->bthk", x, cast(self.q_proj[...]))
-    k = jnp.einsum("btd,dhk->bthk", x, cast(self.k_proj[...]))
-    v = jnp.einsum("btd,dhk->bthk", x, cast(self.v_proj[...]))
+    q = policy.einsum("btd,dhk->bthk", x, cast(self.q_proj[...]))
+    k = policy.einsum("btd,dhk->bthk", x, cast(self.k_proj[...]))
+    v = policy.einsum("btd,dhk->bthk", x, cast(self.v_proj[...]))
     if cfg.qkv_bias:
       q = q + cast(self.q_bias[...])
       k = k + cast(self.k_bias[...])
@@ -134,17 +136,17 @@ class Attention(nnx.Module):
     b, t = x.shape[:2]
     group = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
-    scores = jnp.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
-                        preferred_element_type=jnp.float32)
+    scores = policy.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
+                           preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(cfg.head_dim)
     key_slots = jnp.arange(k.shape[1])  # [S]
     allowed = (key_slots[None, :] <= query_slots[:, None])[None]  # [1, T, S]
     allowed = allowed & key_valid[:, None, :]  # [B, T, S]
     scores = jnp.where(allowed[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+    out = policy.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
     out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
-    out = jnp.einsum("bthk,hkd->btd", out, cast(self.o_proj[...]))
+    out = policy.einsum("bthk,hkd->btd", out, cast(self.o_proj[...]))
     return out, (k, v)
 
 
@@ -162,10 +164,11 @@ class MLP(nnx.Module):
     self.policy = policy
 
   def __call__(self, x):
-    cast = self.policy.cast_compute
-    gate = x @ cast(self.gate_proj[...])
-    up = x @ cast(self.up_proj[...])
-    return (jax.nn.silu(gate) * up) @ cast(self.down_proj[...])
+    policy = self.policy
+    cast = policy.cast_compute
+    gate = policy.matmul(x, cast(self.gate_proj[...]))
+    up = policy.matmul(x, cast(self.up_proj[...]))
+    return policy.matmul(jax.nn.silu(gate) * up, cast(self.down_proj[...]))
 
 
 class Block(nnx.Module):
