@@ -59,7 +59,7 @@ BOUNDS = (("grpo+repo_r", "zeta_max", (0.05, 4.0, 16.0)),
 # entropy bonus, REPO-R on GRPO and on DAPO, REPO-D, ADAPO).
 ALGORITHMS = ("grpo", "rloo", "dapo", "gspo", "entropy_bonus", "grpo+repo_r",
               "dapo+repo_r", "grpo+repo_d", "adapo")
-PRESETS = ("fp32", "bf16", "bf16_fp32_head", "fp16")
+PRESETS = ("fp32", "tf32", "bf16", "bf16_fp32_head", "fp16")
 PASS_K = (1, 2, 4, 8, 16)
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where the study lives.")
