@@ -348,7 +348,12 @@ def native_precision(algorithm, operand_dtype, backend: str | None = None):
 
 @functools.cache
 def _has_tensor_float32() -> bool:
-  """Whether the default GPU has TF32 tensor cores (compute capability 8+)."""
+  """Whether the GPU in use has TF32 tensor cores (compute capability 8+).
+
+  True when no GPU is in use (a question about GPUs in general).
+  """
+  if _backend_kind(jax.default_backend()) != "gpu":
+    return True
   capability = getattr(jax.devices()[0], "compute_capability", None)
   try:
     return float(capability) >= 8.0

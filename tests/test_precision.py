@@ -1,6 +1,7 @@
 """Tests for entropo/precision.py: presets, validation, casts, head product."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +10,7 @@ import pytest
 
 import entropo
 from entropo import precision as precision_lib
+from tests.reference import dots as dots_ref
 from tests.reference import logprobs as ref
 
 F32, BF16, F16 = jnp.float32, jnp.bfloat16, jnp.float16
@@ -356,3 +358,169 @@ def test_rounding_survives_jit_after_a_dot(rng, name, dtype_name):
 
   np.testing.assert_array_equal(np.asarray(jax.jit(logps)(h, w)),
                                 np.asarray(logps(h, w)))
+
+
+# Dot algorithms: the policy's `dot_algorithm`, emulation where a backend
+# lacks it, and the `tf32` preset's error band.
+
+
+def _emulated_tf32_policy():
+  """The tf32 preset, which this backend must emulate for the tests below."""
+  policy = entropo.get_precision("tf32")
+  algorithm = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
+  if precision_lib.native_precision(algorithm, F32) is not None:
+    pytest.skip("TF32 is native here: the emulation is not what runs")
+  return policy
+
+
+def test_dot_algorithm_of_each_preset():
+  algo = jax.lax.DotAlgorithmPreset
+  expected = {"fp32": algo.F32_F32_F32, "tf32": algo.TF32_TF32_F32}
+  for name, policy in entropo.PRESETS.items():
+    assert policy.dot_algorithm == expected.get(name, algo.F32_F32_F32)
+    assert policy.algorithm_for(F32) == policy.dot_algorithm
+    assert policy.algorithm_for(BF16) == algo.BF16_BF16_F32
+    assert policy.algorithm_for(F16) == algo.F16_F16_F32
+
+
+def test_dot_algorithm_accepts_names_and_presets_and_rejects_others():
+  algo = jax.lax.DotAlgorithmPreset
+  assert entropo.Precision(dot_algorithm="TF32_TF32_F32").dot_algorithm == (
+      algo.TF32_TF32_F32)
+  assert entropo.Precision(
+      dot_algorithm=algo.BF16_BF16_F32).dot_algorithm == algo.BF16_BF16_F32
+  with pytest.raises(ValueError, match=r"'F16_F16_F16'.*'TF32_TF32_F32'"):
+    entropo.Precision(dot_algorithm="F16_F16_F16")
+  with pytest.raises(ValueError, match="at most 32 bits"):
+    entropo.Precision(compute_dtype=jnp.float64)
+
+
+def test_round_to_tf32_matches_the_float64_reference(rng):
+  tiny = np.float32(2.0 ** -140)  # a float32 subnormal
+  values = np.concatenate([
+      rng.standard_normal(2000) * 10.0 ** rng.integers(-30, 30, 2000),
+      rng.standard_normal(200) * tiny,
+      [0.0, -0.0, np.inf, -np.inf, np.finfo(np.float32).max,
+       -np.finfo(np.float32).max, np.finfo(np.float32).tiny, 1.0, -3.5],
+  ]).astype(np.float32)
+  # Exact ties: the 13 dropped bits are 1000000000000, the kept part odd or
+  # even, so that nearest-even rounds one up and the other down.
+  bits = rng.integers(0, 2 ** 31, 64, dtype=np.uint32) & np.uint32(0x7F7FE000)
+  ties = (bits | np.uint32(0x1000)).view(np.float32)
+  values = np.concatenate([values, ties, -ties])
+  got = np.asarray(precision_lib.round_to_tf32(jnp.asarray(values)),
+                   np.float64)
+  want = dots_ref.round_to_tf32(values)
+  np.testing.assert_array_equal(got, want)
+  # Ties went both ways, so the tie-break was exercised.
+  up = np.abs(want[-128:-64]) > np.abs(ties.astype(np.float64))
+  assert 0 < up.sum() < 64
+  assert np.isnan(np.asarray(precision_lib.round_to_tf32(jnp.float32(np.nan))))
+
+
+def test_emulated_tf32_matmul_is_the_exact_product_of_rounded_operands(rng):
+  policy = _emulated_tf32_policy()
+  a = rng.standard_normal((24, 300)).astype(np.float32)
+  b = rng.standard_normal((300, 16)).astype(np.float32)
+  got = np.asarray(jax.jit(policy.matmul)(a, b), np.float64)
+  want = dots_ref.matmul(dots_ref.round_to_tf32(a), dots_ref.round_to_tf32(b))
+  # Only the float32 sums differ: at most K ulps of the magnitudes summed.
+  bound = 300 * 2.0 ** -24 * dots_ref.matmul(np.abs(a), np.abs(b))
+  assert np.all(np.abs(got - want) <= bound)
+
+
+def test_emulated_tf32_error_sits_between_fp32_and_bf16_operands(rng):
+  policy = _emulated_tf32_policy()
+  a = rng.standard_normal((64, 512)).astype(np.float32)
+  b = rng.standard_normal((512, 64)).astype(np.float32)
+  exact = dots_ref.matmul(a, b)
+  scale = np.abs(exact).max()
+
+  def rel_err(x):
+    return np.abs(np.asarray(x, np.float64) - exact).max() / scale
+
+  fp32 = rel_err(jax.jit(entropo.get_precision("fp32").matmul)(a, b))
+  tf32 = rel_err(jax.jit(policy.matmul)(a, b))
+  bf16_matmul = functools.partial(entropo.get_precision("bf16").matmul,
+                                  preferred_element_type=F32)
+  bf16 = rel_err(jax.jit(bf16_matmul)(jnp.asarray(a, BF16),
+                                      jnp.asarray(b, BF16)))
+  # TF32 keeps 3 more mantissa bits than bfloat16 and 13 fewer than float32:
+  # the measured H200 TF32 error of a 2048^2 product was 2.9e-4, float32's
+  # 8.1e-7.
+  assert fp32 < 3e-6
+  assert 1e-4 < tf32 < 1e-3
+  assert tf32 > 50 * fp32
+  assert bf16 > 4 * tf32
+
+
+def test_emulated_tf32_gradient_rounds_the_backward_products_too(rng):
+  policy = _emulated_tf32_policy()
+  a = rng.standard_normal((8, 40)).astype(np.float32)
+  b = rng.standard_normal((40, 6)).astype(np.float32)
+  g = rng.standard_normal((8, 6)).astype(np.float32)
+  da, db = jax.jit(jax.grad(
+      lambda x, y: jnp.sum(g * policy.einsum("ik,kj->ij", x, y)),
+      argnums=(0, 1)))(a, b)
+  ra, rb, rg = (dots_ref.round_to_tf32(x) for x in (a, b, g))
+  want_da = dots_ref.matmul(rg, rb.T)
+  want_db = dots_ref.matmul(ra.T, rg)
+  for got, want, mag in (
+      (da, want_da, dots_ref.matmul(np.abs(g), np.abs(b).T)),
+      (db, want_db, dots_ref.matmul(np.abs(a).T, np.abs(g)))):
+    assert got.dtype == F32
+    err = np.abs(np.asarray(got, np.float64) - want)
+    assert np.all(err <= 64 * 2.0 ** -24 * mag)
+
+
+def test_tf32_model_logprobs_sit_between_fp32_and_bf16(rng):
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from entropo.models import ModelConfig, Transformer  # pylint: disable=g-import-not-at-top
+  from entropo.training.step import sequence_logps  # pylint: disable=g-import-not-at-top
+  config = ModelConfig(vocab_size=97, hidden_size=64, intermediate_size=128,
+                       num_layers=2, num_heads=4, num_kv_heads=2)
+  tokens = jnp.asarray(rng.integers(0, 97, (4, 24)), jnp.int32)
+  mask = jnp.ones(tokens.shape, bool)
+  fp32 = Transformer(config, precision="fp32", rngs=nnx.Rngs(0))
+  params = nnx.state(fp32, nnx.Param)
+  logps = {}
+  for name in ("fp32", "tf32", "bf16"):
+    model = Transformer(config, precision=name, rngs=nnx.Rngs(0))
+    nnx.update(model, params)
+    logps[name] = np.asarray(jax.jit(
+        lambda m: sequence_logps(m, tokens, mask)[0])(model), np.float64)
+  tf32 = np.abs(logps["tf32"] - logps["fp32"]).max()
+  bf16 = np.abs(logps["bf16"] - logps["fp32"]).max()
+  assert 1e-5 < tf32 < bf16 / 4
+
+
+def test_describe_names_backend_algorithms_and_emulation():
+  fp32 = entropo.get_precision("fp32").describe()
+  assert fp32["preset"] == "fp32"
+  assert fp32["backend"] == jax.default_backend()
+  assert fp32["dot_algorithm"] == "F32_F32_F32"
+  assert fp32["dots"]["float32"]["algorithm"] == "F32_F32_F32"
+  bf16 = entropo.get_precision("bf16").describe()
+  assert bf16["dots"]["bfloat16"]["algorithm"] == "BF16_BF16_F32"
+  assert bf16["compute_dtype"] == "bfloat16"
+  tf32 = entropo.get_precision("tf32").describe()
+  native = precision_lib.native_precision(
+      jax.lax.DotAlgorithmPreset.TF32_TF32_F32, F32) is not None
+  assert tf32["dots"]["float32"]["native"] == native
+  if jax.default_backend() == "cpu":
+    assert fp32["dots"]["float32"]["native"]
+    assert not native
+    assert "rounded to tf32" in tf32["dots"]["float32"]["runs_as"]
+
+
+def test_native_table_per_backend():
+  algo = jax.lax.DotAlgorithmPreset
+  native = precision_lib.native_precision
+  assert native(algo.F32_F32_F32, F32, "cpu") == algo.F32_F32_F32
+  assert native(algo.TF32_TF32_F32, F32, "cpu") is None
+  assert native(algo.BF16_BF16_F32, F32, "cpu") is None  # CPU would not round
+  assert native(algo.BF16_BF16_F32, BF16, "cpu") == jax.lax.Precision.HIGHEST
+  assert native(algo.TF32_TF32_F32, F32, "cuda") == algo.TF32_TF32_F32
+  assert native(algo.F32_F32_F32, F32, "gpu") == algo.F32_F32_F32
+  assert native(algo.F32_F32_F32, F32, "tpu") == algo.BF16_BF16_F32_X6
+  assert native(algo.TF32_TF32_F32, F32, "tpu") is None
