@@ -8,6 +8,7 @@ options), so they are free under `jax.jit`.
 
 from collections.abc import Collection, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,3 +81,25 @@ def check_positive(name: str, value, *, allow_zero: bool = False) -> None:
     if value < 0 or (value == 0 and not allow_zero):
       bound = ">= 0" if allow_zero else "> 0"
       raise ValueError(f"{name} must be {bound}; got {value}.")
+
+
+def check_token_ids(name: str, ids, vocab: int) -> None:
+  """Raises ValueError if concrete `ids` hold a value outside `[0, vocab)`.
+
+  The one check here that reads values: only for arrays this process holds
+  (NumPy, or a fully addressable, non-traced jax.Array); under `jax.jit`
+  the callers document what an out-of-range id gives instead.
+  """
+  if isinstance(ids, jax.core.Tracer):
+    return
+  if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
+    return
+  ids = np.asarray(ids)
+  bad = (ids < 0) | (ids >= vocab)
+  if bad.any():
+    where = np.argwhere(bad)
+    raise ValueError(
+        f"{name} must be token ids in [0, {vocab}); got "
+        f"{ids[bad][:4].tolist()} at positions {where[:4].tolist()}"
+        f"{' and more' if len(where) > 4 else ''}."
+    )

@@ -58,9 +58,10 @@ def fused_logprobs_entropy(
     hidden: `[B, T, D]` (or `[N, D]`) float, final hidden states.
     lm_head: `[D, V]` float, the output projection (the transposed embedding
       for tied models).
-    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`; an id outside
-      (e.g. padding) gives a meaningless value at that position (its logit
-      counts as 0), so mask it.
+    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`. An id outside
+      raises ValueError when `targets` is concrete; under `jax.jit` it gives
+      a NaN log-prob at that position (the entropy is still the row's), so
+      mask it.
     chunk_size: vocabulary columns per chunk (clipped to V). Smaller saves
       memory; larger has fewer, bigger matmuls.
     precision: a `Precision`, a preset name, or None (`fp32`).
@@ -87,6 +88,10 @@ def fused_logprobs_entropy(
   if (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
       or chunk_size <= 0):
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+  if lm_head.shape[1] == 0:
+    raise ValueError("lm_head has no columns: the vocabulary must be "
+                     "non-empty ([D, V] with V >= 1).")
+  _checks.check_token_ids("targets", targets, lm_head.shape[1])
   policy = precision_lib.get_precision(precision)
   lead = hidden.shape[:-1]
   chunk = min(chunk_size, lm_head.shape[1])
@@ -97,6 +102,8 @@ def fused_logprobs_entropy(
       chunk,
       policy,
   )
+  inside = (targets >= 0) & (targets < lm_head.shape[1])
+  logps = jnp.where(inside.reshape(-1), logps, jnp.nan)
   logps = policy.round_output(logps).reshape(lead)
   entropy = policy.round_output(entropy).reshape(lead)
   return logps, entropy

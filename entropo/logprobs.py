@@ -36,8 +36,9 @@ def token_logprobs(
 
   Args:
     logits: `[B, T, V]` (or `[N, V]`) float, any float dtype.
-    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`; an id outside
-      (e.g. padding) gives NaN at that position, so mask it.
+    targets: `[B, T]` (or `[N]`) int token ids in `[0, V)`. An id outside
+      raises ValueError when `targets` is concrete; under `jax.jit` it gives
+      NaN at that position (never a wrapped-around value), so mask it.
     precision: a `Precision`, a preset name, or None (`fp32`). Its
       `logits_dtype` is the dtype of the log-softmax.
 
@@ -51,8 +52,13 @@ def token_logprobs(
         f"targets must have shape logits.shape[:-1] = {logits.shape[:-1]}; "
         f"got {targets.shape}."
     )
+  vocab = logits.shape[-1]
+  _checks.check_token_ids("targets", targets, vocab)
   logp = _log_softmax(logits, precision)  # [B, T, V]
-  picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+  inside = (targets >= 0) & (targets < vocab)
+  picked = jnp.take_along_axis(
+      logp, jnp.clip(targets, 0, vocab - 1)[..., None], axis=-1)[..., 0]
+  picked = jnp.where(inside, picked, jnp.nan)
   return precision_lib.get_precision(precision).round_output(picked)
 
 

@@ -480,3 +480,27 @@ def test_unknown_precision_raises(rng):
   hidden, lm_head, targets = _ok(rng)
   with pytest.raises(ValueError, match=r"'fp8'.*'bf16_fp32_head'"):
     entropo.fused_logprobs_entropy(hidden, lm_head, targets, precision="fp8")
+
+
+def test_empty_vocabulary_raises(rng):
+  hidden = jnp.zeros((3, D), jnp.float32)
+  with pytest.raises(ValueError, match="vocabulary must be non-empty"):
+    entropo.fused_logprobs_entropy(hidden, jnp.zeros((D, 0)),
+                                   jnp.zeros((3,), jnp.int32))
+
+
+def test_out_of_range_targets_raise_eagerly_and_give_nan_under_jit(rng):
+  hidden, lm_head, targets = _inputs(rng, (6,))
+  for bad in (-1, V):
+    targets = targets.copy()
+    targets[2] = bad
+    with pytest.raises(ValueError, match=rf"\[0, {V}\).*{bad}.*\[\[2\]\]"):
+      _fused(hidden, lm_head, targets, 4)
+    lp, h = jax.jit(lambda a, b, t: _fused(a, b, t, 4))(hidden, lm_head,
+                                                         targets)
+    ok_lp, ok_h = _fused(hidden, lm_head, np.where(targets == bad, 0,
+                                                   targets), 4)
+    assert np.isnan(np.asarray(lp)[2])
+    np.testing.assert_array_equal(np.delete(np.asarray(lp), 2),
+                                  np.delete(np.asarray(ok_lp), 2))
+    np.testing.assert_array_equal(np.asarray(h), np.asarray(ok_h))

@@ -365,3 +365,17 @@ def test_targets_shape_mismatch_raises():
 def test_unknown_precision_raises():
   with pytest.raises(ValueError, match=r"'fp8'.*'fp32'"):
     entropo.token_entropy(jnp.zeros((2, 3)), precision="fp8")
+
+
+def test_out_of_range_targets_raise_eagerly_and_give_nan_under_jit():
+  logits = jnp.zeros((2, 3, 5), jnp.float32)
+  for bad in (-1, 5, 99):
+    targets = np.array([[0, 1, 2], [3, bad, 4]])
+    with pytest.raises(ValueError, match=rf"\[0, 5\).*{bad}.*\[\[1, 1\]\]"):
+      entropo.token_logprobs(logits, targets)
+    # Under jit the values are unknown: NaN there, never a wrapped-around
+    # id's log-prob (take_along_axis alone reads column V - 1 for -1).
+    got = np.asarray(jax.jit(entropo.token_logprobs)(logits, targets))
+    assert np.isnan(got[1, 1])
+    np.testing.assert_allclose(np.delete(got.ravel(), 4), -np.log(5.0),
+                               rtol=1e-6)
