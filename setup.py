@@ -2,43 +2,57 @@
 
 import setuptools
 
-# Versions pinned to what is tested here (Python 3.11; jax 0.11+ needs 3.12).
+# Version ranges, not pins, so that entropo installs beside the jax build of
+# an accelerator (`pip install -e ".[cuda12]"`, `[cuda13]`, `[tpu]`, or after
+# a jax installed by hand). Lower bounds are what the Python 3.11 leg of
+# `make test` runs; upper bounds stop below the first minor release no leg
+# has tested (jax 0.11 runs on the Python 3.12 leg). The exact versions of
+# each leg are in constraints/py311.txt and constraints/py312.txt.
 INSTALL_REQUIRES = [
-    "jax==0.10.2",
-    "jaxlib==0.10.2",
+    "jax>=0.10.2,<0.12",
+    "jaxlib>=0.10.2,<0.12",
     "numpy>=1.26",
-    "chex==0.1.92",
-    "flax==0.12.8",
+    "chex>=0.1.92,<0.2",
+    "flax>=0.12.8,<0.13",
     "ml_dtypes>=0.5",
     "safetensors>=0.8",
     "tokenizers>=0.20",
-    "optax==0.2.8",
-    "orbax-checkpoint==0.12.8",
+    "optax>=0.2.8,<0.3",
+    "orbax-checkpoint>=0.12.8,<0.13",
     # Data: TFDS builders read back without TensorFlow, grain pipelines.
-    "tensorflow-datasets==4.9.10",
-    "array_record==0.8.6",
-    "grain==0.2.18",
+    "tensorflow-datasets>=4.9.10,<4.10",
+    "array_record>=0.8.6,<0.9",
+    "grain>=0.2.18,<0.3",
     "importlib_resources>=6",
     # Experiments: absl flags, configs, logging and plots.
     "absl-py>=2",
-    "ml-collections==1.1.0",
-    "tensorboardX==2.6.5",
+    "ml-collections>=1.1.0,<1.2",
+    "tensorboardX>=2.6.5,<2.7",
     "matplotlib>=3.8",
     "tqdm>=4.66",
 ]
 
 EXTRAS_REQUIRE = {
+    # The accelerator builds of jax (and of jaxlib's plugins), within the
+    # range above.
+    "cuda12": ["jax[cuda12]"],
+    "cuda13": ["jax[cuda13]"],
+    "tpu": ["jax[tpu]"],
     "test": [
         "pytest>=8",
         "pytest-xdist>=3.5",
         "hypothesis>=6.100",
-        # CPU wheel on the machine; an unpinned torch pulls CUDA packages.
-        "torch==2.13.0",
-        "transformers==5.23.0",
         # Executing the notebooks headlessly (tests/test_notebooks.py).
-        "nbclient==0.11.0",
-        "nbformat==5.11.1",
-        "ipykernel==7.4.0",
+        "nbclient>=0.11.0,<0.12",
+        "nbformat>=5.11.1,<6",
+        "ipykernel>=7.4.0,<8",
+    ],
+    # The Hugging Face peer of the parity tests (tests/hf_models.py); the
+    # tests that need it skip without it. On PyPI an unconstrained torch is
+    # a CUDA build of several GB: constraints/py311.txt pins the CPU one.
+    "hf": [
+        "torch>=2.13.0,<2.14",
+        "transformers>=5.23.0,<5.24",
     ],
     "bench": [
         "psutil>=5.9",

@@ -67,6 +67,7 @@ fi
 if [[ "${ENTROPO_COPY_REPO:-0}" == 1 ]]; then
   archive="${TMPDIR:-/tmp}/entropo-$TPU_NAME.tar.gz"
   entropo_run tar -C "$REPO" --exclude=./.git --exclude=./.venv \
+    --exclude=./.venv312 \
     --exclude=./workdir --exclude=./.pytest_cache -czf "$archive" .
   entropo_run "${gcloud_tpu[@]}" scp "$archive" "$TPU_NAME:entropo.tar.gz" \
     "${where[@]}"

@@ -1,15 +1,28 @@
 """Test setup: 8 virtual CPU devices for the sharding tests.
 
 XLA_FLAGS must be set before jax is imported anywhere, hence here.
+
+With ENTROPO_TEST_ACCELERATOR=1 the platform is left to jax (a GPU or TPU
+where there is one; JAX_PLATFORMS still chooses, if set) and no host devices
+are forced, so the numeric and model tests run on the accelerator as they
+are; the tests that need the 8 CPU devices or several processes carry the
+`multidevice` marker and are skipped there. Mark such a test (or its whole
+module, with `pytestmark`): run
+`ENTROPO_TEST_ACCELERATOR=1 JAX_PLATFORMS=cpu pytest ...` (one CPU device)
+to find the ones that were forgotten.
 """
 
 import os
 
-os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "")
-    + " --xla_force_host_platform_device_count=8"
-).strip()
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
+NUM_DEVICES = 8
+ACCELERATOR = os.environ.get("ENTROPO_TEST_ACCELERATOR", "0") not in ("", "0")
+
+if not ACCELERATOR:
+  os.environ["XLA_FLAGS"] = (
+      os.environ.get("XLA_FLAGS", "")
+      + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+  ).strip()
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pathlib  # noqa: E402
 
@@ -25,8 +38,6 @@ jax.config.update(
     str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
-NUM_DEVICES = 8
-
 
 @pytest.fixture
 def rng():
@@ -34,4 +45,18 @@ def rng():
   return np.random.default_rng(0)
 
 
-assert jax.device_count() == NUM_DEVICES, jax.devices()
+def pytest_collection_modifyitems(config, items):
+  del config  # unused
+  if not ACCELERATOR:
+    return
+  skip = pytest.mark.skip(reason=(
+      f"multidevice: needs the {NUM_DEVICES} virtual CPU devices or several "
+      "processes of the default test setup; ENTROPO_TEST_ACCELERATOR=1 runs "
+      f"on {jax.device_count()} {jax.default_backend()} device(s)"))
+  for item in items:
+    if item.get_closest_marker("multidevice") is not None:
+      item.add_marker(skip)
+
+
+if not ACCELERATOR:
+  assert jax.device_count() == NUM_DEVICES, jax.devices()

@@ -12,13 +12,15 @@ import ml_dtypes
 import numpy as np
 import pytest
 import safetensors.numpy
-import torch
-import transformers
 
 from entropo.models import ModelConfig
 from entropo.models import from_pretrained
 from entropo.models import save_pretrained
 from tests import hf_models
+
+torch = pytest.importorskip("torch", reason=hf_models.SKIP_REASON)
+transformers = pytest.importorskip("transformers",
+                                   reason=hf_models.SKIP_REASON)
 
 VOCAB = 97
 

@@ -79,7 +79,7 @@ def _completion(result, i, width):
 
 @pytest.mark.parametrize("family", hf_models.FAMILIES)
 def test_greedy_matches_transformers(family, rng):
-  import torch  # pylint: disable=g-import-not-at-top
+  torch = pytest.importorskip("torch", reason=hf_models.SKIP_REASON)
 
   hf = hf_models.hf_model(family, std=GREEDY_STD)
   model = hf_models.to_entropo(hf)
