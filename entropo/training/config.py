@@ -11,26 +11,40 @@ before any compute, naming the field.
 import jax
 import ml_collections
 
-from entropo import advantages as advantages_lib
-from entropo import masking
-from entropo import objectives
 from entropo import precision as precision_lib
-from entropo import regularizers
-from entropo import controllers
+from entropo import tasks as tasks_lib
+from entropo.training import algorithm as algorithm_lib
 
 ConfigDict = ml_collections.ConfigDict
 
-ADVANTAGES = ("rloo", "grpo", "dr_grpo")
-REPO_VARIANTS = ("none", "repo", "repo_r", "repo_d")
-ENTROPY_CONTROL = ("none", "step", "dual")
-OLD_LOGPS = ("trainer", "sampler")
-
 # Base algorithms: each sets the whole advantage / objective part of `algo`.
 _BASE = dict(
-    advantage="grpo", grpo_scale="group", objective="ppo", clip_low=0.2,
-    clip_high=0.2, band="additive", dual_clip=0.0, agg="seq_mean_token_mean",
-    norm=0.0, dynamic_sampling=False, kl_coef=0.0, kl_estimator="k3",
-    entropy_coef=0.0, clip_cov_ratio=2e-4, kl_cov_ratio=2e-3,
+    # Advantage estimator: rloo, grpo or dr_grpo (GRPO without the std).
+    advantage="grpo",
+    # GRPO's std: per group, over the batch, or none.
+    grpo_scale="group",
+    # Objective (entropo.objectives.OBJECTIVES) and its ratio band.
+    objective="ppo",
+    clip_low=0.2,
+    clip_high=0.2,  # epsilon_high; ADAPO's controller starts here
+    band="additive",  # or "reciprocal" (LOOP's [1/(1+lo), 1+hi])
+    dual_clip=0.0,  # c > 1 caps negative-advantage losses at -A c; 0: off
+    # Loss aggregation (entropo.AGGREGATION_MODES) and the constant of
+    # seq_mean_token_sum_norm (0: max_new_tokens).
+    agg="seq_mean_token_mean",
+    norm=0.0,
+    # DAPO's dynamic sampling: drop groups whose rewards are all equal and
+    # sample again, up to algo.max_resample times, to refill the batch.
+    dynamic_sampling=False,
+    # KL penalty to the starting policy (0: off) and its estimator.
+    kl_coef=0.0,
+    kl_estimator="k3",
+    # Entropy bonus coefficient (0: off unless algo.entropy_control is on).
+    entropy_coef=0.0,
+    # Clip-Cov: fraction of tokens detached; KL-Cov: fraction penalised and
+    # the coefficient of |log pi - log pi_old| (Cui et al., 2505.22617).
+    clip_cov_ratio=2e-4,
+    kl_cov_ratio=2e-3,
     kl_cov_coef=1.0)
 ALGORITHMS = {
     # REINFORCE with a leave-one-out baseline, on-policy (Ahmadian et al.).
@@ -70,24 +84,40 @@ MODIFIERS = {
 
 
 def _algo_defaults() -> dict:
+  """Every field of the `algo` section; `entropo.training.Algorithm` reads
+  and validates them."""
   return dict(
-      name="grpo", **_BASE,
-      # REPO and its zeta controller (method.md section 3).
+      name="grpo",  # the preset, e.g. "dapo+repo_r"
+      **_BASE,
+      # REPO (Petrenko, Lipkin et al.): the variant (none, repo, repo_r,
+      # repo_d) and its zeta controller (entropo.ZetaController): starting
+      # value, bounds, law (doubling or pi), sign flip, PI gains.
       repo="none", zeta_init=1e-3, zeta_min=1e-4, zeta_max=0.05,
-      zeta_law="doubling", zeta_sign_flip=True, repo_positive_only=False,
-      # ADAPO's epsilon_high controller (method.md section 4).
+      zeta_law="doubling", zeta_sign_flip=True, zeta_kp=2.0, zeta_ki=0.2,
+      # REPO-R on positive advantages only.
+      repo_positive_only=False,
+      # ADAPO: adapt epsilon_high (entropo.ClipHighController) from
+      # algo.clip_high within [clip_high_min, clip_high_max] (widened to
+      # include clip_high); law multiplicative (by factor) or pi (gains).
       adapo=False, clip_high_min=0.2, clip_high_max=0.4,
       clip_high_factor=1.1, clip_high_law="multiplicative",
-      # Adaptive entropy-bonus coefficient.
+      clip_high_kp=2.0, clip_high_ki=0.2,
+      # Adaptive entropy-bonus coefficient (entropo.EntropyCoefController):
+      # none, step (+/- delta) or dual (ascent at rate lr), from
+      # algo.entropy_coef up to entropy_coef_max.
       entropy_control="none", entropy_coef_max=0.1,
       entropy_coef_delta=1e-3, entropy_coef_law_lr=0.01,
-      # Where the importance ratio's denominator comes from, and truncated
-      # importance weights between trainer and sampler (0: off).
+      # Where the importance ratio's denominator comes from (trainer or
+      # sampler), and truncated importance weights between trainer and
+      # sampler (a cap >= 1; 0: off).
       old_logps="trainer", tis_cap=0.0,
-      # Target entropy: 0 means "the entropy measured before RL starts",
-      # times `target_scale`.
+      # Target entropy of the controllers: 0 means "the entropy measured
+      # before RL starts", times `target_scale`.
       target_entropy=0.0, target_scale=1.0,
-      epochs=1, minibatches=1, max_resample=4,
+      # Optax steps per iteration: epochs x minibatches.
+      epochs=1, minibatches=1,
+      # Dynamic sampling's extra draws per iteration, at most.
+      max_resample=4,
   )
 
 
@@ -173,29 +203,7 @@ def validate(config: ConfigDict) -> None:
   except ValueError as e:
     _fail("precision", str(e))
   a = config.algo
-  _choice(config, "algo.advantage", ADVANTAGES)
-  _choice(config, "algo.grpo_scale", advantages_lib.GRPO_SCALES)
-  _choice(config, "algo.objective", objectives.OBJECTIVES)
-  _choice(config, "algo.band", objectives.BANDS)
-  _choice(config, "algo.agg", masking.AGGREGATION_MODES)
-  _choice(config, "algo.kl_estimator", regularizers.KL_ESTIMATORS)
-  _choice(config, "algo.repo", REPO_VARIANTS)
-  _choice(config, "algo.entropy_control", ENTROPY_CONTROL)
-  _choice(config, "algo.old_logps", OLD_LOGPS)
-  _choice(config, "algo.zeta_law", controllers.ZetaController.LAWS)
-  _choice(config, "algo.clip_high_law", controllers.ClipHighController.LAWS)
-  for field in ("clip_low", "clip_high"):
-    _positive(config, f"algo.{field}")
-  for field in ("kl_coef", "entropy_coef", "tis_cap", "dual_clip", "norm",
-                "target_entropy"):
-    _positive(config, f"algo.{field}", allow_zero=True)
-  if 0 < a.dual_clip <= 1:
-    _fail("algo.dual_clip", f"must be > 1 (or 0: off); got {a.dual_clip}")
-  if 0 < a.tis_cap < 1:
-    _fail("algo.tis_cap", f"must be >= 1 (or 0: off); got {a.tis_cap}")
-  for field in ("epochs", "minibatches"):
-    _positive(config, f"algo.{field}", integer=True)
-  _positive(config, "algo.max_resample", allow_zero=True, integer=True)
+  algorithm_lib.Algorithm.from_config(a)
   s = config.sampling
   for field in ("prompts_per_batch", "group_size", "max_new_tokens"):
     _positive(config, f"sampling.{field}", integer=True)
@@ -237,16 +245,21 @@ def validate(config: ConfigDict) -> None:
   if not 0 <= config.warm_start.spread <= 1:
     _fail("warm_start.spread", f"must be in [0, 1]; got "
           f"{config.warm_start.spread}")
-  if config.task.name == "gsm8k" and not config.task.path:
-    _fail("task.path", "the gsm8k task reads local JSONL files; set "
+  name = config.task.name
+  if name not in tasks_lib.TASKS:
+    _fail("task.name", f"{name!r} is not one of {sorted(tasks_lib.TASKS)}")
+  if tasks_lib.TASKS[name].file_backed and not config.task.path:
+    _fail("task.path", f"the {name} task reads local JSONL files; set "
           "--config.task.path=<dir with train.jsonl and test.jsonl>")
-  if config.task.name == "gsm8k" and not config.model.init_from:
-    _fail("model.init_from", "the tiny warm start is for the built-in "
-          "tasks; start gsm8k from a Hugging Face checkpoint with "
-          "--init_from=<dir>")
-  if a.repo != "none" and not 0 < a.zeta_min <= a.zeta_max:
-    _fail("algo.zeta_min", f"need 0 < zeta_min <= zeta_max; got "
-          f"{a.zeta_min}, {a.zeta_max}")
-  if a.adapo and not 0 < a.clip_high_min < a.clip_high_max:
-    _fail("algo.clip_high_min", f"need 0 < clip_high_min < clip_high_max; "
-          f"got {a.clip_high_min}, {a.clip_high_max}")
+  if tasks_lib.TASKS[name].file_backed and not config.model.init_from:
+    _fail("model.init_from", "the tiny warm start is for the tasks "
+          f"generated in code; start {name} from a Hugging Face checkpoint "
+          "with --init_from=<dir>")
+
+
+def make_task(task_config) -> tasks_lib.Task:
+  """The task of the `task` config section (a file-backed one gets `path`)."""
+  settings = dict(task_config.settings)
+  if tasks_lib.TASKS[task_config.name].file_backed:
+    settings["path"] = task_config.path
+  return tasks_lib.get_task(task_config.name, **settings)
