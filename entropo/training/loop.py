@@ -223,7 +223,6 @@ class Trainer:
 
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
-    t0 = time.perf_counter()
     timing = self.rollouts.timing = {"time/sample": 0.0, "time/score": 0.0}
     key = jax.random.wrap_key_data(self.state["key"])
     key, collect_key, update_key = jax.random.split(key, 3)

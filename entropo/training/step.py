@@ -23,7 +23,6 @@ import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
