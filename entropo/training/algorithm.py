@@ -35,6 +35,7 @@ from entropo import objectives
 from entropo import precision as precision_lib
 from entropo import regularizers
 from entropo import repo as repo_lib
+from entropo.training import validation
 
 ADVANTAGES = ("rloo", "grpo", "dr_grpo")
 REPO_VARIANTS = ("none", "repo", "repo_r", "repo_d")
@@ -47,21 +48,15 @@ HYPERPARAMETERS = {"zeta": "zeta_init", "clip_high": "clip_high",
 
 
 def _fail(field: str, message: str):
-  raise ValueError(f"Invalid config: algo.{field}: {message}")
+  validation.fail(f"algo.{field}", message)
 
 
 def _check_choice(field, value, options):
-  if value not in options:
-    _fail(field, f"{value!r} is not one of {list(options)}")
+  validation.check_choice(f"algo.{field}", value, options)
 
 
-def _check_number(field, value, *, allow_zero=False, integer=False):
-  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-  if not ok or isinstance(value, bool) or value < 0 or (
-      value == 0 and not allow_zero):
-    kind = "int" if integer else "number"
-    sign = ">= 0" if allow_zero else "> 0"
-    _fail(field, f"must be a {kind} {sign}; got {value!r}")
+def _check_number(field, value, **options):
+  validation.check_number(f"algo.{field}", value, **options)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -8,12 +8,10 @@ DAPO with REPO-R advantages. `validate(config)` rejects a bad configuration
 before any compute, naming the field.
 """
 
-import jax
 import ml_collections
 
-from entropo import precision as precision_lib
 from entropo import tasks as tasks_lib
-from entropo.training import algorithm as algorithm_lib
+from entropo.training import sections as sections_lib
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -140,121 +138,24 @@ def algorithm(name: str) -> dict:
 
 
 def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
-  """The tiny-model countdown run that `make demo` launches."""
+  """The tiny-model countdown run that `make demo` launches.
+
+  Each section's fields, defaults and comments are those of its dataclass
+  in sections.py (`algo`: `_algo_defaults` above).
+  """
   c = ConfigDict()
-  c.seed = 0
-  c.precision = "fp32"
-  c.task = ConfigDict(dict(name="countdown", settings=ConfigDict(
-      dict(num_count=3, max_value=12, max_target=50)), path=""))
-  c.model = ConfigDict(dict(
-      init_from="", hidden_size=128, intermediate_size=384, num_layers=3,
-      num_heads=4, num_kv_heads=2, max_position_embeddings=64,
-      rope_theta=10000.0))
-  c.warm_start = ConfigDict(dict(
-      steps=600, batch_size=64, learning_rate=3e-3, num_problems=4000,
-      samples_per_problem=4, spread=0.6, seed=1_000_003))
-  # `data.seed` generates the problems (train and held-out splits); the
-  # run's `seed` shuffles them and drives sampling, so runs that differ only
-  # in `seed` share one dataset and one held-out set.
-  c.data = ConfigDict(dict(train_size=20_000, eval_size=64, max_prompt_len=16,
-                           data_dir="", seed=0))
-  c.sampling = ConfigDict(dict(
-      prompts_per_batch=16, group_size=8, max_new_tokens=16,
-      temperature=1.0))
-  c.algo = ConfigDict(algorithm(algo))
-  c.optim = ConfigDict(dict(learning_rate=1e-4, b1=0.9, b2=0.99,
-                            weight_decay=0.0, max_grad_norm=1.0))
-  c.train = ConfigDict(dict(
-      iterations=60, eval_every=20, eval_samples=16, pass_k=(1, 4, 16),
-      checkpoint_every=20, max_checkpoints=2, log_every=1,
-      tensorboard=True, plots=True, progress=True))
-  c.mesh = ConfigDict(dict(data=1, fsdp=1, tensor=1))
+  c.seed = 0  # shuffles the data and drives sampling
+  c.precision = "fp32"  # a preset of entropo.PRESETS
+  for name, section in sections_lib.SECTIONS.items():
+    c[name] = ConfigDict(sections_lib.defaults(section))
+    if name == "sampling":
+      c.algo = ConfigDict(algorithm(algo))
   return c
 
 
-def _fail(field: str, message: str):
-  raise ValueError(f"Invalid config: {field}: {message}")
-
-
-def _choice(config, field, options):
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  if value not in options:
-    _fail(field, f"{value!r} is not one of {list(options)}")
-
-
-def _positive(config, field, *, allow_zero=False, integer=False):
-  value = config
-  for part in field.split("."):
-    value = value[part]
-  ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-  if not ok or isinstance(value, bool) or value < 0 or (
-      value == 0 and not allow_zero):
-    kind = "int" if integer else "number"
-    sign = ">= 0" if allow_zero else "> 0"
-    _fail(field, f"must be a {kind} {sign}; got {value!r}")
-
-
-def validate(config: ConfigDict) -> None:
-  """Raises ValueError naming the first invalid field of `config`."""
-  try:
-    precision_lib.get_precision(config.precision)
-  except ValueError as e:
-    _fail("precision", str(e))
-  a = config.algo
-  algorithm_lib.Algorithm.from_config(a)
-  s = config.sampling
-  for field in ("prompts_per_batch", "group_size", "max_new_tokens"):
-    _positive(config, f"sampling.{field}", integer=True)
-  _positive(config, "sampling.temperature")
-  if s.group_size < 2:
-    _fail("sampling.group_size", f"group-relative advantages need >= 2 "
-          f"completions per prompt; got {s.group_size}")
-  batch = s.prompts_per_batch * s.group_size
-  if batch % a.minibatches:
-    _fail("algo.minibatches", f"{a.minibatches} does not divide the batch "
-          f"of {batch} sequences (prompts_per_batch x group_size)")
-  devices = config.mesh.data * config.mesh.fsdp
-  if (batch // a.minibatches) % devices:
-    _fail("mesh.data", f"the minibatch of {batch // a.minibatches} "
-          f"sequences does not split over data x fsdp = {devices} devices")
-  for field in ("data", "fsdp", "tensor"):
-    _positive(config, f"mesh.{field}", integer=True)
-  size = config.mesh.data * config.mesh.fsdp * config.mesh.tensor
-  if size > jax.device_count():
-    _fail("mesh", f"data x fsdp x tensor = {size} exceeds the "
-          f"{jax.device_count()} devices")
-  processes = jax.process_count()
-  if processes > 1 and size != jax.device_count():
-    _fail("mesh", f"a run of {processes} processes uses all "
-          f"{jax.device_count()} devices; data x fsdp x tensor = {size}")
-  if s.prompts_per_batch % processes:
-    _fail("sampling.prompts_per_batch", f"{s.prompts_per_batch} prompts do "
-          f"not split over {processes} processes (each loads an equal slice "
-          f"of every batch, whole groups)")
-  for field in ("iterations", "eval_every", "eval_samples", "checkpoint_every",
-                "log_every"):
-    _positive(config, f"train.{field}", integer=True)
-  if any(k > config.train.eval_samples or k < 1 for k in config.train.pass_k):
-    _fail("train.pass_k", f"every k must be in [1, eval_samples="
-          f"{config.train.eval_samples}]; got {tuple(config.train.pass_k)}")
-  _positive(config, "data.seed", allow_zero=True, integer=True)
-  _positive(config, "optim.learning_rate")
-  _positive(config, "warm_start.steps", allow_zero=True, integer=True)
-  if not 0 <= config.warm_start.spread <= 1:
-    _fail("warm_start.spread", f"must be in [0, 1]; got "
-          f"{config.warm_start.spread}")
-  name = config.task.name
-  if name not in tasks_lib.TASKS:
-    _fail("task.name", f"{name!r} is not one of {sorted(tasks_lib.TASKS)}")
-  if tasks_lib.TASKS[name].file_backed and not config.task.path:
-    _fail("task.path", f"the {name} task reads local JSONL files; set "
-          "--config.task.path=<dir with train.jsonl and test.jsonl>")
-  if tasks_lib.TASKS[name].file_backed and not config.model.init_from:
-    _fail("model.init_from", "the tiny warm start is for the tasks "
-          f"generated in code; start {name} from a Hugging Face checkpoint "
-          "with --init_from=<dir>")
+def validate(config: ConfigDict) -> sections_lib.RunConfig:
+  """The typed config; raises ValueError naming the first invalid field."""
+  return sections_lib.RunConfig.from_config(config)
 
 
 def make_task(task_config) -> tasks_lib.Task:

@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from entropo import precision as precision_lib
 from entropo import sharding
 from entropo import tasks as tasks_lib
 from entropo.models import Transformer
@@ -52,7 +51,6 @@ from entropo.training import evaluation
 from entropo.training import logger as logger_lib
 from entropo.training import rollouts as rollouts_lib
 from entropo.training import step as step_lib
-from entropo.training.algorithm import Algorithm
 from entropo.training.placement import BatchPlacement
 from entropo.training.warm_start import warm_start
 
@@ -65,13 +63,13 @@ class Trainer:
   """Holds the model, data, state and compiled steps of one run."""
 
   def __init__(self, config, workdir):
-    config_lib.validate(config)
-    self.config = config
+    # The typed, validated form of the ConfigDict (sections.py).
+    self.config = config = config_lib.validate(config)
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
-    self.algorithm = Algorithm.from_config(config.algo)
+    self.algorithm = config.algorithm
     self.task = config_lib.make_task(config.task)
-    self.precision = precision_lib.get_precision(config.precision)
+    self.precision = config.precision
     self._init_model()
     m = config.mesh
     self.mesh = sharding.make_mesh(
