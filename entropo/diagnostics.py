@@ -19,6 +19,7 @@ import numpy as np
 
 from entropo import _checks
 from entropo import masking
+from entropo import precision as precision_lib
 
 DEFAULT_QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 # A token is "high entropy" (a fork) when it spreads more than a fair coin.
@@ -132,7 +133,7 @@ def precision_mismatch(
   _checks.check_same_shape(logps_a=logps_a, logps_b=logps_b)
   _checks.check_mask(mask, logps_a.shape)
   diff = logps_a.astype(jnp.float32) - logps_b.astype(jnp.float32)
-  diff_c = jnp.clip(diff, -20.0, 20.0)
+  diff_c = precision_lib.clamp_log_ratio(diff)
   ratio = jnp.exp(diff_c)
   mean = lambda x: masking.masked_mean(x, mask, axis_name=axis_name)
   out = {

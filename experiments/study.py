@@ -158,14 +158,15 @@ class Study:
 
   def warm_start(self) -> None:
     from entropo import tasks  # pylint: disable=g-import-not-at-top
-    from entropo.training import loop  # pylint: disable=g-import-not-at-top
+    from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+    from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
     if (self.dir / "warm_start" / "config.json").is_file():
       _log("warm start: exists")
       return
     t = time.perf_counter()
     c = self.config("grpo")
-    loop.warm_start(c, loop.make_task(c.task), tasks.char_tokenizer(),
-                    self.dir / "warm_start")
+    warm_start.warm_start(c, config_lib.make_task(c.task),
+                          tasks.char_tokenizer(), self.dir / "warm_start")
     self._record("warm_start", time.perf_counter() - t)
 
   def run(self, config, directory: pathlib.Path, label: str) -> None:
@@ -207,9 +208,10 @@ class Study:
       raise ValueError(f"Sequential source {source!r} seed {seed} has no "
                        f"finished task-A run in {src}; run the algorithms "
                        f"stage with it first.")
-    trainer = loop_trainer(self.config(source, seed=seed), src)
-    save_pretrained(trainer.model_at(trainer.state["params"]), out)
-    tasks.save_tokenizer(trainer.tokenizer, out)
+    from entropo.training import load_policy  # pylint: disable=g-import-not-at-top
+    policy, tokenizer = load_policy(self.config(source, seed=seed), src)
+    save_pretrained(policy, out)
+    tasks.save_tokenizer(tokenizer, out)
     return out
 
   def sequential(self, sources, algorithm) -> None:
@@ -283,14 +285,6 @@ def _check_same_config(config, directory: pathlib.Path) -> None:
           f"--workdir, or delete that run to retrain it.")
 
 
-def loop_trainer(config, directory):
-  """A `Trainer` holding the latest checkpoint of the run in `directory`."""
-  from entropo.training import loop  # pylint: disable=g-import-not-at-top
-  trainer = loop.Trainer(config, directory)
-  trainer.checkpointer.close()
-  return trainer
-
-
 def measure_ratio_bias(model_dir, config, presets, *, batches: int,
                        seed: int) -> dict:
   """The importance ratio of identical parameters under each preset.
@@ -314,19 +308,16 @@ def measure_ratio_bias(model_dir, config, presets, *, batches: int,
   from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
   from entropo.models import load_tokenizer  # pylint: disable=g-import-not-at-top
   from entropo.models import sample  # pylint: disable=g-import-not-at-top
-  from entropo.tasks import data as data_lib  # pylint: disable=g-import-not-at-top
   from entropo.tasks import pipeline  # pylint: disable=g-import-not-at-top
-  from entropo.training import loop  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import datasets  # pylint: disable=g-import-not-at-top
   from entropo.training import step  # pylint: disable=g-import-not-at-top
 
-  task = loop.make_task(config.task)
+  task = config_lib.make_task(config.task)
   tokenizer = load_tokenizer(model_dir)
-  builder = data_lib.prepare(
-      task, config.data.data_dir, seed=config.data.seed,
-      splits={"train": config.data.train_size, "test": config.data.eval_size})
-  records = data_lib.load(task, config.data.data_dir, "test",
-                          config_name=builder.builder_config.name)
-  records = [records[i] for i in range(len(records))]
+  data_dir = config.data.data_dir
+  builder = datasets.write_dataset(config, task, data_dir)
+  records = datasets.held_out_records(config, task, data_dir, builder)
   s, a = config.sampling, config.algo
   batch = pipeline.prompt_batch(records[:s.prompts_per_batch * 4], tokenizer,
                                 group_size=s.group_size,

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from entropo import scaling
+from entropo import planning
+from entropo import precision as precision_lib
 from entropo import sharding
 from entropo.models import ModelConfig
 from entropo.models import Transformer
@@ -51,7 +52,7 @@ def _model_params(model):
 
 
 def _estimator_params(cfg):
-  return [(p.shape, p.axes) for p in scaling.param_shapes(cfg)
+  return [(p.shape, p.axes) for p in planning.param_shapes(cfg)
           for _ in range(p.count)]
 
 
@@ -60,15 +61,15 @@ def test_param_shapes_equal_the_transformers(name):
   cfg = TINY_CONFIGS[name]
   params = _model_params(_abstract_model(cfg))
   assert sorted(_estimator_params(cfg)) == sorted(params)
-  assert scaling.param_count(cfg) == sum(math.prod(s) for s, _ in params)
+  assert planning.param_count(cfg) == sum(math.prod(s) for s, _ in params)
 
 
 @pytest.mark.parametrize("name", ["Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B"])
 def test_qwen3_param_count_equals_the_abstract_transformer(name):
-  cfg = scaling.qwen3_config(name)
+  cfg = planning.qwen3_config(name)
   params = _model_params(_abstract_model(cfg))
   assert sorted(_estimator_params(cfg)) == sorted(params)
-  assert scaling.param_count(cfg) == sum(math.prod(s) for s, _ in params)
+  assert planning.param_count(cfg) == sum(math.prod(s) for s, _ in params)
 
 
 @pytest.mark.parametrize("name, total, body", [
@@ -81,23 +82,23 @@ def test_qwen3_param_count_equals_the_abstract_transformer(name):
     ("Qwen3-32B", 32.8, 31.2),
 ])
 def test_qwen3_param_counts_match_the_published_totals(name, total, body):
-  cfg = scaling.qwen3_config(name)
+  cfg = planning.qwen3_config(name)
   digits = len(str(total).split(".")[1])
-  assert round(scaling.param_count(cfg) / 1e9, digits) == total
-  assert round(scaling.param_count(cfg, embeddings=False) / 1e9,
+  assert round(planning.param_count(cfg) / 1e9, digits) == total
+  assert round(planning.param_count(cfg, embeddings=False) / 1e9,
                len(str(body).split(".")[1])) == body
 
 
 def test_qwen3_exact_counts_and_config():
-  counts = {name: scaling.param_count(scaling.qwen3_config(name))
+  counts = {name: planning.param_count(planning.qwen3_config(name))
             for name in ("Qwen3-0.6B", "Qwen3-8B", "Qwen3-32B")}
   assert counts == {"Qwen3-0.6B": 596_049_920, "Qwen3-8B": 8_190_735_360,
                     "Qwen3-32B": 32_762_123_264}
-  cfg = scaling.qwen3_config("Qwen3-0.6B")
+  cfg = planning.qwen3_config("Qwen3-0.6B")
   assert (cfg.tie_word_embeddings, cfg.qk_norm, cfg.head_dim,
           cfg.vocab_size) == (True, True, 128, 151936)
   with pytest.raises(ValueError, match="Unknown Qwen3 model 'Qwen3-7B'"):
-    scaling.qwen3_config("Qwen3-7B")
+    planning.qwen3_config("Qwen3-7B")
 
 
 def _local_elements(shape, spec, mesh):
@@ -113,7 +114,7 @@ def _local_elements(shape, spec, mesh):
     ("Qwen3-8B", (1, 4, 2)), ("Qwen3-0.6B", (2, 1, 4)),
 ])
 def test_params_per_device_follow_entropos_sharding_rules(name, layout):
-  cfg = TINY_CONFIGS.get(name) or scaling.qwen3_config(name)
+  cfg = TINY_CONFIGS.get(name) or planning.qwen3_config(name)
   data, fsdp, tensor = layout
   mesh = sharding.make_mesh(data=data, fsdp=fsdp, tensor=tensor)
   model = _abstract_model(cfg)
@@ -124,8 +125,8 @@ def test_params_per_device_follow_entropos_sharding_rules(name, layout):
       _local_elements(v.shape, s.get_value(), mesh) for v, s in zip(
           jax.tree.leaves(state, is_leaf=is_var),
           jax.tree.leaves(specs, is_leaf=is_var)))
-  shape = scaling.MeshShape(data=data, fsdp=fsdp, tensor=tensor)
-  assert scaling.params_per_device(cfg, shape) == expected
+  shape = planning.MeshShape(data=data, fsdp=fsdp, tensor=tensor)
+  assert planning.params_per_device(cfg, shape) == expected
 
 
 _RESIDUAL = re.compile(r"^(\w+)\[([\d,]*)\] (.*)$")
@@ -147,7 +148,7 @@ def _residual_bytes(fn, *args):
 
 
 def _block_residuals(cfg, precision, batch, length):
-  policy = scaling.precision_lib.get_precision(precision)
+  policy = precision_lib.get_precision(precision)
   block = nnx.eval_shape(
       lambda: transformer_lib.Block(cfg, policy, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(block)
@@ -173,9 +174,9 @@ def test_block_activations_equal_jaxs_saved_residuals(name, precision):
   cfg, length = TINY_CONFIGS[name], 24
   per_sequence = (_block_residuals(cfg, precision, 2, length)
                   - _block_residuals(cfg, precision, 1, length))
-  c = jnp.dtype(scaling.precision_lib.get_precision(
+  c = jnp.dtype(precision_lib.get_precision(
       precision).compute_dtype).itemsize
-  saved, _ = scaling.block_token_bytes(cfg, scaling.MeshShape(), c, length)
+  saved, _ = planning.block_token_bytes(cfg, planning.MeshShape(), c, length)
   # In float32 the first RMSNorm keeps the block's input itself, which is
   # an argument here (in the model, the previous block's output).
   argument = cfg.hidden_size * c if c == 4 else 0
@@ -195,8 +196,8 @@ def test_model_activations_close_to_jaxs_saved_residuals(precision):
   tokens = lambda b: jax.ShapeDtypeStruct((b, length), jnp.int32)
   per_sequence = (_residual_bytes(loss, params, tokens(2))
                   - _residual_bytes(loss, params, tokens(1)))
-  est = lambda b: scaling.memory_estimate(
-      cfg, precision, scaling.MeshShape(), batch=b, seq_len=length)
+  est = lambda b: planning.memory_estimate(
+      cfg, precision, planning.MeshShape(), batch=b, seq_len=length)
   assert per_sequence == pytest.approx(
       est(2).activations - est(1).activations, rel=0.01)
 
@@ -204,13 +205,13 @@ def test_model_activations_close_to_jaxs_saved_residuals(precision):
 def test_hand_computed_case_float64():
   cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
-  est = scaling.memory_estimate(cfg, "fp32", scaling.MeshShape(), batch=2,
+  est = planning.memory_estimate(cfg, "fp32", planning.MeshShape(), batch=2,
                                 seq_len=4)
   f8 = np.float64
   v, d, f, h, kv, hd, c = map(f8, (16, 8, 16, 2, 1, 4, 4))
   params = (v * d + d + d * v  # embedding, final norm, lm_head
             + 2 * d + d * h * hd + 2 * d * kv * hd + h * hd * d + 3 * d * f)
-  assert scaling.param_count(cfg) == params == 856
+  assert planning.param_count(cfg) == params == 856
   assert est.params == 4 * params and est.optimizer == 8 * params
   assert est.gradients == 4 * params and est.update_outputs == 12 * params
   rows, slots = f8(2), f8(4)
@@ -227,24 +228,24 @@ def test_hand_computed_case_float64():
                                       + extra) == 8736
 
 
-def _estimate(mesh=scaling.MeshShape(), precision="fp32", **options):
+def _estimate(mesh=planning.MeshShape(), precision="fp32", **options):
   options = dict(dict(batch=16, seq_len=64), **options)
-  return scaling.memory_estimate(TINY_CONFIGS["llama"], precision, mesh,
+  return planning.memory_estimate(TINY_CONFIGS["llama"], precision, mesh,
                                  **options)
 
 
 def test_fsdp_shards_the_state_and_data_splits_the_batch():
   one = _estimate()
   # Every llama parameter has an `embed` axis that fsdp=2 divides.
-  fsdp = _estimate(scaling.MeshShape(fsdp=2))
+  fsdp = _estimate(planning.MeshShape(fsdp=2))
   for field in ("params", "optimizer", "gradients", "update_outputs"):
     assert getattr(fsdp, field) == getattr(one, field) / 2
-  data = _estimate(scaling.MeshShape(data=2))
+  data = _estimate(planning.MeshShape(data=2))
   assert data.params == one.params
   for field in ("activations", "kv_cache"):
     assert getattr(data, field) == getattr(one, field) / 2
     assert getattr(fsdp, field) == getattr(data, field)
-  tensor = _estimate(scaling.MeshShape(tensor=2))
+  tensor = _estimate(planning.MeshShape(tensor=2))
   assert tensor.params < one.params and tensor.activations < one.activations
   valid = 16 * 64  # the cache's bool slot mask, not split over tensor
   assert tensor.kv_cache - valid == (one.kv_cache - valid) / 2
@@ -258,7 +259,7 @@ def test_precision_sets_the_dtype_dependent_terms():
   assert kv_bytes(bf16) == kv_bytes(fp32) / 2
   assert fp32.weight_casts == 0 and fp32.sample_weights == 0
   layers = sum(math.prod(p.shape) * p.count
-               for p in scaling.param_shapes(TINY_CONFIGS["llama"])
+               for p in planning.param_shapes(TINY_CONFIGS["llama"])
                if p.name.startswith("layers/"))
   assert bf16.weight_casts == 2 * layers  # a bf16 copy of each block weight
   assert bf16.activations < fp32.activations
@@ -283,42 +284,42 @@ def test_options_change_what_they_name():
   with pytest.raises(ValueError, match="does not split into minibatches=3"):
     _estimate(minibatches=3)
   with pytest.raises(ValueError, match="MeshShape.tensor must be a positive"):
-    scaling.MeshShape(tensor=0)
+    planning.MeshShape(tensor=0)
 
 
 @pytest.mark.parametrize("phase", ["update", "rollout"])
 def test_max_sequences_is_the_largest_batch_that_fits(phase):
-  cfg, mesh = scaling.qwen3_config("Qwen3-0.6B"), scaling.MeshShape(fsdp=4)
-  budget = scaling.HARDWARE["v5p"].budget
-  n = scaling.max_sequences(cfg, "fp32", mesh, budget=budget, seq_len=1024,
+  cfg, mesh = planning.qwen3_config("Qwen3-0.6B"), planning.MeshShape(fsdp=4)
+  budget = planning.HARDWARE["v5p"].budget
+  n = planning.max_sequences(cfg, "fp32", mesh, budget=budget, seq_len=1024,
                             phase=phase)
   assert n > 0
-  peaks = lambda rows: scaling.memory_estimate(
+  peaks = lambda rows: planning.memory_estimate(
       cfg, "fp32", mesh, batch=rows * 4, seq_len=1024).phase_peaks(phase)
   assert max(peaks(n)) <= budget < max(peaks(n + 1))
-  assert scaling.max_sequences(cfg, "fp32", mesh, budget=1e9, seq_len=1024,
+  assert planning.max_sequences(cfg, "fp32", mesh, budget=1e9, seq_len=1024,
                                phase=phase) == 0
 
 
 def test_recommend_mesh_uses_every_chip_and_prefers_less_communication():
-  cfg = scaling.qwen3_config("Qwen3-8B")
-  hw = scaling.HARDWARE["h100"]
-  mesh, capacity = scaling.recommend_mesh(cfg, "bf16_fp32_head", hw, 16,
+  cfg = planning.qwen3_config("Qwen3-8B")
+  hw = planning.HARDWARE["h100"]
+  mesh, capacity = planning.recommend_mesh(cfg, "bf16_fp32_head", hw, 16,
                                           seq_len=1024, remat=True)
   assert mesh.size == 16 and capacity > 0
   assert cfg.num_kv_heads % mesh.tensor == 0
-  small, _ = scaling.recommend_mesh(scaling.qwen3_config("Qwen3-0.6B"),
-                                    "fp32", scaling.HARDWARE["v5p"], 4,
+  small, _ = planning.recommend_mesh(planning.qwen3_config("Qwen3-0.6B"),
+                                    "fp32", planning.HARDWARE["v5p"], 4,
                                     seq_len=256, remat=True)
-  assert small == scaling.MeshShape(data=4)  # the state fits every chip
-  none, zero = scaling.recommend_mesh(
-      scaling.qwen3_config("Qwen3-32B"), "fp32", scaling.HARDWARE["v5e"], 8,
+  assert small == planning.MeshShape(data=4)  # the state fits every chip
+  none, zero = planning.recommend_mesh(
+      planning.qwen3_config("Qwen3-32B"), "fp32", planning.HARDWARE["v5e"], 8,
       seq_len=1024)
   assert (none, zero) == (None, 0)
 
 
 def test_docs_tables_are_current():
   docs = (ROOT / "docs" / "scaling.md").read_text()
-  assert scaling.markdown_tables() in docs, (
+  assert planning.markdown_tables() in docs, (
       "docs/scaling.md is out of date; regenerate it with "
-      "`python -m entropo.scaling`")
+      "`python -m entropo.planning`")

@@ -142,7 +142,7 @@ def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
   roll.rewards = np.tile(np.float32([1, 0, 0, 1]), len(roll.rewards) // 4)
   results = []
   for trainer in (one, eight):
-    batch, dyn = trainer.prepare(roll)
+    batch, dyn = trainer.pre_update(roll)
     metrics = trainer.update(batch, jax.random.key(4))
     results.append((dyn, metrics, trainer.state["params"]))
   (dyn1, m1, p1), (dyn8, m8, p8) = results
@@ -181,10 +181,11 @@ def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
 def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
   from entropo import tasks  # pylint: disable=g-import-not-at-top
   from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
-  from entropo.training import loop  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
   c = tiny_config(warm_start=dict(steps=0))
-  path = loop.warm_start(c, loop.make_task(c.task), tasks.char_tokenizer(),
-                         tmp_path / "ws")
+  path = warm_start.warm_start(c, config_lib.make_task(c.task),
+                               tasks.char_tokenizer(), tmp_path / "ws")
   assert json.loads((path / "warm_start_loss.json").read_text()) == []
   assert from_pretrained(path).config.hidden_size == 32
 

@@ -25,8 +25,9 @@ def tiny_config(algo: str = "grpo", **sections):
 def warm_started(directory) -> str:
   """Runs the tiny warm start once into `directory`; returns the model dir."""
   from entropo import tasks  # pylint: disable=g-import-not-at-top
-  from entropo.training import loop  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
   c = tiny_config()
   path = pathlib.Path(directory) / "warm_start"
-  loop.warm_start(c, loop.make_task(c.task), tasks.char_tokenizer(), path)
+  warm_start.warm_start(c, config_lib.make_task(c.task),
+                        tasks.char_tokenizer(), path)
   return str(path)

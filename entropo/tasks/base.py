@@ -74,6 +74,9 @@ class Task(abc.ABC):
   """
 
   name: str = "task"
+  # True for tasks that read their problems from local files (they take a
+  # `path` and have `file_records`); False for tasks generated in code.
+  file_backed: bool = False
 
   @abc.abstractmethod
   def prompt(self, problem: Mapping[str, Any]) -> str:

@@ -20,8 +20,9 @@ Two kinds of task:
   split of the same dataset (small problem spaces repeat problems), so
   evaluation problems are never trained on (this generates the train split
   twice).
-* File-backed tasks (with a `file_records(path)` method, e.g. GSM8K): the
-  records of `<split>.jsonl` in TFDS's manual directory (`manual_dir=`).
+* File-backed tasks (`task.file_backed`, with a `file_records(path)`
+  method, e.g. GSM8K): the records of `<split>.jsonl` in TFDS's manual
+  directory (`manual_dir=`).
   Record ids are the files' line indices (unique within a split only).
 
 The dataset is `entropo_<task name>`; its config name encodes the settings
@@ -48,6 +49,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from entropo.tasks import base
+from entropo.tasks import registry
 
 VERSION = "1.0.0"
 _RELEASE_NOTES = {VERSION: "Records: id, prompt, problem, solution."}
@@ -185,12 +187,11 @@ def _get_task(task: str | base.Task, task_kwargs) -> base.Task:
       raise ValueError("task_kwargs only apply to a task given by name; got "
                        "a Task instance.")
     return task
-  from entropo import tasks  # pylint: disable=import-outside-toplevel
-  return tasks.get_task(task, **(task_kwargs or {}))
+  return registry.get_task(task, **(task_kwargs or {}))
 
 
 def _is_file_backed(task: base.Task) -> bool:
-  return hasattr(task, "file_records")
+  return task.file_backed
 
 
 def _digest(*parts: bytes) -> str:

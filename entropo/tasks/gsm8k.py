@@ -149,6 +149,7 @@ class Gsm8k(base.Task):
   """
 
   name = "gsm8k"
+  file_backed = True
 
   def __init__(self, path: str | os.PathLike | None = None):
     self.path = path

@@ -1,5 +1,6 @@
 """The RL trainer: configuration, the loop, checkpoints and metrics."""
 
+from entropo.training.algorithm import Algorithm
 from entropo.training.config import ALGORITHMS
 from entropo.training.config import MODIFIERS
 from entropo.training.config import algorithm
@@ -7,4 +8,5 @@ from entropo.training.config import default_config
 from entropo.training.config import validate
 from entropo.training.loop import NonFiniteError
 from entropo.training.loop import Trainer
+from entropo.training.loop import load_policy
 from entropo.training.loop import train

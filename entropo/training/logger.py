@@ -7,15 +7,61 @@ mirrors scalars to TensorBoard event files under `tensorboard/` (written by
 numbers, and `plot()` draws entropy, reward and pass@k curves as PNGs.
 Only the process that should write (process 0 in multi-host runs) creates a
 logger with `enabled=True`.
+
+The run's other files are written here too: `write_run_metadata` is the
+one place that writes what describes a run (`config.json`), and
+`write_baseline` the evaluation before RL (`baseline.json`).
+`iteration_metrics` names the per-iteration numbers of the rollout.
 """
 
 import json
 import math
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from entropo import tasks as tasks_lib
+
 HEADLINE = ("reward/mean", "entropy/mean", "entropy/change_pct")
+
+
+def log(message: str) -> None:
+  """Prints a line of the run's log (process 0 only)."""
+  if jax.process_index() == 0:
+    print(f"[entropo] {message}", flush=True)
+
+
+def write_run_metadata(workdir, config) -> None:
+  """Writes `workdir/config.json`, what describes the run (process 0).
+
+  The one place run metadata is written: add new fields here.
+  """
+  if jax.process_index() == 0:
+    (pathlib.Path(workdir) / "config.json").write_text(
+        config.to_json_best_effort(indent=2))
+
+
+def write_baseline(workdir, evaluation: dict) -> None:
+  """Writes `workdir/baseline.json`, the evaluation before RL (process 0)."""
+  if jax.process_index() == 0:
+    (pathlib.Path(workdir) / "baseline.json").write_text(
+        json.dumps(evaluation, indent=2))
+
+
+def rollout_metrics(roll) -> dict[str, float]:
+  """Reward, pass@1, length and verdict shares of a `Rollout`."""
+  generated = int(jnp.sum(roll.completion_mask))
+  out = {
+      "reward/mean": float(roll.rewards.mean()),
+      "reward/pass@1": float(np.mean([r == "ok" for r in roll.reasons])),
+      "completion/length": generated / len(roll.rewards),
+  }
+  for reason in tasks_lib.REASONS:
+    out[f"reason/{reason}"] = float(np.mean(
+        [r == reason for r in roll.reasons]))
+  return out
 
 
 def read_jsonl(path) -> list[dict]:

@@ -1,33 +1,33 @@
 """The jitted pieces of an RL iteration: the pre-update pass and the update.
 
-`Learner` closes over the static parts of the configuration (objective,
-aggregation, which regularisers are on) and compiles two functions over
-`(params, ...)` pytrees, where `params = nnx.state(model, nnx.Param)`:
+`Learner` compiles two functions over `(params, ...)` pytrees, where
+`params = nnx.state(model, nnx.Param)`, and leaves every algorithmic choice
+to its `Algorithm` (algorithm.py):
 
-* `prepare(params, ref_params, tokens, ...)` -> `(batch, metrics)`: the
+* `pre_update(params, ref_params, tokens, ...)` -> `(batch, metrics)`: the
   trainer's own log-probs and entropy (`sequence_logps`: the fused head, no
-  `[B, L, V]` logits, under the model's precision policy), advantages, the
-  REPO variant, importance weights, and the entropy-dynamics and
+  `[B, L, V]` logits, under the model's precision policy), the algorithm's
+  advantages and importance weights, and the entropy-dynamics and
   sampler-vs-trainer metrics;
-* `update(params, opt_state, batch, hyper, key)` -> one optax step on
-  `policy_loss` (+ entropy bonus, + KL to the reference) and its metrics.
+* `update(params, opt_state, batch, hyper, key)` -> one optax step on the
+  algorithm's loss and its metrics.
 
-Hyperparameters that controllers move (`clip_high`, `entropy_coef`) are
-traced inputs, so changing them never recompiles. Under a mesh the batch
-arrives sharded over `(data, fsdp)` and the parameters by their logical
-axes; the loss is computed on global arrays, so XLA inserts the
-collectives and the result equals a single-device step.
+The hyperparameters that controllers move (`hyper`: `zeta`, `clip_high`,
+`entropy_coef`) are traced inputs, so changing them never recompiles.
+Under a mesh the batch arrives sharded over `(data, fsdp)` and the
+parameters by their logical axes; the loss is computed on global arrays, so
+XLA inserts the collectives and the result equals a single-device step.
 """
 
 import functools
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 
-import entropo
+from entropo import diagnostics
+from entropo import fused
 from entropo import masking
 
 # Per-token arrays of a training batch, all [B, L - 1] (`tokens` and
@@ -60,22 +60,22 @@ def sequence_logps(model, tokens, attention_mask):
   policy: the trainer's own computation of log-probs.
   """
   hidden = model(tokens, attention_mask=attention_mask)
-  return entropo.fused_logprobs_entropy(
+  return fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
       precision=model.policy)
 
 
 class Learner:
-  """Compiled forward and update functions for one model structure."""
+  """Compiled pre-update pass and update for one model and one algorithm."""
 
-  def __init__(self, graphdef, algo, optimizer: optax.GradientTransformation,
+  def __init__(self, graphdef, algorithm, optimizer: optax.GradientTransformation,
                *, max_new_tokens: int, group_size: int):
     self.graphdef = graphdef
-    self.algo = algo
+    self.algorithm = algorithm
     self.optimizer = optimizer
-    self.norm = algo.norm or float(max_new_tokens)
+    self.norm = algorithm.norm or float(max_new_tokens)
     self.group_size = group_size
-    self.prepare = jax.jit(self._prepare)
+    self.pre_update = jax.jit(self._pre_update)
     self.update = jax.jit(self._update)
 
   def _model(self, params):
@@ -84,76 +84,43 @@ class Learner:
   def _forward(self, params, tokens, attention_mask):
     return sequence_logps(self._model(params), tokens, attention_mask)
 
-  def _prepare(self, params, ref_params, tokens, attention_mask, mask,
-               sampler_logps, rewards, zeta, clip_high):
+  def _pre_update(self, params, ref_params, tokens, attention_mask, mask,
+                  sampler_logps, rewards, hyper):
     """The update batch (old log-probs, advantages) and pre-update metrics.
 
     `mask` and `sampler_logps` are `[B, L - 1]` (aligned with the targets
     `tokens[:, 1:]`), `rewards` is `[B]` with groups of `group_size` rows.
     """
-    a, g = self.algo, self.group_size
+    a = self.algorithm
     logps, entropy = self._forward(params, tokens, attention_mask)
-    if a.advantage == "rloo":
-      adv = entropo.rloo_advantages(rewards, group_size=g)
-    else:
-      scale = "none" if a.advantage == "dr_grpo" else a.grpo_scale
-      adv = entropo.grpo_advantages(rewards, group_size=g, scale=scale)
-    adv = jnp.broadcast_to(adv[:, None], mask.shape)
-    if a.repo == "repo_r":
-      adv = entropo.repo_r_advantages(adv, logps, zeta=zeta,
-                                      positive_only=a.repo_positive_only)
-    elif a.repo == "repo":
-      adv = entropo.repo_advantages(adv, logps, entropy, beta=zeta)
-    elif a.repo == "repo_d":
-      adv = entropo.repo_d_advantages(adv, logps, entropy, mask, zeta=zeta)
-    weights = jnp.ones_like(logps)
-    if a.tis_cap > 0:  # truncated importance weights, trainer / sampler
-      weights = jnp.minimum(
-          jnp.exp(jnp.clip(logps - sampler_logps, -20.0, 20.0)), a.tis_cap)
+    adv = a.advantages(rewards, logps, entropy, mask, hyper,
+                       group_size=self.group_size)
     ref_logps = logps
     if ref_params is not None:
       ref_logps, _ = self._forward(ref_params, tokens, attention_mask)
     batch = dict(
         tokens=tokens, attention_mask=attention_mask, mask=mask,
-        advantages=adv, ref_logps=ref_logps, importance_weights=weights,
+        advantages=adv, ref_logps=ref_logps,
+        importance_weights=a.importance_weights(logps, sampler_logps),
         old_logps=sampler_logps if a.old_logps == "sampler" else logps)
-    metrics = entropo.entropy_dynamics(logps, adv, mask, entropy=entropy)
+    metrics = diagnostics.entropy_dynamics(logps, adv, mask, entropy=entropy)
     # rho = pi_trainer / pi_sampler: the ratio of the first update when the
     # old log-probs come from the sampler (identical parameters, so any
     # deviation from 1 is numerical).
-    metrics.update(entropo.precision_mismatch(
-        logps, sampler_logps, mask, clip_low=a.clip_low, clip_high=clip_high))
+    metrics.update(diagnostics.precision_mismatch(
+        logps, sampler_logps, mask, clip_low=a.clip_low,
+        clip_high=hyper["clip_high"]))
     return batch, metrics
 
   def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],
            key) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss of a (mini)batch and its metrics."""
-    a = self.algo
     model = self._model(params)
     logps, entropy = sequence_logps(model, batch["tokens"],
                                     batch["attention_mask"])
-    mask = batch["mask"]
-    loss, metrics = entropo.policy_loss(
-        logps, batch["old_logps"], batch["advantages"], mask,
-        objective=a.objective, clip_low=a.clip_low,
-        clip_high=hyper["clip_high"], dual_clip=a.dual_clip or None,
-        band=a.band, agg=a.agg, norm=self.norm, key=key,
-        clip_cov_ratio=a.clip_cov_ratio, kl_cov_ratio=a.kl_cov_ratio,
-        kl_cov_coef=a.kl_cov_coef,
-        importance_weights=batch["importance_weights"], entropy=entropy,
-        precision=model.policy)
-    if a.entropy_coef > 0 or a.entropy_control != "none":
-      bonus, bonus_metrics = entropo.entropy_bonus(
-          entropy, mask, coef=hyper["entropy_coef"], mode=a.agg,
-          norm=self.norm)
-      loss = loss + bonus
-      metrics.update(bonus_metrics)
-    if a.kl_coef > 0:
-      kl, kl_metrics = entropo.kl_penalty(
-          logps, batch["ref_logps"], mask, coef=a.kl_coef,
-          estimator=a.kl_estimator, mode=a.agg, norm=self.norm)
-      loss = loss + kl
-      metrics.update(kl_metrics)
+    loss, metrics = self.algorithm.loss(logps, entropy, batch, hyper, key,
+                                        norm=self.norm,
+                                        precision=model.policy)
     metrics["loss"] = loss
     return loss, metrics
 

@@ -11,7 +11,7 @@ tokenizer.json); `task.path` a directory with `train.jsonl` and `test.jsonl`
 in GSM8K's format (`{"question", "answer": "... #### 72"}` lines). Nothing
 is downloaded.
 
-Hardware, estimated by `entropo.scaling` (docs/scaling.md, "A worked
+Hardware, estimated by `entropo.planning` (docs/scaling.md, "A worked
 example"; not measured): for Qwen3-0.6B at these batch sizes (128
 sequences of up to 768 tokens, 4 minibatches of 32) the update needs about
 167 GiB on one device, so use 8 devices with `--config.mesh.data=8` (about

@@ -1,9 +1,7 @@
-"""Parameter counts and per-device memory estimates for sharded RL runs.
+"""The memory model: parameter counts and per-device bytes of an RL iteration.
 
-A planning tool beside the library's layers: it reads a `ModelConfig`, a
-precision preset and the sharding rules of `entropo.sharding`, allocates
-nothing, and is imported by no other module. `python -m entropo.scaling`
-prints the tables of docs/scaling.md.
+It reads a `ModelConfig`, a precision preset and the sharding rules of
+`entropo.sharding`, and allocates nothing.
 
 What an RL iteration holds on each device, in the order it runs:
 
@@ -45,7 +43,6 @@ fragmentation, the runtime's own reservations and the host side are not
 modelled. `Hardware.budget` keeps a margin for them.
 """
 
-import argparse
 import dataclasses
 import functools
 import math
@@ -55,35 +52,6 @@ import numpy as np
 from entropo import precision as precision_lib
 from entropo import sharding
 from entropo.models.config import ModelConfig
-
-GIB = 2**30
-
-# Published Hugging Face config.json values (Qwen/Qwen3-*): hidden size,
-# intermediate size, layers, attention heads, KV heads, tied embeddings.
-# All have head_dim 128, vocab 151936, rope_theta 1e6, rms_norm_eps 1e-6,
-# 40960 positions and q/k RMSNorm.
-QWEN3 = {
-    "Qwen3-0.6B": (1024, 3072, 28, 16, 8, True),
-    "Qwen3-1.7B": (2048, 6144, 28, 16, 8, True),
-    "Qwen3-4B": (2560, 9728, 36, 32, 8, True),
-    "Qwen3-8B": (4096, 12288, 36, 32, 8, False),
-    "Qwen3-14B": (5120, 17408, 40, 40, 8, False),
-    "Qwen3-32B": (5120, 25600, 64, 64, 8, False),
-}
-
-
-def qwen3_config(name: str) -> ModelConfig:
-  """The `ModelConfig` of a published Qwen3 dense model, e.g. `Qwen3-8B`."""
-  if name not in QWEN3:
-    raise ValueError(f"Unknown Qwen3 model {name!r}; choose one of "
-                     f"{list(QWEN3)}.")
-  d, f, layers, heads, kv, tied = QWEN3[name]
-  return ModelConfig(
-      vocab_size=151936, hidden_size=d, intermediate_size=f,
-      num_layers=layers, num_heads=heads, num_kv_heads=kv, head_dim=128,
-      rope_theta=1e6, rms_norm_eps=1e-6, max_position_embeddings=40960,
-      tie_word_embeddings=tied, qk_norm=True, family="qwen3")
-
 
 @dataclasses.dataclass(frozen=True)
 class ParamShape:
@@ -313,6 +281,74 @@ def block_token_bytes(cfg: ModelConfig, mesh: MeshShape, c: int, keys: int,
   return linear + scores, linear + score_work
 
 
+def _gather_bytes(cfg, mesh, rules, c, h_bytes) -> tuple[float, int]:
+  """`(bytes of all-gathered weights, elements of one gathered layer)`.
+
+  With fsdp > 1, a layer's weights are all-gathered before use (two layers
+  live: the one in use and the next, prefetched), and so is the output
+  projection for the head.
+  """
+  d, v = cfg.hidden_size, cfg.vocab_size
+  gathered = dataclasses.replace(mesh, fsdp=1, data=1)
+  _, layer_gathered = _split_params(cfg, gathered, rules)
+  head_gathered = _local_elements(
+      ParamShape("head", (d, v), ("embed", "vocab")), gathered, rules)
+  gathers = 0.0
+  if mesh.fsdp > 1:
+    gathers = 2 * layer_gathered * c + head_gathered * h_bytes
+  return gathers, layer_gathered
+
+
+def _head_token_bytes(cfg, c, h_bytes, chunk_size, fused_head):
+  """`(saved, working)` bytes per token of the head.
+
+  Fused: a chunk of float32 logits and two products of it, the float32
+  hidden-state gradient, the hidden state cast to the head dtype; it saves
+  three float32 statistics and the target. Unfused: [T, V] float32 logits
+  and log-softmax saved, their gradient.
+  """
+  d, v = cfg.hidden_size, cfg.vocab_size
+  chunk = min(chunk_size, v)
+  head_cast = d * h_bytes if h_bytes != c else 0
+  if fused_head:
+    return 16.0, chunk * 4 * 3 + d * 4 + head_cast
+  return v * 8.0, v * 4.0 + head_cast
+
+
+def _weight_cast_bytes(cfg, policy, mesh, rules, *, layer, remat) -> float:
+  """Weights cast to the compute dtype, kept as residuals (one block's with
+  remat), and the output projection cast to the head dtype."""
+  d, v = cfg.hidden_size, cfg.vocab_size
+  c, h_bytes = _itemsize(policy.compute_dtype), _itemsize(policy.head_dtype)
+  weight_casts = 0.0
+  if policy.compute_dtype != policy.param_dtype:
+    weight_casts = (layer if remat else cfg.num_layers * layer) * c
+  if policy.head_dtype != policy.param_dtype:
+    weight_casts += _local_elements(
+        ParamShape("head", (d, v), ("embed", "vocab")), mesh, rules) * h_bytes
+  return weight_casts
+
+
+def _sampling_bytes(cfg, policy, mesh, *, rows, seq_len, prompt_len,
+                    n_params, fused_attention, gathers):
+  """`(kv_cache, sample_weights, sample_working)` bytes per device.
+
+  The rollout batch's `rows` per device, `seq_len` cache slots and
+  `prompt_len` prompt tokens (the prefill).
+  """
+  s_bytes = _itemsize(policy.sampler_dtype)
+  v, n_layers = cfg.vocab_size, cfg.num_layers
+  kv_split = mesh.tensor if cfg.num_kv_heads % mesh.tensor == 0 else 1
+  kv_cache = (2 * n_layers * rows * seq_len * cfg.num_kv_heads
+              * cfg.head_dim * s_bytes / kv_split + rows * seq_len)
+  cast = policy.sampler_dtype != policy.param_dtype
+  sample_weights = n_params * s_bytes if cast else 0.0
+  prefill = rows * prompt_len * block_token_bytes(
+      cfg, mesh, s_bytes, seq_len, fused_attention)[0]
+  last_logits = 4 * rows * v * 4  # logits, softmax, truncation, entropy
+  return kv_cache, sample_weights, prefill + last_logits + gathers
+
+
 def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
                     batch: int, seq_len: int, prompt_len: int | None = None,
                     minibatches: int = 1, remat: bool = False,
@@ -358,46 +394,20 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
     raise ValueError(f"prompt_len must be in (0, seq_len={seq_len}]; got "
                      f"{prompt_len}.")
   p_bytes, c = _itemsize(policy.param_dtype), _itemsize(policy.compute_dtype)
-  s_bytes = _itemsize(policy.sampler_dtype)
   h_bytes = _itemsize(policy.head_dtype)
-  d, v, n_layers = cfg.hidden_size, cfg.vocab_size, cfg.num_layers
+  d, n_layers = cfg.hidden_size, cfg.num_layers
   rules = _rules_key(rules)
   outside, layer = _split_params(cfg, mesh, rules)
   n_params = outside + n_layers * layer
-  # With fsdp > 1, a layer's weights are all-gathered before use (two
-  # layers live: the one in use and the next, prefetched), and so is the
-  # output projection for the head.
-  gathered = dataclasses.replace(mesh, fsdp=1, data=1)
-  _, layer_gathered = _split_params(cfg, gathered, rules)
-  head_gathered = _local_elements(
-      ParamShape("head", (d, v), ("embed", "vocab")), gathered, rules)
-  gathers = 0.0
-  if mesh.fsdp > 1:
-    gathers = 2 * layer_gathered * c + head_gathered * h_bytes
+  gathers, layer_gathered = _gather_bytes(cfg, mesh, rules, c, h_bytes)
 
-  # Sampling: the rollout batch, S = seq_len cache slots, P prompt tokens.
   rows = batch // shards
-  kv_split = mesh.tensor if cfg.num_kv_heads % mesh.tensor == 0 else 1
-  kv_cache = (2 * n_layers * rows * seq_len * cfg.num_kv_heads
-              * cfg.head_dim * s_bytes / kv_split + rows * seq_len)
-  cast = policy.sampler_dtype != policy.param_dtype
-  sample_weights = n_params * s_bytes if cast else 0.0
-  prefill = rows * prompt_len * block_token_bytes(
-      cfg, mesh, s_bytes, seq_len, fused_attention)[0]
-  last_logits = 4 * rows * v * 4  # logits, softmax, truncation, entropy
-  sample_working = prefill + last_logits + gathers
+  kv_cache, sample_weights, sample_working = _sampling_bytes(
+      cfg, policy, mesh, rows=rows, seq_len=seq_len, prompt_len=prompt_len,
+      n_params=n_params, fused_attention=fused_attention, gathers=gathers)
 
-  # The head's temporaries per token. Fused: a chunk of float32 logits and
-  # two products of it, the float32 hidden-state gradient, the hidden state
-  # cast to the head dtype; it saves three float32 statistics and the
-  # target. Unfused: [T, V] float32 logits and log-softmax saved, their
-  # gradient.
-  chunk = min(chunk_size, v)
-  head_cast = d * h_bytes if h_bytes != c else 0
-  if fused_head:
-    head_saved, head_work = 16.0, chunk * 4 * 3 + d * 4 + head_cast
-  else:
-    head_saved, head_work = v * 8.0, v * 4.0 + head_cast
+  head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
+                                            fused_head)
   # Token ids of the embedding lookup; the final norm as in a block.
   extra = 4 + (8 + 2 * c) * d + 8
   saved, work = block_token_bytes(cfg, mesh, c, seq_len, fused_attention)
@@ -416,14 +426,8 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   update_working = tokens * (layer_work + head_work) + gathers
   if mesh.fsdp > 1:
     update_working += layer_gathered * p_bytes  # before reduce-scatter
-  # Weights cast to the compute dtype are residuals too (one block's with
-  # remat), and the output projection cast to the head dtype.
-  weight_casts = 0.0
-  if policy.compute_dtype != policy.param_dtype:
-    weight_casts = (layer if remat else n_layers * layer) * c
-  if policy.head_dtype != policy.param_dtype:
-    weight_casts += _local_elements(
-        ParamShape("head", (d, v), ("embed", "vocab")), mesh, rules) * h_bytes
+  weight_casts = _weight_cast_bytes(cfg, policy, mesh, rules, layer=layer,
+                                    remat=remat)
   params = n_params * p_bytes
   optimizer = 2 * params
   return MemoryEstimate(
@@ -434,260 +438,3 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
       activations=activations, weight_casts=weight_casts,
       update_working=update_working, gradients=params,
       update_outputs=0.0 if donate else params + optimizer)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Hardware:
-  """An accelerator kind: memory per chip and what the estimate may use.
-
-  Attributes:
-    name: for tables.
-    hbm_gib: memory per chip.
-    memory_fraction: what the runtime gives XLA (launch/run_host.sh sets
-      `XLA_PYTHON_CLIENT_MEM_FRACTION=0.9` on GPUs; TPUs give XLA all of it).
-    margin: share of that kept free for what the estimate ignores.
-    max_tensor: largest tensor axis (within one NVLink domain on GPUs).
-  """
-
-  name: str
-  hbm_gib: float
-  memory_fraction: float = 1.0
-  margin: float = 0.15
-  max_tensor: int = 8
-
-  @property
-  def budget(self) -> float:
-    """Bytes per chip an estimate may fill."""
-    return self.hbm_gib * GIB * self.memory_fraction * (1 - self.margin)
-
-
-HARDWARE = {
-    "v5e": Hardware(name="TPU v5e", hbm_gib=16),
-    "v5p": Hardware(name="TPU v5p", hbm_gib=95),
-    "h100": Hardware(name="H100 80GB", hbm_gib=80, memory_fraction=0.9),
-}
-
-
-def _affine_peaks(cfg, precision, mesh, *, seq_len, phase, **options):
-  """`[(fixed, per_sequence)]` bytes per device of each peak of `phase`.
-
-  Every term is affine in the sequences per device, so two estimates (0
-  and 1 sequence per device) give each peak exactly.
-  """
-  options = dict(options, minibatches=1)
-  zero, one = (memory_estimate(cfg, precision, mesh, seq_len=seq_len,
-                               batch=rows * mesh.batch_shards,
-                               **options).phase_peaks(phase)
-               for rows in (0, 1))
-  return [(a, b - a) for a, b in zip(zero, one)]
-
-
-def max_sequences(cfg, precision, mesh, *, budget: float, seq_len: int,
-                  phase: str, **options) -> int:
-  """Most sequences per device that fit `budget` bytes in `phase`.
-
-  `phase="update"` counts the sequences of one minibatch; `"rollout"`
-  counts rollout sequences (sampling, then the trainer's forward over
-  them). Returns 0 when not even one fits. `options` go to
-  `memory_estimate`.
-  """
-  fits = []
-  for fixed, per_row in _affine_peaks(cfg, precision, mesh, seq_len=seq_len,
-                                      phase=phase, **options):
-    if fixed + per_row > budget:
-      return 0
-    fits.append(math.inf if per_row <= 0 else (budget - fixed) // per_row)
-  return int(min(fits))
-
-
-def _candidate_meshes(cfg, chips, hardware):
-  for tensor in (1, 2, 4, 8):
-    if (tensor > hardware.max_tensor or chips % tensor
-        or cfg.num_kv_heads % tensor):
-      continue
-    fsdp = 1
-    while fsdp <= chips // tensor:
-      if (chips // tensor) % fsdp == 0:
-        yield MeshShape(data=chips // tensor // fsdp, fsdp=fsdp,
-                        tensor=tensor)
-      fsdp *= 2
-
-
-def recommend_mesh(cfg, precision, hardware: Hardware, chips: int, *,
-                   seq_len: int, **options) -> tuple[MeshShape | None, int]:
-  """The mesh with the largest update capacity, and that capacity.
-
-  Capacity is the number of `seq_len`-token sequences one update step
-  holds across all devices (`max_sequences` times `data x fsdp`). Meshes
-  within 10 % of the best are ranked by communication: smaller `tensor`
-  first (collectives on activations in every layer), then smaller `fsdp`
-  (weight all-gathers), so `data` takes what is left. Tensor sizes
-  divide the KV heads and stay within `hardware.max_tensor`. Returns
-  `(None, 0)` when no mesh fits one sequence per device.
-  """
-  scored = []
-  for mesh in _candidate_meshes(cfg, chips, hardware):
-    per_device = max_sequences(cfg, precision, mesh, budget=hardware.budget,
-                               seq_len=seq_len, phase="update", **options)
-    scored.append((mesh.tensor, mesh.fsdp, per_device * mesh.batch_shards,
-                   mesh))
-  best = max(capacity for _, _, capacity, _ in scored)
-  if best == 0:
-    return None, 0
-  *_, capacity, mesh = min(x for x in scored if x[2] >= 0.9 * best)
-  return mesh, capacity
-
-
-# The setups of docs/scaling.md: model, hardware, chips, slice name.
-SETUPS = (
-    ("Qwen3-0.6B", "v5e", 8, "v5litepod-8"),
-    ("Qwen3-0.6B", "v5p", 4, "v5p-8"),
-    ("Qwen3-0.6B", "h100", 1, "1 GPU"),
-    ("Qwen3-0.6B", "h100", 8, "1 node"),
-    ("Qwen3-8B", "v5e", 32, "v5litepod-32"),
-    ("Qwen3-8B", "v5e", 64, "v5litepod-64"),
-    ("Qwen3-8B", "v5p", 8, "v5p-16"),
-    ("Qwen3-8B", "h100", 8, "1 node"),
-    ("Qwen3-8B", "h100", 16, "2 nodes"),
-    ("Qwen3-32B", "v5e", 256, "v5litepod-256"),
-    ("Qwen3-32B", "v5p", 32, "v5p-64"),
-    ("Qwen3-32B", "v5p", 64, "v5p-128"),
-    ("Qwen3-32B", "h100", 32, "4 nodes"),
-)
-PRECISIONS = ("fp32", "bf16_fp32_head")
-RECOMMENDED_PRECISION = "bf16_fp32_head"
-
-
-def _gib(x: float) -> str:
-  return f"{x / GIB:.1f}" if x < 100 * GIB else f"{x / GIB:.0f}"
-
-
-def _table(header, rows) -> str:
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "|".join("---" for _ in header) + "|"]
-  lines += ["| " + " | ".join(str(x) for x in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def _layout(mesh):
-  return f"{mesh.data}/{mesh.fsdp}/{mesh.tensor}"
-
-
-def _parameter_table():
-  rows = []
-  for name in QWEN3:
-    cfg = qwen3_config(name)
-    total = param_count(cfg)
-    rows.append((name, f"{total / 1e9:.3f} B",
-                 f"{param_count(cfg, embeddings=False) / 1e9:.3f} B",
-                 "yes" if cfg.tie_word_embeddings else "no",
-                 _gib(total * 4), _gib(total * 16), _gib(total * 28)))
-  return _table(("model", "parameters", "non-embedding", "tied",
-                 "f32 weights GiB", "+ AdamW + grads (16 B/param)",
-                 "+ undonated update outputs (28 B/param)"), rows)
-
-
-def _setup_tables(seq_len):
-  """The as-is table and the recommended flags, one row per setup."""
-  rows, flags = [], []
-  prec = RECOMMENDED_PRECISION
-  for model, hw_name, chips, slice_name in SETUPS:
-    cfg, hw = qwen3_config(model), HARDWARE[hw_name]
-    where = (model, f"{hw.name} {slice_name} ({chips})")
-    mesh, capacity = recommend_mesh(cfg, prec, hw, chips, seq_len=seq_len)
-    if mesh is None:
-      rows.append(where + ("does not fit",) + ("-",) * 4)
-      mesh, _ = recommend_mesh(cfg, prec, hw, chips, seq_len=seq_len,
-                               remat=True)
-      flags.append(where + (f"`{mesh.flags()} --config.precision={prec}` "
-                            f"once remat exists", "-", "-"))
-      continue
-    est = memory_estimate(cfg, prec, mesh, batch=0, seq_len=seq_len)
-    kw = dict(budget=hw.budget, seq_len=seq_len)
-    per_seq = [_affine_peaks(cfg, p, mesh, seq_len=seq_len,
-                             phase="update")[0][1] for p in PRECISIONS]
-    update = [max_sequences(cfg, p, mesh, phase="update", **kw)
-              for p in PRECISIONS]
-    rollout = [max_sequences(cfg, p, mesh, phase="rollout", **kw)
-               for p in PRECISIONS]
-    rows.append(where + (
-        _layout(mesh), f"{_gib(est.resident)} / {_gib(est.backward_end)}",
-        " / ".join(map(_gib, per_seq)), " / ".join(map(str, update)),
-        " / ".join(map(str, rollout))))
-    flags.append(where + (f"`{mesh.flags()} --config.precision={prec}`",
-                          rollout[1] * mesh.batch_shards, capacity))
-  both = " (`fp32` / `bf16_fp32_head`)"
-  return (_table(("model", "hardware (chips)", "data/fsdp/tensor",
-                  "resident / optimizer-step GiB per chip",
-                  "update GiB per sequence per chip" + both,
-                  "update seqs per chip" + both,
-                  "rollout seqs per chip" + both), rows),
-          _table(("model", "hardware (chips)", "flags",
-                  "rollout sequences at most (P x G)",
-                  "sequences per minibatch at most"), flags))
-
-
-def _future_table(seq_len):
-  rows = []
-  for name, variant in (("remat", dict(remat=True)),
-                        ("remat + fused attention",
-                         dict(remat=True, fused_attention=True))):
-    for model, hw_name, chips, slice_name in SETUPS:
-      hw = HARDWARE[hw_name]
-      mesh, capacity = recommend_mesh(qwen3_config(model),
-                                      RECOMMENDED_PRECISION, hw, chips,
-                                      seq_len=seq_len, **variant)
-      rows.append((model, f"{hw.name} {slice_name} ({chips})", name,
-                   "does not fit" if mesh is None else _layout(mesh),
-                   capacity))
-  return _table(("model", "hardware (chips)", "variant", "data/fsdp/tensor",
-                 "update seqs per step"), rows)
-
-
-def _length_table(model="Qwen3-8B", hw_name="h100", mesh=MeshShape(fsdp=8)):
-  cfg, hw, prec = qwen3_config(model), HARDWARE[hw_name], RECOMMENDED_PRECISION
-  rows = []
-  for length in (1024, 2048, 4096, 8192, 16384):
-    slope = lambda **o: _affine_peaks(cfg, prec, mesh, seq_len=length,
-                                      phase="update", **o)[0][1]
-    kv = memory_estimate(cfg, prec, mesh, batch=mesh.batch_shards,
-                         seq_len=length).kv_cache
-    rows.append((length, _gib(slope()), _gib(slope(remat=True)),
-                 _gib(slope(remat=True, fused_attention=True)),
-                 _gib(slope(fused_head=False) - slope()), _gib(kv),
-                 max_sequences(cfg, prec, mesh, budget=hw.budget,
-                               seq_len=length, phase="update")))
-  title = (f"{model}, {hw.name} x {mesh.size}, `{prec}`, data/fsdp/tensor = "
-           f"{_layout(mesh)}, GiB per sequence per chip")
-  return title, _table(("tokens", "update", "update, remat",
-                        "update, remat + fused attention",
-                        "extra without the fused head", "KV cache",
-                        "update seqs per chip"), rows)
-
-
-def markdown_tables(*, seq_len: int = 2048) -> str:
-  """The tables of docs/scaling.md, computed by this module."""
-  as_is, flags = _setup_tables(seq_len)
-  title, lengths = _length_table()
-  return "\n".join([
-      "#### Parameters\n", _parameter_table(),
-      f"\n#### entropo as it is: no remat, materialised attention, "
-      f"{seq_len}-token sequences (half prompt)\n", as_is,
-      f"\n#### Recommended flags ({seq_len}-token sequences)\n", flags,
-      f"\n#### With per-layer remat, and remat plus a fused attention "
-      f"kernel (`{RECOMMENDED_PRECISION}`, {seq_len}-token sequences)\n",
-      _future_table(seq_len),
-      f"\n#### Sequence length: {title}\n", lengths])
-
-
-def main(argv=None):
-  parser = argparse.ArgumentParser(
-      description="Prints the memory tables of docs/scaling.md.")
-  parser.add_argument("--seq_len", type=int, default=2048,
-                      help="tokens per sequence (prompt + completion)")
-  args = parser.parse_args(argv)
-  print(markdown_tables(seq_len=args.seq_len))
-
-
-if __name__ == "__main__":
-  main()

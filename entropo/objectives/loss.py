@@ -1,0 +1,180 @@
+"""`policy_loss`: one objective's per-token terms, weighted and aggregated.
+
+The objectives live one family per module (`ppo`, `gspo`, `covariance`,
+`reinforce`, over the shared `ratio`); `policy_loss` checks the inputs,
+cleans the padding, looks the objective up in `OBJECTIVE_TERMS`, applies
+the optional importance weights and reduces the terms with `aggregate`, so
+the loss is the same however the batch is sharded (`axis_name`).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from entropo import _checks
+from entropo import masking
+from entropo import precision as precision_lib
+from entropo.objectives import covariance
+from entropo.objectives import gspo
+from entropo.objectives import ppo
+from entropo.objectives import ratio as ratio_lib
+from entropo.objectives import reinforce
+
+# name -> function of `(TokenInputs, **settings) -> PolicyTerms`, and the
+# `policy_loss` arguments it takes as settings. To add an objective, write
+# its module and add it here.
+OBJECTIVE_TERMS = {
+    "reinforce": (reinforce.reinforce_terms, {}),
+    "ppo": (ppo.ppo_terms, {}),
+    "gspo": (functools.partial(gspo.gspo_terms, token_level=False), {}),
+    "gspo_token": (functools.partial(gspo.gspo_terms, token_level=True), {}),
+    "clip_cov": (covariance.clip_cov_terms,
+                 dict(key="key", ratio="clip_cov_ratio",
+                      bounds="clip_cov_bounds")),
+    "kl_cov": (covariance.kl_cov_terms,
+               dict(ratio="kl_cov_ratio", coef="kl_cov_coef")),
+}
+OBJECTIVES = tuple(OBJECTIVE_TERMS)
+
+
+def policy_loss(
+    logps: jax.Array,
+    old_logps: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    objective: str = "ppo",
+    clip_low: float = 0.2,
+    clip_high: float = 0.2,
+    dual_clip: float | None = None,
+    band: str = "additive",
+    agg: str = "token_mean",
+    norm: float | None = None,
+    axis_name=None,
+    key: jax.Array | None = None,
+    clip_cov_ratio: float = 2e-4,
+    clip_cov_bounds: tuple[float, float] = (1.0, 5.0),
+    kl_cov_ratio: float = 2e-4,
+    kl_cov_coef: float = 1.0,
+    importance_weights: jax.Array | None = None,
+    entropy: jax.Array | None = None,
+    precision=None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The policy-gradient loss of `objective` and its metrics.
+
+  Args:
+    logps: `[B, T]` float, log pi_theta of the taken tokens (differentiated).
+    old_logps: `[B, T]` float, log pi_old of the same tokens (stop-gradient).
+    advantages: `[B]` or `[B, T]` float (stop-gradient).
+    mask: `[B, T]` bool, valid completion tokens.
+    objective: one of `OBJECTIVES` (`reinforce`, `ppo`, `gspo`, `gspo_token`,
+      `clip_cov`, `kl_cov`; the formulas are in their modules).
+    clip_low, clip_high, band: the ratio band (`clip_band`); `clip_high` may
+      be traced (ADAPO's controller state).
+    dual_clip: optional c > 1 capping negative-advantage losses at `-A c`.
+    agg, norm: the aggregation mode and constant (see `aggregate`).
+    axis_name: optional mesh axis the batch is split over.
+    key: PRNG key, required by `clip_cov` (token choice).
+    clip_cov_ratio, clip_cov_bounds: fraction of valid tokens Clip-Cov
+      detaches and the covariance window of candidates.
+    kl_cov_ratio, kl_cov_coef: fraction of valid tokens KL-Cov penalises and
+      its coefficient on `|log pi - log pi_old|`.
+    importance_weights: optional `[B, T]` per-token weights (stop-gradient).
+    entropy: optional `[B, T]` token entropy, only for metrics.
+    precision: a `Precision` or preset name (log-ratio dtype and clamp).
+
+  Returns:
+    `(loss, metrics)`: a float32 scalar and a flat dict of float32 scalars
+    (`pg/loss`, `pg/clipfrac_low`, `pg/clipfrac_high`, `pg/ratio_mean`,
+    `adv/mean`, ...).
+  """
+  _check_inputs(logps, old_logps, advantages, mask, importance_weights,
+                objective=objective, agg=agg, dual_clip=dual_clip, key=key)
+  x = _token_inputs(logps, old_logps, advantages, mask,
+                    band=ratio_lib.clip_band(clip_low, clip_high, band),
+                    dual_clip=dual_clip, axis_name=axis_name,
+                    policy=precision_lib.get_precision(precision))
+  options = dict(key=key, clip_cov_ratio=clip_cov_ratio,
+                 clip_cov_bounds=clip_cov_bounds, kl_cov_ratio=kl_cov_ratio,
+                 kl_cov_coef=kl_cov_coef)
+  terms_fn, settings = OBJECTIVE_TERMS[objective]
+  out = terms_fn(x, **{k: options[v] for k, v in settings.items()})
+  terms = out.terms
+  if importance_weights is not None:
+    terms = terms * jax.lax.stop_gradient(
+        jnp.where(mask, importance_weights.astype(jnp.float32), 0.0))
+  loss = masking.aggregate(terms, mask, mode=agg, axis_name=axis_name,
+                           norm=norm)
+  return loss, _metrics(x, out, loss, entropy)
+
+
+def _check_inputs(logps, old_logps, advantages, mask, importance_weights, *,
+                  objective, agg, dual_clip, key):
+  _checks.check_choice("objective", objective, OBJECTIVES)
+  _checks.check_choice("agg", agg, masking.AGGREGATION_MODES)
+  _checks.check_float("logps", logps)
+  _checks.check_float("old_logps", old_logps)
+  _checks.check_float("advantages", advantages)
+  _checks.check_rank("logps", logps, 2)
+  _checks.check_same_shape(logps=logps, old_logps=old_logps)
+  _checks.check_mask(mask, logps.shape)
+  _checks.check_rank("advantages", advantages, (1, 2))
+  if advantages.shape not in (logps.shape, logps.shape[:1]):
+    raise ValueError(
+        f"advantages must be [B] or [B, T] = {logps.shape}; got "
+        f"{advantages.shape}."
+    )
+  if importance_weights is not None:
+    _checks.check_same_shape(logps=logps,
+                             importance_weights=importance_weights)
+  if dual_clip is not None and isinstance(dual_clip, (int, float)):
+    if dual_clip <= 1.0:
+      raise ValueError(f"dual_clip must be > 1; got {dual_clip}.")
+  if objective == "clip_cov" and key is None:
+    raise ValueError("objective='clip_cov' needs key= (random token choice).")
+
+
+def _token_inputs(logps, old_logps, advantages, mask, *, band, dual_clip,
+                  axis_name, policy) -> ratio_lib.TokenInputs:
+  """float32 inputs, advantages broadcast to `[B, T]`, padding zeroed."""
+  logps = logps.astype(jnp.float32)
+  old = jax.lax.stop_gradient(old_logps.astype(jnp.float32))
+  adv = jax.lax.stop_gradient(advantages.astype(jnp.float32))
+  adv = jnp.broadcast_to(adv if adv.ndim == 2 else adv[:, None], logps.shape)
+  # Padding may hold anything (-inf - -inf is nan): zero it before any
+  # arithmetic, or a non-finite padded value turns the zero cotangent of a
+  # masked token into nan in the backward pass.
+  logps = jnp.where(mask, logps, 0.0)
+  old = jnp.where(mask, old, 0.0)
+  adv = jnp.where(mask, adv, 0.0)
+  lo, hi = band
+  return ratio_lib.TokenInputs(logps, old, adv, mask, lo, hi, dual_clip,
+                               policy, axis_name)
+
+
+def _metrics(x: ratio_lib.TokenInputs, out: ratio_lib.PolicyTerms, loss,
+             entropy) -> dict:
+  """The objective's, the ratio's and the advantages' metrics, and the loss."""
+  metrics = {**out.metrics, **ratio_lib.ratio_metrics(x, out.ratio,
+                                                      out.log_ratio),
+             **advantage_metrics(x.advantages, x.mask,
+                                 axis_name=x.axis_name)}
+  if entropy is not None:
+    metrics["entropy/mean"] = masking.masked_mean(entropy, x.mask,
+                                                  axis_name=x.axis_name)
+  metrics["pg/loss"] = loss
+  return masking.scalar_metrics(metrics)
+
+
+def advantage_metrics(advantages, mask, *, axis_name=None) -> dict:
+  """Mean, std, max, min and sign fractions of the valid advantages."""
+  mean = lambda x: masking.masked_mean(x, mask, axis_name=axis_name)
+  return {
+      "adv/mean": mean(advantages),
+      "adv/std": masking.masked_std(advantages, mask, axis_name=axis_name),
+      "adv/max": masking.masked_max(advantages, mask, axis_name=axis_name),
+      "adv/min": masking.masked_min(advantages, mask, axis_name=axis_name),
+      "adv/pos_frac": mean(advantages > 0),
+      "adv/zero_frac": mean(advantages == 0),
+  }

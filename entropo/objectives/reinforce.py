@@ -1,0 +1,14 @@
+"""REINFORCE (Williams 1992) with any baseline, e.g. RLOO.
+
+Per token, `l_t = -A_t log pi(a_t)`: on-policy, no ratio (RLOO: Ahmadian et
+al. 2024, arXiv:2402.14740). The ratio to `old_logps` is computed only for
+the clip metrics.
+"""
+
+from entropo.objectives import ratio as ratio_lib
+
+
+def reinforce_terms(x: ratio_lib.TokenInputs) -> ratio_lib.PolicyTerms:
+  """`-A log pi` per token, `[B, T]` float32."""
+  log_ratio, ratio = ratio_lib.token_ratio(x)
+  return ratio_lib.PolicyTerms(-x.advantages * x.logps, ratio, log_ratio, {})

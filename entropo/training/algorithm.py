@@ -1,0 +1,283 @@
+"""`Algorithm`: an RL algorithm's whole wiring, built once from the config.
+
+An `Algorithm` owns the advantage estimator, the REPO variant, the
+objective and its arguments, the regularisers and its controllers. The
+`Learner` (step.py) and the loop only call it:
+
+* `advantages(rewards, logps, entropy, mask, hyper, group_size=)`: the
+  estimator, then the REPO variant (jit-able);
+* `loss(logps, entropy, batch, hyper, key, norm=, precision=)`: the
+  objective plus the regularisers that are on (jit-able);
+* `init_controllers()`, `step_controllers(states, entropy, target=)` and
+  `hyperparameters(states)`: `{name: controller}` over the hyperparameters
+  they move. A hyperparameter no controller moves keeps its configured
+  value; all of them (`zeta`, `clip_high`, `entropy_coef`) are traced
+  inputs of the compiled steps, so moving one never recompiles.
+
+To add an objective, write its module in `entropo/objectives/` and, if it
+takes settings, add a field here and pass it in `loss`. To add a controller,
+write it in `entropo/controllers.py` and build it in `_controllers` under
+the name of the hyperparameter it moves.
+"""
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from entropo import advantages as advantages_lib
+from entropo import controllers as controllers_lib
+from entropo import masking
+from entropo import objectives
+from entropo import precision as precision_lib
+from entropo import regularizers
+from entropo import repo as repo_lib
+from entropo.training import validation
+
+ADVANTAGES = ("rloo", "grpo", "dr_grpo")
+REPO_VARIANTS = ("none", "repo", "repo_r", "repo_d")
+ENTROPY_CONTROL = ("none", "step", "dual")
+OLD_LOGPS = ("trainer", "sampler")
+# The hyperparameters controllers may move, each with the config field that
+# holds its value when no controller does.
+HYPERPARAMETERS = {"zeta": "zeta_init", "clip_high": "clip_high",
+                   "entropy_coef": "entropy_coef"}
+
+
+def _fail(field: str, message: str):
+  validation.fail(f"algo.{field}", message)
+
+
+def _check_choice(field, value, options):
+  validation.check_choice(f"algo.{field}", value, options)
+
+
+def _check_number(field, value, **options):
+  validation.check_number(f"algo.{field}", value, **options)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Algorithm:
+  """The advantage, objective, regularisers and controllers of a run.
+
+  Build it with `Algorithm.from_config(config.algo)`; the fields are those
+  of the `algo` config section (documented in config.py), with "off"
+  spelled one way: `repo=None`, `dual_clip=None`, `tis_cap=None`, and a
+  controller is on when its name is in `controllers`.
+  """
+
+  name: str
+  advantage: str
+  grpo_scale: str
+  repo: str | None
+  repo_positive_only: bool
+  objective: str
+  clip_low: float
+  band: str
+  dual_clip: float | None
+  agg: str
+  norm: float | None
+  clip_cov_ratio: float
+  kl_cov_ratio: float
+  kl_cov_coef: float
+  kl_coef: float
+  kl_estimator: str
+  entropy_bonus: bool
+  old_logps: str
+  tis_cap: float | None
+  # {hyperparameter: controller}, only the enabled ones.
+  controllers: Mapping[str, Any]
+  # Every hyperparameter of HYPERPARAMETERS at its configured value.
+  initial: Mapping[str, float]
+  target_entropy: float
+  target_scale: float
+  epochs: int
+  minibatches: int
+  dynamic_sampling: bool
+  max_resample: int
+
+  def __post_init__(self):
+    _check_choice("advantage", self.advantage, ADVANTAGES)
+    _check_choice("grpo_scale", self.grpo_scale, advantages_lib.GRPO_SCALES)
+    _check_choice("objective", self.objective, objectives.OBJECTIVES)
+    _check_choice("band", self.band, objectives.BANDS)
+    _check_choice("agg", self.agg, masking.AGGREGATION_MODES)
+    _check_choice("kl_estimator", self.kl_estimator,
+                  regularizers.KL_ESTIMATORS)
+    _check_choice("repo", self.repo or "none", REPO_VARIANTS)
+    _check_choice("old_logps", self.old_logps, OLD_LOGPS)
+    _check_number("clip_low", self.clip_low)
+    _check_number("clip_high", self.initial["clip_high"])
+    for field in ("kl_coef", "target_entropy"):
+      _check_number(field, getattr(self, field), allow_zero=True)
+    _check_number("entropy_coef", self.initial["entropy_coef"],
+                  allow_zero=True)
+    if self.dual_clip is not None and not self.dual_clip > 1:
+      _fail("dual_clip", f"must be > 1 (or 0: off); got {self.dual_clip}")
+    if self.tis_cap is not None and not self.tis_cap >= 1:
+      _fail("tis_cap", f"must be >= 1 (or 0: off); got {self.tis_cap}")
+    for field in ("epochs", "minibatches"):
+      _check_number(field, getattr(self, field), integer=True)
+    _check_number("max_resample", self.max_resample, allow_zero=True,
+                  integer=True)
+
+  @classmethod
+  def from_config(cls, algo) -> "Algorithm":
+    """The algorithm of an `algo` config section; raises naming a field."""
+    for field in ("dual_clip", "tis_cap", "norm"):
+      _check_number(field, algo[field], allow_zero=True)
+    _check_choice("entropy_control", algo.entropy_control, ENTROPY_CONTROL)
+    _check_choice("zeta_law", algo.zeta_law,
+                  controllers_lib.ZetaController.LAWS)
+    _check_choice("clip_high_law", algo.clip_high_law,
+                  controllers_lib.ClipHighController.LAWS)
+    algorithm = cls(
+        name=algo.name, advantage=algo.advantage, grpo_scale=algo.grpo_scale,
+        repo=None if algo.repo == "none" else algo.repo,
+        repo_positive_only=algo.repo_positive_only,
+        objective=algo.objective, clip_low=algo.clip_low, band=algo.band,
+        dual_clip=algo.dual_clip or None, agg=algo.agg,
+        norm=algo.norm or None, clip_cov_ratio=algo.clip_cov_ratio,
+        kl_cov_ratio=algo.kl_cov_ratio, kl_cov_coef=algo.kl_cov_coef,
+        kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
+        entropy_bonus=(algo.entropy_coef > 0
+                       or algo.entropy_control != "none"),
+        old_logps=algo.old_logps, tis_cap=algo.tis_cap or None,
+        controllers={},
+        initial={k: algo[v] for k, v in HYPERPARAMETERS.items()},
+        target_entropy=algo.target_entropy, target_scale=algo.target_scale,
+        epochs=algo.epochs, minibatches=algo.minibatches,
+        dynamic_sampling=algo.dynamic_sampling,
+        max_resample=algo.max_resample)
+    # The controllers last, so that a bad plain field is named first.
+    return dataclasses.replace(algorithm, controllers=_controllers(algo))
+
+  # -- controllers
+
+  def init_controllers(self) -> dict[str, Any]:
+    """`{name: state}` of the enabled controllers."""
+    return {name: c.init() for name, c in self.controllers.items()}
+
+  def step_controllers(self, states: dict, entropy, *, target) -> dict:
+    """Each enabled controller's state after one measured `entropy`."""
+    return {name: self.controllers[name].update(states[name], entropy,
+                                                target=target)
+            for name in states}
+
+  def fixed_hyperparameters(self) -> dict[str, np.ndarray]:
+    """float32 values of the hyperparameters no controller moves."""
+    return {name: np.float32(value) for name, value in self.initial.items()
+            if name not in self.controllers}
+
+  @staticmethod
+  def hyperparameters(states: dict, fixed: dict) -> dict[str, Any]:
+    """Every hyperparameter: `fixed` ones, then each controller's value."""
+    # A controller state's first field holds its value (controllers.py).
+    return {**fixed, **{name: state[0] for name, state in states.items()}}
+
+  # -- the maths of one iteration (jit-able)
+
+  def advantages(self, rewards, logps, entropy, mask, hyper, *,
+                 group_size: int) -> jax.Array:
+    """`[B, T]` advantages of `rewards: [B]`, then the REPO variant.
+
+    `logps`, `entropy` and `mask` are `[B, T]`; REPO uses `hyper["zeta"]`.
+    """
+    if self.advantage == "rloo":
+      adv = advantages_lib.rloo_advantages(rewards, group_size=group_size)
+    else:
+      scale = "none" if self.advantage == "dr_grpo" else self.grpo_scale
+      adv = advantages_lib.grpo_advantages(rewards, group_size=group_size,
+                                           scale=scale)
+    adv = jnp.broadcast_to(adv[:, None], mask.shape)
+    zeta = hyper["zeta"]
+    if self.repo == "repo_r":
+      adv = repo_lib.repo_r_advantages(adv, logps, zeta=zeta,
+                                       positive_only=self.repo_positive_only)
+    elif self.repo == "repo":
+      adv = repo_lib.repo_advantages(adv, logps, entropy, beta=zeta)
+    elif self.repo == "repo_d":
+      adv = repo_lib.repo_d_advantages(adv, logps, entropy, mask, zeta=zeta)
+    return adv
+
+  def importance_weights(self, logps, sampler_logps) -> jax.Array:
+    """Truncated trainer / sampler ratios, `[B, T]` (ones when off)."""
+    if self.tis_cap is None:
+      return jnp.ones_like(logps)
+    return jnp.minimum(jnp.exp(precision_lib.clamp_log_ratio(
+        logps - sampler_logps)), self.tis_cap)
+
+  def loss(self, logps, entropy, batch: dict, hyper: dict, key, *,
+           norm: float, precision) -> tuple[jax.Array, dict]:
+    """The objective plus the regularisers that are on, and their metrics.
+
+    `logps` and `entropy` are the `[B, T]` float32 of the model being
+    differentiated; `batch` holds the other per-token arrays (`mask`,
+    `old_logps`, `advantages`, `ref_logps`, `importance_weights`).
+    """
+    mask = batch["mask"]
+    loss, metrics = objectives.policy_loss(
+        logps, batch["old_logps"], batch["advantages"], mask,
+        objective=self.objective, clip_low=self.clip_low,
+        clip_high=hyper["clip_high"], dual_clip=self.dual_clip,
+        band=self.band, agg=self.agg, norm=norm, key=key,
+        clip_cov_ratio=self.clip_cov_ratio, kl_cov_ratio=self.kl_cov_ratio,
+        kl_cov_coef=self.kl_cov_coef,
+        importance_weights=batch["importance_weights"], entropy=entropy,
+        precision=precision)
+    if self.entropy_bonus:
+      bonus, bonus_metrics = regularizers.entropy_bonus(
+          entropy, mask, coef=hyper["entropy_coef"], mode=self.agg,
+          norm=norm)
+      loss = loss + bonus
+      metrics.update(bonus_metrics)
+    if self.kl_coef > 0:
+      kl, kl_metrics = regularizers.kl_penalty(
+          logps, batch["ref_logps"], mask, coef=self.kl_coef,
+          estimator=self.kl_estimator, mode=self.agg, norm=norm)
+      loss = loss + kl
+      metrics.update(kl_metrics)
+    return loss, metrics
+
+
+def _controllers(algo) -> dict[str, Any]:
+  """`{hyperparameter: controller}` of the controllers `algo` enables.
+
+  The step laws' bounds are widened to include the configured starting
+  value (`clip_high`, `entropy_coef`), so a run starts where it is told.
+  """
+  out = {}
+  try:
+    if algo.repo != "none":
+      out["zeta"] = controllers_lib.ZetaController(
+          init_zeta=algo.zeta_init, zeta_min=algo.zeta_min,
+          zeta_max=algo.zeta_max, law=algo.zeta_law,
+          sign_flip=algo.zeta_sign_flip, kp=algo.zeta_kp, ki=algo.zeta_ki)
+  except ValueError as e:
+    _fail("zeta_min", str(e))
+  if algo.adapo and not 0 < algo.clip_high_min < algo.clip_high_max:
+    _fail("clip_high_min", f"need 0 < clip_high_min < clip_high_max; got "
+          f"{algo.clip_high_min}, {algo.clip_high_max}")
+  try:
+    if algo.adapo:
+      out["clip_high"] = controllers_lib.ClipHighController(
+          init_clip_high=algo.clip_high,
+          clip_high_min=min(algo.clip_high_min, algo.clip_high),
+          clip_high_max=max(algo.clip_high_max, algo.clip_high),
+          factor=algo.clip_high_factor, law=algo.clip_high_law,
+          kp=algo.clip_high_kp, ki=algo.clip_high_ki)
+  except ValueError as e:
+    _fail("clip_high_min", str(e))
+  try:
+    if algo.entropy_control != "none":
+      out["entropy_coef"] = controllers_lib.EntropyCoefController(
+          init_coef=algo.entropy_coef,
+          coef_max=max(algo.entropy_coef_max, algo.entropy_coef),
+          delta=algo.entropy_coef_delta, lr=algo.entropy_coef_law_lr,
+          law=algo.entropy_control)
+  except ValueError as e:
+    _fail("entropy_coef_max", str(e))
+  return out

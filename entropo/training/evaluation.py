@@ -1,0 +1,60 @@
+"""Held-out evaluation: pass@k, reward and entropy of the current policy."""
+
+import jax
+import numpy as np
+
+from entropo import diagnostics
+from entropo.tasks import pipeline
+
+
+def evaluate(model, records, rollouts, key, *, samples: int,
+             pass_k, max_prompt_len: int, temperature: float
+             ) -> dict[str, float]:
+  """pass@k, mean entropy and length of `samples` completions per record.
+
+  Every process builds the same evaluation batches; each scores the rows
+  its devices hold, and the counts, entropies and lengths are gathered
+  (`rollouts.placement`), so every process returns the same numbers.
+
+  Args:
+    model: the policy.
+    records: the held-out problem records.
+    rollouts: the run's `Rollouts` (sampler settings, scoring, placement).
+    key: PRNG key of this evaluation.
+    samples: completions per record (n of pass@k).
+    pass_k: the k of each `eval/pass@k`.
+    max_prompt_len: prompt length in tokens.
+    temperature: sampling temperature.
+
+  Returns:
+    `eval/pass@k` for each k, `eval/entropy` (nats per token) and
+    `eval/length` (tokens per completion).
+  """
+  placement, n = rollouts.placement, samples
+  correct = np.zeros(len(records), np.int64)
+  entropies, lengths = [], []
+  chunk = max(1, 512 // n)  # prompts per sampler call
+  for start in range(0, len(records), chunk):
+    part = records[start:start + chunk]
+    rows = np.repeat(np.arange(start, start + len(part)), n)
+    batch = pipeline.prompt_batch(part, rollouts.tokenizer, group_size=n,
+                                  max_prompt_len=max_prompt_len)
+    # Pad with copies of the last row so the batch splits over devices.
+    size = -(-len(rows) // placement.shards) * placement.shards
+    batch = {k: np.concatenate([v, np.repeat(v[-1:], size - len(v), 0)])
+             for k, v in batch.items()}
+    local = placement.local_slice(size)
+    result = rollouts.sample(
+        model, *(placement.to_global(batch[k][local], size)
+                 for k in ("prompt_tokens", "prompt_mask")),
+        jax.random.fold_in(key, start), temperature=temperature)
+    rewards, _ = rollouts.score_global(result, batch["problem"][local], size)
+    cmask = placement.to_host(result.completion_mask)[:len(rows)]
+    np.add.at(correct, rows, (rewards[:len(rows)] == 1.0).astype(np.int64))
+    entropies.append(placement.to_host(result.entropy)[:len(rows)][cmask])
+    lengths.append(cmask.sum(1))
+  out = {f"eval/pass@{k}": float(np.mean(diagnostics.pass_at_k(
+      correct, n, int(k)))) for k in pass_k}
+  out["eval/entropy"] = float(np.concatenate(entropies).mean())
+  out["eval/length"] = float(np.concatenate(lengths).mean())
+  return out

@@ -1,0 +1,265 @@
+"""The typed sections of a run's config, each validated where it is defined.
+
+A run is described at the boundary by an `ml_collections.ConfigDict`
+(config.py); `RunConfig.from_config` converts it once into these frozen,
+keyword-only dataclasses, whose `__post_init__` rejects a bad value naming
+the field. Each field's default is the main job's (`make demo`) and its
+comment says what it holds. The `algo` section is the `Algorithm`
+(algorithm.py).
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+
+from entropo import precision as precision_lib
+from entropo import tasks as tasks_lib
+from entropo.training import algorithm as algorithm_lib
+from entropo.training.validation import check_number
+from entropo.training.validation import fail
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TaskSection:
+  """What the policy is trained on."""
+
+  name: str = "countdown"  # a name of entropo.tasks.TASKS
+  # The task's own settings (its dataclass fields).
+  settings: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
+      num_count=3, max_value=12, max_target=50))
+  path: str = ""  # file-backed tasks: the dir of train.jsonl and test.jsonl
+
+  def __post_init__(self):
+    if self.name not in tasks_lib.TASKS:
+      fail("task.name", f"{self.name!r} is not one of "
+           f"{sorted(tasks_lib.TASKS)}")
+    if self.file_backed and not self.path:
+      fail("task.path", f"the {self.name} task reads local JSONL files; set "
+           "--config.task.path=<dir with train.jsonl and test.jsonl>")
+
+  @property
+  def file_backed(self) -> bool:
+    return tasks_lib.TASKS[self.name].file_backed
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ModelSection:
+  """The policy: a Hugging Face checkpoint, or the tiny model's shape."""
+
+  init_from: str = ""  # a Hugging Face directory; "": the tiny warm start
+  hidden_size: int = 128  # the tiny model's width D
+  intermediate_size: int = 384  # its MLP width
+  num_layers: int = 3
+  num_heads: int = 4
+  num_kv_heads: int = 2  # grouped-query attention
+  max_position_embeddings: int = 64  # prompt plus completion, at most
+  rope_theta: float = 10000.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class WarmStartSection:
+  """Supervised training of the tiny model on correct solutions."""
+
+  steps: int = 600  # optimizer steps (0: the initial model as is)
+  batch_size: int = 64  # sequences per step
+  learning_rate: float = 3e-3  # peak of the warm-up / cosine schedule
+  num_problems: int = 4000  # problems drawn for the SFT set
+  samples_per_problem: int = 4  # solutions written per problem
+  spread: float = 0.6  # in [0, 1]: how far solutions stray from canonical
+  seed: int = 1_000_003  # draws the SFT problems (not the RL data)
+
+  def __post_init__(self):
+    check_number("warm_start.steps", self.steps, allow_zero=True,
+                 integer=True)
+    if not 0 <= self.spread <= 1:
+      fail("warm_start.spread", f"must be in [0, 1]; got {self.spread}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DataSection:
+  """The problems: train and held-out splits written once as TFDS files.
+
+  `seed` generates the problems; the run's `seed` shuffles them and drives
+  sampling, so runs that differ only in `seed` share one dataset and one
+  held-out set.
+  """
+
+  train_size: int = 20_000  # generated training problems
+  eval_size: int = 64  # held-out problems evaluated
+  max_prompt_len: int = 16  # prompt tokens (left-padded)
+  data_dir: str = ""  # the TFDS directory; "": <workdir>/data
+  seed: int = 0
+
+  def __post_init__(self):
+    check_number("data.seed", self.seed, allow_zero=True, integer=True)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SamplingSection:
+  """The rollout batch: P prompts x G completions."""
+
+  prompts_per_batch: int = 16  # P
+  group_size: int = 8  # G completions per prompt (>= 2)
+  max_new_tokens: int = 16  # completion tokens, at most
+  temperature: float = 1.0
+
+  def __post_init__(self):
+    for field in ("prompts_per_batch", "group_size", "max_new_tokens"):
+      check_number(f"sampling.{field}", getattr(self, field), integer=True)
+    check_number("sampling.temperature", self.temperature)
+    if self.group_size < 2:
+      fail("sampling.group_size", f"group-relative advantages need >= 2 "
+           f"completions per prompt; got {self.group_size}")
+
+  @property
+  def batch_size(self) -> int:
+    return self.prompts_per_batch * self.group_size
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimSection:
+  """AdamW with global-norm gradient clipping."""
+
+  learning_rate: float = 1e-4
+  b1: float = 0.9
+  b2: float = 0.99
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+
+  def __post_init__(self):
+    check_number("optim.learning_rate", self.learning_rate)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainSection:
+  """How long the run is, and when it evaluates, saves and logs."""
+
+  iterations: int = 60  # RL iterations
+  eval_every: int = 20  # iterations between held-out evaluations
+  eval_samples: int = 16  # completions per held-out problem (n of pass@k)
+  pass_k: tuple[int, ...] = (1, 4, 16)  # the k of eval/pass@k
+  checkpoint_every: int = 20  # iterations between checkpoints
+  max_checkpoints: int = 2  # checkpoints kept
+  log_every: int = 1
+  tensorboard: bool = True  # event files under <workdir>/tensorboard
+  plots: bool = True  # PNG curves under <workdir>/plots at the end
+  progress: bool = True  # a progress bar
+
+  def __post_init__(self):
+    for field in ("iterations", "eval_every", "eval_samples",
+                  "checkpoint_every", "log_every"):
+      check_number(f"train.{field}", getattr(self, field), integer=True)
+    if any(k > self.eval_samples or k < 1 for k in self.pass_k):
+      fail("train.pass_k", f"every k must be in [1, eval_samples="
+           f"{self.eval_samples}]; got {tuple(self.pass_k)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class MeshSection:
+  """The `(data, fsdp, tensor)` device mesh (docs/training.md)."""
+
+  data: int = 1  # data parallelism
+  fsdp: int = 1  # data parallelism with sharded parameters
+  tensor: int = 1  # heads and MLP split
+
+  def __post_init__(self):
+    for field in ("data", "fsdp", "tensor"):
+      check_number(f"mesh.{field}", getattr(self, field), integer=True)
+    size = self.size
+    if size > jax.device_count():
+      fail("mesh", f"data x fsdp x tensor = {size} exceeds the "
+           f"{jax.device_count()} devices")
+    processes = jax.process_count()
+    if processes > 1 and size != jax.device_count():
+      fail("mesh", f"a run of {processes} processes uses all "
+           f"{jax.device_count()} devices; data x fsdp x tensor = {size}")
+
+  @property
+  def size(self) -> int:
+    return self.data * self.fsdp * self.tensor
+
+  @property
+  def batch_shards(self) -> int:
+    """How many ways a batch is split (`data x fsdp`)."""
+    return self.data * self.fsdp
+
+
+SECTIONS = {"task": TaskSection, "model": ModelSection,
+            "warm_start": WarmStartSection, "data": DataSection,
+            "sampling": SamplingSection, "optim": OptimSection,
+            "train": TrainSection, "mesh": MeshSection}
+
+
+def defaults(cls) -> dict[str, Any]:
+  """A section's default field values (without validating them: the mesh's
+  checks depend on the devices of the process that runs the config)."""
+  return {f.name: f.default if f.default is not dataclasses.MISSING
+          else f.default_factory() for f in dataclasses.fields(cls)}
+
+
+def _section(cls, name: str, values):
+  values = dict(values)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(values) - known)
+  if unknown:
+    fail(f"{name}.{unknown[0]}", f"no such field; the fields are "
+         f"{sorted(known)}")
+  return cls(**values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunConfig:
+  """A whole run's configuration, typed and validated (see config.py)."""
+
+  seed: int  # shuffles the data, drives sampling
+  precision: precision_lib.Precision
+  algorithm: algorithm_lib.Algorithm
+  task: TaskSection
+  model: ModelSection
+  warm_start: WarmStartSection
+  data: DataSection
+  sampling: SamplingSection
+  optim: OptimSection
+  train: TrainSection
+  mesh: MeshSection
+
+  @classmethod
+  def from_config(cls, config) -> "RunConfig":
+    """The typed form of a `ConfigDict`; raises naming the first bad field."""
+    try:
+      precision = precision_lib.get_precision(config.precision)
+    except ValueError as e:
+      fail("precision", str(e))
+    algorithm = algorithm_lib.Algorithm.from_config(config.algo)
+    sections = {}
+    for name in ("sampling", "mesh"):  # the batch's checks come first
+      sections[name] = _section(SECTIONS[name], name, config[name])
+    _check_batch(sections["sampling"], sections["mesh"], algorithm)
+    for name, section_cls in SECTIONS.items():
+      if name not in sections:
+        sections[name] = _section(section_cls, name, config[name])
+    if sections["task"].file_backed and not sections["model"].init_from:
+      fail("model.init_from", "the tiny warm start is for the tasks "
+           f"generated in code; start {sections['task'].name} from a "
+           "Hugging Face checkpoint with --init_from=<dir>")
+    return cls(seed=config.seed, precision=precision, algorithm=algorithm,
+               **sections)
+
+
+def _check_batch(sampling: SamplingSection, mesh: MeshSection,
+                 algorithm) -> None:
+  """The batch splits into minibatches, over devices and processes."""
+  batch, minibatches = sampling.batch_size, algorithm.minibatches
+  if batch % minibatches:
+    fail("algo.minibatches", f"{minibatches} does not divide the batch "
+         f"of {batch} sequences (prompts_per_batch x group_size)")
+  if (batch // minibatches) % mesh.batch_shards:
+    fail("mesh.data", f"the minibatch of {batch // minibatches} "
+         f"sequences does not split over data x fsdp = "
+         f"{mesh.batch_shards} devices")
+  processes = jax.process_count()
+  if sampling.prompts_per_batch % processes:
+    fail("sampling.prompts_per_batch", f"{sampling.prompts_per_batch} "
+         f"prompts do not split over {processes} processes (each loads an "
+         f"equal slice of every batch, whole groups)")
