@@ -22,6 +22,7 @@ from entropo import precision as precision_lib
 from entropo.models import ModelConfig
 from entropo.models import Transformer
 from entropo.models import sampler as sampler_lib
+from entropo.training.algorithm import Algorithm
 from entropo.training import step as step_lib
 from tests import training_setup
 
@@ -176,25 +177,24 @@ def test_trainer_forward_and_update(preset, config):
   graphdef, params = nnx.split(model)
   c = training_setup.tiny_config("dapo+repo_r")
   c.algo.update(kl_coef=0.1, entropy_coef=0.01)
-  learner = step_lib.Learner(graphdef, c.algo, step_lib.make_optimizer(c.optim),
+  algorithm = Algorithm.from_config(c.algo)
+  learner = step_lib.Learner(graphdef, algorithm,
+                             step_lib.make_optimizer(c.optim),
                              max_new_tokens=5, group_size=2)
+  hyper = algorithm.hyperparameters(algorithm.init_controllers(),
+                                    algorithm.fixed_hyperparameters())
   tokens, attention_mask = _tokens()
   mask = attention_mask[:, 1:]
-  sampler_logps = jnp.full(mask.shape, -1.0)
-  rewards = jnp.asarray([1.0, 0.0])
-  prepare = jax.make_jaxpr(learner._prepare)(  # pylint: disable=protected-access
-      params, params, tokens, attention_mask, mask, sampler_logps, rewards,
-      jnp.float32(0.1), jnp.float32(0.28))
+  inputs = (params, params, tokens, attention_mask, mask,
+            jnp.full(mask.shape, -1.0), jnp.asarray([1.0, 0.0]), hyper)
+  pre_update = jax.make_jaxpr(learner._pre_update)(*inputs)  # pylint: disable=protected-access
   # Two forwards (policy and reference) of 7 contractions per layer + head.
   per_forward = 7 * config.num_layers + 1
   policy = model.policy
-  _assert_all_dots_follow(policy, prepare, at_least=2 * per_forward)
+  _assert_all_dots_follow(policy, pre_update, at_least=2 * per_forward)
 
-  batch, _ = learner._prepare(  # pylint: disable=protected-access
-      params, params, tokens, attention_mask, mask, sampler_logps, rewards,
-      jnp.float32(0.1), jnp.float32(0.28))
+  batch, _ = learner._pre_update(*inputs)  # pylint: disable=protected-access
   opt_state = learner.optimizer.init(params)
-  hyper = {"clip_high": jnp.float32(0.28), "entropy_coef": jnp.float32(0.01)}
   update = jax.make_jaxpr(learner._update)(  # pylint: disable=protected-access
       params, opt_state, batch, hyper, jax.random.key(0))
   # Forward and backward: about three products per forward one.
