@@ -145,6 +145,7 @@ def test_configs_that_do_not_split_over_processes(monkeypatch):
     validate(c)
 
 
+@pytest.mark.multidevice
 def test_process_row_helpers_with_one_process():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   local = np.arange(24).reshape(8, 3)
@@ -217,6 +218,7 @@ def _stable(record):
   return {k: v for k, v in record.items() if not k.startswith(VOLATILE)}
 
 
+@pytest.mark.multidevice
 def test_two_processes_train_like_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   _launch_two_processes(multi, tmp_path)

@@ -19,6 +19,9 @@ from jax.sharding import PartitionSpec as P
 
 import entropo
 
+# Meshes of the 8 virtual CPU devices (tests/conftest.py).
+pytestmark = pytest.mark.multidevice
+
 AXIS = "data"
 NUM_DEVICES = 8
 B, T = 32, 12
