@@ -131,6 +131,7 @@ def test_launcher_rejects_a_bad_launch_environment(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.multidevice
 def test_configs_that_do_not_split_over_processes(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   c = tiny_config(mesh=dict(tensor=8))
