@@ -131,6 +131,7 @@ def test_launcher_rejects_a_bad_launch_environment(tmp_path):
   assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.multidevice
 def test_configs_that_do_not_split_over_processes(monkeypatch):
   monkeypatch.setattr(jax, "process_count", lambda: 2)
   c = tiny_config(mesh=dict(tensor=8))
@@ -145,6 +146,7 @@ def test_configs_that_do_not_split_over_processes(monkeypatch):
     validate(c)
 
 
+@pytest.mark.multidevice
 def test_process_row_helpers_with_one_process():
   mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
   local = np.arange(24).reshape(8, 3)
@@ -217,6 +219,7 @@ def _stable(record):
   return {k: v for k, v in record.items() if not k.startswith(VOLATILE)}
 
 
+@pytest.mark.multidevice
 def test_two_processes_train_like_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   _launch_two_processes(multi, tmp_path)

@@ -210,6 +210,7 @@ def test_deterministic_per_key(model, rng):
   np.testing.assert_array_equal(a.tokens, d.tokens)
 
 
+@pytest.mark.multidevice
 def test_batch_sharded_prompts_stay_sharded(model, rng):
   # As the trainer passes them: on a mesh, the batch split over devices.
   tokens, mask = _prompts(rng)

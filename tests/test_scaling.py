@@ -113,6 +113,7 @@ def _local_elements(shape, spec, mesh):
     ("qwen3_tied", (1, 8, 1)), ("qwen2_bias", (1, 2, 4)),
     ("Qwen3-8B", (1, 4, 2)), ("Qwen3-0.6B", (2, 1, 4)),
 ])
+@pytest.mark.multidevice
 def test_params_per_device_follow_entropos_sharding_rules(name, layout):
   cfg = TINY_CONFIGS.get(name) or planning.qwen3_config(name)
   data, fsdp, tensor = layout

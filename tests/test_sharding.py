@@ -19,6 +19,13 @@ from jax.sharding import PartitionSpec as P
 
 import entropo
 
+# Meshes of the 8 virtual CPU devices (tests/conftest.py), one built at
+# import: without them the module is skipped before it fails to collect.
+pytestmark = pytest.mark.multidevice
+if jax.device_count() < 8:
+  pytest.skip("multidevice: needs the 8 virtual CPU devices of the default "
+              "test setup", allow_module_level=True)
+
 AXIS = "data"
 NUM_DEVICES = 8
 B, T = 32, 12

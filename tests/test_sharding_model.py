@@ -12,6 +12,9 @@ from entropo import sharding
 from entropo.models import ModelConfig
 from entropo.models import Transformer
 
+# Meshes of the 8 virtual CPU devices (tests/conftest.py).
+pytestmark = pytest.mark.multidevice
+
 CONFIG = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64,
                      num_layers=2, num_heads=4, num_kv_heads=2,
                      qk_norm=True, family="qwen3")

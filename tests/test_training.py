@@ -131,6 +131,7 @@ def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
   assert trainer.meta["iteration"] == 2
 
 
+@pytest.mark.multidevice
 def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
   one = Trainer(_config(init_from, data_dir), tmp_path / "one")
   eight = Trainer(_config(init_from, data_dir,
