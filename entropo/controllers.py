@@ -11,9 +11,10 @@ All three controllers push the same way: entropy below target raises the
 controlled value (more REPO correction, a wider upper clip, a larger bonus),
 entropy above target lowers it. Each has two laws:
 
-* a step law: REPO's doubling/halving of zeta with sign flip (method.md §3),
-  multiplicative steps of ADAPO's epsilon_high, and +/- steps of the bonus
-  coefficient (the Skywork-OR1 / TRL rule);
+* a step law: REPO's doubling/halving of zeta with sign flip
+  (arXiv:2603.11682; method.md §3), multiplicative steps of ADAPO's
+  epsilon_high, and +/- steps of the bonus coefficient (the Skywork-OR1 /
+  TRL rule);
 * a smooth law that tracks the target without the limit cycle of
   fixed-size steps: a bounded proportional-integral law on the relative
   error for zeta and epsilon_high (`law="pi"`), and projected dual ascent for

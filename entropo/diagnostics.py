@@ -109,9 +109,9 @@ def precision_mismatch(
   `logps_a` is the computation under test (e.g. bf16 trainer, or sampler)
   and `logps_b` the reference (e.g. float32 trainer). With identical
   parameters the true ratio `pi_a / pi_b` is exactly 1, so any deviation is
-  numerical: its mean is the ratio bias of method.md §5, and a token whose
-  ratio leaves `[1 - clip_low, 1 + clip_high]` would be clipped by PPO for
-  no reason ("phantom" clip).
+  numerical: its mean is the ratio bias of arXiv:2603.11682 (Thm. 3;
+  method.md §5), and a token whose ratio leaves `[1 - clip_low,
+  1 + clip_high]` would be clipped by PPO for no reason ("phantom" clip).
 
   Args:
     logps_a: `[B, T]` float.

@@ -1,4 +1,7 @@
-"""REPO: regulate entropy by modifying the advantages (method.md §3).
+"""REPO: regulate entropy by modifying the advantages.
+
+Petrenko, Lipkin et al., "Entropy-Preserving Reinforcement Learning"
+(ICLR 2026, arXiv:2603.11682); the working summary is method.md §3.
 
 The family is `A_REPO = A - beta * L` with `L = log pi(a|s) + H(s)` the
 centred log-probability of the taken token. Subtracting `beta * L` adds

@@ -102,6 +102,7 @@ def base_config(algo: str, study_dir: pathlib.Path, *, iterations: int,
   these settings; only the algorithm, precision, task and seed differ.
   """
   from experiments.configs import countdown  # pylint: disable=g-import-not-at-top
+  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
   c = countdown.get_config(algo)
   c.seed = seed
   c.model.init_from = str(study_dir / "warm_start")
@@ -116,12 +117,7 @@ def base_config(algo: str, study_dir: pathlib.Path, *, iterations: int,
                  max_checkpoints=1, progress=False, tensorboard=False,
                  plots=False)
   if smoke:
-    c.model.update(hidden_size=32, intermediate_size=64, num_layers=1,
-                   num_heads=2, num_kv_heads=1)
-    c.warm_start.update(steps=30, num_problems=200, batch_size=16,
-                        learning_rate=1e-2)
-    c.data.update(train_size=64, eval_size=4)
-    c.sampling.update(prompts_per_batch=2, group_size=4, max_new_tokens=8)
+    tiny.shrink(c, warm_start_steps=30)
     c.algo.minibatches = 2
     c.train.update(eval_every=max(1, iterations), eval_samples=4,
                    pass_k=(1, 2, 4))
@@ -305,6 +301,7 @@ def measure_ratio_bias(model_dir, config, presets, *, batches: int,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import entropo  # pylint: disable=g-import-not-at-top
+  from entropo import precision as precision_lib  # pylint: disable=g-import-not-at-top
   from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
   from entropo.models import load_tokenizer  # pylint: disable=g-import-not-at-top
   from entropo.models import sample  # pylint: disable=g-import-not-at-top
@@ -345,7 +342,8 @@ def measure_ratio_bias(model_dir, config, presets, *, batches: int,
       d_trainer.append((trainer - exact)[mask])
       d_sampler.append((sampler - exact)[mask])
     log_rho = np.concatenate(log_rho).astype(np.float64)
-    rho = np.exp(np.clip(log_rho, -20, 20))
+    bound = precision_lib.DEFAULT_MAX_LOG_RATIO
+    rho = np.exp(np.clip(log_rho, -bound, bound))
     n = rho.size
     # The library's metric on the same numbers (a check on this function).
     lib = entropo.precision_mismatch(
