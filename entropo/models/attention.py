@@ -139,6 +139,19 @@ def _chunks(k, v, key_valid, chunk):
           _split(key_valid, chunk, False), slots, slots < s)
 
 
+def _scan(body, init, xs):
+  """`lax.scan`, or one direct call when there is a single chunk.
+
+  Decoding against a cache no longer than a chunk (the common case) then
+  runs no loop at all: on CPU a one-trip loop per layer per step costs
+  dispatch time.
+  """
+  if jax.tree.leaves(xs)[0].shape[0] > 1:
+    return jax.lax.scan(body, init, xs)
+  carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
+  return carry, jax.tree.map(lambda y: y[None], ys)
+
+
 def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy):
   """A chunk's scores, masked as the reference masks them.
 
@@ -172,8 +185,7 @@ def _forward(q, k, v, key_valid, query_slots, chunk, policy):
 
   init = (stat, jnp.zeros_like(stat),
           jnp.zeros((b, kv, g, t, hd), jnp.float32))
-  (m, l, acc), _ = jax.lax.scan(body, init,
-                                _chunks(k, v, key_valid, chunk))
+  (m, l, acc), _ = _scan(body, init, _chunks(k, v, key_valid, chunk))
   out = jnp.moveaxis(acc / l[..., None], 3, 1).astype(q.dtype)
   # The row statistics stay apart: in a row with no allowed key m is the
   # most negative float32, and m + log(l) would round back to m.
@@ -223,8 +235,8 @@ def _blockwise_bwd(chunk, policy, residuals, d_out):
                             preferred_element_type=jnp.float32)
     return dq, (dk_c, dv_c)
 
-  dq, (dk, dv) = jax.lax.scan(body, jnp.zeros(q.shape, jnp.float32),
-                              _chunks(k, v, key_valid, chunk))
+  dq, (dk, dv) = _scan(body, jnp.zeros(q.shape, jnp.float32),
+                       _chunks(k, v, key_valid, chunk))
   def unsplit(x):  # [n, B, C, KV, hd] -> [B, S, KV, hd]
     x = jnp.moveaxis(x, 0, 1)
     return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :s_len]
