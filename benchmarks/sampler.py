@@ -117,7 +117,8 @@ def timed(compiled, dynamic):
 def run(spec, models, args):
   key = (spec["name"], spec["layers"])
   if key not in models:
-    cfg = MODELS[spec["name"]].replace(num_layers=spec["layers"])
+    cfg = MODELS[spec["name"]].replace(num_layers=spec["layers"],
+                                       attention=args.attention)
     start = time.perf_counter()
     model = Transformer(cfg, rngs=nnx.Rngs(0))
     jax.block_until_ready(nnx.state(model))
@@ -132,7 +133,8 @@ def run(spec, models, args):
   row = dict(model=spec["name"], layers=cfg.num_layers,
              vocab=cfg.vocab_size, hidden=cfg.hidden_size, batch=batch,
              prompt_width=args.prompt_len,
-             prompt_lengths=mask.sum(1).tolist(), new_tokens=n)
+             prompt_lengths=mask.sum(1).tolist(), new_tokens=n,
+             attention=cfg.attention)
   compiled = {}
   for variant in spec["variants"]:
     compiled[variant] = compile_variant(model, tokens, mask, n,
@@ -199,6 +201,8 @@ def main():
       "slow; timing its first execution can flatter the cached sampler by "
       "the first-execution overhead, seconds against minutes)")
   parser.add_argument("--repeats", type=int, default=1)
+  parser.add_argument("--attention", default="auto",
+                      help="ModelConfig.attention")
   parser.add_argument("--out", default="benchmarks/out/sampler.json")
   args = parser.parse_args()
   specs = [parse_run(r) for r in args.runs]

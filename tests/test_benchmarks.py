@@ -83,3 +83,23 @@ def test_fused_head_benchmark_rejects_bad_flags(args, shown):
   proc = _run(*args)
   assert proc.returncode == 2
   assert shown in proc.stderr
+
+
+ATTENTION_SCRIPT = ROOT / "benchmarks" / "attention_memory.py"
+
+
+def test_attention_memory_benchmark_runs(tmp_path):
+  out = tmp_path / "attention_memory.json"
+  proc = subprocess.run(
+      [sys.executable, str(ATTENTION_SCRIPT), "--tiny", "--lengths", "64",
+       "512", "--attention", "reference", "blockwise", "--remat", "none",
+       "--chunk_size", "64", "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr
+  rows = {(r["attention"], r["length"]): r["temp_bytes"]
+          for r in json.loads(out.read_text())["rows"]}
+  assert len(rows) == 4 and all(v > 0 for v in rows.values())
+  # At L = 512 the reference holds [1, 2, 2, 512, 512] float32 scores (4
+  # MiB per copy); the blockwise path one [.., 512, 64] chunk at a time.
+  assert rows["blockwise", 512] < rows["reference", 512]
+  assert "| blockwise | none | 512 |" in proc.stdout

@@ -3,6 +3,8 @@
 import dataclasses
 from typing import Any
 
+from entropo.models.attention import IMPLEMENTATIONS as ATTENTION_IMPLEMENTATIONS
+
 FAMILIES = ("llama", "qwen2", "qwen3")
 
 
@@ -26,6 +28,13 @@ class ModelConfig:
     qk_norm: RMSNorm over head_dim on queries and keys (Qwen3).
     family: `llama`, `qwen2` or `qwen3` (for export; the options above
       decide the computation).
+    attention: the attention implementation, one of
+      `entropo.models.attention.IMPLEMENTATIONS`: `auto` (per backend:
+      `cudnn` on a GPU with bf16/fp16 compute, else `blockwise`),
+      `blockwise` (memory linear in the length, any backend), `cudnn`,
+      `reference` (materialised scores, for tests). Not written to
+      `config.json`.
+    attention_chunk_size: keys per chunk of the `blockwise` attention.
   """
 
   vocab_size: int
@@ -42,8 +51,15 @@ class ModelConfig:
   qkv_bias: bool = False
   qk_norm: bool = False
   family: str = "llama"
+  attention: str = "auto"
+  attention_chunk_size: int = 512
 
   def __post_init__(self):
+    if self.attention not in ATTENTION_IMPLEMENTATIONS:
+      raise ValueError(
+          f"Unknown ModelConfig.attention {self.attention!r}; expected one "
+          f"of {', '.join(repr(a) for a in ATTENTION_IMPLEMENTATIONS)}."
+      )
     if self.family not in FAMILIES:
       raise ValueError(
           f"Unknown model family {self.family!r}; expected one of "
@@ -51,7 +67,7 @@ class ModelConfig:
       )
     for name in ("vocab_size", "hidden_size", "intermediate_size",
                  "num_layers", "num_heads", "num_kv_heads",
-                 "max_position_embeddings"):
+                 "max_position_embeddings", "attention_chunk_size"):
       value = getattr(self, name)
       if not isinstance(value, int) or value < 1:
         raise ValueError(f"ModelConfig.{name} must be a positive int; got "

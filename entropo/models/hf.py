@@ -231,7 +231,8 @@ def _check_names(files, table, config: ModelConfig, directory) -> None:
   )
 
 
-def from_pretrained(path, *, precision="fp32") -> Transformer:
+def from_pretrained(path, *, precision="fp32", attention="auto",
+                    remat="none") -> Transformer:
   """Loads a local Hugging Face model directory into a `Transformer`.
 
   Args:
@@ -240,6 +241,8 @@ def from_pretrained(path, *, precision="fp32") -> Transformer:
       (`model_type`), float32, bfloat16 or float16 weights.
     precision: a `Precision` or preset name; weights are stored in its
       `param_dtype` whatever the checkpoint's dtype.
+    attention: `ModelConfig.attention` (not in `config.json`).
+    remat: the `Transformer`'s rematerialisation (`REMAT_OPTIONS`).
 
   Returns:
     The model, every parameter read from the checkpoint.
@@ -251,10 +254,12 @@ def from_pretrained(path, *, precision="fp32") -> Transformer:
       message names it).
   """
   directory = pathlib.Path(path)
-  config = ModelConfig.from_hf(_read_json(directory / CONFIG_NAME))
+  config = ModelConfig.from_hf(_read_json(directory / CONFIG_NAME)).replace(
+      attention=attention)
   policy = precision_lib.get_precision(precision)
   abstract = nnx.eval_shape(
-      lambda: Transformer(config, precision=policy, rngs=nnx.Rngs(0)))
+      lambda: Transformer(config, precision=policy, rngs=nnx.Rngs(0),
+                          remat=remat))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   table = _checked_table(config, flat)

@@ -20,6 +20,16 @@ to the policy's `head_product`. Every contraction runs through the policy's
 `einsum`/`matmul`, which name its dot algorithm (float32 means float32 on a
 GPU or TPU too, not TF32 or one bfloat16 pass).
 
+Attention is `entropo.models.attention.attend` with the implementation
+`config.attention` names (`auto`: memory-linear `blockwise` on CPU and TPU,
+cuDNN's kernel on GPUs with bf16/fp16 compute); training, prefill and decode
+all call it. `remat=` rematerialises each block in the backward pass:
+`none`; `block` saves only each block's input (and the rotary tables and
+masks it shares with the others) and recomputes the rest;
+`block_save_dots` also saves the outputs of the projections and MLP
+matmuls (dots without batch dimensions), recomputing the attention core and
+the elementwise work.
+
 The KV cache is a plain pytree owned by the caller (the sampler):
 `{"k": [L][B, S, KV, hd], "v": ..., "valid": [B, S] bool}`. A call with
 `cache=` and `cache_index=i` writes the new keys and values at slots
@@ -34,9 +44,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from entropo import precision as precision_lib
+from entropo.models import attention as attention_lib
 from entropo.models.config import ModelConfig
 
-_NEG = float(jnp.finfo(jnp.float32).min)
+REMAT_OPTIONS = ("none", "block", "block_save_dots")
+_REMAT_POLICIES = {
+    "block": jax.checkpoint_policies.nothing_saveable,
+    "block_save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 def _param(rngs, shape, axes, *, std, dtype):
@@ -136,15 +151,9 @@ class Attention(nnx.Module):
     b, t = x.shape[:2]
     group = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
-    scores = policy.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
-                           preferred_element_type=jnp.float32)
-    scores = scores / math.sqrt(cfg.head_dim)
-    key_slots = jnp.arange(k.shape[1])  # [S]
-    allowed = (key_slots[None, :] <= query_slots[:, None])[None]  # [1, T, S]
-    allowed = allowed & key_valid[:, None, :]  # [B, T, S]
-    scores = jnp.where(allowed[:, None, None], scores, _NEG)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = policy.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+    out = attention_lib.attend(q, k, v, key_valid, query_slots, policy=policy,
+                               implementation=cfg.attention,
+                               chunk_size=cfg.attention_chunk_size)
     out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
     out = policy.einsum("bthk,hkd->btd", out, cast(self.o_proj[...]))
     return out, (k, v)
@@ -207,8 +216,14 @@ class Transformer(nnx.Module):
   """The decoder. See the module docstring."""
 
   def __init__(self, config: ModelConfig, *, precision="fp32",
-               rngs: nnx.Rngs):
+               rngs: nnx.Rngs, remat: str = "none"):
+    if remat not in REMAT_OPTIONS:
+      raise ValueError(
+          f"Unknown remat {remat!r}; expected one of "
+          f"{', '.join(repr(r) for r in REMAT_OPTIONS)}."
+      )
     policy = precision_lib.get_precision(precision)
+    self.remat = remat
     dt = policy.param_dtype
     self.config = config
     self.policy = policy
@@ -279,20 +294,38 @@ class Transformer(nnx.Module):
       key_valid = jax.lax.dynamic_update_slice_in_dim(
           cache["valid"], attention_mask, cache_index, axis=1)
       query_slots = cache_index + jnp.arange(t)
+    if cache is None:
+      apply = _block_apply(self.remat)
+      for layer in self.layers:
+        x = apply(layer, x, cos, sin, key_valid, query_slots)
+      return self.norm(x)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
-      layer_cache = None if cache is None else (cache["k"][i], cache["v"][i])
-      x, (k, v) = layer(x, cos, sin, key_valid, query_slots, layer_cache,
-                        cache_index)
+      x, (k, v) = layer(x, cos, sin, key_valid, query_slots,
+                        (cache["k"][i], cache["v"][i]), cache_index)
       new_k.append(k)
       new_v.append(v)
     hidden = self.norm(x)
-    if cache is None:
-      return hidden
     return hidden, {"k": new_k, "v": new_v, "valid": key_valid}
+
+  def attention_implementation(self) -> str:
+    """What `config.attention` resolves to here (for run metadata)."""
+    return attention_lib.resolve(self.config.attention,
+                                 self.policy.compute_dtype)
 
   def logits(self, tokens, *, attention_mask=None, positions=None):
     """`[B, T, V]` float32 logits through the precision policy's head."""
     hidden = self(tokens, attention_mask=attention_mask, positions=positions)
     logits = self.policy.head_product(hidden, self.lm_head_matrix())
     return self.policy.round_logits(logits)
+
+
+def _apply_block(block, x, cos, sin, key_valid, query_slots):
+  return block(x, cos, sin, key_valid, query_slots)[0]
+
+
+def _block_apply(remat: str):
+  """`(block, x, ...) -> x`, rematerialised as `remat` says."""
+  if remat == "none":
+    return _apply_block
+  return nnx.remat(_apply_block, policy=_REMAT_POLICIES[remat])

@@ -1,0 +1,275 @@
+"""Attention implementations: one call for training, prefill and decode.
+
+Every implementation computes, for queries `q: [B, T, KV, G, hd]` (G query
+heads share each of the KV key/value heads) and keys and values
+`k, v: [B, S, KV, hd]`,
+
+    out[b, t] = softmax_s(q[b, t] . k[b, s] / sqrt(hd), allowed[b, t, s]) v
+
+where key `s` is allowed for query `t` when `key_valid[b, s]` and
+`s <= query_slots[t]` (the causal mask: `query_slots` is the cache slot of
+each query, `arange(T)` without a cache). Scores and the softmax are
+float32; every contraction goes through the model's `Precision` policy.
+
+A row whose every key is masked (a padding query) gives, as the reference
+always has, the mean of the values over all S keys: the masked scores are
+the most negative float32, not -inf, so their softmax is uniform and
+finite. No gradient reaches `q` or `k` through masked scores.
+
+Implementations (`ModelConfig.attention`):
+
+* `reference`: the scores `[B, KV, G, T, S]` materialised, softmax, values.
+  Memory quadratic in the length; kept for tests.
+* `blockwise`: keys in chunks of `chunk_size` with a running maximum and
+  sum (online softmax, as `entropo.fused` does over the vocabulary), and a
+  custom VJP that saves only the output and the softmax maximum and sum per
+  query and recomputes each chunk's probabilities in the backward
+  (flash-attention style). Neither pass holds more than `[B, KV, G, T, chunk]`, so memory is
+  linear in the length. Runs everywhere.
+* `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA
+  GPUs only, bfloat16 / float16 compute only (see `_cudnn`).
+* `auto`: `cudnn` on a GPU when the compute dtype is bfloat16 or float16,
+  else `blockwise`.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn")
+DEFAULT_CHUNK_SIZE = 512
+
+_NEG = float(jnp.finfo(jnp.float32).min)
+
+
+def resolve(implementation: str, compute_dtype, backend: str | None = None
+            ) -> str:
+  """The implementation `auto` stands for on `backend` (default: JAX's)."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(
+        f"Unknown attention implementation {implementation!r}; expected one "
+        f"of {', '.join(repr(i) for i in IMPLEMENTATIONS)}."
+    )
+  if implementation != "auto":
+    return implementation
+  backend = backend or jax.default_backend()
+  low = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16),
+                                     jnp.dtype(jnp.float16))
+  if backend in ("gpu", "cuda") and low:
+    return "cudnn"
+  return "blockwise"
+
+
+def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
+           chunk_size=DEFAULT_CHUNK_SIZE):
+  """Masked grouped-query attention (see the module docstring).
+
+  Args:
+    q: `[B, T, KV, G, hd]` queries (compute dtype).
+    k: `[B, S, KV, hd]` keys; v: `[B, S, KV, hd]` values.
+    key_valid: `[B, S]` bool, keys that exist (not padding, filled slots).
+    query_slots: `[T]` int, the slot of each query (causal mask).
+    policy: the model's `Precision`.
+    implementation: one of `IMPLEMENTATIONS`.
+    chunk_size: keys per chunk (`blockwise`).
+
+  Returns:
+    `[B, T, KV, G, hd]` in q's dtype.
+  """
+  implementation = resolve(implementation, q.dtype)
+  if implementation == "reference":
+    return reference(q, k, v, key_valid, query_slots, policy=policy)
+  if implementation == "cudnn":
+    return _cudnn(q, k, v, key_valid, query_slots, policy=policy)
+  return blockwise(q, k, v, key_valid, query_slots, policy=policy,
+                   chunk_size=chunk_size)
+
+
+def _allowed(key_valid, key_slots, query_slots):
+  """`[B, T, C]` bool: key `s` exists and is at or before the query."""
+  causal = key_slots[None, :] <= query_slots[:, None]  # [T, C]
+  return causal[None] & key_valid[:, None, :]
+
+
+def _scores(q, k, policy):
+  """`[B, KV, G, T, C]` float32 scaled scores."""
+  scores = policy.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
+                         preferred_element_type=jnp.float32)
+  return scores / math.sqrt(q.shape[-1])
+
+
+def reference(q, k, v, key_valid, query_slots, *, policy):
+  """The materialised softmax: `[B, KV, G, T, S]` float32 scores."""
+  scores = _scores(q, k, policy)
+  allowed = _allowed(key_valid, jnp.arange(k.shape[1]), query_slots)
+  scores = jnp.where(allowed[:, None, None], scores, _NEG)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+  out = policy.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+  return out.astype(q.dtype)
+
+
+def blockwise(q, k, v, key_valid, query_slots, *, policy,
+              chunk_size=DEFAULT_CHUNK_SIZE):
+  """Online-softmax attention over key chunks (see the module docstring)."""
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
+  chunk = min(chunk_size, k.shape[1])
+  return _blockwise(q, k.astype(q.dtype), v.astype(q.dtype), key_valid,
+                    query_slots, chunk, policy)
+
+
+def _split(x, chunk, fill):
+  """`[B, S, ...]` -> `[n, B, chunk, ...]`, the last chunk padded."""
+  s = x.shape[1]
+  n = -(-s // chunk)
+  pad = [(0, 0)] * x.ndim
+  pad[1] = (0, n * chunk - s)
+  x = jnp.pad(x, pad, constant_values=fill)
+  x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
+  return jnp.moveaxis(x, 1, 0)
+
+
+def _chunks(k, v, key_valid, chunk):
+  """Keys, values, validity, slots and existence, each `[n, ...]`."""
+  s = k.shape[1]
+  slots = jnp.arange(-(-s // chunk) * chunk).reshape(-1, chunk)  # [n, C]
+  return (_split(k, chunk, 0), _split(v, chunk, 0),
+          _split(key_valid, chunk, False), slots, slots < s)
+
+
+def _scan(body, init, xs):
+  """`lax.scan`, or one direct call when there is a single chunk.
+
+  Decoding against a cache no longer than a chunk (the common case) then
+  runs no loop at all: on CPU a one-trip loop per layer per step costs
+  dispatch time.
+  """
+  if jax.tree.leaves(xs)[0].shape[0] > 1:
+    return jax.lax.scan(body, init, xs)
+  carry, ys = body(init, jax.tree.map(lambda x: x[0], xs))
+  return carry, jax.tree.map(lambda y: y[None], ys)
+
+
+def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy):
+  """A chunk's scores, masked as the reference masks them.
+
+  Masked keys score the most negative float32, as in `reference` (so a
+  row with no allowed key averages uniformly over the real keys); the
+  padding that completes the last chunk scores -inf and weighs nothing.
+  Returns the scores `[B, KV, G, T, C]` and `allowed` `[B, 1, 1, T, C]`.
+  """
+  scores = _scores(q, k_c, policy)
+  allowed = _allowed(valid_c, slots_c, query_slots)[:, None, None]
+  scores = jnp.where(allowed, scores, _NEG)
+  return jnp.where(exists_c, scores, -jnp.inf), allowed
+
+
+def _forward(q, k, v, key_valid, query_slots, chunk, policy):
+  b, t, kv, g, hd = q.shape
+  stat = jnp.full((b, kv, g, t), -jnp.inf, jnp.float32)
+
+  def body(carry, xs):
+    m, l, acc = carry  # [B, KV, G, T] twice, [B, KV, G, T, hd] float32
+    k_c, v_c, valid_c, slots_c, exists_c = xs
+    s, _ = _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots,
+                          policy)
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    alpha = jnp.exp(m - m_new)  # 0 on the first chunk (m = -inf)
+    p = jnp.exp(s - m_new[..., None])  # [B, KV, G, T, C]
+    l = l * alpha + jnp.sum(p, axis=-1)
+    pv = policy.einsum("bkgts,bskh->bkgth", p.astype(v_c.dtype), v_c,
+                       preferred_element_type=jnp.float32)
+    return (m_new, l, acc * alpha[..., None] + pv), None
+
+  init = (stat, jnp.zeros_like(stat),
+          jnp.zeros((b, kv, g, t, hd), jnp.float32))
+  (m, l, acc), _ = _scan(body, init, _chunks(k, v, key_valid, chunk))
+  out = jnp.moveaxis(acc / l[..., None], 3, 1).astype(q.dtype)
+  # The row statistics stay apart: in a row with no allowed key m is the
+  # most negative float32, and m + log(l) would round back to m.
+  return out, (m, l)  # [B, T, KV, G, hd], [B, KV, G, T] twice
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _blockwise(q, k, v, key_valid, query_slots, chunk, policy):
+  return _forward(q, k, v, key_valid, query_slots, chunk, policy)[0]
+
+
+def _blockwise_fwd(q, k, v, key_valid, query_slots, chunk, policy):
+  out, stats = _forward(q, k, v, key_valid, query_slots, chunk, policy)
+  return out, (q, k, v, key_valid, query_slots, out, stats)
+
+
+def _blockwise_bwd(chunk, policy, residuals, d_out):
+  q, k, v, key_valid, query_slots, out, (m, l) = residuals
+  s_len, dt = k.shape[1], q.dtype
+  scale = 1.0 / math.sqrt(q.shape[-1])
+  # delta = rowsum(dO * O) = sum_s p_s dp_s, the softmax Jacobian's term.
+  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
+                  axis=-1)  # [B, T, KV, G]: elementwise, not a dot
+  delta = jnp.moveaxis(delta, 1, 3)  # [B, KV, G, T]
+  d_out = d_out.astype(dt)
+  # Transposed operands laid out once, outside the loop, behind a barrier:
+  # XLA:CPU cannot run a bfloat16 x bfloat16 -> float32 dot whose operand
+  # it has folded a transpose into (see entropo/fused.py).
+  q_t, d_out_t = jax.lax.optimization_barrier(
+      (jnp.moveaxis(q, 1, 3), jnp.moveaxis(d_out, 1, 3)))  # [B, KV, G, T, hd]
+
+  def body(dq, xs):
+    k_c, v_c, valid_c, slots_c, exists_c = xs
+    s, allowed = _masked_scores(q, k_c, valid_c, slots_c, exists_c,
+                                query_slots, policy)
+    p = jnp.exp(s - m[..., None]) / l[..., None]  # [B, KV, G, T, C]
+    dp = policy.einsum("btkgh,bskh->bkgts", d_out, v_c,
+                       preferred_element_type=jnp.float32)
+    ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * scale
+    p_t, ds_t = jax.lax.optimization_barrier(
+        (jnp.swapaxes(p, 3, 4).astype(dt), jnp.swapaxes(ds, 3, 4).astype(dt)))
+    dv_c = policy.einsum("bkgst,bkgth->bskh", p_t, d_out_t,
+                         preferred_element_type=jnp.float32)
+    dk_c = policy.einsum("bkgst,bkgth->bskh", ds_t, q_t,
+                         preferred_element_type=jnp.float32)
+    dq = dq + policy.einsum("bkgts,bskh->btkgh", ds.astype(dt), k_c,
+                            preferred_element_type=jnp.float32)
+    return dq, (dk_c, dv_c)
+
+  dq, (dk, dv) = _scan(body, jnp.zeros(q.shape, jnp.float32),
+                       _chunks(k, v, key_valid, chunk))
+  def unsplit(x):  # [n, B, C, KV, hd] -> [B, S, KV, hd]
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :s_len]
+
+  dq, dk, dv = jax.lax.optimization_barrier((dq, unsplit(dk), unsplit(dv)))
+  return (dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+
+
+_blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
+
+
+def _cudnn(q, k, v, key_valid, query_slots, *, policy):
+  """`jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU only).
+
+  The API takes no `precision`: cuDNN's flash-attention kernel multiplies
+  bfloat16 (float16) operands exactly and accumulates both products in
+  float32, with the softmax in float32, which is the policy's algorithm for
+  such operands (`BF16_BF16_F32`, `F16_F16_F32`). It does not run float32
+  operands, so a float32 policy never takes this path (`auto` picks
+  `blockwise`; asking for `cudnn` raises). The mask is passed as a
+  `[B, 1, T, S]` bool array (one byte per score, not float32 scores). Not
+  run in this repository's tests: no GPU was available.
+  """
+  dt = jnp.dtype(q.dtype)
+  if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(
+        f"attention='cudnn' needs bfloat16 or float16 compute; got {dt}. "
+        f"Use 'blockwise' for float32 policies."
+    )
+  del policy  # the kernel's algorithm is fixed; see the docstring
+  b, t, kv, g, hd = q.shape
+  mask = _allowed(key_valid, jnp.arange(k.shape[1]), query_slots)[:, None]
+  out = jax.nn.dot_product_attention(
+      q.reshape(b, t, kv * g, hd), k.astype(dt), v.astype(dt), mask=mask,
+      implementation="cudnn")
+  return out.reshape(b, t, kv, g, hd)
