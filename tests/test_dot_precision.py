@@ -29,11 +29,12 @@ from tests import training_setup
 PRESETS = sorted(entropo.PRESETS)
 CONFIG = ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24,
                      num_layers=2, num_heads=4, num_kv_heads=2,
-                     max_position_embeddings=64)
+                     max_position_embeddings=64, attention="blockwise",
+                     attention_chunk_size=4)  # 2 key chunks: the scan path
 TIED = ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24,
                    num_layers=1, num_heads=2, num_kv_heads=1, qk_norm=True,
                    qkv_bias=True, tie_word_embeddings=True,
-                   max_position_embeddings=64)
+                   max_position_embeddings=64, attention="reference")
 
 
 def _sub_jaxprs(value):
