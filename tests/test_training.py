@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+import entropo
 from entropo.training import ALGORITHMS
 from entropo.training import NonFiniteError
 from entropo.training import Trainer
@@ -117,6 +118,40 @@ def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
   b = Trainer(c, tmp_path / "split").state["params"]
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # Each launch is recorded: where it started, how it computed.
+  launches = json.loads((tmp_path / "split" / "run.json").read_text())[
+      "launches"]
+  assert [l["started_at_iteration"] for l in launches] == [0, 2]
+  for launch in launches:
+    assert launch["jax"] == jax.__version__
+    assert launch["backend"] == jax.default_backend()
+    assert launch["precision"] == entropo.get_precision("fp32").describe()
+    assert launch["precision"]["dots"]["float32"]["algorithm"] == "F32_F32_F32"
+    assert launch["attention"] == "blockwise"  # what auto means on CPU
+    assert launch["remat"] == "none"
+
+
+def test_model_section_picks_attention_and_remat(init_from, data_dir,
+                                                tmp_path):
+  c = _config(init_from, data_dir,
+              model=dict(attention="reference", remat="block"),
+              train=dict(iterations=1))
+  c.precision = "tf32"
+  train(c, tmp_path)
+  launch = json.loads((tmp_path / "run.json").read_text())["launches"][0]
+  assert launch["attention"] == "reference"
+  assert launch["remat"] == "block"
+  assert launch["precision"]["preset"] == "tf32"
+  dot = launch["precision"]["dots"]["float32"]
+  assert dot["algorithm"] == "TF32_TF32_F32"
+  assert dot["native"] == (jax.default_backend() == "gpu")
+  trainer = Trainer(c, tmp_path)
+  assert trainer.model.attention_implementation() == "reference"
+  assert trainer.model.remat == "block"
+  c.model.update(attention="blockwise", attention_chunk_size=4, remat="none")
+  trainer = Trainer(c, tmp_path)
+  assert trainer.model.attention_implementation() == "blockwise"
+  assert trainer.model.config.attention_chunk_size == 4
 
 
 def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
@@ -202,6 +237,9 @@ def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
     ("precision", "fp8", "precision"),
     ("mesh.data", 16, "mesh"),
     ("warm_start.spread", 2.0, "warm_start.spread"),
+    ("model.attention", "flash", "model.attention"),
+    ("model.attention_chunk_size", 0, "model.attention_chunk_size"),
+    ("model.remat", "full", "model.remat"),
 ])
 def test_bad_configs_name_the_field(field, value, match):
   c = tiny_config()

@@ -232,7 +232,7 @@ def _check_names(files, table, config: ModelConfig, directory) -> None:
 
 
 def from_pretrained(path, *, precision="fp32", attention="auto",
-                    remat="none") -> Transformer:
+                    attention_chunk_size=None, remat="none") -> Transformer:
   """Loads a local Hugging Face model directory into a `Transformer`.
 
   Args:
@@ -242,6 +242,8 @@ def from_pretrained(path, *, precision="fp32", attention="auto",
     precision: a `Precision` or preset name; weights are stored in its
       `param_dtype` whatever the checkpoint's dtype.
     attention: `ModelConfig.attention` (not in `config.json`).
+    attention_chunk_size: `ModelConfig.attention_chunk_size`; None: its
+      default.
     remat: the `Transformer`'s rematerialisation (`REMAT_OPTIONS`).
 
   Returns:
@@ -256,6 +258,8 @@ def from_pretrained(path, *, precision="fp32", attention="auto",
   directory = pathlib.Path(path)
   config = ModelConfig.from_hf(_read_json(directory / CONFIG_NAME)).replace(
       attention=attention)
+  if attention_chunk_size is not None:
+    config = config.replace(attention_chunk_size=attention_chunk_size)
   policy = precision_lib.get_precision(precision)
   abstract = nnx.eval_shape(
       lambda: Transformer(config, precision=policy, rngs=nnx.Rngs(0),

@@ -9,7 +9,8 @@ Only the process that should write (process 0 in multi-host runs) creates a
 logger with `enabled=True`.
 
 The run's other files are written here too: `write_run_metadata` is the
-one place that writes what describes a run (`config.json`), and
+one place that writes what describes a run (`config.json`, and
+`run.json`: where and how each launch computed), and
 `write_baseline` the evaluation before RL (`baseline.json`).
 `iteration_metrics` names the per-iteration numbers of the rollout.
 """
@@ -33,14 +34,25 @@ def log(message: str) -> None:
     print(f"[entropo] {message}", flush=True)
 
 
-def write_run_metadata(workdir, config) -> None:
-  """Writes `workdir/config.json`, what describes the run (process 0).
+def write_run_metadata(workdir, config, launch: dict | None = None) -> None:
+  """Writes what describes the run (process 0).
 
-  The one place run metadata is written: add new fields here.
+  `config.json` is the run's `ConfigDict`. `launch` (see
+  `Trainer.launch_metadata`: versions, backend, devices, the precision
+  policy's effective dot algorithms, the attention implementation) is
+  appended to the `launches` of `run.json`, so a run resumed on another
+  machine or jax keeps the record of each. The one place run metadata is
+  written: add new fields here.
   """
-  if jax.process_index() == 0:
-    (pathlib.Path(workdir) / "config.json").write_text(
-        config.to_json_best_effort(indent=2))
+  if jax.process_index() != 0:
+    return
+  workdir = pathlib.Path(workdir)
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  if launch is not None:
+    path = workdir / "run.json"
+    run = json.loads(path.read_text()) if path.is_file() else {}
+    run.setdefault("launches", []).append(launch)
+    path.write_text(json.dumps(run, indent=2))
 
 
 def write_baseline(workdir, evaluation: dict) -> None:

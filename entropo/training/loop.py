@@ -32,8 +32,10 @@ import json
 import pathlib
 import time
 
+import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 from flax import nnx
 
@@ -116,7 +118,10 @@ class Trainer:
       path = distributed.on_primary_first(
           "warm start", warm_start, c, self.task, self.tokenizer,
           self.workdir / "warm_start")
-    self.model = from_pretrained(path, precision=self.precision)
+    self.model = from_pretrained(
+        path, precision=self.precision, attention=c.model.attention,
+        attention_chunk_size=c.model.attention_chunk_size,
+        remat=c.model.remat)
     self.warm_start_dir = path
 
   def _init_data(self):
@@ -164,6 +169,29 @@ class Trainer:
   def policy(self) -> Transformer:
     """The current policy pi_theta as a model."""
     return self.model_at(self.state["params"])
+
+  def launch_metadata(self) -> dict:
+    """How this launch computes: for `run.json` (logger.write_run_metadata).
+
+    The precision policy's `describe()` (preset, backend, the dot algorithm
+    of each operand dtype and whether it runs natively or emulated), the
+    attention implementation `auto` resolved to, remat, versions, devices.
+    """
+    devices = jax.devices()
+    return {
+        "started_at_iteration": self.meta["iteration"],
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax.__version__,
+        "backend": jax.default_backend(),
+        "devices": {"count": len(devices), "kind": devices[0].device_kind,
+                    "processes": jax.process_count()},
+        "precision": self.precision.describe(),
+        "attention": self.model.attention_implementation(),
+        "attention_chunk_size": self.model.config.attention_chunk_size,
+        "remat": self.config.model.remat,
+    }
 
   def hyperparameters(self) -> dict:
     """The current value of every hyperparameter a controller may move."""
@@ -352,4 +380,5 @@ def train(config, workdir) -> dict[str, float]:
   workdir.mkdir(parents=True, exist_ok=True)
   logger_lib.write_run_metadata(workdir, config)
   trainer = Trainer(config, workdir)
+  logger_lib.write_run_metadata(workdir, config, trainer.launch_metadata())
   return trainer.run()

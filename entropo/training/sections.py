@@ -15,7 +15,10 @@ import jax
 
 from entropo import precision as precision_lib
 from entropo import tasks as tasks_lib
+from entropo.models import attention as attention_lib
+from entropo.models import transformer as transformer_lib
 from entropo.training import algorithm as algorithm_lib
+from entropo.training.validation import check_choice
 from entropo.training.validation import check_number
 from entropo.training.validation import fail
 
@@ -55,6 +58,20 @@ class ModelSection:
   num_kv_heads: int = 2  # grouped-query attention
   max_position_embeddings: int = 64  # prompt plus completion, at most
   rope_theta: float = 10000.0
+  # Attention implementation (entropo.models.attention): auto, reference
+  # (materialised scores), blockwise (memory linear in length) or cudnn.
+  attention: str = "auto"
+  attention_chunk_size: int = 512  # keys per chunk of blockwise attention
+  # Rematerialisation of decoder blocks: none, block (recompute each block
+  # in the backward) or block_save_dots (keep its matmul outputs).
+  remat: str = "none"
+
+  def __post_init__(self):
+    check_choice("model.attention", self.attention,
+                 attention_lib.IMPLEMENTATIONS)
+    check_number("model.attention_chunk_size", self.attention_chunk_size,
+                 integer=True)
+    check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

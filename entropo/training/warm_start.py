@@ -25,7 +25,8 @@ def tiny_model_config(model, vocab_size: int) -> ModelConfig:
       num_heads=model.num_heads, num_kv_heads=model.num_kv_heads,
       max_position_embeddings=model.max_position_embeddings,
       rope_theta=model.rope_theta, tie_word_embeddings=True, family="qwen3",
-      qk_norm=True)
+      qk_norm=True, attention=model.attention,
+      attention_chunk_size=model.attention_chunk_size)
 
 
 def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
