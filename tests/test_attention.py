@@ -95,9 +95,11 @@ def test_fully_masked_rows_are_finite_with_zero_gradient(rng):
   np.testing.assert_array_equal(dk, 0.0)
 
 
-def _model(attention, *, precision="fp32", remat="none", config=CONFIG):
+def _model(attention, *, precision="fp32", remat="none", config=CONFIG,
+           scan_layers=False):
   return Transformer(config.replace(attention=attention),
-                     precision=precision, rngs=nnx.Rngs(0), remat=remat)
+                     precision=precision, rngs=nnx.Rngs(0), remat=remat,
+                     scan_layers=scan_layers)
 
 
 def _batch(rng, b=4, t=12):
@@ -151,6 +153,39 @@ def test_remat_gradients_equal_no_remat(rng, remat):
   np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
   for g, w in zip(got, want):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("remat, attention", [
+    ("none", "reference"), ("block", "blockwise"),
+    ("block_save_dots", "blockwise")])
+def test_scanned_layers_equal_the_unrolled_loop(rng, remat, attention):
+  tokens, mask = _batch(rng)
+  unrolled = _model(attention)
+  want_loss, want = _grads(unrolled, tokens, mask)
+  scanned = _model(attention, remat=remat, scan_layers=True)
+  loss, got = _grads(scanned, tokens, mask)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-6)
+  assert len(got) == len(want)  # a gradient for every block's weights
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      scanned(tokens, attention_mask=mask),
+      unrolled(tokens, attention_mask=mask), rtol=1e-5, atol=1e-6)
+  # The loop is a scan in the program, whatever the depth.
+  jaxpr = jax.make_jaxpr(lambda t: scanned(t, attention_mask=mask))(tokens)
+  assert any(e.primitive.name == "scan" and e.params["length"] ==
+             CONFIG.num_layers for e in jaxpr.jaxpr.eqns)
+
+
+def test_scanned_layers_in_bf16_under_jit(rng):
+  tokens, mask = _batch(rng)
+  want_loss, want = _grads(_model("blockwise", precision="bf16_fp32_head"),
+                           tokens, mask)
+  loss, got = _grads(_model("blockwise", precision="bf16_fp32_head",
+                            remat="block", scan_layers=True), tokens, mask)
+  np.testing.assert_allclose(loss, want_loss, rtol=1e-3)
+  for g, w in zip(got, want):
+    assert np.all(np.isfinite(g))
 
 
 def test_cache_prefill_and_decode_match_reference(rng):

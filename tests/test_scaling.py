@@ -37,10 +37,11 @@ TINY_CONFIGS = {
 
 
 @functools.lru_cache(maxsize=None)
-def _abstract_model(cfg, precision="fp32"):
+def _abstract_model(cfg, precision="fp32", remat="none"):
   """The Transformer's parameters as shapes only: nothing is allocated."""
   return nnx.eval_shape(
-      lambda: Transformer(cfg, precision=precision, rngs=nnx.Rngs(0)))
+      lambda: Transformer(cfg, precision=precision, rngs=nnx.Rngs(0),
+                          remat=remat))
 
 
 def _model_params(model):
@@ -167,27 +168,34 @@ def _block_residuals(cfg, precision, batch, length):
   return _residual_bytes(loss, params, x)
 
 
+@pytest.mark.parametrize("attention", ["reference", "blockwise"])
 @pytest.mark.parametrize("name", ["qwen3_untied", "qwen2_bias"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16_fp32_head"])
-def test_block_activations_equal_jaxs_saved_residuals(name, precision):
+def test_block_activations_equal_jaxs_saved_residuals(name, precision,
+                                                      attention):
   # One more sequence in the batch adds exactly the per-sequence residuals
   # (weights cast to the compute dtype do not grow with the batch).
-  cfg, length = TINY_CONFIGS[name], 24
+  cfg, length = TINY_CONFIGS[name].replace(attention=attention), 24
   per_sequence = (_block_residuals(cfg, precision, 2, length)
                   - _block_residuals(cfg, precision, 1, length))
   c = jnp.dtype(precision_lib.get_precision(
       precision).compute_dtype).itemsize
-  saved, _ = planning.block_token_bytes(cfg, planning.MeshShape(), c, length)
+  saved, _, _ = planning.block_token_bytes(cfg, planning.MeshShape(), c,
+                                           length, attention)
   # In float32 the first RMSNorm keeps the block's input itself, which is
   # an argument here (in the model, the previous block's output).
   argument = cfg.hidden_size * c if c == 4 else 0
   assert per_sequence == length * (saved - argument)
 
 
+@pytest.mark.parametrize("remat", ["none", "block", "block_save_dots"])
+@pytest.mark.parametrize("attention", ["reference", "blockwise"])
 @pytest.mark.parametrize("precision", ["fp32", "bf16_fp32_head"])
-def test_model_activations_close_to_jaxs_saved_residuals(precision):
-  cfg, length = TINY_CONFIGS["qwen3_untied"], 24
-  graphdef, params = nnx.split(_abstract_model(cfg, precision))
+def test_model_activations_close_to_jaxs_saved_residuals(precision,
+                                                         attention, remat):
+  cfg = TINY_CONFIGS["qwen3_untied"].replace(attention=attention)
+  length = 24
+  graphdef, params = nnx.split(_abstract_model(cfg, precision, remat))
 
   def loss(params, tokens):
     logps, entropy = step_lib.sequence_logps(
@@ -198,7 +206,8 @@ def test_model_activations_close_to_jaxs_saved_residuals(precision):
   per_sequence = (_residual_bytes(loss, params, tokens(2))
                   - _residual_bytes(loss, params, tokens(1)))
   est = lambda b: planning.memory_estimate(
-      cfg, precision, planning.MeshShape(), batch=b, seq_len=length)
+      cfg, precision, planning.MeshShape(), batch=b, seq_len=length,
+      attention=attention, remat=remat)
   assert per_sequence == pytest.approx(
       est(2).activations - est(1).activations, rel=0.01)
 
@@ -207,7 +216,7 @@ def test_hand_computed_case_float64():
   cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
                     num_layers=1, num_heads=2, num_kv_heads=1, head_dim=4)
   est = planning.memory_estimate(cfg, "fp32", planning.MeshShape(), batch=2,
-                                seq_len=4)
+                                seq_len=4, attention="reference")
   f8 = np.float64
   v, d, f, h, kv, hd, c = map(f8, (16, 8, 16, 2, 1, 4, 4))
   params = (v * d + d + d * v  # embedding, final norm, lm_head
@@ -270,13 +279,31 @@ def test_options_change_what_they_name():
   base = _estimate()
   cfg = TINY_CONFIGS["llama"]
   d, tokens = cfg.hidden_size, 16 * 64
-  remat = _estimate(remat=True)
-  assert remat.activations == tokens * (2 * d * 4 + 4 + 16 * d + 8 + 16)
+  remat = _estimate(remat="block")
+  assert remat.activations == tokens * (2 * d * 4 + 4 + 16 * d + 8
+                                        + 8 * cfg.head_dim + 16)
   assert remat.update_working > base.update_working
+  dots = _estimate(remat="block_save_dots")
+  assert remat.activations < dots.activations < base.activations
+  with pytest.raises(ValueError, match="remat must be one of"):
+    _estimate(remat=True)
   unfused = _estimate(fused_head=False)
   assert unfused.activations - base.activations == tokens * (
       cfg.vocab_size * 8 - 16)
-  assert _estimate(fused_attention=True).activations < base.activations
+  reference = _estimate(attention="reference")
+  assert base.activations < reference.activations
+  long = dict(seq_len=4096)
+  assert (_estimate(**long).update_working
+          < _estimate(attention="reference", **long).update_working)
+  # Blockwise working memory is one key chunk: it stops growing with length
+  # past the chunk, while the reference attention's keeps growing.
+  per_token = lambda **o: _estimate(**o).update_working / (16 * o["seq_len"])
+  assert per_token(seq_len=1024, attention_chunk_size=256) == pytest.approx(
+      per_token(seq_len=4096, attention_chunk_size=256), rel=1e-12)
+  assert (per_token(seq_len=4096, attention="reference")
+          > 3 * per_token(seq_len=1024, attention="reference"))
+  with pytest.raises(ValueError, match="attention must be one of"):
+    _estimate(attention="flash")
   assert _estimate(donate=True).update_outputs == 0
   assert _estimate(reference=True).reference == base.params
   half = _estimate(minibatches=2)
@@ -306,12 +333,12 @@ def test_recommend_mesh_uses_every_chip_and_prefers_less_communication():
   cfg = planning.qwen3_config("Qwen3-8B")
   hw = planning.HARDWARE["h100"]
   mesh, capacity = planning.recommend_mesh(cfg, "bf16_fp32_head", hw, 16,
-                                          seq_len=1024, remat=True)
+                                          seq_len=1024, remat="block")
   assert mesh.size == 16 and capacity > 0
   assert cfg.num_kv_heads % mesh.tensor == 0
   small, _ = planning.recommend_mesh(planning.qwen3_config("Qwen3-0.6B"),
                                     "fp32", planning.HARDWARE["v5p"], 4,
-                                    seq_len=256, remat=True)
+                                    seq_len=256, remat="block")
   assert small == planning.MeshShape(data=4)  # the state fits every chip
   none, zero = planning.recommend_mesh(
       planning.qwen3_config("Qwen3-32B"), "fp32", planning.HARDWARE["v5e"], 8,

@@ -134,7 +134,8 @@ def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,
-              model=dict(attention="reference", remat="block"),
+              model=dict(attention="reference", remat="block",
+                         scan_layers=True),
               train=dict(iterations=1))
   c.precision = "tf32"
   train(c, tmp_path)
@@ -148,6 +149,7 @@ def test_model_section_picks_attention_and_remat(init_from, data_dir,
   trainer = Trainer(c, tmp_path)
   assert trainer.model.attention_implementation() == "reference"
   assert trainer.model.remat == "block"
+  assert trainer.model.scan_layers and launch["scan_layers"]
   c.model.update(attention="blockwise", attention_chunk_size=4, remat="none")
   trainer = Trainer(c, tmp_path)
   assert trainer.model.attention_implementation() == "blockwise"

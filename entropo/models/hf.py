@@ -232,7 +232,8 @@ def _check_names(files, table, config: ModelConfig, directory) -> None:
 
 
 def from_pretrained(path, *, precision="fp32", attention="auto",
-                    attention_chunk_size=None, remat="none") -> Transformer:
+                    attention_chunk_size=None, remat="none",
+                    scan_layers=False) -> Transformer:
   """Loads a local Hugging Face model directory into a `Transformer`.
 
   Args:
@@ -245,6 +246,7 @@ def from_pretrained(path, *, precision="fp32", attention="auto",
     attention_chunk_size: `ModelConfig.attention_chunk_size`; None: its
       default.
     remat: the `Transformer`'s rematerialisation (`REMAT_OPTIONS`).
+    scan_layers: the `Transformer`'s blocks as one scan.
 
   Returns:
     The model, every parameter read from the checkpoint.
@@ -263,7 +265,7 @@ def from_pretrained(path, *, precision="fp32", attention="auto",
   policy = precision_lib.get_precision(precision)
   abstract = nnx.eval_shape(
       lambda: Transformer(config, precision=policy, rngs=nnx.Rngs(0),
-                          remat=remat))
+                          remat=remat, scan_layers=scan_layers))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
   table = _checked_table(config, flat)

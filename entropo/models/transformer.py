@@ -28,7 +28,13 @@ all call it. `remat=` rematerialises each block in the backward pass:
 masks it shares with the others) and recomputes the rest;
 `block_save_dots` also saves the outputs of the projections and MLP
 matmuls (dots without batch dimensions), recomputing the attention core and
-the elementwise work.
+the elementwise work. `scan_layers=True` runs the blocks of a call without
+a cache as one `jax.lax.scan` over their weights, stacked at each call:
+compile time no longer grows with depth, and XLA cannot undo the remat by
+scheduling every block's recomputation early, which it does to an
+unrolled loop on CPU (docs/benchmarks.md). The price is a stacked copy of
+the block weights (and of their gradients) per call; the decode step keeps
+the unrolled loop.
 
 The KV cache is a plain pytree owned by the caller (the sampler):
 `{"k": [L][B, S, KV, hd], "v": ..., "valid": [B, S] bool}`. A call with
@@ -216,7 +222,8 @@ class Transformer(nnx.Module):
   """The decoder. See the module docstring."""
 
   def __init__(self, config: ModelConfig, *, precision="fp32",
-               rngs: nnx.Rngs, remat: str = "none"):
+               rngs: nnx.Rngs, remat: str = "none",
+               scan_layers: bool = False):
     if remat not in REMAT_OPTIONS:
       raise ValueError(
           f"Unknown remat {remat!r}; expected one of "
@@ -224,6 +231,7 @@ class Transformer(nnx.Module):
       )
     policy = precision_lib.get_precision(precision)
     self.remat = remat
+    self.scan_layers = bool(scan_layers)
     dt = policy.param_dtype
     self.config = config
     self.policy = policy
@@ -294,6 +302,10 @@ class Transformer(nnx.Module):
       key_valid = jax.lax.dynamic_update_slice_in_dim(
           cache["valid"], attention_mask, cache_index, axis=1)
       query_slots = cache_index + jnp.arange(t)
+    if cache is None and self.scan_layers:
+      x = _scan_blocks(self.layers, self.remat, x, cos, sin, key_valid,
+                       query_slots)
+      return self.norm(x)
     if cache is None:
       apply = _block_apply(self.remat)
       for layer in self.layers:
@@ -322,6 +334,21 @@ class Transformer(nnx.Module):
 
 def _apply_block(block, x, cos, sin, key_valid, query_slots):
   return block(x, cos, sin, key_valid, query_slots)[0]
+
+
+def _scan_blocks(layers, remat, x, *inputs):
+  """The blocks as one scan over their stacked weights (`scan_layers`)."""
+  graphdef, _ = nnx.split(layers[0])
+  stacked = jax.tree.map(lambda *ws: jnp.stack(ws),
+                         *(nnx.split(layer)[1] for layer in layers))
+
+  def body(x, state):
+    return _apply_block(nnx.merge(graphdef, state), x, *inputs), None
+
+  if remat != "none":
+    body = jax.checkpoint(body, policy=_REMAT_POLICIES[remat])
+  x, _ = jax.lax.scan(body, x, stacked)
+  return x
 
 
 def _block_apply(remat: str):

@@ -16,15 +16,17 @@ What an RL iteration holds on each device, in the order it runs:
 * prepare: the trainer's forward over the whole rollout batch (old
   log-probs and entropy), one layer live at a time, no gradients.
 * update: forward and backward on one minibatch. Without remat every
-  layer's activations are saved: the residuals JAX keeps for a block,
-  among them four `[B, H, T, T]` arrays, since entropo's attention
-  materialises its scores (the mask, float32 scores, their exp, the
-  probabilities). With per-layer remat only each layer's input is saved
-  and one layer is recomputed; a fused (flash-style) attention kernel
-  would keep one log-sum-exp per head instead of the scores. Neither
-  exists in entropo yet; `remat=` and `fused_attention=` say what they
-  would save. The fused head (`fused_logprobs_entropy`) keeps
-  `O(tokens x chunk)` temporaries instead of `[B, T, V]` logits.
+  layer's activations are saved: the residuals JAX keeps for a block.
+  With `attention="reference"` they include four `[B, H, T, T]` arrays
+  (the mask, float32 scores, their exp, the probabilities); the blockwise
+  attention (`entropo.models.attention`, and cuDNN's kernel) keeps one
+  float32 log-sum-exp per head and query instead, and its backward holds
+  one key chunk of scores, probabilities and their gradients at a time
+  (`[B, H, T, attention_chunk_size]`). `remat="block"` saves only each
+  block's input and recomputes one block at a time in the backward;
+  `"block_save_dots"` also saves the block's matmul outputs. The fused
+  head (`fused_logprobs_entropy`) keeps `O(tokens x chunk)` temporaries
+  instead of `[B, T, V]` logits.
   Gradients (`param_dtype`) build up while activations are freed, so the
   step peaks either when the backward pass starts (all activations) or
   when it ends (all gradients, plus the optimizer's outputs: without
@@ -51,7 +53,13 @@ import numpy as np
 
 from entropo import precision as precision_lib
 from entropo import sharding
+from entropo.models import attention as attention_lib
+from entropo.models import transformer as transformer_lib
 from entropo.models.config import ModelConfig
+
+# What each attention implementation costs: "reference" materialises the
+# scores; the others are memory-linear in the sequence length.
+ATTENTION_OPTIONS = ("reference", "blockwise", "cudnn")
 
 @dataclasses.dataclass(frozen=True)
 class ParamShape:
@@ -245,18 +253,28 @@ def _itemsize(dtype) -> int:
 
 
 def block_token_bytes(cfg: ModelConfig, mesh: MeshShape, c: int, keys: int,
-                      fused_attention: bool = False) -> tuple[float, float]:
-  """`(saved, working)` bytes per token, per device, of one decoder block.
+                      attention: str = "blockwise",
+                      attention_chunk_size: int =
+                      attention_lib.DEFAULT_CHUNK_SIZE
+                      ) -> tuple[float, float, float]:
+  """`(saved, working, dots)` bytes per token, per device, of one block.
 
   `saved` is what autodiff keeps for the backward pass: the residuals JAX
   records for `entropo.models.transformer.Block` (tests/test_scaling.py
   checks the count against `jax.ad_checkpoint.print_saved_residuals`).
   `working` is what one block's backward adds while it runs: cotangents
-  of its activations and of its float32 scores. Model-width arrays are
-  replicated over `tensor`; heads, KV heads and the MLP width are split
-  when it divides them (as the weights are). `keys` is the number of
-  attended positions, `c` the compute dtype's size.
+  of its activations and the attention's score-sized arrays (all keys for
+  the reference attention, one key chunk for the blockwise one). `dots`
+  is what `remat="block_save_dots"` saves: the block's input and the
+  outputs of its projections (dots without batch dimensions; attention's
+  own contractions are recomputed). Model-width arrays are replicated over `tensor`; heads,
+  KV heads and the MLP width are split when it divides them (as the
+  weights are). `keys` is the number of attended positions, `c` the
+  compute dtype's size.
   """
+  if attention not in ATTENTION_OPTIONS:
+    raise ValueError(f"attention must be one of {ATTENTION_OPTIONS}; got "
+                     f"{attention!r}.")
   t = mesh.tensor
   split = lambda n: n / t if n % t == 0 else n
   heads, kv_heads = split(cfg.num_heads), split(cfg.num_kv_heads)
@@ -270,17 +288,22 @@ def block_token_bytes(cfg: ModelConfig, mesh: MeshShape, c: int, keys: int,
     qk_norm = (8 + c) * (q + kv) + 8 * (heads + kv_heads)
   # v, rotated q and k, the attention output; float32 cos and sin
   # broadcast for q and for k.
-  attention = c * (kv + q + kv + q) + 16 * cfg.head_dim + qk_norm
+  attn = c * (kv + q + kv + q) + 16 * cfg.head_dim + qk_norm
   mlp = 6 * c * f  # gate, up, three inside silu, silu(gate) * up
-  if fused_attention:  # a flash-style kernel keeps a log-sum-exp per head
-    scores, score_work = 4 * heads, 0
-  else:  # mask, masked scores, exp (f32), probabilities (f32 or cast)
+  # The input, q/k/v, o_proj's output, gate and up (down's output is
+  # recomputed from gate and up).
+  dots = c * (d + q + 2 * kv + d + 2 * f)
+  if attention == "reference":  # mask, scores, exp (f32), probabilities
     scores = heads * keys * (1 + 4 + 4 + c) + 8 * heads
     score_work = heads * keys * 4
-  linear = norms + attention + mlp
-  return linear + scores, linear + score_work
-
-
+  else:  # the custom VJP's residuals: the running max and sum (float32)
+    # per head, the key mask and its own copy of the output; in the
+    # backward, a chunk of scores, exp and their gradients (float32) and
+    # two casts
+    scores = 8 * heads + 1 + c * q
+    score_work = heads * min(keys, attention_chunk_size) * (4 * 4 + 2 * c)
+  linear = norms + attn + mlp
+  return linear + scores, linear + score_work, dots
 def _gather_bytes(cfg, mesh, rules, c, h_bytes) -> tuple[float, int]:
   """`(bytes of all-gathered weights, elements of one gathered layer)`.
 
@@ -330,7 +353,7 @@ def _weight_cast_bytes(cfg, policy, mesh, rules, *, layer, remat) -> float:
 
 
 def _sampling_bytes(cfg, policy, mesh, *, rows, seq_len, prompt_len,
-                    n_params, fused_attention, gathers):
+                    n_params, attention, attention_chunk_size, gathers):
   """`(kv_cache, sample_weights, sample_working)` bytes per device.
 
   The rollout batch's `rows` per device, `seq_len` cache slots and
@@ -344,15 +367,18 @@ def _sampling_bytes(cfg, policy, mesh, *, rows, seq_len, prompt_len,
   cast = policy.sampler_dtype != policy.param_dtype
   sample_weights = n_params * s_bytes if cast else 0.0
   prefill = rows * prompt_len * block_token_bytes(
-      cfg, mesh, s_bytes, seq_len, fused_attention)[0]
+      cfg, mesh, s_bytes, seq_len, attention, attention_chunk_size)[0]
   last_logits = 4 * rows * v * 4  # logits, softmax, truncation, entropy
   return kv_cache, sample_weights, prefill + last_logits + gathers
 
 
 def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
                     batch: int, seq_len: int, prompt_len: int | None = None,
-                    minibatches: int = 1, remat: bool = False,
-                    fused_attention: bool = False, fused_head: bool = True,
+                    minibatches: int = 1, remat: str = "none",
+                    attention: str = "blockwise",
+                    attention_chunk_size: int =
+                    attention_lib.DEFAULT_CHUNK_SIZE,
+                    fused_head: bool = True,
                     donate: bool = False, reference: bool = False,
                     chunk_size: int = 2048,
                     rules=sharding.DEFAULT_RULES) -> MemoryEstimate:
@@ -370,9 +396,12 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
       `seq_len`.
     minibatches: optimizer steps per rollout (`algo.minibatches`); each
       update sees `batch / minibatches` sequences.
-    remat: per-layer rematerialisation in the update (not in entropo yet).
-    fused_attention: a flash-style attention kernel that never holds the
-      `[B, H, T, S]` scores (not in entropo yet).
+    remat: the model's rematerialisation (`--config.model.remat`: "none",
+      "block" or "block_save_dots").
+    attention: "reference" (materialised `[B, H, T, S]` scores),
+      "blockwise" or "cudnn" (memory-linear); `--config.model.attention`
+      ("auto" is blockwise, or cuDNN on a GPU in bf16/fp16).
+    attention_chunk_size: keys per chunk of the blockwise attention.
     fused_head: the chunked head entropo uses; False models `[B, T, V]`
       float32 logits and log-softmax.
     donate: the update donates its parameter and optimizer buffers.
@@ -384,6 +413,9 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
     A `MemoryEstimate` in bytes per device.
   """
   policy = precision_lib.get_precision(precision)
+  if remat not in transformer_lib.REMAT_OPTIONS:
+    raise ValueError(f"remat must be one of {transformer_lib.REMAT_OPTIONS};"
+                     f" got {remat!r}.")
   shards = mesh.batch_shards
   if batch < 0 or batch % (minibatches * shards):
     raise ValueError(
@@ -404,30 +436,36 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   rows = batch // shards
   kv_cache, sample_weights, sample_working = _sampling_bytes(
       cfg, policy, mesh, rows=rows, seq_len=seq_len, prompt_len=prompt_len,
-      n_params=n_params, fused_attention=fused_attention, gathers=gathers)
+      n_params=n_params, attention=attention,
+      attention_chunk_size=attention_chunk_size, gathers=gathers)
 
   head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
                                             fused_head)
   # Token ids of the embedding lookup; the final norm as in a block.
   extra = 4 + (8 + 2 * c) * d + 8
-  saved, work = block_token_bytes(cfg, mesh, c, seq_len, fused_attention)
+  saved, work, dots = block_token_bytes(cfg, mesh, c, seq_len, attention,
+                                        attention_chunk_size)
 
   # The trainer's forward over the whole rollout: one layer live at a time.
   tokens = rows * seq_len
   prepare_working = (tokens * (saved + extra + head_work + head_saved)
                      + gathers)
 
-  # The update on one minibatch. Remat keeps each block's input and
-  # recomputes one block at a time during the backward pass.
+  # The update on one minibatch. Remat keeps each block's input (and with
+  # block_save_dots its matmul outputs) and recomputes one block at a time
+  # during the backward pass.
   tokens = (batch // minibatches // shards) * seq_len
-  saved_per_layer = d * c if remat else saved
+  saved_per_layer = {"none": saved, "block": d * c,
+                     "block_save_dots": dots}[remat]
+  if remat != "none":  # float32 cos and sin tables, once for all blocks
+    extra += 8 * cfg.head_dim
   activations = tokens * (n_layers * saved_per_layer + extra + head_saved)
-  layer_work = saved + work if remat else work
+  layer_work = work if remat == "none" else saved + work
   update_working = tokens * (layer_work + head_work) + gathers
   if mesh.fsdp > 1:
     update_working += layer_gathered * p_bytes  # before reduce-scatter
   weight_casts = _weight_cast_bytes(cfg, policy, mesh, rules, layer=layer,
-                                    remat=remat)
+                                    remat=remat != "none")
   params = n_params * p_bytes
   optimizer = 2 * params
   return MemoryEstimate(

@@ -63,7 +63,11 @@ def _parameter_table():
 
 
 def _setup_tables(seq_len):
-  """The as-is table and the recommended flags, one row per setup."""
+  """The default table and the recommended flags, one row per setup.
+
+  The default is the trainer's: blockwise attention, no remat. A setup
+  that does not fit gets the flags of the smallest remat that makes it fit.
+  """
   rows, flags = [], []
   prec = RECOMMENDED_PRECISION
   for model, hw_name, chips, slice_name in SETUPS:
@@ -72,10 +76,16 @@ def _setup_tables(seq_len):
     mesh, capacity = recommend_mesh(cfg, prec, hw, chips, seq_len=seq_len)
     if mesh is None:
       rows.append(where + ("does not fit",) + ("-",) * 4)
-      mesh, _ = recommend_mesh(cfg, prec, hw, chips, seq_len=seq_len,
-                               remat=True)
-      flags.append(where + (f"`{mesh.flags()} --config.precision={prec}` "
-                            f"once remat exists", "-", "-"))
+      for remat in REMAT_FALLBACKS:
+        mesh, capacity = recommend_mesh(cfg, prec, hw, chips,
+                                        seq_len=seq_len, remat=remat)
+        if mesh is not None:
+          flags.append(where + (
+              f"`{mesh.flags()} --config.precision={prec} "
+              f"--config.model.remat={remat}`", "-", capacity))
+          break
+      else:
+        flags.append(where + ("does not fit, even with remat", "-", 0))
       continue
     est = memory_estimate(cfg, prec, mesh, batch=0, seq_len=seq_len)
     kw = dict(budget=hw.budget, seq_len=seq_len)
@@ -102,11 +112,20 @@ def _setup_tables(seq_len):
                   "sequences per minibatch at most"), flags))
 
 
-def _future_table(seq_len):
+# Remat options tried, cheapest recomputation first, for a setup that does
+# not fit without.
+REMAT_FALLBACKS = ("block_save_dots", "block")
+# The variants of the options table: the model section's fields.
+VARIANTS = (
+    ("reference attention", dict(attention="reference")),
+    ("remat=block_save_dots", dict(remat="block_save_dots")),
+    ("remat=block", dict(remat="block")),
+)
+
+
+def _options_table(seq_len):
   rows = []
-  for name, variant in (("remat", dict(remat=True)),
-                        ("remat + fused attention",
-                         dict(remat=True, fused_attention=True))):
+  for name, variant in VARIANTS:
     for model, hw_name, chips, slice_name in SETUPS:
       hw = HARDWARE[hw_name]
       mesh, capacity = recommend_mesh(qwen3_config(model),
@@ -122,22 +141,26 @@ def _future_table(seq_len):
 def _length_table(model="Qwen3-8B", hw_name="h100", mesh=MeshShape(fsdp=8)):
   cfg, hw, prec = qwen3_config(model), HARDWARE[hw_name], RECOMMENDED_PRECISION
   rows = []
-  for length in (1024, 2048, 4096, 8192, 16384):
+  for length in (1024, 2048, 4096, 8192, 16384, 32768):
     slope = lambda **o: affine_peaks(cfg, prec, mesh, seq_len=length,
                                       phase="update", **o)[0][1]
     kv = memory_estimate(cfg, prec, mesh, batch=mesh.batch_shards,
                          seq_len=length).kv_cache
-    rows.append((length, _gib(slope()), _gib(slope(remat=True)),
-                 _gib(slope(remat=True, fused_attention=True)),
+    fit = lambda **o: max_sequences(cfg, prec, mesh, budget=hw.budget,
+                                    seq_len=length, phase="update", **o)
+    rows.append((length, _gib(slope(attention="reference")), _gib(slope()),
+                 _gib(slope(remat="block_save_dots")),
+                 _gib(slope(remat="block")),
                  _gib(slope(fused_head=False) - slope()), _gib(kv),
-                 max_sequences(cfg, prec, mesh, budget=hw.budget,
-                               seq_len=length, phase="update")))
+                 f"{fit()} / {fit(remat='block')}"))
   title = (f"{model}, {hw.name} x {mesh.size}, `{prec}`, data/fsdp/tensor = "
            f"{_layout(mesh)}, GiB per sequence per chip")
-  return title, _table(("tokens", "update", "update, remat",
-                        "update, remat + fused attention",
+  return title, _table(("tokens", "update, reference attention",
+                        "update (blockwise attention)",
+                        "update, remat=block_save_dots",
+                        "update, remat=block",
                         "extra without the fused head", "KV cache",
-                        "update seqs per chip"), rows)
+                        "update seqs per chip (no remat / block)"), rows)
 
 
 def markdown_tables(*, seq_len: int = 2048) -> str:
@@ -146,12 +169,12 @@ def markdown_tables(*, seq_len: int = 2048) -> str:
   title, lengths = _length_table()
   return "\n".join([
       "#### Parameters\n", _parameter_table(),
-      f"\n#### entropo as it is: no remat, materialised attention, "
+      f"\n#### The trainer's default: blockwise attention, no remat, "
       f"{seq_len}-token sequences (half prompt)\n", as_is,
       f"\n#### Recommended flags ({seq_len}-token sequences)\n", flags,
-      f"\n#### With per-layer remat, and remat plus a fused attention "
-      f"kernel (`{RECOMMENDED_PRECISION}`, {seq_len}-token sequences)\n",
-      _future_table(seq_len),
+      f"\n#### Other attention and remat options "
+      f"(`{RECOMMENDED_PRECISION}`, {seq_len}-token sequences)\n",
+      _options_table(seq_len),
       f"\n#### Sequence length: {title}\n", lengths])
 
 

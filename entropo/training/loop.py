@@ -121,7 +121,7 @@ class Trainer:
     self.model = from_pretrained(
         path, precision=self.precision, attention=c.model.attention,
         attention_chunk_size=c.model.attention_chunk_size,
-        remat=c.model.remat)
+        remat=c.model.remat, scan_layers=c.model.scan_layers)
     self.warm_start_dir = path
 
   def _init_data(self):
@@ -191,6 +191,7 @@ class Trainer:
         "attention": self.model.attention_implementation(),
         "attention_chunk_size": self.model.config.attention_chunk_size,
         "remat": self.config.model.remat,
+        "scan_layers": self.config.model.scan_layers,
     }
 
   def hyperparameters(self) -> dict:

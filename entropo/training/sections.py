@@ -65,6 +65,9 @@ class ModelSection:
   # Rematerialisation of decoder blocks: none, block (recompute each block
   # in the backward) or block_save_dots (keep its matmul outputs).
   remat: str = "none"
+  # Run the blocks as one scan: compile time flat in depth, and the remat
+  # holds on XLA:CPU (docs/benchmarks.md); costs a copy of block weights.
+  scan_layers: bool = False
 
   def __post_init__(self):
     check_choice("model.attention", self.attention,
@@ -72,6 +75,7 @@ class ModelSection:
     check_number("model.attention_chunk_size", self.attention_chunk_size,
                  integer=True)
     check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
+    check_choice("model.scan_layers", self.scan_layers, (False, True))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -14,10 +14,11 @@ is downloaded.
 Hardware, estimated by `entropo.planning` (docs/scaling.md, "A worked
 example"; not measured): for Qwen3-0.6B at these batch sizes (128
 sequences of up to 768 tokens, 4 minibatches of 32) the update needs about
-167 GiB on one device, so use 8 devices with `--config.mesh.data=8` (about
-27 GiB each), or on a single 80 GB GPU `--config.algo.minibatches=16`
-(about 47 GiB). The precision preset `bf16_fp32_head` keeps the head,
-log-probs and ratios in float32 (the paper's fix, method.md section 5).
+86 GiB on one device, so use 8 devices with `--config.mesh.data=8` (about
+17 GiB each), or on a single 80 GB GPU `--config.model.remat=block` (about
+22 GiB) or `--config.algo.minibatches=16` (about 27 GiB). The precision
+preset `bf16_fp32_head` keeps the head, log-probs and ratios in float32
+(the paper's fix, method.md section 5).
 
 Expected run time and result: not measured in this project yet (no
 accelerator was available when this config was written); the config is
