@@ -37,10 +37,12 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                  max_position_embeddings=40960)
 
 
-def update_step(config, *, precision, remat, batch, length):
+def update_step(config, *, precision, remat, batch, length,
+                scan_layers=False):
   """`(jitted step, abstract args)` for one forward+backward."""
   abstract = nnx.eval_shape(lambda: Transformer(
-      config, precision=precision, rngs=nnx.Rngs(0), remat=remat))
+      config, precision=precision, rngs=nnx.Rngs(0), remat=remat,
+      scan_layers=scan_layers))
   graphdef, state = nnx.split(abstract)
 
   def loss_fn(state, tokens):
@@ -56,9 +58,10 @@ def update_step(config, *, precision, remat, batch, length):
   return step, (state, tokens)
 
 
-def measure(config, *, precision, remat, batch, length):
+def measure(config, *, precision, remat, batch, length, scan_layers=False):
   step, args = update_step(config, precision=precision, remat=remat,
-                           batch=batch, length=length)
+                           batch=batch, length=length,
+                           scan_layers=scan_layers)
   start = time.perf_counter()
   compiled = step.lower(*args).compile()
   seconds = time.perf_counter() - start
@@ -76,6 +79,10 @@ def main(argv=None):
   parser.add_argument("--remat", nargs="+",
                       default=list(transformer_lib.REMAT_OPTIONS))
   parser.add_argument("--layers", type=int, default=2)
+  parser.add_argument("--loops", nargs="+", default=["unrolled"],
+                      choices=["unrolled", "scan"],
+                      help="the blocks as a Python loop or one scan "
+                      "(Transformer(scan_layers=...))")
   parser.add_argument("--batch", type=int, default=1)
   parser.add_argument("--precision", default="fp32")
   parser.add_argument("--chunk_size", type=int, default=512,
@@ -90,22 +97,25 @@ def main(argv=None):
                  intermediate_size=64, num_heads=4, num_kv_heads=2,
                  head_dim=8)
   rows = []
-  print("| attention | remat | L | temp GiB | compile s |")
-  print("|---|---|---|---|---|")
+  print("| attention | remat | layers | L | temp GiB | compile s |")
+  print("|---|---|---|---|---|---|")
   for attention in args.attention:
     for remat in args.remat:
-      for length in args.lengths:
-        config = ModelConfig(num_layers=args.layers, attention=attention,
-                             attention_chunk_size=args.chunk_size, **shape)
-        row = {"attention": attention, "remat": remat, "length": length,
-               "layers": args.layers, "batch": args.batch,
-               "precision": args.precision, "chunk_size": args.chunk_size}
-        row |= measure(config, precision=args.precision, remat=remat,
-                       batch=args.batch, length=length)
-        rows.append(row)
-        print(f"| {attention} | {remat} | {length} | "
-              f"{row['temp_bytes'] / 2**30:.2f} | {row['compile_s']} |",
-              flush=True)
+      for loop in args.loops:
+        for length in args.lengths:
+          config = ModelConfig(num_layers=args.layers, attention=attention,
+                               attention_chunk_size=args.chunk_size, **shape)
+          row = {"attention": attention, "remat": remat, "loop": loop,
+                 "length": length, "layers": args.layers,
+                 "batch": args.batch, "precision": args.precision,
+                 "chunk_size": args.chunk_size}
+          row |= measure(config, precision=args.precision, remat=remat,
+                         batch=args.batch, length=length,
+                         scan_layers=loop == "scan")
+          rows.append(row)
+          print(f"| {attention} | {remat} | {args.layers} {loop} | {length}"
+                f" | {row['temp_bytes'] / 2**30:.2f} | {row['compile_s']} |",
+                flush=True)
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"rows": rows, "jax": jax.__version__,

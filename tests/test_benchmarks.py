@@ -102,4 +102,5 @@ def test_attention_memory_benchmark_runs(tmp_path):
   # At L = 512 the reference holds [1, 2, 2, 512, 512] float32 scores (4
   # MiB per copy); the blockwise path one [.., 512, 64] chunk at a time.
   assert rows["blockwise", 512] < rows["reference", 512]
-  assert "| blockwise | none | 512 |" in proc.stdout
+  assert "| blockwise | none | 2 unrolled | 512 |" in proc.stdout
+
