@@ -219,12 +219,9 @@ def _check_key(key):
   return jax.random.wrap_key_data(jnp.asarray(arr))
 
 
-def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
-             temperature, top_k, top_p, eos_id, use_cache):
-  """Validates the arguments; returns the jitted function and its inputs."""
-  cfg = model.config
-  vocab, context = cfg.vocab_size, cfg.max_position_embeddings
-
+def _check_prompts(prompt_tokens, prompt_mask, vocab: int, context: int):
+  """`(tokens, bool mask, longest prompt)` as NumPy; raises naming the
+  problem."""
   tokens = _concrete("prompt_tokens", prompt_tokens)
   mask = _concrete("prompt_mask", prompt_mask)
   if tokens.ndim != 2:
@@ -266,6 +263,16 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
         f"A prompt of {longest} tokens (row {int(lengths.argmax())}) is "
         f"longer than the model's context of {context} tokens."
     )
+  return tokens, mask, longest
+
+
+def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
+             temperature, top_k, top_p, eos_id, use_cache):
+  """Validates the arguments; returns the jitted function and its inputs."""
+  cfg = model.config
+  vocab, context = cfg.vocab_size, cfg.max_position_embeddings
+  tokens, mask, longest = _check_prompts(prompt_tokens, prompt_mask, vocab,
+                                         context)
   if not _is_int(max_new_tokens) or max_new_tokens < 1:
     raise ValueError(f"max_new_tokens must be a positive int; got "
                      f"{max_new_tokens!r}.")
@@ -351,6 +358,15 @@ def _choose(z, key, temperature, top_p, *, policy, greedy, top_k, use_top_p):
   return token, logp, processed, entropy
 
 
+def _left_align(tokens, mask, pad_id):
+  """Pads first, tokens in order (a stable sort of the mask); pads get
+  `pad_id`."""
+  order = jnp.argsort(mask, axis=1, stable=True)  # [B, P]
+  mask = jnp.take_along_axis(mask, order, axis=1)
+  tokens = jnp.take_along_axis(tokens, order, axis=1)
+  return jnp.where(mask, tokens, pad_id), mask
+
+
 def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
               eos_ids, *, max_new_tokens, greedy, top_k, use_top_p,
               use_cache):
@@ -361,11 +377,7 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
   n = max_new_tokens
   total = width + n
 
-  # Left-align: a stable sort of the mask puts pads first, tokens in order.
-  order = jnp.argsort(mask, axis=1, stable=True)  # [B, P]
-  mask = jnp.take_along_axis(mask, order, axis=1)
-  tokens = jnp.take_along_axis(tokens, order, axis=1)
-  tokens = jnp.where(mask, tokens, pad_id)
+  tokens, mask = _left_align(tokens, mask, pad_id)
   prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
   lm_head = model.lm_head_matrix()
 

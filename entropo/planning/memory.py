@@ -372,6 +372,37 @@ def _sampling_bytes(cfg, policy, mesh, *, rows, seq_len, prompt_len,
   return kv_cache, sample_weights, prefill + last_logits + gathers
 
 
+def _check_shape(batch, minibatches, shards, seq_len, prompt_len) -> int:
+  """The prompt length (default half of `seq_len`), once the batch and
+  lengths are checked."""
+  if batch < 0 or batch % (minibatches * shards):
+    raise ValueError(
+        f"batch={batch} does not split into minibatches={minibatches} "
+        f"over data x fsdp = {shards} devices.")
+  prompt_len = seq_len // 2 if prompt_len is None else prompt_len
+  if not 0 < prompt_len <= seq_len:
+    raise ValueError(f"prompt_len must be in (0, seq_len={seq_len}]; got "
+                     f"{prompt_len}.")
+  return prompt_len
+
+
+def _update_bytes(cfg, remat, tokens, block, *, extra, head, c):
+  """`(activations, working)` of the update on `tokens` tokens per device.
+
+  Remat keeps each block's input (and with block_save_dots its matmul
+  outputs) and recomputes one block at a time during the backward pass.
+  `block` is `block_token_bytes`' triple, `head` `(saved, working)`.
+  """
+  saved, work, dots = block
+  saved_per_layer = {"none": saved, "block": cfg.hidden_size * c,
+                     "block_save_dots": dots}[remat]
+  if remat != "none":  # float32 cos and sin tables, once for all blocks
+    extra += 8 * cfg.head_dim
+  activations = tokens * (cfg.num_layers * saved_per_layer + extra + head[0])
+  layer_work = work if remat == "none" else saved + work
+  return activations, tokens * (layer_work + head[1])
+
+
 def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
                     batch: int, seq_len: int, prompt_len: int | None = None,
                     minibatches: int = 1, remat: str = "none",
@@ -417,20 +448,12 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
     raise ValueError(f"remat must be one of {transformer_lib.REMAT_OPTIONS};"
                      f" got {remat!r}.")
   shards = mesh.batch_shards
-  if batch < 0 or batch % (minibatches * shards):
-    raise ValueError(
-        f"batch={batch} does not split into minibatches={minibatches} "
-        f"over data x fsdp = {shards} devices.")
-  prompt_len = seq_len // 2 if prompt_len is None else prompt_len
-  if not 0 < prompt_len <= seq_len:
-    raise ValueError(f"prompt_len must be in (0, seq_len={seq_len}]; got "
-                     f"{prompt_len}.")
+  prompt_len = _check_shape(batch, minibatches, shards, seq_len, prompt_len)
   p_bytes, c = _itemsize(policy.param_dtype), _itemsize(policy.compute_dtype)
   h_bytes = _itemsize(policy.head_dtype)
-  d, n_layers = cfg.hidden_size, cfg.num_layers
   rules = _rules_key(rules)
   outside, layer = _split_params(cfg, mesh, rules)
-  n_params = outside + n_layers * layer
+  n_params = outside + cfg.num_layers * layer
   gathers, layer_gathered = _gather_bytes(cfg, mesh, rules, c, h_bytes)
 
   rows = batch // shards
@@ -442,7 +465,7 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
                                             fused_head)
   # Token ids of the embedding lookup; the final norm as in a block.
-  extra = 4 + (8 + 2 * c) * d + 8
+  extra = 4 + (8 + 2 * c) * cfg.hidden_size + 8
   saved, work, dots = block_token_bytes(cfg, mesh, c, seq_len, attention,
                                         attention_chunk_size)
 
@@ -451,17 +474,11 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   prepare_working = (tokens * (saved + extra + head_work + head_saved)
                      + gathers)
 
-  # The update on one minibatch. Remat keeps each block's input (and with
-  # block_save_dots its matmul outputs) and recomputes one block at a time
-  # during the backward pass.
   tokens = (batch // minibatches // shards) * seq_len
-  saved_per_layer = {"none": saved, "block": d * c,
-                     "block_save_dots": dots}[remat]
-  if remat != "none":  # float32 cos and sin tables, once for all blocks
-    extra += 8 * cfg.head_dim
-  activations = tokens * (n_layers * saved_per_layer + extra + head_saved)
-  layer_work = work if remat == "none" else saved + work
-  update_working = tokens * (layer_work + head_work) + gathers
+  activations, update_working = _update_bytes(
+      cfg, remat, tokens, (saved, work, dots), extra=extra,
+      head=(head_saved, head_work), c=c)
+  update_working += gathers
   if mesh.fsdp > 1:
     update_working += layer_gathered * p_bytes  # before reduce-scatter
   weight_casts = _weight_cast_bytes(cfg, policy, mesh, rules, layer=layer,
