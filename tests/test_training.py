@@ -2,8 +2,10 @@
 
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -230,6 +232,11 @@ def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
     ("algo.objective", "ppo2", "algo.objective"),
     ("algo.agg", "mean", "algo.agg"),
     ("algo.clip_high", -0.1, "algo.clip_high"),
+    ("algo.clip_low", -0.1, "algo.clip_low"),
+    ("algo.clip_low", 1.0, "algo.clip_low"),
+    ("data.max_prompt_len", 0, "data.max_prompt_len"),
+    ("model.max_position_embeddings", 20,
+     "data.max_prompt_len \\+ sampling.max_new_tokens: 16 \\+ 8 = 24"),
     ("algo.minibatches", 3, "algo.minibatches"),
     ("algo.dual_clip", 0.5, "algo.dual_clip"),
     ("sampling.group_size", 1, "sampling.group_size"),
@@ -247,6 +254,68 @@ def test_bad_configs_name_the_field(field, value, match):
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=match):
     validate(c)
+
+
+def test_zero_clip_widths_are_valid():
+  c = tiny_config()
+  c.algo.update(clip_low=0.0, clip_high=0.0)
+  validate(c)
+  c.algo.update(band="reciprocal", clip_low=1.5)  # 1/(1+lo) stays in (0, 1]
+  validate(c)
+
+
+def test_context_length_is_checked_before_any_work(init_from, tmp_path):
+  c = tiny_config()
+  c.sampling.max_new_tokens = 60  # 16 + 60 > the tiny model's 64
+  with pytest.raises(ValueError, match="Invalid config: data.max_prompt_len "
+                     "\\+ sampling.max_new_tokens: 16 \\+ 60 = 76 tokens "
+                     "exceed the model's context of 64"):
+    validate(c)
+  # A Hugging Face directory's context comes from its config.json.
+  model = tmp_path / "model"
+  shutil.copytree(init_from, model)
+  hf = json.loads((model / "config.json").read_text())
+  (model / "config.json").write_text(json.dumps(
+      {**hf, "max_position_embeddings": 20}))
+  c = tiny_config()
+  c.model.init_from = str(model)
+  with pytest.raises(ValueError, match=f"16 \\+ 8 = 24 tokens exceed the "
+                     f"model's context of 20 .*{model}/config.json"):
+    validate(c)
+
+
+def test_launcher_rejects_a_too_long_context_within_seconds(tmp_path):
+  start = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/countdown.py",
+       f"--workdir={tmp_path}", "--config.sampling.max_new_tokens=100"],
+      cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode != 0
+  assert ("Invalid config: data.max_prompt_len + sampling.max_new_tokens"
+          in proc.stderr + proc.stdout)
+  assert time.monotonic() - start < 60
+  assert not (tmp_path / "warm_start").exists()
+
+
+@pytest.mark.parametrize("remove", ["config.json", "model.safetensors",
+                                    "tokenizer.json", "directory"])
+def test_init_from_must_be_a_model_directory(remove, init_from, tmp_path):
+  model = tmp_path / "model"
+  shutil.copytree(init_from, model)
+  if remove == "directory":
+    shutil.rmtree(model)
+  else:
+    (model / remove).unlink()
+  c = tiny_config()
+  c.model.init_from = str(model)
+  with pytest.raises(ValueError, match="Invalid config: model.init_from: "
+                     f"{model}"):
+    validate(c)
+  if remove == "config.json":  # an empty or torn config.json, too
+    (model / "config.json").write_text("")
+    with pytest.raises(ValueError, match="model.init_from: .*cannot read"):
+      validate(c)
 
 
 def test_unknown_algorithm():
@@ -295,8 +364,20 @@ def test_gsm8k_config_names_what_is_missing(tmp_path):
   with pytest.raises(ValueError, match="task.path"):
     validate(c)
   c.task.path = str(tmp_path)
+  with pytest.raises(ValueError, match="task.path: .* has no train.jsonl or "
+                     "test.jsonl"):
+    validate(c)
+  (tmp_path / "train.jsonl").write_text("")
+  with pytest.raises(ValueError, match="task.path: .* has no test.jsonl"):
+    validate(c)
+  (tmp_path / "test.jsonl").write_text("")
   with pytest.raises(ValueError, match="model.init_from"):
     validate(c)
   c.model.init_from = str(tmp_path)
+  with pytest.raises(ValueError, match="model.init_from: .* not a Hugging "
+                     "Face model directory"):
+    validate(c)
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    (tmp_path / name).write_text("{}")
   validate(c)
   assert c.precision == "bf16_fp32_head" and c.algo.repo == "repo_r"
