@@ -7,7 +7,10 @@ The config file's `get_config(arg)` takes what follows a colon, here the
 algorithm: `--config=experiments/configs/countdown.py:dapo+repo_r`. Any
 field can be overridden: `--config.algo.zeta_max=0.05`,
 `--config.train.iterations=200`, `--config.precision=bf16`. A rerun with the
-same `--workdir` resumes from its latest checkpoint. Invalid configurations
+same `--workdir` resumes from its latest checkpoint; a rerun whose config
+differs from the run's in a field that may not change on resume
+(`entropo.training.config.RESUMABLE` lists those that may) is refused,
+listing the changes, unless `--allow_config_change`. Invalid configurations
 fail before any compute, naming the field.
 
 Multi-process runs (several hosts, or several local processes) start every
@@ -30,6 +33,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
 _INIT_FROM = flags.DEFINE_string(
     "init_from", None, "A Hugging Face checkpoint directory to start RL from "
     "instead of the supervised warm start (sets config.model.init_from).")
+_ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
+    "allow_config_change", False, "Resume the run in --workdir even though "
+    "the config differs from the one it was started with (sets "
+    "config.train.allow_config_change).")
 flags.mark_flag_as_required("workdir")
 
 
@@ -42,13 +49,17 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import check_resume  # pylint: disable=g-import-not-at-top
   from entropo.training import train  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  if _INIT_FROM.value:
-    with config.unlocked():
+  with config.unlocked():
+    if _INIT_FROM.value:
       config.model.init_from = _INIT_FROM.value
+    if _ALLOW_CONFIG_CHANGE.value:
+      config.train.allow_config_change = True
   try:
     config_lib.validate(config)
+    check_resume(config, _WORKDIR.value)
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   metrics = train(config, _WORKDIR.value)

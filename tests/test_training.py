@@ -1,6 +1,7 @@
 """The RL trainer: presets, controllers, resume, sharding, failures."""
 
 import json
+import os
 import pathlib
 import shutil
 import subprocess
@@ -133,6 +134,56 @@ def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
     assert launch["remat"] == "none"
 
 
+def test_resume_with_a_changed_config_is_refused(init_from, data_dir,
+                                                 tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  first = (tmp_path / "config.json").read_text()
+  c.train.update(iterations=3, eval_every=3)  # these may change
+  c.algo.clip_high = 0.3
+  c.seed = 5
+  with pytest.raises(ValueError) as error:
+    train(c, tmp_path)
+  message = str(error.value)
+  assert "algo.clip_high: 0.2 -> 0.3" in message
+  assert "seed: 0 -> 5" in message
+  assert "train.iterations:" not in message and "eval_every:" not in message
+  assert "--allow_config_change" in message
+  assert (tmp_path / "config.json").read_text() == first  # refused: untouched
+  assert len(_records(tmp_path)) == 2
+  # A workdir from before the config history: its config.json is kept too.
+  shutil.rmtree(tmp_path / "configs")
+  c.train.allow_config_change = True
+  train(c, tmp_path)
+  assert [r["iteration"] for r in _records(tmp_path)] == [0, 1, 2]
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 5
+  kept = sorted(p.name for p in (tmp_path / "configs").iterdir())
+  assert kept == ["config-0.json", "config-1.json"]
+  assert (tmp_path / "configs" / "config-0.json").read_text() == first
+  launches = json.loads((tmp_path / "run.json").read_text())["launches"]
+  assert [l["config"] for l in launches] == ["configs/config-0.json",
+                                             "configs/config-1.json"]
+
+
+def test_launcher_refuses_a_changed_config_before_compute(tmp_path):
+  from experiments.configs import countdown  # pylint: disable=g-import-not-at-top
+  saved = countdown.get_config("dapo")
+  saved.optim.learning_rate = 3e-4
+  (tmp_path / "config.json").write_text(saved.to_json_best_effort())
+  (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/countdown.py:dapo",
+       f"--workdir={tmp_path}", "--config.train.iterations=100"],
+      cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode != 0
+  assert "optim.learning_rate: 0.0003 -> 0.0001" in proc.stderr + proc.stdout
+  assert "iterations" not in (proc.stderr + proc.stdout).split(
+      "would silently change")[1].split("Use another")[0]
+  assert not (tmp_path / "warm_start").exists()
+
+
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,
@@ -226,6 +277,112 @@ def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
                                tasks.char_tokenizer(), tmp_path / "ws")
   assert json.loads((path / "warm_start_loss.json").read_text()) == []
   assert from_pretrained(path).config.hidden_size == 32
+
+
+def _interrupt_writes(monkeypatch):
+  """Every file opened for writing gets half of its first write, then a
+  KeyboardInterrupt: what a kill in the middle of writing leaves."""
+
+  class Torn:
+
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, text):
+      self.f.write(text[:len(text) // 2])
+      self.f.flush()
+      raise KeyboardInterrupt
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+  def wrap(real):
+    def opener(target, mode="r", *args, **kwargs):
+      f = real(target, mode, *args, **kwargs)
+      return Torn(f) if "w" in mode else f
+    return opener
+
+  monkeypatch.setattr(pathlib.Path, "open", wrap(pathlib.Path.open))
+  monkeypatch.setattr(os, "fdopen", wrap(os.fdopen))
+
+
+def test_run_files_survive_a_kill_while_writing(tmp_path, monkeypatch):
+  c = tiny_config()
+  logger_lib.write_run_metadata(tmp_path, c, {"launch": 1})
+  logger_lib.write_baseline(tmp_path, {"eval/entropy": 1.0})
+
+  def files():
+    return {str(f.relative_to(tmp_path)): f.read_text()
+            for f in tmp_path.rglob("*") if f.is_file()}
+
+  before = files()
+  assert {"baseline.json", "config.json", "run.json"} <= before.keys()
+  _interrupt_writes(monkeypatch)
+  c.train.iterations = 7
+  with pytest.raises(KeyboardInterrupt):
+    logger_lib.write_run_metadata(tmp_path, c, {"launch": 2})
+  with pytest.raises(KeyboardInterrupt):
+    logger_lib.write_baseline(tmp_path, {"eval/entropy": 2.0})
+  monkeypatch.undo()
+  assert files() == before  # nothing torn, no temporary file left
+
+
+def test_torn_files_do_not_break_a_resume(init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  # A kill in the middle of appending iteration 2's record, and a run.json
+  # torn by an older version.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"iteration": 2, "loss": 0.')
+  (tmp_path / "run.json").write_text('{"launches": [')
+  with pytest.warns(UserWarning, match="metrics.jsonl:3: skipping a torn"):
+    assert len(_records(tmp_path)) == 2
+  c.train.iterations = 3
+  with pytest.warns(UserWarning, match="run.json is not valid JSON"):
+    train(c, tmp_path)
+  assert [r["iteration"] for r in _records(tmp_path)] == [0, 1, 2]
+  launches = json.loads((tmp_path / "run.json").read_text())["launches"]
+  assert [l["started_at_iteration"] for l in launches] == [2]
+  assert (tmp_path / "run.json.bad").read_text() == '{"launches": ['
+  # A bad record before the last is not a torn append: it is named.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  lines[1] = lines[1][:10]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match="metrics.jsonl:2: not a JSON record"):
+    _records(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["empty_config", "truncated_weights",
+                                    "no_tokenizer"])
+def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path, capsys):
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
+  c = tiny_config(warm_start=dict(steps=0))
+  task, tokenizer = config_lib.make_task(c.task), tasks.char_tokenizer()
+  path = warm_start.warm_start(c, task, tokenizer, tmp_path / "ws")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
+  if damage == "empty_config":
+    (path / "config.json").write_text("")
+  elif damage == "truncated_weights":
+    weights = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+  else:
+    (path / "tokenizer.json").unlink()
+  capsys.readouterr()
+  assert warm_start.warm_start(c, task, tokenizer, path) == path
+  assert "is incomplete" in capsys.readouterr().out
+  assert warm_start.incomplete_reason(path) is None
+  assert from_pretrained(path).config.hidden_size == 32
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
 
 
 @pytest.mark.parametrize("field,value,match", [

@@ -13,11 +13,20 @@ one place that writes what describes a run (`config.json`, and
 `run.json`: where and how each launch computed), and
 `write_baseline` the evaluation before RL (`baseline.json`).
 `iteration_metrics` names the per-iteration numbers of the rollout.
+
+Every file is replaced atomically (`write_atomic`: a temporary file in the
+same directory, then `os.replace`), so a run killed while writing leaves
+the previous version, never a torn one. `metrics.jsonl` is appended to; a
+torn last line (a kill in the middle of an append) is skipped with a
+warning when the file is read.
 """
 
 import json
 import math
+import os
 import pathlib
+import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -34,32 +43,91 @@ def log(message: str) -> None:
     print(f"[entropo] {message}", flush=True)
 
 
+def write_atomic(path, text: str) -> None:
+  """Replaces the file `path` by `text` atomically.
+
+  The text goes to a temporary file in the same directory, flushed to disk,
+  then renamed over `path` (`os.replace`), so readers (and a later launch
+  after a kill) see either the old file or the new one, whole.
+  """
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the file private
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def read_json(path, *, default=None):
+  """A JSON file's value; `default` (with a warning) if it is unreadable.
+
+  A file that exists but does not parse (written by a version that did not
+  write atomically, or damaged) is renamed to `<name>.bad` so that it is
+  kept for inspection and not read again.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return default
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    bad = path.with_name(path.name + ".bad")
+    os.replace(path, bad)
+    warnings.warn(f"{path} is not valid JSON ({e}); moved it to {bad} and "
+                  f"started a new one.", stacklevel=2)
+    return default
+
+
 def write_run_metadata(workdir, config, launch: dict | None = None) -> None:
   """Writes what describes the run (process 0).
 
-  `config.json` is the run's `ConfigDict`. `launch` (see
-  `Trainer.launch_metadata`: versions, backend, devices, the precision
+  `config.json` is the run's current `ConfigDict`; `configs/config-<n>.json`
+  keeps every config the run was launched with (a new file whenever the
+  config differs from the newest kept one; the config.json of a run
+  started before this history existed becomes `config-0.json`). `launch`
+  (see `Trainer.launch_metadata`: versions, backend, devices, the precision
   policy's effective dot algorithms, the attention implementation) is
-  appended to the `launches` of `run.json`, so a run resumed on another
-  machine or jax keeps the record of each. The one place run metadata is
-  written: add new fields here.
+  appended to the `launches` of `run.json`, with `config` naming its file
+  in `configs/`, so a run resumed on another machine or jax keeps the
+  record of each. The one place run metadata is written: add new fields
+  here.
   """
   if jax.process_index() != 0:
     return
   workdir = pathlib.Path(workdir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  text = config.to_json_best_effort(indent=2)
+  history = workdir / "configs"
+  history.mkdir(exist_ok=True)
+  kept = sorted(history.glob("config-*.json"),
+                key=lambda f: int(f.stem.split("-")[1]))
+  current = workdir / "config.json"
+  if not kept and current.is_file():
+    kept = [history / "config-0.json"]
+    write_atomic(kept[0], current.read_text())
+  if not kept or kept[-1].read_text() != text:
+    kept.append(history / f"config-{len(kept)}.json")
+    write_atomic(kept[-1], text)
+  write_atomic(current, text)
   if launch is not None:
     path = workdir / "run.json"
-    run = json.loads(path.read_text()) if path.is_file() else {}
+    run = read_json(path, default={})
+    launch = {**launch, "config": str(kept[-1].relative_to(workdir))}
     run.setdefault("launches", []).append(launch)
-    path.write_text(json.dumps(run, indent=2))
+    write_atomic(path, json.dumps(run, indent=2))
 
 
 def write_baseline(workdir, evaluation: dict) -> None:
   """Writes `workdir/baseline.json`, the evaluation before RL (process 0)."""
   if jax.process_index() == 0:
-    (pathlib.Path(workdir) / "baseline.json").write_text(
-        json.dumps(evaluation, indent=2))
+    write_atomic(pathlib.Path(workdir) / "baseline.json",
+                 json.dumps(evaluation, indent=2))
 
 
 def rollout_metrics(roll) -> dict[str, float]:
@@ -77,12 +145,27 @@ def rollout_metrics(roll) -> dict[str, float]:
 
 
 def read_jsonl(path) -> list[dict]:
-  """The records of a metrics file (empty if there is none)."""
+  """The records of a metrics file (empty if there is none).
+
+  A last line that does not parse is what a kill in the middle of an
+  append leaves: it is skipped with a warning. A bad line before the last
+  raises ValueError naming it.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for n, (i, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError as e:
+      if n + 1 < len(lines):
+        raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+      warnings.warn(f"{path}:{i}: skipping a torn last line (the run was "
+                    f"killed while writing it): {line[:80]!r}", stacklevel=2)
+  return records
 
 
 class MetricLogger:
@@ -100,7 +183,7 @@ class MetricLogger:
     # Drop records past the resume point (a crash after logging but before
     # the checkpoint), so that the file is exactly one uninterrupted run.
     kept = [r for r in read_jsonl(self.path) if r["iteration"] < start]
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))

@@ -374,10 +374,49 @@ def load_policy(config, workdir) -> tuple[Transformer, object]:
   return trainer.policy(), trainer.tokenizer
 
 
+def check_resume(config, workdir) -> None:
+  """Refuses to resume the run in `workdir` with a changed config.
+
+  A workdir holds a run when it has a `config.json` and a checkpoint. The
+  fields of `config` outside `config.RESUMABLE` must equal the saved
+  config's, unless `config.train.allow_config_change`; the ValueError lists
+  each changed field as `field: old -> new`. Cheap: nothing is loaded.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  checkpoints = workdir / "checkpoints"
+  if not path.is_file() or not checkpoints.is_dir() or not any(
+      p.name.isdigit() for p in checkpoints.iterdir()):
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    logger_lib.log(f"warning: cannot read {path} ({e}); the config of the "
+                   f"run being resumed is unknown, so it is not compared")
+    return
+  changes = config_lib.config_changes(saved, config)
+  if not changes:
+    return
+  if config.train.allow_config_change:
+    logger_lib.log(f"resuming {workdir} with a changed config "
+                   f"(train.allow_config_change): " + "; ".join(changes))
+    return
+  raise ValueError(
+      f"{workdir} holds a run started with another config; resuming it "
+      f"would silently change:\n  " + "\n  ".join(changes) + "\nUse "
+      f"another --workdir, or resume with the new values with "
+      f"--allow_config_change (--config.train.allow_config_change=True). "
+      f"These may change on resume: {', '.join(config_lib.RESUMABLE)}.")
+
+
 def train(config, workdir) -> dict[str, float]:
-  """Runs (or resumes) the experiment of `config` in `workdir`."""
+  """Runs (or resumes) the experiment of `config` in `workdir`.
+
+  A resume with a changed config is refused (`check_resume`).
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  check_resume(config, workdir)
   logger_lib.write_run_metadata(workdir, config)
   trainer = Trainer(config, workdir)
   logger_lib.write_run_metadata(workdir, config, trainer.launch_metadata())

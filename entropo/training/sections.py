@@ -218,6 +218,10 @@ class TrainSection:
   tensorboard: bool = True  # event files under <workdir>/tensorboard
   plots: bool = True  # PNG curves under <workdir>/plots at the end
   progress: bool = True  # a progress bar
+  # Resume a run in its workdir with a config that differs from the one it
+  # was started with in fields outside config.RESUMABLE (the launcher's
+  # --allow_config_change); without it such a resume is refused.
+  allow_config_change: bool = False
 
   def __post_init__(self):
     for field in ("iterations", "eval_every", "eval_samples",
