@@ -219,6 +219,59 @@ def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
   assert trainer.meta["iteration"] == 2
 
 
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+  """Damages the files of a complete Orbax step the way `how` says."""
+  files = [f for f in step_dir.rglob("*") if f.is_file()]
+  if how == "truncated_data":
+    targets = [f for f in files if f.parent.name == "d"]
+  elif how == "garbage_manifest":
+    targets = [f for f in files if f.name == "manifest.ocdbt"]
+  else:  # garbage_metadata
+    targets = [f for f in files if f.name in ("_METADATA", "metadata")]
+  assert targets, how
+  for f in targets:
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2] if how == "truncated_data"
+                  else b"\x00garbage" * 8)
+
+
+@pytest.mark.parametrize("how", ["truncated_data", "garbage_manifest",
+                                 "garbage_metadata"])
+def test_a_damaged_latest_checkpoint_falls_back(how, init_from, data_dir,
+                                                tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=4,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  whole = _records(tmp_path)
+  _damage(tmp_path / "checkpoints" / "4", how)
+  with pytest.warns(UserWarning, match="checkpoints/4 does not restore"):
+    trainer = Trainer(c, tmp_path)
+  trainer.checkpointer.close()
+  assert trainer.meta["iteration"] == 2
+  assert (tmp_path / "checkpoints_corrupt" / "4").is_dir()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2"]
+  # The rerun redoes iterations 2 and 3 exactly and saves step 4 again.
+  train(c, tmp_path)
+  assert [_stable(r) for r in _records(tmp_path)] == [_stable(r)
+                                                       for r in whole]
+  assert Trainer(c, tmp_path).meta["iteration"] == 4
+
+
+def test_no_checkpoint_restores_is_a_clear_error(init_from, data_dir,
+                                                 tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=4,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  for step in ("2", "4"):
+    _damage(tmp_path / "checkpoints" / step, "garbage_metadata")
+  with pytest.warns(UserWarning, match="does not restore"):
+    with pytest.raises(RuntimeError, match="No checkpoint in .* restores:"
+                       "\n  step 4: .*\n  step 2: "):
+      Trainer(c, tmp_path)
+  assert not (tmp_path / "checkpoints_corrupt").exists()  # nothing moved
+
+
 @pytest.mark.multidevice
 def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
   one = Trainer(_config(init_from, data_dir), tmp_path / "one")

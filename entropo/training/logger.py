@@ -43,6 +43,12 @@ def log(message: str) -> None:
     print(f"[entropo] {message}", flush=True)
 
 
+def warn(message: str) -> None:
+  """A warning about the run's files (a `UserWarning`, so tests and callers
+  can catch it; Python prints it to stderr)."""
+  warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def write_atomic(path, text: str) -> None:
   """Replaces the file `path` by `text` atomically.
 
@@ -80,8 +86,8 @@ def read_json(path, *, default=None):
   except ValueError as e:
     bad = path.with_name(path.name + ".bad")
     os.replace(path, bad)
-    warnings.warn(f"{path} is not valid JSON ({e}); moved it to {bad} and "
-                  f"started a new one.", stacklevel=2)
+    warn(f"{path} is not valid JSON ({e}); moved it to {bad} and started a "
+         f"new one.")
     return default
 
 
@@ -163,8 +169,8 @@ def read_jsonl(path) -> list[dict]:
     except ValueError as e:
       if n + 1 < len(lines):
         raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
-      warnings.warn(f"{path}:{i}: skipping a torn last line (the run was "
-                    f"killed while writing it): {line[:80]!r}", stacklevel=2)
+      warn(f"{path}:{i}: skipping a torn last line (the run was killed "
+           f"while writing it): {line[:80]!r}")
   return records
 
 

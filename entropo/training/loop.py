@@ -146,10 +146,10 @@ class Trainer:
     self.data_iter = iter(self.batches)
 
   def _restore(self):
-    step = self.checkpointer.latest_step()
-    if step is None:
+    found = self.checkpointer.restore_latest(self.state)
+    if found is None:
       return
-    self.state, self.meta = self.checkpointer.restore(step, self.state)
+    _, self.state, self.meta = found
     self.meta = dict(self.meta)
     if self.meta["data_state"] is not None:
       self.data_iter.set_state(self.meta["data_state"])
@@ -391,8 +391,8 @@ def check_resume(config, workdir) -> None:
   try:
     saved = json.loads(path.read_text())
   except ValueError as e:
-    logger_lib.log(f"warning: cannot read {path} ({e}); the config of the "
-                   f"run being resumed is unknown, so it is not compared")
+    logger_lib.warn(f"cannot read {path} ({e}); the config of the run being "
+                    f"resumed is unknown, so it is not compared")
     return
   changes = config_lib.config_changes(saved, config)
   if not changes:

@@ -54,8 +54,8 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
     if why is None:
       logger_lib.log(f"warm start: reusing {directory}")
       return directory
-    logger_lib.log(f"warning: warm start {directory} is incomplete ({why}); "
-                   f"rebuilding it")
+    logger_lib.warn(f"warm start {directory} is incomplete ({why}); "
+                    f"rebuilding it")
     shutil.rmtree(directory)
   ws = config.warm_start
   model = Transformer(tiny_model_config(config.model, tokenizer.vocab_size),
