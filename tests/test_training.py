@@ -320,6 +320,95 @@ def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
   assert Trainer(c, tmp_path).meta["iteration"] == 4
 
 
+@pytest.fixture(name="resumed")
+def _resumed(init_from, data_dir, tmp_path):
+  """A run of 4 iterations (checkpoints at 2 and 4) and its config, set to
+  continue to 6."""
+  c = _config(init_from, data_dir, train=dict(iterations=4,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  c.train.iterations = 6
+  return c, tmp_path
+
+
+def _poison(monkeypatch, trainer, times=None, **values):
+  """Makes `trainer`'s next `times` updates (all: None) report `values`."""
+  update = trainer.learner.update
+  calls = []
+
+  def poisoned(*args):
+    params, opt_state, metrics = update(*args)
+    calls.append(1)
+    if times is None or len(calls) <= times:
+      metrics = {**metrics, **{k: np.float32(v) for k, v in values.items()}}
+    return params, opt_state, metrics
+
+  monkeypatch.setattr(trainer.learner, "update", poisoned)
+
+
+def test_infinite_loss_stops_and_names_it(resumed, monkeypatch):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  _poison(monkeypatch, trainer, loss=np.inf)
+  with pytest.raises(NonFiniteError, match="Non-finite loss=inf at iteration "
+                     "4 \\(epoch 0, minibatch 0\\); stopping"):
+    trainer.run()
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_a_broken_policy_stops_before_the_controllers_step(resumed):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  trainer.state["params"] = jax.tree.map(lambda x: x * np.nan,
+                                         trainer.state["params"])
+  with pytest.raises(NonFiniteError, match="Non-finite entropy/mean=nan at "
+                     "iteration 4; also non-finite: .* and \\d+ more; "
+                     "stopping"):
+    trainer.run()
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_non_finite_parameters_are_never_saved(resumed):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  trainer.state["params"] = jax.tree.map(lambda x: x * np.inf,
+                                         trainer.state["params"])
+  trainer.meta["iteration"] = 6
+  with pytest.raises(NonFiniteError, match="Non-finite state\\['params'\\]"
+                     ".* after iteration 5 .*; not saving it"):
+    trainer.save()
+  trainer.checkpointer.close()
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_skip_non_finite_skips_and_counts(resumed, monkeypatch):
+  c, workdir = resumed
+  c.train.skip_non_finite = True
+  trainer = Trainer(c, workdir)
+  before = jax.tree.map(np.asarray, trainer.state["params"])
+  _poison(monkeypatch, trainer, times=1, grad_norm=np.nan)
+  update = trainer.update
+  applied = []
+
+  def checked(*args):
+    out = update(*args)
+    applied.append(jax.tree.map(np.asarray, trainer.state["params"]))
+    return out
+
+  monkeypatch.setattr(trainer, "update", checked)
+  with pytest.warns(UserWarning, match="skipping the update of iteration 4 "
+                    "\\(epoch 0, minibatch 0\\): non-finite grad_norm"):
+    trainer.run()
+  # Iteration 4's only minibatch was skipped: its parameters did not move.
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(applied[0])):
+    np.testing.assert_array_equal(x, y)
+  records = _records(workdir)[4:]
+  assert [r["train/skipped_minibatches"] for r in records] == [1, 0]
+  assert [r["train/skipped_minibatches_total"] for r in records] == [1, 1]
+  assert "loss" not in records[0] and np.isfinite(records[1]["loss"])
+  assert Trainer(c, workdir).meta["skipped_minibatches"] == 1
+
+
 def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
   from entropo import tasks  # pylint: disable=g-import-not-at-top
   from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top

@@ -165,7 +165,7 @@ def validate(config: ConfigDict) -> sections_lib.RunConfig:
 # `train.allow_config_change`: how long it runs, when it evaluates, saves
 # and logs, what it displays, and how it computes (attention
 # implementation, remat and mesh change rounding at most; each launch's are
-# recorded in run.json). Every other change (algorithm, data, model,
+# recorded in run.json) and whether a non-finite update is skipped. Every other change (algorithm, data, model,
 # optimizer, sampling, precision, seed, ...) would make the resumed run a
 # different experiment than its config.json says, so `train` refuses it.
 # The one place this is decided.
@@ -173,6 +173,7 @@ RESUMABLE = (
     "train.iterations", "train.eval_every", "train.checkpoint_every",
     "train.max_checkpoints", "train.log_every", "train.tensorboard",
     "train.plots", "train.progress", "train.allow_config_change",
+    "train.skip_non_finite",
     "model.attention", "model.attention_chunk_size", "model.remat",
     "mesh.data", "mesh.fsdp", "mesh.tensor",
 )

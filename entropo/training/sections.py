@@ -222,6 +222,10 @@ class TrainSection:
   # was started with in fields outside config.RESUMABLE (the launcher's
   # --allow_config_change); without it such a resume is refused.
   allow_config_change: bool = False
+  # A minibatch whose loss or gradient norm is NaN/inf is skipped (its
+  # update not applied) and counted (train/skipped_minibatches) instead of
+  # stopping the run with NonFiniteError.
+  skip_non_finite: bool = False
 
   def __post_init__(self):
     for field in ("iterations", "eval_every", "eval_samples",
