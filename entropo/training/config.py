@@ -163,12 +163,12 @@ def validate(config: ConfigDict) -> sections_lib.RunConfig:
 
 # The fields a run resumed in its workdir may change without
 # `train.allow_config_change`: how long it runs, when it evaluates, saves
-# and logs, what it displays, and how it computes (attention
-# implementation, remat and mesh change rounding at most; each launch's are
-# recorded in run.json) and whether a non-finite update is skipped. Every other change (algorithm, data, model,
-# optimizer, sampling, precision, seed, ...) would make the resumed run a
-# different experiment than its config.json says, so `train` refuses it.
-# The one place this is decided.
+# and logs, what it displays, whether a non-finite update is skipped, and
+# how it computes (attention implementation, remat and mesh change
+# rounding at most; each launch's are recorded in run.json). Every other
+# change (algorithm, data, model, optimizer, sampling, precision, seed,
+# ...) would make the resumed run a different experiment than its
+# config.json says, so `train` refuses it. The one place this is decided.
 RESUMABLE = (
     "train.iterations", "train.eval_every", "train.checkpoint_every",
     "train.max_checkpoints", "train.log_every", "train.tensorboard",
