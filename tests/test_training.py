@@ -184,6 +184,42 @@ def test_launcher_refuses_a_changed_config_before_compute(tmp_path):
   assert not (tmp_path / "warm_start").exists()
 
 
+def test_rerun_of_a_finished_run_returns_its_final_metrics(
+    init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2, eval_every=2))
+  final = train(c, tmp_path)
+  assert "eval/pass@1" in final
+  again = train(c, tmp_path)
+  assert _stable(again) == _stable(final)
+  assert len(_records(tmp_path)) == 2
+
+
+def _tensorboard_tags(directory) -> set[str]:
+  """The scalar tags of the event files under `directory`."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in pathlib.Path(directory).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):  # TFRecords: length, crc, payload, crc
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(
+          data[offset + 12:offset + 12 + length])
+      tags |= {v.tag for v in event.summary.value}
+      offset += 16 + length
+  return tags
+
+
+def test_tensorboard_tags_spell_pass_at_k(tmp_path):
+  assert logger_lib.tensorboard_tag("eval/pass@16") == "eval/pass_at_16"
+  assert logger_lib.tensorboard_tag("reward/mean") == "reward/mean"
+  logger = logger_lib.MetricLogger(tmp_path, total=1, progress=False)
+  logger.write(0, {"eval/pass@4": 0.5, "entropy/mean": 1.0})
+  logger.close()
+  assert _tensorboard_tags(tmp_path / "tensorboard") == {
+      "eval/pass_at_4", "entropy/mean"}
+
+
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,
@@ -503,7 +539,7 @@ def test_torn_files_do_not_break_a_resume(init_from, data_dir, tmp_path):
 
 @pytest.mark.parametrize("damage", ["empty_config", "truncated_weights",
                                     "no_tokenizer"])
-def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path, capsys):
+def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
   from entropo import tasks  # pylint: disable=g-import-not-at-top
   from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -519,9 +555,8 @@ def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path, capsys):
     (path / "model.safetensors").write_bytes(weights[:len(weights) // 2])
   else:
     (path / "tokenizer.json").unlink()
-  capsys.readouterr()
-  assert warm_start.warm_start(c, task, tokenizer, path) == path
-  assert "is incomplete" in capsys.readouterr().out
+  with pytest.warns(UserWarning, match=f"warm start {path} is incomplete"):
+    assert warm_start.warm_start(c, task, tokenizer, path) == path
   assert warm_start.incomplete_reason(path) is None
   assert from_pretrained(path).config.hidden_size == 32
   assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]

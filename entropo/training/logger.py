@@ -3,7 +3,7 @@
 `MetricLogger(workdir)` appends one JSON object per iteration to
 `metrics.jsonl` (resumed runs append after the last logged iteration),
 mirrors scalars to TensorBoard event files under `tensorboard/` (written by
-`tensorboardX`, no TensorFlow), shows a `tqdm` bar with the headline
+`tensorboardX`, no TensorFlow; tags by `tensorboard_tag`), shows a `tqdm` bar with the headline
 numbers, and `plot()` draws entropy, reward and pass@k curves as PNGs.
 Only the process that should write (process 0 in multi-host runs) creates a
 logger with `enabled=True`.
@@ -25,6 +25,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import tempfile
 import warnings
 
@@ -35,6 +36,16 @@ import numpy as np
 from entropo import tasks as tasks_lib
 
 HEADLINE = ("reward/mean", "entropy/mean", "entropy/change_pct")
+
+
+def tensorboard_tag(key: str) -> str:
+  """The TensorBoard tag of a metric: `@` spelled `_at_` (`eval/pass@4` ->
+  `eval/pass_at_4`), any other character TensorBoard rejects as `_`.
+
+  tensorboardX would otherwise rename such tags itself (`eval/pass_4`),
+  logging a line for each.
+  """
+  return re.sub(r"[^\w./-]", "_", key.replace("@", "_at_"))
 
 
 def log(message: str) -> None:
@@ -208,7 +219,7 @@ class MetricLogger:
     if self._tb is not None:
       for key, value in record.items():
         if key != "iteration" and value is not None:
-          self._tb.add_scalar(key, value, iteration)
+          self._tb.add_scalar(tensorboard_tag(key), value, iteration)
     if self._bar is not None:
       self._bar.update(1)
       self._bar.set_postfix({k.split("/")[0] + ("%" if "pct" in k else ""):

@@ -363,7 +363,8 @@ class Trainer:
     at evaluation intervals, `eval/*` of the policy after i + 1 updates; the
     evaluation before RL is `baseline.json`. A KeyboardInterrupt saves the
     state as of the start of the interrupted iteration, so a rerun
-    continues from there.
+    continues from there. A rerun of a finished run trains nothing and
+    returns the metrics of its last logged iteration.
     """
     c = self.config
     logger = logger_lib.MetricLogger(
@@ -371,6 +372,13 @@ class Trainer:
         tensorboard=c.train.tensorboard, progress=c.train.progress,
         enabled=jax.process_index() == 0)
     metrics: dict[str, float] = {}
+    if self.meta["iteration"] >= c.train.iterations:
+      records = logger_lib.read_jsonl(self.workdir / "metrics.jsonl")
+      metrics = {k: v for k, v in records[-1].items()
+                 if k != "iteration"} if records else {}
+      logger_lib.log(f"{self.workdir} is complete at iteration "
+                     f"{self.meta['iteration']} (train.iterations = "
+                     f"{c.train.iterations}); nothing to train")
     try:
       if self.meta["initial_entropy"] is None:
         self.baseline()
