@@ -13,6 +13,9 @@ differs from the run's in a field that may not change on resume
 listing the changes, unless `--allow_config_change`. Invalid configurations
 fail before any compute, naming the field.
 
+The run's log is entropo's lines (`[entropo] ...`), warnings and the
+progress bar; `--verbosity=0` adds the INFO lines of absl (Orbax, TFDS).
+
 Multi-process runs (several hosts, or several local processes) start every
 process with the same flags and the environment variables of
 `entropo.training.distributed` (`ENTROPO_COORDINATOR_ADDRESS`,
@@ -22,6 +25,7 @@ the workdir must be on a filesystem all processes share.
 
 from absl import app
 from absl import flags
+from absl import logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -43,6 +47,10 @@ flags.mark_flag_as_required("workdir")
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    # absl's INFO lines (Orbax, TFDS, XLA: dozens per checkpoint) bury the
+    # run's own log; --verbosity=0 brings them back.
+    logging.set_verbosity(logging.WARNING)
   from entropo.training import distributed  # pylint: disable=g-import-not-at-top
   try:
     distributed.initialize_from_env()

@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -687,6 +688,7 @@ def test_launcher_runs_a_tiny_experiment(init_from, tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "final:" in proc.stdout
+  assert not re.search(r"^I\d{4} ", proc.stderr, re.M)  # no absl INFO
   assert len(_records(tmp_path)) == 2
   for name in ("entropy", "reward", "pass_at_k"):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
