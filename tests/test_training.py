@@ -221,6 +221,55 @@ def test_tensorboard_tags_spell_pass_at_k(tmp_path):
       "eval/pass_at_4", "entropy/mean"}
 
 
+def _write_run(workdir, entropies, pass_at_1):
+  workdir.mkdir()
+  logger = logger_lib.MetricLogger(workdir, total=len(entropies),
+                                   tensorboard=False, progress=False)
+  for i, (h, p) in enumerate(zip(entropies, pass_at_1)):
+    logger.write(i, {"entropy/mean": h, "target_entropy": 0.5,
+                     "reward/mean": p, "eval/pass@1": p, "eval/pass@4": p,
+                     "eval/entropy": h})
+  logger.close()
+  logger_lib.write_baseline(workdir, {"eval/pass@1": 0.1, "eval/pass@4": 0.2,
+                                      "eval/entropy": 0.7})
+
+
+def test_plots_have_axis_labels_and_overlay_runs(tmp_path, monkeypatch):
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  _write_run(tmp_path / "grpo", [0.7, 0.5, 0.3], [0.1, 0.2, 0.3])
+  _write_run(tmp_path / "repo", [0.7, 0.65, 0.6], [0.1, 0.25, 0.35])
+  drawn = {}
+  savefig = Figure.savefig
+
+  def record(fig, path, **kwargs):
+    ax = fig.axes[0]
+    drawn[pathlib.Path(path).stem] = (
+        ax.get_title(), ax.get_xlabel(), ax.get_ylabel(),
+        [line.get_label() for line in ax.lines])
+    return savefig(fig, path, **kwargs)
+
+  monkeypatch.setattr(Figure, "savefig", record)
+  logger_lib.plot_run(tmp_path / "grpo" / "metrics.jsonl", tmp_path / "one")
+  title, x_label, y_label, labels = drawn["entropy"]
+  assert y_label == "nats / token" and "iteration" in x_label
+  assert labels == ["entropy", "target entropy"]
+  assert drawn["pass_at_k"][2:] == ("pass@k", ["pass@1", "pass@4"])
+  assert all(d[2] for d in drawn.values())  # every panel labels its y axis
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.plot", f"--out={tmp_path / 'cmp'}",
+       f"GRPO={tmp_path / 'grpo'}", str(tmp_path / "repo")],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in ("entropy", "reward", "entropy_eval", "pass_at_k"):
+    assert (tmp_path / "cmp" / f"{name}.png").stat().st_size > 1000
+  logger_lib.plot_runs({"GRPO": tmp_path / "grpo", "REPO": tmp_path / "repo"},
+                       tmp_path / "cmp2")
+  assert drawn["pass_at_k"][3] == ["GRPO: pass@1", "GRPO: pass@4",
+                                   "REPO: pass@1", "REPO: pass@4"]
+  with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+    logger_lib.plot_runs([tmp_path / "one"], tmp_path / "cmp3")
+
+
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,

@@ -247,19 +247,22 @@ def _series(records, key, baseline):
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
-  """Draws a run's curves (matplotlib, headless) and returns the files.
+# The plots of a run: file name -> (title, y-axis label). Their metrics are
+# `_panel_keys`'; `LEGEND` names each metric in a legend.
+PANELS = {
+    "entropy": ("Token entropy of the training batch", "nats / token"),
+    "reward": ("Reward", "reward / pass@1"),
+    "entropy_eval": ("Token entropy on held-out prompts", "nats / token"),
+    "pass_at_k": ("Held-out pass@k", "pass@k"),
+}
+LEGEND = {"entropy/mean": "entropy", "target_entropy": "target entropy",
+          "reward/mean": "training reward",
+          "eval/pass@1": "held-out pass@1", "eval/entropy": "held-out"}
+X_LABEL = "RL iteration (held-out: after that many updates)"
 
-  `baseline` (the evaluation before RL) adds the `eval/*` points at 0.
-  """
-  # Figures without pyplot: no global backend switch (inline plots in a
-  # notebook keep working after `train`), nothing to close.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-  records = read_jsonl(metrics_path)
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  panels = {
+def _panel_keys(records) -> dict[str, list[str]]:
+  return {
       "entropy": ["entropy/mean", "target_entropy"],
       "reward": ["reward/mean", "eval/pass@1"],
       "entropy_eval": ["eval/entropy"],
@@ -267,21 +270,78 @@ def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
                            if k.startswith("eval/pass@")},
                           key=lambda k: int(k.split("@")[1])),
   }
+
+
+def _legend(key: str, panel: str) -> str:
+  if panel == "pass_at_k":
+    return f"pass@{key.split('@')[1]}"
+  return LEGEND.get(key, key)
+
+
+def _draw(runs: dict, out_dir) -> list[pathlib.Path]:
+  """One PNG per panel of `PANELS`, a curve per run and metric.
+
+  `runs` maps a legend prefix ("" for a single run) to `(records,
+  baseline)`. Figures without pyplot: no global backend switch (inline
+  plots in a notebook keep working after `train`), nothing to close.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  keys = _panel_keys([r for records, _ in runs.values() for r in records])
+  styles = ("-", "--", ":", "-.")
   files = []
-  for name, keys in panels.items():
+  for name, (title, y_label) in PANELS.items():
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for key in keys:
-      x, y = _series(records, key, baseline)
-      if x:
-        ax.plot(x, y, marker="." if len(x) < 30 else None, label=key)
-    ax.set_xlabel("iteration")
-    ax.set_title(name.replace("_", " "))
+    for i, (run, (records, baseline)) in enumerate(runs.items()):
+      for j, key in enumerate(keys[name]):
+        x, y = _series(records, key, baseline)
+        if not x:
+          continue
+        label = _legend(key, name)
+        label = f"{run}: {label}" if run else label
+        ax.plot(x, y, marker="." if len(x) < 30 else None, label=label,
+                color=f"C{i if run else j}",
+                linestyle=styles[j % len(styles)] if run else "-")
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.lines:
-      ax.legend()
+      ax.legend(fontsize="small")
     path = out_dir / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     files.append(path)
   return files
+
+
+def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
+  """Draws a run's curves (matplotlib, headless) and returns the files.
+
+  `baseline` (the evaluation before RL) adds the `eval/*` points at 0.
+  """
+  return _draw({"": (read_jsonl(metrics_path), baseline)}, out_dir)
+
+
+def plot_runs(workdirs, out_dir) -> list[pathlib.Path]:
+  """Overlays several runs' curves, one PNG per panel; returns the files.
+
+  `workdirs` maps a legend label to a run's workdir (its `metrics.jsonl`
+  and `baseline.json`); a list of workdirs is labelled by their names.
+  `python -m experiments.plot` runs this from the command line.
+  """
+  if not isinstance(workdirs, dict):
+    workdirs = {pathlib.Path(w).name: w for w in workdirs}
+  runs = {}
+  for label, workdir in workdirs.items():
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "metrics.jsonl").is_file():
+      raise FileNotFoundError(f"{workdir} has no metrics.jsonl: not a run's "
+                              f"workdir")
+    baseline = workdir / "baseline.json"
+    runs[label] = (read_jsonl(workdir / "metrics.jsonl"),
+                   json.loads(baseline.read_text()) if baseline.is_file()
+                   else None)
+  return _draw(runs, out_dir)
