@@ -732,3 +732,15 @@ def test_bad_input_raises():
       policy_loss(lp, lp, adv, mask, dual_clip=bad)
   with pytest.raises(ValueError, match="Unknown band 'x'"):
     objectives.clip_band(0.2, 0.2, "x")
+
+
+def test_negative_clip_widths_raise():
+  lp = jnp.zeros((2, 3))
+  adv = jnp.zeros(2)
+  mask = jnp.ones((2, 3), bool)
+  for name in ("clip_low", "clip_high"):
+    with pytest.raises(ValueError, match=f"{name} must be >= 0; got -0.1"):
+      policy_loss(lp, lp, adv, mask, **{name: -0.1})
+  # Zero is a valid (degenerate) band; a traced clip_high is not checked.
+  policy_loss(lp, lp, adv, mask, clip_low=0.0, clip_high=0.0)
+  jax.jit(lambda hi: policy_loss(lp, lp, adv, mask, clip_high=hi)[0])(0.2)

@@ -1,9 +1,13 @@
 """The RL trainer: presets, controllers, resume, sharding, failures."""
 
 import json
+import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -131,6 +135,141 @@ def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
     assert launch["remat"] == "none"
 
 
+def test_resume_with_a_changed_config_is_refused(init_from, data_dir,
+                                                 tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  first = (tmp_path / "config.json").read_text()
+  c.train.update(iterations=3, eval_every=3)  # these may change
+  c.algo.clip_high = 0.3
+  c.seed = 5
+  with pytest.raises(ValueError) as error:
+    train(c, tmp_path)
+  message = str(error.value)
+  assert "algo.clip_high: 0.2 -> 0.3" in message
+  assert "seed: 0 -> 5" in message
+  assert "train.iterations:" not in message and "eval_every:" not in message
+  assert "--allow_config_change" in message
+  assert (tmp_path / "config.json").read_text() == first  # refused: untouched
+  assert len(_records(tmp_path)) == 2
+  # A workdir from before the config history: its config.json is kept too.
+  shutil.rmtree(tmp_path / "configs")
+  c.train.allow_config_change = True
+  train(c, tmp_path)
+  assert [r["iteration"] for r in _records(tmp_path)] == [0, 1, 2]
+  assert json.loads((tmp_path / "config.json").read_text())["seed"] == 5
+  kept = sorted(p.name for p in (tmp_path / "configs").iterdir())
+  assert kept == ["config-0.json", "config-1.json"]
+  assert (tmp_path / "configs" / "config-0.json").read_text() == first
+  launches = json.loads((tmp_path / "run.json").read_text())["launches"]
+  assert [l["config"] for l in launches] == ["configs/config-0.json",
+                                             "configs/config-1.json"]
+
+
+def test_launcher_refuses_a_changed_config_before_compute(tmp_path):
+  from experiments.configs import countdown  # pylint: disable=g-import-not-at-top
+  saved = countdown.get_config("dapo")
+  saved.optim.learning_rate = 3e-4
+  (tmp_path / "config.json").write_text(saved.to_json_best_effort())
+  (tmp_path / "checkpoints" / "20").mkdir(parents=True)
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/countdown.py:dapo",
+       f"--workdir={tmp_path}", "--config.train.iterations=100"],
+      cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode != 0
+  assert "optim.learning_rate: 0.0003 -> 0.0001" in proc.stderr + proc.stdout
+  assert "iterations" not in (proc.stderr + proc.stdout).split(
+      "would silently change")[1].split("Use another")[0]
+  assert not (tmp_path / "warm_start").exists()
+
+
+def test_rerun_of_a_finished_run_returns_its_final_metrics(
+    init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2, eval_every=2))
+  final = train(c, tmp_path)
+  assert "eval/pass@1" in final
+  again = train(c, tmp_path)
+  assert _stable(again) == _stable(final)
+  assert len(_records(tmp_path)) == 2
+
+
+def _tensorboard_tags(directory) -> set[str]:
+  """The scalar tags of the event files under `directory`."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  tags = set()
+  for path in pathlib.Path(directory).glob("events.out.tfevents.*"):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):  # TFRecords: length, crc, payload, crc
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(
+          data[offset + 12:offset + 12 + length])
+      tags |= {v.tag for v in event.summary.value}
+      offset += 16 + length
+  return tags
+
+
+def test_tensorboard_tags_spell_pass_at_k(tmp_path):
+  assert logger_lib.tensorboard_tag("eval/pass@16") == "eval/pass_at_16"
+  assert logger_lib.tensorboard_tag("reward/mean") == "reward/mean"
+  logger = logger_lib.MetricLogger(tmp_path, total=1, progress=False)
+  logger.write(0, {"eval/pass@4": 0.5, "entropy/mean": 1.0})
+  logger.close()
+  assert _tensorboard_tags(tmp_path / "tensorboard") == {
+      "eval/pass_at_4", "entropy/mean"}
+
+
+def _write_run(workdir, entropies, pass_at_1):
+  workdir.mkdir()
+  logger = logger_lib.MetricLogger(workdir, total=len(entropies),
+                                   tensorboard=False, progress=False)
+  for i, (h, p) in enumerate(zip(entropies, pass_at_1)):
+    logger.write(i, {"entropy/mean": h, "target_entropy": 0.5,
+                     "reward/mean": p, "eval/pass@1": p, "eval/pass@4": p,
+                     "eval/entropy": h})
+  logger.close()
+  logger_lib.write_baseline(workdir, {"eval/pass@1": 0.1, "eval/pass@4": 0.2,
+                                      "eval/entropy": 0.7})
+
+
+def test_plots_have_axis_labels_and_overlay_runs(tmp_path, monkeypatch):
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  _write_run(tmp_path / "grpo", [0.7, 0.5, 0.3], [0.1, 0.2, 0.3])
+  _write_run(tmp_path / "repo", [0.7, 0.65, 0.6], [0.1, 0.25, 0.35])
+  drawn = {}
+  savefig = Figure.savefig
+
+  def record(fig, path, **kwargs):
+    ax = fig.axes[0]
+    drawn[pathlib.Path(path).stem] = (
+        ax.get_title(), ax.get_xlabel(), ax.get_ylabel(),
+        [line.get_label() for line in ax.lines])
+    return savefig(fig, path, **kwargs)
+
+  monkeypatch.setattr(Figure, "savefig", record)
+  logger_lib.plot_run(tmp_path / "grpo" / "metrics.jsonl", tmp_path / "one")
+  title, x_label, y_label, labels = drawn["entropy"]
+  assert y_label == "nats / token" and "iteration" in x_label
+  assert labels == ["entropy", "target entropy"]
+  assert drawn["pass_at_k"][2:] == ("pass@k", ["pass@1", "pass@4"])
+  assert all(d[2] for d in drawn.values())  # every panel labels its y axis
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.plot", f"--out={tmp_path / 'cmp'}",
+       f"GRPO={tmp_path / 'grpo'}", str(tmp_path / "repo")],
+      cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  for name in ("entropy", "reward", "entropy_eval", "pass_at_k"):
+    assert (tmp_path / "cmp" / f"{name}.png").stat().st_size > 1000
+  logger_lib.plot_runs({"GRPO": tmp_path / "grpo", "REPO": tmp_path / "repo"},
+                       tmp_path / "cmp2")
+  assert drawn["pass_at_k"][3] == ["GRPO: pass@1", "GRPO: pass@4",
+                                   "REPO: pass@1", "REPO: pass@4"]
+  with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
+    logger_lib.plot_runs([tmp_path / "one"], tmp_path / "cmp3")
+
+
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,
@@ -166,6 +305,59 @@ def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
   (junk / "state" / "partial").write_bytes(b"\0" * 10)
   trainer = Trainer(c, tmp_path)
   assert trainer.meta["iteration"] == 2
+
+
+def _damage(step_dir: pathlib.Path, how: str) -> None:
+  """Damages the files of a complete Orbax step the way `how` says."""
+  files = [f for f in step_dir.rglob("*") if f.is_file()]
+  if how == "truncated_data":
+    targets = [f for f in files if f.parent.name == "d"]
+  elif how == "garbage_manifest":
+    targets = [f for f in files if f.name == "manifest.ocdbt"]
+  else:  # garbage_metadata
+    targets = [f for f in files if f.name in ("_METADATA", "metadata")]
+  assert targets, how
+  for f in targets:
+    data = f.read_bytes()
+    f.write_bytes(data[:len(data) // 2] if how == "truncated_data"
+                  else b"\x00garbage" * 8)
+
+
+@pytest.mark.parametrize("how", ["truncated_data", "garbage_manifest",
+                                 "garbage_metadata"])
+def test_a_damaged_latest_checkpoint_falls_back(how, init_from, data_dir,
+                                                tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=4,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  whole = _records(tmp_path)
+  _damage(tmp_path / "checkpoints" / "4", how)
+  with pytest.warns(UserWarning, match="checkpoints/4 does not restore"):
+    trainer = Trainer(c, tmp_path)
+  trainer.checkpointer.close()
+  assert trainer.meta["iteration"] == 2
+  assert (tmp_path / "checkpoints_corrupt" / "4").is_dir()
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
+                if p.name.isdigit()) == ["2"]
+  # The rerun redoes iterations 2 and 3 exactly and saves step 4 again.
+  train(c, tmp_path)
+  assert [_stable(r) for r in _records(tmp_path)] == [_stable(r)
+                                                       for r in whole]
+  assert Trainer(c, tmp_path).meta["iteration"] == 4
+
+
+def test_no_checkpoint_restores_is_a_clear_error(init_from, data_dir,
+                                                 tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=4,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  for step in ("2", "4"):
+    _damage(tmp_path / "checkpoints" / step, "garbage_metadata")
+  with pytest.warns(UserWarning, match="does not restore"):
+    with pytest.raises(RuntimeError, match="No checkpoint in .* restores:"
+                       "\n  step 4: .*\n  step 2: "):
+      Trainer(c, tmp_path)
+  assert not (tmp_path / "checkpoints_corrupt").exists()  # nothing moved
 
 
 @pytest.mark.multidevice
@@ -216,6 +408,95 @@ def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
   assert Trainer(c, tmp_path).meta["iteration"] == 4
 
 
+@pytest.fixture(name="resumed")
+def _resumed(init_from, data_dir, tmp_path):
+  """A run of 4 iterations (checkpoints at 2 and 4) and its config, set to
+  continue to 6."""
+  c = _config(init_from, data_dir, train=dict(iterations=4,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  c.train.iterations = 6
+  return c, tmp_path
+
+
+def _poison(monkeypatch, trainer, times=None, **values):
+  """Makes `trainer`'s next `times` updates (all: None) report `values`."""
+  update = trainer.learner.update
+  calls = []
+
+  def poisoned(*args):
+    params, opt_state, metrics = update(*args)
+    calls.append(1)
+    if times is None or len(calls) <= times:
+      metrics = {**metrics, **{k: np.float32(v) for k, v in values.items()}}
+    return params, opt_state, metrics
+
+  monkeypatch.setattr(trainer.learner, "update", poisoned)
+
+
+def test_infinite_loss_stops_and_names_it(resumed, monkeypatch):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  _poison(monkeypatch, trainer, loss=np.inf)
+  with pytest.raises(NonFiniteError, match="Non-finite loss=inf at iteration "
+                     "4 \\(epoch 0, minibatch 0\\); stopping"):
+    trainer.run()
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_a_broken_policy_stops_before_the_controllers_step(resumed):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  trainer.state["params"] = jax.tree.map(lambda x: x * np.nan,
+                                         trainer.state["params"])
+  with pytest.raises(NonFiniteError, match="Non-finite entropy/mean=nan at "
+                     "iteration 4; also non-finite: .* and \\d+ more; "
+                     "stopping"):
+    trainer.run()
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_non_finite_parameters_are_never_saved(resumed):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  trainer.state["params"] = jax.tree.map(lambda x: x * np.inf,
+                                         trainer.state["params"])
+  trainer.meta["iteration"] = 6
+  with pytest.raises(NonFiniteError, match="Non-finite state\\['params'\\]"
+                     ".* after iteration 5 .*; not saving it"):
+    trainer.save()
+  trainer.checkpointer.close()
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_skip_non_finite_skips_and_counts(resumed, monkeypatch):
+  c, workdir = resumed
+  c.train.skip_non_finite = True
+  trainer = Trainer(c, workdir)
+  before = jax.tree.map(np.asarray, trainer.state["params"])
+  _poison(monkeypatch, trainer, times=1, grad_norm=np.nan)
+  update = trainer.update
+  applied = []
+
+  def checked(*args):
+    out = update(*args)
+    applied.append(jax.tree.map(np.asarray, trainer.state["params"]))
+    return out
+
+  monkeypatch.setattr(trainer, "update", checked)
+  with pytest.warns(UserWarning, match="skipping the update of iteration 4 "
+                    "\\(epoch 0, minibatch 0\\): non-finite grad_norm"):
+    trainer.run()
+  # Iteration 4's only minibatch was skipped: its parameters did not move.
+  for x, y in zip(jax.tree.leaves(before), jax.tree.leaves(applied[0])):
+    np.testing.assert_array_equal(x, y)
+  records = _records(workdir)[4:]
+  assert [r["train/skipped_minibatches"] for r in records] == [1, 0]
+  assert [r["train/skipped_minibatches_total"] for r in records] == [1, 1]
+  assert "loss" not in records[0] and np.isfinite(records[1]["loss"])
+  assert Trainer(c, workdir).meta["skipped_minibatches"] == 1
+
+
 def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
   from entropo import tasks  # pylint: disable=g-import-not-at-top
   from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
@@ -228,10 +509,120 @@ def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
   assert from_pretrained(path).config.hidden_size == 32
 
 
+def _interrupt_writes(monkeypatch):
+  """Every file opened for writing gets half of its first write, then a
+  KeyboardInterrupt: what a kill in the middle of writing leaves."""
+
+  class Torn:
+
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, text):
+      self.f.write(text[:len(text) // 2])
+      self.f.flush()
+      raise KeyboardInterrupt
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *exc):
+      self.f.close()
+
+    def __getattr__(self, name):
+      return getattr(self.f, name)
+
+  def wrap(real):
+    def opener(target, mode="r", *args, **kwargs):
+      f = real(target, mode, *args, **kwargs)
+      return Torn(f) if "w" in mode else f
+    return opener
+
+  monkeypatch.setattr(pathlib.Path, "open", wrap(pathlib.Path.open))
+  monkeypatch.setattr(os, "fdopen", wrap(os.fdopen))
+
+
+def test_run_files_survive_a_kill_while_writing(tmp_path, monkeypatch):
+  c = tiny_config()
+  logger_lib.write_run_metadata(tmp_path, c, {"launch": 1})
+  logger_lib.write_baseline(tmp_path, {"eval/entropy": 1.0})
+
+  def files():
+    return {str(f.relative_to(tmp_path)): f.read_text()
+            for f in tmp_path.rglob("*") if f.is_file()}
+
+  before = files()
+  assert {"baseline.json", "config.json", "run.json"} <= before.keys()
+  _interrupt_writes(monkeypatch)
+  c.train.iterations = 7
+  with pytest.raises(KeyboardInterrupt):
+    logger_lib.write_run_metadata(tmp_path, c, {"launch": 2})
+  with pytest.raises(KeyboardInterrupt):
+    logger_lib.write_baseline(tmp_path, {"eval/entropy": 2.0})
+  monkeypatch.undo()
+  assert files() == before  # nothing torn, no temporary file left
+
+
+def test_torn_files_do_not_break_a_resume(init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  train(c, tmp_path)
+  # A kill in the middle of appending iteration 2's record, and a run.json
+  # torn by an older version.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"iteration": 2, "loss": 0.')
+  (tmp_path / "run.json").write_text('{"launches": [')
+  with pytest.warns(UserWarning, match="metrics.jsonl:3: skipping a torn"):
+    assert len(_records(tmp_path)) == 2
+  c.train.iterations = 3
+  with pytest.warns(UserWarning, match="run.json is not valid JSON"):
+    train(c, tmp_path)
+  assert [r["iteration"] for r in _records(tmp_path)] == [0, 1, 2]
+  launches = json.loads((tmp_path / "run.json").read_text())["launches"]
+  assert [l["started_at_iteration"] for l in launches] == [2]
+  assert (tmp_path / "run.json.bad").read_text() == '{"launches": ['
+  # A bad record before the last is not a torn append: it is named.
+  lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+  lines[1] = lines[1][:10]
+  (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+  with pytest.raises(ValueError, match="metrics.jsonl:2: not a JSON record"):
+    _records(tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["empty_config", "truncated_weights",
+                                    "no_tokenizer"])
+def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
+  c = tiny_config(warm_start=dict(steps=0))
+  task, tokenizer = config_lib.make_task(c.task), tasks.char_tokenizer()
+  path = warm_start.warm_start(c, task, tokenizer, tmp_path / "ws")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
+  if damage == "empty_config":
+    (path / "config.json").write_text("")
+  elif damage == "truncated_weights":
+    weights = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+  else:
+    (path / "tokenizer.json").unlink()
+  with pytest.warns(UserWarning, match=f"warm start {path} is incomplete"):
+    assert warm_start.warm_start(c, task, tokenizer, path) == path
+  assert warm_start.incomplete_reason(path) is None
+  assert from_pretrained(path).config.hidden_size == 32
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["ws"]
+
+
 @pytest.mark.parametrize("field,value,match", [
     ("algo.objective", "ppo2", "algo.objective"),
     ("algo.agg", "mean", "algo.agg"),
     ("algo.clip_high", -0.1, "algo.clip_high"),
+    ("algo.clip_low", -0.1, "algo.clip_low"),
+    ("algo.clip_low", 1.0, "algo.clip_low"),
+    ("data.max_prompt_len", 0, "data.max_prompt_len"),
+    ("model.max_position_embeddings", 20,
+     "data.max_prompt_len \\+ sampling.max_new_tokens: 16 \\+ 8 = 24"),
     ("algo.minibatches", 3, "algo.minibatches"),
     ("algo.dual_clip", 0.5, "algo.dual_clip"),
     ("sampling.group_size", 1, "sampling.group_size"),
@@ -249,6 +640,68 @@ def test_bad_configs_name_the_field(field, value, match):
   (c[section] if section else c)[name] = value
   with pytest.raises(ValueError, match=match):
     validate(c)
+
+
+def test_zero_clip_widths_are_valid():
+  c = tiny_config()
+  c.algo.update(clip_low=0.0, clip_high=0.0)
+  validate(c)
+  c.algo.update(band="reciprocal", clip_low=1.5)  # 1/(1+lo) stays in (0, 1]
+  validate(c)
+
+
+def test_context_length_is_checked_before_any_work(init_from, tmp_path):
+  c = tiny_config()
+  c.sampling.max_new_tokens = 60  # 16 + 60 > the tiny model's 64
+  with pytest.raises(ValueError, match="Invalid config: data.max_prompt_len "
+                     "\\+ sampling.max_new_tokens: 16 \\+ 60 = 76 tokens "
+                     "exceed the model's context of 64"):
+    validate(c)
+  # A Hugging Face directory's context comes from its config.json.
+  model = tmp_path / "model"
+  shutil.copytree(init_from, model)
+  hf = json.loads((model / "config.json").read_text())
+  (model / "config.json").write_text(json.dumps(
+      {**hf, "max_position_embeddings": 20}))
+  c = tiny_config()
+  c.model.init_from = str(model)
+  with pytest.raises(ValueError, match=f"16 \\+ 8 = 24 tokens exceed the "
+                     f"model's context of 20 .*{model}/config.json"):
+    validate(c)
+
+
+def test_launcher_rejects_a_too_long_context_within_seconds(tmp_path):
+  start = time.monotonic()
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/countdown.py",
+       f"--workdir={tmp_path}", "--config.sampling.max_new_tokens=100"],
+      cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
+  assert proc.returncode != 0
+  assert ("Invalid config: data.max_prompt_len + sampling.max_new_tokens"
+          in proc.stderr + proc.stdout)
+  assert time.monotonic() - start < 60
+  assert not (tmp_path / "warm_start").exists()
+
+
+@pytest.mark.parametrize("remove", ["config.json", "model.safetensors",
+                                    "tokenizer.json", "directory"])
+def test_init_from_must_be_a_model_directory(remove, init_from, tmp_path):
+  model = tmp_path / "model"
+  shutil.copytree(init_from, model)
+  if remove == "directory":
+    shutil.rmtree(model)
+  else:
+    (model / remove).unlink()
+  c = tiny_config()
+  c.model.init_from = str(model)
+  with pytest.raises(ValueError, match="Invalid config: model.init_from: "
+                     f"{model}"):
+    validate(c)
+  if remove == "config.json":  # an empty or torn config.json, too
+    (model / "config.json").write_text("")
+    with pytest.raises(ValueError, match="model.init_from: .*cannot read"):
+      validate(c)
 
 
 def test_unknown_algorithm():
@@ -286,6 +739,7 @@ def test_launcher_runs_a_tiny_experiment(init_from, tmp_path):
       cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "final:" in proc.stdout
+  assert not re.search(r"^I\d{4} ", proc.stderr, re.M)  # no absl INFO
   assert len(_records(tmp_path)) == 2
   for name in ("entropy", "reward", "pass_at_k"):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
@@ -297,8 +751,20 @@ def test_gsm8k_config_names_what_is_missing(tmp_path):
   with pytest.raises(ValueError, match="task.path"):
     validate(c)
   c.task.path = str(tmp_path)
+  with pytest.raises(ValueError, match="task.path: .* has no train.jsonl or "
+                     "test.jsonl"):
+    validate(c)
+  (tmp_path / "train.jsonl").write_text("")
+  with pytest.raises(ValueError, match="task.path: .* has no test.jsonl"):
+    validate(c)
+  (tmp_path / "test.jsonl").write_text("")
   with pytest.raises(ValueError, match="model.init_from"):
     validate(c)
   c.model.init_from = str(tmp_path)
+  with pytest.raises(ValueError, match="model.init_from: .* not a Hugging "
+                     "Face model directory"):
+    validate(c)
+  for name in ("config.json", "model.safetensors", "tokenizer.json"):
+    (tmp_path / name).write_text("{}")
   validate(c)
   assert c.precision == "bf16_fp32_head" and c.algo.repo == "repo_r"

@@ -71,7 +71,8 @@ def policy_loss(
     objective: one of `OBJECTIVES` (`reinforce`, `ppo`, `gspo`, `gspo_token`,
       `clip_cov`, `kl_cov`; the formulas are in their modules).
     clip_low, clip_high, band: the ratio band (`clip_band`); `clip_high` may
-      be traced (ADAPO's controller state).
+      be traced (ADAPO's controller state). Both are >= 0: a negative
+      concrete value raises ValueError.
     dual_clip: optional c > 1 capping negative-advantage losses at `-A c`.
     agg, norm: the aggregation mode and constant (see `aggregate`).
     axis_name: optional mesh axis the batch is split over.
@@ -91,6 +92,7 @@ def policy_loss(
   """
   _check_inputs(logps, old_logps, advantages, mask, importance_weights,
                 objective=objective, agg=agg, dual_clip=dual_clip, key=key)
+  _check_clips(clip_low=clip_low, clip_high=clip_high)
   x = _token_inputs(logps, old_logps, advantages, mask,
                     band=ratio_lib.clip_band(clip_low, clip_high, band),
                     dual_clip=dual_clip, axis_name=axis_name,
@@ -133,6 +135,14 @@ def _check_inputs(logps, old_logps, advantages, mask, importance_weights, *,
       raise ValueError(f"dual_clip must be > 1; got {dual_clip}.")
   if objective == "clip_cov" and key is None:
     raise ValueError("objective='clip_cov' needs key= (random token choice).")
+
+
+def _check_clips(**clips) -> None:
+  """Concrete clip widths are >= 0 (a traced one, e.g. ADAPO's, is not
+  checked)."""
+  for name, value in clips.items():
+    if isinstance(value, (int, float)) and not value >= 0:
+      raise ValueError(f"{name} must be >= 0; got {value}.")
 
 
 def _token_inputs(logps, old_logps, advantages, mask, *, band, dual_clip,

@@ -109,8 +109,11 @@ class Algorithm:
                   regularizers.KL_ESTIMATORS)
     _check_choice("repo", self.repo or "none", REPO_VARIANTS)
     _check_choice("old_logps", self.old_logps, OLD_LOGPS)
-    _check_number("clip_low", self.clip_low)
-    _check_number("clip_high", self.initial["clip_high"])
+    _check_number("clip_low", self.clip_low, allow_zero=True)
+    if self.band == "additive" and not self.clip_low < 1:
+      _fail("clip_low", f"must be in [0, 1) with band='additive' (the "
+            f"band's lower edge is 1 - clip_low); got {self.clip_low}")
+    _check_number("clip_high", self.initial["clip_high"], allow_zero=True)
     for field in ("kl_coef", "target_entropy"):
       _check_number(field, getattr(self, field), allow_zero=True)
     _check_number("entropy_coef", self.initial["entropy_coef"],

@@ -6,14 +6,23 @@ optimizer state, controller states, PRNG key data) saved with
 state, entropy target, running sums) saved with `JsonSave`. Orbax writes a
 step into a temporary directory and renames it when complete, so a crash
 while saving leaves the previous step as the latest readable checkpoint;
-`latest_step` never returns a half-written one.
+`latest_step` never returns a half-written one. A complete step that no
+longer restores (a truncated data file, a damaged manifest or metadata) is
+skipped by `restore_latest`, which warns, moves it to
+`<directory>_corrupt/<step>` and falls back to the newest step that
+restores.
 """
 
 import pathlib
+import shutil
+import time
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
+
+from entropo.training import logger as logger_lib
 
 
 class Checkpointer:
@@ -41,6 +50,53 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract),
         meta=ocp.args.JsonRestore()))
     return out.state, out.meta
+
+  def restore_latest(self, like: Any) -> tuple[int, Any, dict] | None:
+    """`(step, state, meta)` of the newest checkpoint that restores.
+
+    None when there is no checkpoint. A newer step that fails to restore is
+    named in a warning and, once an older one has restored, moved to
+    `<directory>_corrupt/<step>` (kept for inspection, out of Orbax's way:
+    the run saves that step again). When none restores, raises
+    RuntimeError listing each step's error and moves nothing.
+    """
+    steps = sorted(self.manager.all_steps(), reverse=True)
+    failed = []
+    for step in steps:
+      try:
+        state, meta = self.restore(step, like)
+      except Exception as e:  # pylint: disable=broad-except
+        # Orbax, TensorStore and JSON raise many types for damaged files.
+        failed.append((step, f"{type(e).__name__}: {e}"))
+        logger_lib.warn(f"checkpoint {self.directory / str(step)} does not "
+                        f"restore ({type(e).__name__}: {str(e)[:300]}); "
+                        f"trying the one before it")
+        continue
+      if failed:
+        self._set_aside([s for s, _ in failed])
+      return step, state, meta
+    if failed:
+      raise RuntimeError(
+          f"No checkpoint in {self.directory} restores:\n  " + "\n  ".join(
+              f"step {s}: {e[:500]}" for s, e in failed) + "\nMove the "
+          f"damaged steps away (or start again in another workdir).")
+    return None
+
+  def _set_aside(self, steps) -> None:
+    """Moves damaged `steps` to `<directory>_corrupt/` (process 0)."""
+    aside = self.directory.with_name(self.directory.name + "_corrupt")
+    if jax.process_index() == 0:
+      aside.mkdir(exist_ok=True)
+      for step in steps:
+        target = aside / str(step)
+        if target.exists():
+          target = aside / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+        shutil.move(self.directory / str(step), target)
+        logger_lib.warn(f"moved the damaged checkpoint of step {step} to "
+                        f"{target}")
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices("entropo: corrupt checkpoints")
+    self.manager.reload()
 
   def wait(self) -> None:
     self.manager.wait_until_finished()

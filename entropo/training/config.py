@@ -5,8 +5,11 @@ with sections `task`, `model`, `warm_start`, `data`, `sampling`, `algo`,
 `optim`, `train`, `mesh` and `precision`. Algorithms are named presets of
 the `algo` section (`ALGORITHMS`), combined with `+`: `"dapo+repo_r"` is
 DAPO with REPO-R advantages. `validate(config)` rejects a bad configuration
-before any compute, naming the field.
+before any compute, naming the field. `RESUMABLE` lists the fields a
+resumed run may change; `config_changes` finds the others.
 """
+
+import json
 
 import ml_collections
 
@@ -156,6 +159,47 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
 def validate(config: ConfigDict) -> sections_lib.RunConfig:
   """The typed config; raises ValueError naming the first invalid field."""
   return sections_lib.RunConfig.from_config(config)
+
+
+# The fields a run resumed in its workdir may change without
+# `train.allow_config_change`: how long it runs, when it evaluates, saves
+# and logs, what it displays, whether a non-finite update is skipped, and
+# how it computes (attention implementation, remat and mesh change
+# rounding at most; each launch's are recorded in run.json). Every other
+# change (algorithm, data, model, optimizer, sampling, precision, seed,
+# ...) would make the resumed run a different experiment than its
+# config.json says, so `train` refuses it. The one place this is decided.
+RESUMABLE = (
+    "train.iterations", "train.eval_every", "train.checkpoint_every",
+    "train.max_checkpoints", "train.log_every", "train.tensorboard",
+    "train.plots", "train.progress", "train.allow_config_change",
+    "train.skip_non_finite",
+    "model.attention", "model.attention_chunk_size", "model.remat",
+    "mesh.data", "mesh.fsdp", "mesh.tensor",
+)
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+  if not isinstance(tree, dict):
+    return {prefix: tree}
+  out = {}
+  for key, value in tree.items():
+    out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+  return out
+
+
+def config_changes(saved: dict, config: ConfigDict) -> list[str]:
+  """`field: old -> new` for each field of `config` that differs from the
+  `saved` config (a parsed config.json) and may not change on resume.
+
+  Fields that only one of them has (added to or removed from entropo since
+  the run started) are not compared.
+  """
+  old = _flatten(saved)
+  new = _flatten(json.loads(config.to_json_best_effort()))
+  return [f"{field}: {old[field]!r} -> {new[field]!r}"
+          for field in sorted(old.keys() & new.keys())
+          if field not in RESUMABLE and old[field] != new[field]]
 
 
 def make_task(task_config) -> tasks_lib.Task:

@@ -3,7 +3,7 @@
 `MetricLogger(workdir)` appends one JSON object per iteration to
 `metrics.jsonl` (resumed runs append after the last logged iteration),
 mirrors scalars to TensorBoard event files under `tensorboard/` (written by
-`tensorboardX`, no TensorFlow), shows a `tqdm` bar with the headline
+`tensorboardX`, no TensorFlow; tags by `tensorboard_tag`), shows a `tqdm` bar with the headline
 numbers, and `plot()` draws entropy, reward and pass@k curves as PNGs.
 Only the process that should write (process 0 in multi-host runs) creates a
 logger with `enabled=True`.
@@ -13,11 +13,21 @@ one place that writes what describes a run (`config.json`, and
 `run.json`: where and how each launch computed), and
 `write_baseline` the evaluation before RL (`baseline.json`).
 `iteration_metrics` names the per-iteration numbers of the rollout.
+
+Every file is replaced atomically (`write_atomic`: a temporary file in the
+same directory, then `os.replace`), so a run killed while writing leaves
+the previous version, never a torn one. `metrics.jsonl` is appended to; a
+torn last line (a kill in the middle of an append) is skipped with a
+warning when the file is read.
 """
 
 import json
 import math
+import os
 import pathlib
+import re
+import tempfile
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -28,38 +38,113 @@ from entropo import tasks as tasks_lib
 HEADLINE = ("reward/mean", "entropy/mean", "entropy/change_pct")
 
 
+def tensorboard_tag(key: str) -> str:
+  """The TensorBoard tag of a metric: `@` spelled `_at_` (`eval/pass@4` ->
+  `eval/pass_at_4`), any other character TensorBoard rejects as `_`.
+
+  tensorboardX would otherwise rename such tags itself (`eval/pass_4`),
+  logging a line for each.
+  """
+  return re.sub(r"[^\w./-]", "_", key.replace("@", "_at_"))
+
+
 def log(message: str) -> None:
   """Prints a line of the run's log (process 0 only)."""
   if jax.process_index() == 0:
     print(f"[entropo] {message}", flush=True)
 
 
+def warn(message: str) -> None:
+  """A warning about the run's files (a `UserWarning`, so tests and callers
+  can catch it; Python prints it to stderr)."""
+  warnings.warn(message, UserWarning, stacklevel=3)
+
+
+def write_atomic(path, text: str) -> None:
+  """Replaces the file `path` by `text` atomically.
+
+  The text goes to a temporary file in the same directory, flushed to disk,
+  then renamed over `path` (`os.replace`), so readers (and a later launch
+  after a kill) see either the old file or the new one, whole.
+  """
+  path = pathlib.Path(path)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the file private
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+
+
+def read_json(path, *, default=None):
+  """A JSON file's value; `default` (with a warning) if it is unreadable.
+
+  A file that exists but does not parse (written by a version that did not
+  write atomically, or damaged) is renamed to `<name>.bad` so that it is
+  kept for inspection and not read again.
+  """
+  path = pathlib.Path(path)
+  if not path.is_file():
+    return default
+  try:
+    return json.loads(path.read_text())
+  except ValueError as e:
+    bad = path.with_name(path.name + ".bad")
+    os.replace(path, bad)
+    warn(f"{path} is not valid JSON ({e}); moved it to {bad} and started a "
+         f"new one.")
+    return default
+
+
 def write_run_metadata(workdir, config, launch: dict | None = None) -> None:
   """Writes what describes the run (process 0).
 
-  `config.json` is the run's `ConfigDict`. `launch` (see
-  `Trainer.launch_metadata`: versions, backend, devices, the precision
+  `config.json` is the run's current `ConfigDict`; `configs/config-<n>.json`
+  keeps every config the run was launched with (a new file whenever the
+  config differs from the newest kept one; the config.json of a run
+  started before this history existed becomes `config-0.json`). `launch`
+  (see `Trainer.launch_metadata`: versions, backend, devices, the precision
   policy's effective dot algorithms, the attention implementation) is
-  appended to the `launches` of `run.json`, so a run resumed on another
-  machine or jax keeps the record of each. The one place run metadata is
-  written: add new fields here.
+  appended to the `launches` of `run.json`, with `config` naming its file
+  in `configs/`, so a run resumed on another machine or jax keeps the
+  record of each. The one place run metadata is written: add new fields
+  here.
   """
   if jax.process_index() != 0:
     return
   workdir = pathlib.Path(workdir)
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  text = config.to_json_best_effort(indent=2)
+  history = workdir / "configs"
+  history.mkdir(exist_ok=True)
+  kept = sorted(history.glob("config-*.json"),
+                key=lambda f: int(f.stem.split("-")[1]))
+  current = workdir / "config.json"
+  if not kept and current.is_file():
+    kept = [history / "config-0.json"]
+    write_atomic(kept[0], current.read_text())
+  if not kept or kept[-1].read_text() != text:
+    kept.append(history / f"config-{len(kept)}.json")
+    write_atomic(kept[-1], text)
+  write_atomic(current, text)
   if launch is not None:
     path = workdir / "run.json"
-    run = json.loads(path.read_text()) if path.is_file() else {}
+    run = read_json(path, default={})
+    launch = {**launch, "config": str(kept[-1].relative_to(workdir))}
     run.setdefault("launches", []).append(launch)
-    path.write_text(json.dumps(run, indent=2))
+    write_atomic(path, json.dumps(run, indent=2))
 
 
 def write_baseline(workdir, evaluation: dict) -> None:
   """Writes `workdir/baseline.json`, the evaluation before RL (process 0)."""
   if jax.process_index() == 0:
-    (pathlib.Path(workdir) / "baseline.json").write_text(
-        json.dumps(evaluation, indent=2))
+    write_atomic(pathlib.Path(workdir) / "baseline.json",
+                 json.dumps(evaluation, indent=2))
 
 
 def rollout_metrics(roll) -> dict[str, float]:
@@ -77,12 +162,27 @@ def rollout_metrics(roll) -> dict[str, float]:
 
 
 def read_jsonl(path) -> list[dict]:
-  """The records of a metrics file (empty if there is none)."""
+  """The records of a metrics file (empty if there is none).
+
+  A last line that does not parse is what a kill in the middle of an
+  append leaves: it is skipped with a warning. A bad line before the last
+  raises ValueError naming it.
+  """
   path = pathlib.Path(path)
   if not path.is_file():
     return []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+  records = []
+  for n, (i, line) in enumerate(lines):
+    try:
+      records.append(json.loads(line))
+    except ValueError as e:
+      if n + 1 < len(lines):
+        raise ValueError(f"{path}:{i}: not a JSON record ({e})") from None
+      warn(f"{path}:{i}: skipping a torn last line (the run was killed "
+           f"while writing it): {line[:80]!r}")
+  return records
 
 
 class MetricLogger:
@@ -100,7 +200,7 @@ class MetricLogger:
     # Drop records past the resume point (a crash after logging but before
     # the checkpoint), so that the file is exactly one uninterrupted run.
     kept = [r for r in read_jsonl(self.path) if r["iteration"] < start]
-    self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
       self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
@@ -119,7 +219,7 @@ class MetricLogger:
     if self._tb is not None:
       for key, value in record.items():
         if key != "iteration" and value is not None:
-          self._tb.add_scalar(key, value, iteration)
+          self._tb.add_scalar(tensorboard_tag(key), value, iteration)
     if self._bar is not None:
       self._bar.update(1)
       self._bar.set_postfix({k.split("/")[0] + ("%" if "pct" in k else ""):
@@ -147,19 +247,22 @@ def _series(records, key, baseline):
   return [p[0] for p in pairs], [p[1] for p in pairs]
 
 
-def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
-  """Draws a run's curves (matplotlib, headless) and returns the files.
+# The plots of a run: file name -> (title, y-axis label). Their metrics are
+# `_panel_keys`'; `LEGEND` names each metric in a legend.
+PANELS = {
+    "entropy": ("Token entropy of the training batch", "nats / token"),
+    "reward": ("Reward", "reward / pass@1"),
+    "entropy_eval": ("Token entropy on held-out prompts", "nats / token"),
+    "pass_at_k": ("Held-out pass@k", "pass@k"),
+}
+LEGEND = {"entropy/mean": "entropy", "target_entropy": "target entropy",
+          "reward/mean": "training reward",
+          "eval/pass@1": "held-out pass@1", "eval/entropy": "held-out"}
+X_LABEL = "RL iteration (held-out: after that many updates)"
 
-  `baseline` (the evaluation before RL) adds the `eval/*` points at 0.
-  """
-  # Figures without pyplot: no global backend switch (inline plots in a
-  # notebook keep working after `train`), nothing to close.
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
 
-  records = read_jsonl(metrics_path)
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
-  panels = {
+def _panel_keys(records) -> dict[str, list[str]]:
+  return {
       "entropy": ["entropy/mean", "target_entropy"],
       "reward": ["reward/mean", "eval/pass@1"],
       "entropy_eval": ["eval/entropy"],
@@ -167,21 +270,78 @@ def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
                            if k.startswith("eval/pass@")},
                           key=lambda k: int(k.split("@")[1])),
   }
+
+
+def _legend(key: str, panel: str) -> str:
+  if panel == "pass_at_k":
+    return f"pass@{key.split('@')[1]}"
+  return LEGEND.get(key, key)
+
+
+def _draw(runs: dict, out_dir) -> list[pathlib.Path]:
+  """One PNG per panel of `PANELS`, a curve per run and metric.
+
+  `runs` maps a legend prefix ("" for a single run) to `(records,
+  baseline)`. Figures without pyplot: no global backend switch (inline
+  plots in a notebook keep working after `train`), nothing to close.
+  """
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  out_dir = pathlib.Path(out_dir)
+  out_dir.mkdir(parents=True, exist_ok=True)
+  keys = _panel_keys([r for records, _ in runs.values() for r in records])
+  styles = ("-", "--", ":", "-.")
   files = []
-  for name, keys in panels.items():
+  for name, (title, y_label) in PANELS.items():
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
-    for key in keys:
-      x, y = _series(records, key, baseline)
-      if x:
-        ax.plot(x, y, marker="." if len(x) < 30 else None, label=key)
-    ax.set_xlabel("iteration")
-    ax.set_title(name.replace("_", " "))
+    for i, (run, (records, baseline)) in enumerate(runs.items()):
+      for j, key in enumerate(keys[name]):
+        x, y = _series(records, key, baseline)
+        if not x:
+          continue
+        label = _legend(key, name)
+        label = f"{run}: {label}" if run else label
+        ax.plot(x, y, marker="." if len(x) < 30 else None, label=label,
+                color=f"C{i if run else j}",
+                linestyle=styles[j % len(styles)] if run else "-")
+    ax.set_xlabel(X_LABEL)
+    ax.set_ylabel(y_label)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     if ax.lines:
-      ax.legend()
+      ax.legend(fontsize="small")
     path = out_dir / f"{name}.png"
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     files.append(path)
   return files
+
+
+def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
+  """Draws a run's curves (matplotlib, headless) and returns the files.
+
+  `baseline` (the evaluation before RL) adds the `eval/*` points at 0.
+  """
+  return _draw({"": (read_jsonl(metrics_path), baseline)}, out_dir)
+
+
+def plot_runs(workdirs, out_dir) -> list[pathlib.Path]:
+  """Overlays several runs' curves, one PNG per panel; returns the files.
+
+  `workdirs` maps a legend label to a run's workdir (its `metrics.jsonl`
+  and `baseline.json`); a list of workdirs is labelled by their names.
+  `python -m experiments.plot` runs this from the command line.
+  """
+  if not isinstance(workdirs, dict):
+    workdirs = {pathlib.Path(w).name: w for w in workdirs}
+  runs = {}
+  for label, workdir in workdirs.items():
+    workdir = pathlib.Path(workdir)
+    if not (workdir / "metrics.jsonl").is_file():
+      raise FileNotFoundError(f"{workdir} has no metrics.jsonl: not a run's "
+                              f"workdir")
+    baseline = workdir / "baseline.json"
+    runs[label] = (read_jsonl(workdir / "metrics.jsonl"),
+                   json.loads(baseline.read_text()) if baseline.is_file()
+                   else None)
+  return _draw(runs, out_dir)

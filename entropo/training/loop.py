@@ -58,7 +58,8 @@ from entropo.training.warm_start import warm_start
 
 
 class NonFiniteError(FloatingPointError):
-  """A loss or gradient became NaN/inf; the last good checkpoint is kept."""
+  """A loss, gradient, entropy or parameter became NaN/inf; the last good
+  checkpoint is kept (nothing non-finite is ever saved)."""
 
 
 class Trainer:
@@ -95,7 +96,8 @@ class Trainer:
         "key": jax.random.key_data(jax.random.key(config.seed)),
     })
     self.meta = {"iteration": 0, "data_state": None, "initial_entropy": None,
-                 "target_entropy": None, "cumulative_entropy": 0.0}
+                 "target_entropy": None, "cumulative_entropy": 0.0,
+                 "skipped_minibatches": 0}
     self._init_data()
     self.rollouts = rollouts_lib.Rollouts(
         self.task, self.tokenizer, self.placement, config.sampling,
@@ -146,10 +148,10 @@ class Trainer:
     self.data_iter = iter(self.batches)
 
   def _restore(self):
-    step = self.checkpointer.latest_step()
-    if step is None:
+    found = self.checkpointer.restore_latest(self.state)
+    if found is None:
       return
-    self.state, self.meta = self.checkpointer.restore(step, self.state)
+    _, self.state, self.meta = found
     self.meta = dict(self.meta)
     if self.meta["data_state"] is not None:
       self.data_iter.set_state(self.meta["data_state"])
@@ -157,6 +159,18 @@ class Trainer:
                    f"iteration {self.meta['iteration']}")
 
   def save(self) -> None:
+    """Checkpoints the state; raises NonFiniteError instead of saving a
+    NaN/inf parameter or optimizer moment."""
+    finite = step_lib.finite_leaves(
+        {"params": self.state["params"], "opt_state": self.state["opt_state"],
+         "controllers": self.state["controllers"]})
+    bad = [path for path, ok in finite.items() if not bool(ok)]
+    if bad:
+      raise NonFiniteError(
+          f"Non-finite state{bad[0]} after iteration "
+          f"{self.meta['iteration'] - 1} ({len(bad)} arrays in all); not "
+          f"saving it. The last good checkpoint in "
+          f"{self.checkpointer.directory} is kept.")
     self.meta["data_state"] = self.data_iter.get_state()
     self.checkpointer.save(self.meta["iteration"], self.state,
                            json.loads(json.dumps(self.meta)))
@@ -219,7 +233,7 @@ class Trainer:
     size = n // a.minibatches
     hyper = self.hyperparameters()
     sums: dict[str, float] = {}
-    steps = 0
+    steps = skipped = 0
     for epoch in range(a.epochs):
       key, perm_key = jax.random.split(key)
       order = np.asarray(jax.random.permutation(perm_key, n)) if (
@@ -232,21 +246,46 @@ class Trainer:
         params, opt_state, metrics = self.learner.update(
             self.state["params"], self.state["opt_state"], mb, hyper, sub)
         metrics = {k: float(v) for k, v in metrics.items()}
-        self._check_finite(metrics, epoch, m)
+        where = f"epoch {epoch}, minibatch {m}"
+        if self._non_finite(metrics, ("loss", "grad_norm"), where):
+          skipped += 1  # the update is not applied
+          continue
         self.state["params"], self.state["opt_state"] = params, opt_state
         for k, v in metrics.items():
           sums[k] = sums.get(k, 0.0) + v
         steps += 1
-    return {k: v / steps for k, v in sums.items()}
+    # (Checkpoints from before this counter have no such key.)
+    self.meta["skipped_minibatches"] = self.meta.get(
+        "skipped_minibatches", 0) + skipped
+    out = {k: v / steps for k, v in sums.items()}
+    if self.config.train.skip_non_finite:
+      out["train/skipped_minibatches"] = float(skipped)
+      out["train/skipped_minibatches_total"] = float(
+          self.meta["skipped_minibatches"])
+    return out
 
-  def _check_finite(self, metrics: dict, epoch: int, minibatch: int) -> None:
-    for name in ("loss", "grad_norm"):
-      if not np.isfinite(metrics[name]):
-        raise NonFiniteError(
-            f"Non-finite {name}={metrics[name]} at iteration "
-            f"{self.meta['iteration']} (epoch {epoch}, minibatch "
-            f"{minibatch}); stopping. The last good checkpoint in "
-            f"{self.checkpointer.directory} is kept.")
+  def _non_finite(self, metrics: dict, names, where: str) -> bool:
+    """Whether one of `names` is NaN/inf and `train.skip_non_finite` skips
+    it; raises NonFiniteError naming the iteration and the first non-finite
+    metric (and the others) when it does not."""
+    bad = [k for k in names if not np.isfinite(metrics[k])]
+    if not bad:
+      return False
+    others = sorted(k for k, v in metrics.items()
+                    if k not in bad and not np.isfinite(v))
+    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+    detail = (f"; also non-finite: {', '.join(others[:5])}{more}"
+              if others else "")
+    if self.config.train.skip_non_finite and where:
+      logger_lib.warn(f"skipping the update of iteration "
+                      f"{self.meta['iteration']} ({where}): non-finite "
+                      f"{bad[0]}={metrics[bad[0]]}{detail}")
+      return True
+    raise NonFiniteError(
+        f"Non-finite {bad[0]}={metrics[bad[0]]} at iteration "
+        f"{self.meta['iteration']}{f' ({where})' if where else ''}{detail}; "
+        f"stopping. The last good checkpoint in "
+        f"{self.checkpointer.directory} is kept.")
 
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
@@ -257,6 +296,10 @@ class Trainer:
     roll, metrics = self.collect(collect_key)
     t1 = time.perf_counter()
     batch, dyn = self.pre_update(roll)
+    # A non-finite entropy means the policy itself is broken: no batch to
+    # skip, and the controllers must not step from it.
+    self._non_finite({k: float(v) for k, v in dyn.items()},
+                     ("entropy/mean",), where="")
     out = self.update(batch, update_key)
     t2 = time.perf_counter()
     metrics.update({k: float(v) for k, v in dyn.items()})
@@ -321,7 +364,8 @@ class Trainer:
     at evaluation intervals, `eval/*` of the policy after i + 1 updates; the
     evaluation before RL is `baseline.json`. A KeyboardInterrupt saves the
     state as of the start of the interrupted iteration, so a rerun
-    continues from there.
+    continues from there. A rerun of a finished run trains nothing and
+    returns the metrics of its last logged iteration.
     """
     c = self.config
     logger = logger_lib.MetricLogger(
@@ -329,6 +373,13 @@ class Trainer:
         tensorboard=c.train.tensorboard, progress=c.train.progress,
         enabled=jax.process_index() == 0)
     metrics: dict[str, float] = {}
+    if self.meta["iteration"] >= c.train.iterations:
+      records = logger_lib.read_jsonl(self.workdir / "metrics.jsonl")
+      metrics = {k: v for k, v in records[-1].items()
+                 if k != "iteration"} if records else {}
+      logger_lib.log(f"{self.workdir} is complete at iteration "
+                     f"{self.meta['iteration']} (train.iterations = "
+                     f"{c.train.iterations}); nothing to train")
     try:
       if self.meta["initial_entropy"] is None:
         self.baseline()
@@ -375,10 +426,49 @@ def load_policy(config, workdir) -> tuple[Transformer, object]:
   return trainer.policy(), trainer.tokenizer
 
 
+def check_resume(config, workdir) -> None:
+  """Refuses to resume the run in `workdir` with a changed config.
+
+  A workdir holds a run when it has a `config.json` and a checkpoint. The
+  fields of `config` outside `config.RESUMABLE` must equal the saved
+  config's, unless `config.train.allow_config_change`; the ValueError lists
+  each changed field as `field: old -> new`. Cheap: nothing is loaded.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  checkpoints = workdir / "checkpoints"
+  if not path.is_file() or not checkpoints.is_dir() or not any(
+      p.name.isdigit() for p in checkpoints.iterdir()):
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    logger_lib.warn(f"cannot read {path} ({e}); the config of the run being "
+                    f"resumed is unknown, so it is not compared")
+    return
+  changes = config_lib.config_changes(saved, config)
+  if not changes:
+    return
+  if config.train.allow_config_change:
+    logger_lib.log(f"resuming {workdir} with a changed config "
+                   f"(train.allow_config_change): " + "; ".join(changes))
+    return
+  raise ValueError(
+      f"{workdir} holds a run started with another config; resuming it "
+      f"would silently change:\n  " + "\n  ".join(changes) + "\nUse "
+      f"another --workdir, or resume with the new values with "
+      f"--allow_config_change (--config.train.allow_config_change=True). "
+      f"These may change on resume: {', '.join(config_lib.RESUMABLE)}.")
+
+
 def train(config, workdir) -> dict[str, float]:
-  """Runs (or resumes) the experiment of `config` in `workdir`."""
+  """Runs (or resumes) the experiment of `config` in `workdir`.
+
+  A resume with a changed config is refused (`check_resume`).
+  """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
+  check_resume(config, workdir)
   logger_lib.write_run_metadata(workdir, config)
   trainer = Trainer(config, workdir)
   logger_lib.write_run_metadata(workdir, config, trainer.launch_metadata())

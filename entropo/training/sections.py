@@ -9,6 +9,8 @@ comment says what it holds. The `algo` section is the `Algorithm`
 """
 
 import dataclasses
+import json
+import pathlib
 from typing import Any
 
 import jax
@@ -16,7 +18,10 @@ import jax
 from entropo import precision as precision_lib
 from entropo import tasks as tasks_lib
 from entropo.models import attention as attention_lib
+from entropo.models import hf as hf_lib
+from entropo.models import tokenizer as tokenizer_lib
 from entropo.models import transformer as transformer_lib
+from entropo.tasks import data as data_lib
 from entropo.training import algorithm as algorithm_lib
 from entropo.training.validation import check_choice
 from entropo.training.validation import check_number
@@ -40,6 +45,12 @@ class TaskSection:
     if self.file_backed and not self.path:
       fail("task.path", f"the {self.name} task reads local JSONL files; set "
            "--config.task.path=<dir with train.jsonl and test.jsonl>")
+    if self.file_backed:
+      missing = [f"{split}.jsonl" for split in data_lib.FILE_SPLITS
+                 if not (pathlib.Path(self.path) / f"{split}.jsonl").is_file()]
+      if missing:
+        fail("task.path", f"{self.path} has no {' or '.join(missing)} (the "
+             f"{self.name} task reads one JSONL file per split)")
 
   @property
   def file_backed(self) -> bool:
@@ -70,12 +81,55 @@ class ModelSection:
   scan_layers: bool = False
 
   def __post_init__(self):
+    if self.init_from:
+      _check_model_dir(self.init_from)
+    else:
+      for field in ("hidden_size", "intermediate_size", "num_layers",
+                    "num_heads", "num_kv_heads", "max_position_embeddings"):
+        check_number(f"model.{field}", getattr(self, field), integer=True)
     check_choice("model.attention", self.attention,
                  attention_lib.IMPLEMENTATIONS)
     check_number("model.attention_chunk_size", self.attention_chunk_size,
                  integer=True)
     check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
     check_choice("model.scan_layers", self.scan_layers, (False, True))
+
+  def context_length(self) -> int:
+    """The policy's `max_position_embeddings`: the tiny model's field, or
+    read from `init_from`'s config.json (no weights are loaded)."""
+    if not self.init_from:
+      return self.max_position_embeddings
+    return _hf_config(self.init_from).get("max_position_embeddings", 2048)
+
+
+def _hf_config(directory: str) -> dict:
+  """The `config.json` of a model directory, or a failure naming
+  `model.init_from`."""
+  path = pathlib.Path(directory) / hf_lib.CONFIG_NAME
+  try:
+    config = json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    fail("model.init_from", f"{directory} is not a Hugging Face model "
+         f"directory: cannot read {path} ({e})")
+  if not isinstance(config, dict):
+    fail("model.init_from", f"{path} is not a JSON object")
+  return config
+
+
+def _check_model_dir(directory: str) -> None:
+  """`directory` holds config.json, safetensors weights and tokenizer.json
+  (cheap checks: nothing is loaded)."""
+  path = pathlib.Path(directory)
+  if not path.is_dir():
+    fail("model.init_from", f"{directory} is not a directory")
+  _hf_config(directory)
+  if not ((path / hf_lib.WEIGHTS_NAME).is_file()
+          or (path / hf_lib.INDEX_NAME).is_file()):
+    fail("model.init_from", f"{directory} has no weights: expected "
+         f"{hf_lib.WEIGHTS_NAME} or {hf_lib.INDEX_NAME}")
+  if not (path / tokenizer_lib.TOKENIZER_NAME).is_file():
+    fail("model.init_from", f"{directory} has no "
+         f"{tokenizer_lib.TOKENIZER_NAME} (the fast-tokenizer file)")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -113,6 +167,8 @@ class DataSection:
   seed: int = 0
 
   def __post_init__(self):
+    for field in ("train_size", "eval_size", "max_prompt_len"):
+      check_number(f"data.{field}", getattr(self, field), integer=True)
     check_number("data.seed", self.seed, allow_zero=True, integer=True)
 
 
@@ -166,6 +222,14 @@ class TrainSection:
   tensorboard: bool = True  # event files under <workdir>/tensorboard
   plots: bool = True  # PNG curves under <workdir>/plots at the end
   progress: bool = True  # a progress bar
+  # Resume a run in its workdir with a config that differs from the one it
+  # was started with in fields outside config.RESUMABLE (the launcher's
+  # --allow_config_change); without it such a resume is refused.
+  allow_config_change: bool = False
+  # A minibatch whose loss or gradient norm is NaN/inf is skipped (its
+  # update not applied) and counted (train/skipped_minibatches) instead of
+  # stopping the run with NonFiniteError.
+  skip_non_finite: bool = False
 
   def __post_init__(self):
     for field in ("iterations", "eval_every", "eval_samples",
@@ -264,8 +328,23 @@ class RunConfig:
       fail("model.init_from", "the tiny warm start is for the tasks "
            f"generated in code; start {sections['task'].name} from a "
            "Hugging Face checkpoint with --init_from=<dir>")
+    _check_context(sections["data"], sections["sampling"], sections["model"])
     return cls(seed=config.seed, precision=precision, algorithm=algorithm,
                **sections)
+
+
+def _check_context(data: DataSection, sampling: SamplingSection,
+                   model: ModelSection) -> None:
+  """A prompt and its completion fit in the model's context."""
+  length = data.max_prompt_len + sampling.max_new_tokens
+  context = model.context_length()
+  if length > context:
+    where = (f"{model.init_from}/config.json" if model.init_from
+             else "model.max_position_embeddings")
+    fail("data.max_prompt_len + sampling.max_new_tokens",
+         f"{data.max_prompt_len} + {sampling.max_new_tokens} = {length} "
+         f"tokens exceed the model's context of {context} "
+         f"(max_position_embeddings, {where})")
 
 
 def _check_batch(sampling: SamplingSection, mesh: MeshSection,

@@ -23,6 +23,7 @@ import functools
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -131,6 +132,14 @@ class Learner:
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     return params, opt_state, masking.scalar_metrics(metrics)
+
+
+@jax.jit
+def finite_leaves(tree) -> dict[str, jax.Array]:
+  """`{path: all finite}` of each floating leaf of `tree` (bool scalars)."""
+  return {jax.tree_util.keystr(path): jnp.all(jnp.isfinite(leaf))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+          if jnp.issubdtype(leaf.dtype, jnp.inexact)}
 
 
 def sft_loss(graphdef, params, tokens, attention_mask, loss_mask):

@@ -1,10 +1,13 @@
 """The supervised warm start of the tiny model on correct solutions."""
 
 import json
+import os
 import pathlib
+import shutil
 
 import jax
 import jax.numpy as jnp
+import safetensors
 import tqdm
 from flax import nnx
 
@@ -12,6 +15,8 @@ from entropo import tasks as tasks_lib
 from entropo.models import ModelConfig
 from entropo.models import Transformer
 from entropo.models import save_pretrained
+from entropo.models import hf as hf_lib
+from entropo.models import tokenizer as tokenizer_lib
 from entropo.tasks import pipeline
 from entropo.training import logger as logger_lib
 from entropo.training import step as step_lib
@@ -37,11 +42,21 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   every run of a study can start from the same warm-started policy. The
   warm start always trains in float32; the RL run loads it under its own
   precision preset.
+
+  The directory is written as `<directory>.tmp-<pid>` and renamed when
+  complete, so a kill while saving never leaves a half-written model at
+  `directory`. One that is incomplete all the same (written by an older
+  version, or damaged: `incomplete_reason`) is rebuilt with a warning.
   """
   directory = pathlib.Path(directory)
-  if (directory / "config.json").is_file():
-    logger_lib.log(f"warm start: reusing {directory}")
-    return directory
+  if directory.exists():
+    why = incomplete_reason(directory)
+    if why is None:
+      logger_lib.log(f"warm start: reusing {directory}")
+      return directory
+    logger_lib.warn(f"warm start {directory} is incomplete ({why}); "
+                    f"rebuilding it")
+    shutil.rmtree(directory)
   ws = config.warm_start
   model = Transformer(tiny_model_config(config.model, tokenizer.vocab_size),
                       precision="fp32", rngs=nnx.Rngs(config.seed))
@@ -67,9 +82,38 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
     if i % 20 == 0:
       bar.set_postfix(loss=f"{losses[-1]:.3f}")
   nnx.update(model, params)
-  save_pretrained(model, directory)
-  tasks_lib.save_tokenizer(tokenizer, directory)
-  (directory / "warm_start_loss.json").write_text(json.dumps(losses))
+  tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
+  shutil.rmtree(tmp, ignore_errors=True)
+  save_pretrained(model, tmp)
+  tasks_lib.save_tokenizer(tokenizer, tmp)
+  (tmp / "warm_start_loss.json").write_text(json.dumps(losses))
+  os.replace(tmp, directory)
   final = f", final loss {losses[-1]:.4f}" if losses else ""
   logger_lib.log(f"warm start: {ws.steps} steps{final} -> {directory}")
   return directory
+
+
+def incomplete_reason(directory) -> str | None:
+  """Why the model directory `directory` is unusable, or None if it is whole.
+
+  Cheap checks (no weights are loaded): `config.json` parses as an object,
+  `tokenizer.json` exists, and the safetensors header of `model.safetensors`
+  reads and its tensors fit in the file.
+  """
+  directory = pathlib.Path(directory)
+  try:
+    config = json.loads((directory / hf_lib.CONFIG_NAME).read_text())
+  except (OSError, ValueError) as e:
+    return f"cannot read {hf_lib.CONFIG_NAME}: {e}"
+  if not isinstance(config, dict):
+    return f"{hf_lib.CONFIG_NAME} is not a JSON object"
+  if not (directory / tokenizer_lib.TOKENIZER_NAME).is_file():
+    return f"no {tokenizer_lib.TOKENIZER_NAME}"
+  weights = directory / hf_lib.WEIGHTS_NAME
+  try:
+    with safetensors.safe_open(weights, framework="np") as f:
+      for name in f.keys():
+        f.get_slice(name)
+  except Exception as e:  # pylint: disable=broad-except
+    return f"cannot read {hf_lib.WEIGHTS_NAME}: {e}"
+  return None
