@@ -54,6 +54,15 @@ def check_int(name: str, x) -> None:
     )
 
 
+def check_nonempty(name: str, x) -> None:
+  """Raises ValueError if `[B, T]` `x` has no row or no position: a loss or
+  statistic over nothing is undefined (shapes are static, so also under
+  jit)."""
+  if 0 in x.shape:
+    raise ValueError(f"{name} is empty (shape {tuple(x.shape)}): there is "
+                     "no token to compute over; need B >= 1 and T >= 1.")
+
+
 def check_same_shape(**arrays) -> None:
   """Raises ValueError unless all given arrays share one shape."""
   shapes = {name: np.shape(x) for name, x in arrays.items() if x is not None}

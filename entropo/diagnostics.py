@@ -58,6 +58,7 @@ def entropy_dynamics(
   """
   _checks.check_float("logps", logps)
   _checks.check_rank("logps", logps, 2)
+  _checks.check_nonempty("logps", logps)
   _checks.check_mask(mask, logps.shape)
   _checks.check_float("advantages", advantages)
   _checks.check_rank("advantages", advantages, (1, 2))

@@ -167,7 +167,10 @@ def _forward(h, w, targets, chunk, policy):
     d = z - m_new[:, None]  # [N, C]
     e = jnp.exp(d)
     s_new = scale * s + jnp.sum(e, axis=-1)
-    u_new = scale * (u + s * delta) + jnp.sum(e * d, axis=-1)
+    # A logit so far below the maximum that its difference overflows to
+    # -inf has e = 0: its term is 0, not 0 * -inf (likewise a scale of 0).
+    u_new = (jnp.where(scale > 0, scale * (u + s * delta), 0.0)
+             + jnp.sum(jnp.where(e > 0, e * d, 0.0), axis=-1))
     return m_new, s_new, u_new, z_t + _target_logit(z, targets, start)
 
   init = (
@@ -224,7 +227,9 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
     p = jnp.exp(logp)
     # dz = g_lp (onehot - p) - g_h p (log p + H): the dense part here, the
     # one-hot part as a scatter of one value per row.
-    dz = -p * (g_lp[:, None] + g_h[:, None] * (logp + entropy[:, None]))
+    dz = -jnp.where(
+        p > 0, p * (g_lp[:, None] + g_h[:, None] * (logp + entropy[:, None])),
+        0.0)
     col, inside = _target_column(targets, start, width)
     dz = dz.at[rows, col].add(jnp.where(inside, g_lp, 0.0))
     dz_op = dz.astype(policy.head_dtype)

@@ -27,6 +27,9 @@ def _log_softmax(logits: jax.Array, precision) -> jax.Array:
 def _check_logits(logits):
   _checks.check_float("logits", logits)
   _checks.check_rank("logits", logits, (2, 3))
+  if logits.shape[-1] == 0:
+    raise ValueError(f"logits have an empty vocabulary (shape "
+                     f"{tuple(logits.shape)}); need V >= 1.")
 
 
 def token_logprobs(

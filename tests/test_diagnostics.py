@@ -377,3 +377,10 @@ def test_pass_at_k_jit_equals_no_jit(rng):
 def test_pass_at_k_bad_inputs_raise(c, n, k, error, match):
   with pytest.raises(error, match=match):
     entropo.pass_at_k(c, n, k)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["B=0", "T=0"])
+def test_entropy_dynamics_of_an_empty_batch_raises(shape):
+  with pytest.raises(ValueError, match=r"logps is empty \(shape"):
+    entropo.entropy_dynamics(jnp.zeros(shape), jnp.zeros(shape[:1]),
+                             jnp.ones(shape, bool))

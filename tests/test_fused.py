@@ -504,3 +504,26 @@ def test_out_of_range_targets_raise_eagerly_and_give_nan_under_jit(rng):
     np.testing.assert_array_equal(np.delete(np.asarray(lp), 2),
                                   np.delete(np.asarray(ok_lp), 2))
     np.testing.assert_array_equal(np.asarray(h), np.asarray(ok_h))
+
+
+def test_logits_near_the_float32_limit_are_not_nan():
+  # Logits of +-2e38 are finite float32, but their difference from the
+  # maximum (4e38) overflows to -inf: its exp is 0, and its term in the
+  # entropy and in the gradient must be 0, not 0 * inf = NaN.
+  hidden = np.asarray([[1e19, 1e19], [1.0, 0.0]], np.float32)
+  lm_head = np.asarray([[1e19, -1e19, 0.0], [1e19, -1e19, 0.0]], np.float32)
+  targets = np.asarray([0, 1], np.int32)
+  logits64 = hidden.astype(np.float64) @ lm_head.astype(np.float64)
+  assert np.abs(logits64).max() == pytest.approx(2e38)
+  lp, h = entropo.fused_logprobs_entropy(hidden, lm_head, targets,
+                                         chunk_size=2)
+  np.testing.assert_allclose(lp, ref.token_logprobs(logits64, targets),
+                             rtol=1e-6)
+  np.testing.assert_allclose(h, ref.token_entropy(logits64), atol=1e-6)
+  grad = jax.jit(jax.grad(lambda x, w: jnp.sum(
+      entropo.fused_logprobs_entropy(x, w, targets, chunk_size=2)[0][:1])
+      + jnp.sum(entropo.fused_logprobs_entropy(x, w, targets,
+                                               chunk_size=2)[1]),
+      argnums=(0, 1)))(hidden, lm_head)
+  for g in grad:
+    assert not np.any(np.isnan(np.asarray(g)))

@@ -379,3 +379,11 @@ def test_out_of_range_targets_raise_eagerly_and_give_nan_under_jit():
     assert np.isnan(got[1, 1])
     np.testing.assert_allclose(np.delete(got.ravel(), 4), -np.log(5.0),
                                rtol=1e-6)
+
+
+def test_empty_vocabulary_raises():
+  logits = jnp.zeros((2, 0))
+  with pytest.raises(ValueError, match="empty vocabulary"):
+    entropo.token_entropy(logits)
+  with pytest.raises(ValueError, match="empty vocabulary"):
+    entropo.token_logprobs(logits, jnp.zeros((2,), jnp.int32))

@@ -744,3 +744,13 @@ def test_negative_clip_widths_raise():
   # Zero is a valid (degenerate) band; a traced clip_high is not checked.
   policy_loss(lp, lp, adv, mask, clip_low=0.0, clip_high=0.0)
   jax.jit(lambda hi: policy_loss(lp, lp, adv, mask, clip_high=hi)[0])(0.2)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0)], ids=["B=0", "T=0"])
+def test_empty_batch_raises_naming_it(shape):
+  logps = jnp.zeros(shape)
+  with pytest.raises(ValueError, match=r"logps is empty \(shape"):
+    policy_loss(logps, logps, jnp.zeros(shape[:1]), jnp.ones(shape, bool))
+  with pytest.raises(ValueError, match="logps is empty"):  # shapes: static
+    jax.jit(lambda x: policy_loss(x, x, jnp.zeros(shape[:1]),
+                                  jnp.ones(shape, bool)))(logps)

@@ -119,6 +119,7 @@ def _check_inputs(logps, old_logps, advantages, mask, importance_weights, *,
   _checks.check_float("old_logps", old_logps)
   _checks.check_float("advantages", advantages)
   _checks.check_rank("logps", logps, 2)
+  _checks.check_nonempty("logps", logps)
   _checks.check_same_shape(logps=logps, old_logps=old_logps)
   _checks.check_mask(mask, logps.shape)
   _checks.check_rank("advantages", advantages, (1, 2))

@@ -6,8 +6,8 @@ from entropo.training.config import MODIFIERS
 from entropo.training.config import algorithm
 from entropo.training.config import default_config
 from entropo.training.config import validate
-from entropo.training.loop import NonFiniteError
+from entropo.training.guards import NonFiniteError
+from entropo.training.guards import check_resume
 from entropo.training.loop import Trainer
-from entropo.training.loop import check_resume
 from entropo.training.loop import load_policy
 from entropo.training.loop import train

@@ -27,10 +27,13 @@ import os
 import pathlib
 import re
 import tempfile
+import time
 import warnings
 
+import flax
 import jax
 import jax.numpy as jnp
+import jaxlib
 import numpy as np
 
 from entropo import tasks as tasks_lib
@@ -102,6 +105,33 @@ def read_json(path, *, default=None):
     return default
 
 
+def launch_record(*, iteration: int, precision, model, model_section
+                  ) -> dict:
+  """How this launch computes, for the `launches` of `run.json`.
+
+  The precision policy's `describe()` (preset, backend, the dot algorithm
+  of each operand dtype and whether it runs natively or emulated), the
+  attention implementation `auto` resolved to, remat and the layer scan,
+  versions and devices.
+  """
+  devices = jax.devices()
+  return {
+      "started_at_iteration": iteration,
+      "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "jax": jax.__version__,
+      "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__,
+      "backend": jax.default_backend(),
+      "devices": {"count": len(devices), "kind": devices[0].device_kind,
+                  "processes": jax.process_count()},
+      "precision": precision.describe(),
+      "attention": model.attention_implementation(),
+      "attention_chunk_size": model.config.attention_chunk_size,
+      "remat": model_section.remat,
+      "scan_layers": model_section.scan_layers,
+  }
+
+
 def write_run_metadata(workdir, config, launch: dict | None = None) -> None:
   """Writes what describes the run (process 0).
 
@@ -109,7 +139,7 @@ def write_run_metadata(workdir, config, launch: dict | None = None) -> None:
   keeps every config the run was launched with (a new file whenever the
   config differs from the newest kept one; the config.json of a run
   started before this history existed becomes `config-0.json`). `launch`
-  (see `Trainer.launch_metadata`: versions, backend, devices, the precision
+  (see `launch_record`: versions, backend, devices, the precision
   policy's effective dot algorithms, the attention implementation) is
   appended to the `launches` of `run.json`, with `config` naming its file
   in `configs/`, so a run resumed on another machine or jax keeps the

@@ -32,10 +32,8 @@ import json
 import pathlib
 import time
 
-import flax
 import jax
 import jax.numpy as jnp
-import jaxlib
 import numpy as np
 from flax import nnx
 
@@ -50,6 +48,7 @@ from entropo.training import config as config_lib
 from entropo.training import datasets
 from entropo.training import distributed
 from entropo.training import evaluation
+from entropo.training import guards
 from entropo.training import logger as logger_lib
 from entropo.training import rollouts as rollouts_lib
 from entropo.training import step as step_lib
@@ -57,9 +56,7 @@ from entropo.training.placement import BatchPlacement
 from entropo.training.warm_start import warm_start
 
 
-class NonFiniteError(FloatingPointError):
-  """A loss, gradient, entropy or parameter became NaN/inf; the last good
-  checkpoint is kept (nothing non-finite is ever saved)."""
+NonFiniteError = guards.NonFiniteError
 
 
 class Trainer:
@@ -161,16 +158,9 @@ class Trainer:
   def save(self) -> None:
     """Checkpoints the state; raises NonFiniteError instead of saving a
     NaN/inf parameter or optimizer moment."""
-    finite = step_lib.finite_leaves(
-        {"params": self.state["params"], "opt_state": self.state["opt_state"],
-         "controllers": self.state["controllers"]})
-    bad = [path for path, ok in finite.items() if not bool(ok)]
-    if bad:
-      raise NonFiniteError(
-          f"Non-finite state{bad[0]} after iteration "
-          f"{self.meta['iteration'] - 1} ({len(bad)} arrays in all); not "
-          f"saving it. The last good checkpoint in "
-          f"{self.checkpointer.directory} is kept.")
+    guards.check_finite_state(
+        {k: self.state[k] for k in ("params", "opt_state", "controllers")},
+        self.meta["iteration"] - 1, self.checkpointer.directory)
     self.meta["data_state"] = self.data_iter.get_state()
     self.checkpointer.save(self.meta["iteration"], self.state,
                            json.loads(json.dumps(self.meta)))
@@ -183,30 +173,6 @@ class Trainer:
   def policy(self) -> Transformer:
     """The current policy pi_theta as a model."""
     return self.model_at(self.state["params"])
-
-  def launch_metadata(self) -> dict:
-    """How this launch computes: for `run.json` (logger.write_run_metadata).
-
-    The precision policy's `describe()` (preset, backend, the dot algorithm
-    of each operand dtype and whether it runs natively or emulated), the
-    attention implementation `auto` resolved to, remat, versions, devices.
-    """
-    devices = jax.devices()
-    return {
-        "started_at_iteration": self.meta["iteration"],
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "backend": jax.default_backend(),
-        "devices": {"count": len(devices), "kind": devices[0].device_kind,
-                    "processes": jax.process_count()},
-        "precision": self.precision.describe(),
-        "attention": self.model.attention_implementation(),
-        "attention_chunk_size": self.model.config.attention_chunk_size,
-        "remat": self.config.model.remat,
-        "scan_layers": self.config.model.scan_layers,
-    }
 
   def hyperparameters(self) -> dict:
     """The current value of every hyperparameter a controller may move."""
@@ -265,27 +231,10 @@ class Trainer:
     return out
 
   def _non_finite(self, metrics: dict, names, where: str) -> bool:
-    """Whether one of `names` is NaN/inf and `train.skip_non_finite` skips
-    it; raises NonFiniteError naming the iteration and the first non-finite
-    metric (and the others) when it does not."""
-    bad = [k for k in names if not np.isfinite(metrics[k])]
-    if not bad:
-      return False
-    others = sorted(k for k, v in metrics.items()
-                    if k not in bad and not np.isfinite(v))
-    more = f" and {len(others) - 5} more" if len(others) > 5 else ""
-    detail = (f"; also non-finite: {', '.join(others[:5])}{more}"
-              if others else "")
-    if self.config.train.skip_non_finite and where:
-      logger_lib.warn(f"skipping the update of iteration "
-                      f"{self.meta['iteration']} ({where}): non-finite "
-                      f"{bad[0]}={metrics[bad[0]]}{detail}")
-      return True
-    raise NonFiniteError(
-        f"Non-finite {bad[0]}={metrics[bad[0]]} at iteration "
-        f"{self.meta['iteration']}{f' ({where})' if where else ''}{detail}; "
-        f"stopping. The last good checkpoint in "
-        f"{self.checkpointer.directory} is kept.")
+    return guards.non_finite(
+        metrics, names, iteration=self.meta["iteration"], where=where,
+        skip=self.config.train.skip_non_finite,
+        checkpoints=self.checkpointer.directory)
 
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
@@ -426,50 +375,17 @@ def load_policy(config, workdir) -> tuple[Transformer, object]:
   return trainer.policy(), trainer.tokenizer
 
 
-def check_resume(config, workdir) -> None:
-  """Refuses to resume the run in `workdir` with a changed config.
-
-  A workdir holds a run when it has a `config.json` and a checkpoint. The
-  fields of `config` outside `config.RESUMABLE` must equal the saved
-  config's, unless `config.train.allow_config_change`; the ValueError lists
-  each changed field as `field: old -> new`. Cheap: nothing is loaded.
-  """
-  workdir = pathlib.Path(workdir)
-  path = workdir / "config.json"
-  checkpoints = workdir / "checkpoints"
-  if not path.is_file() or not checkpoints.is_dir() or not any(
-      p.name.isdigit() for p in checkpoints.iterdir()):
-    return
-  try:
-    saved = json.loads(path.read_text())
-  except ValueError as e:
-    logger_lib.warn(f"cannot read {path} ({e}); the config of the run being "
-                    f"resumed is unknown, so it is not compared")
-    return
-  changes = config_lib.config_changes(saved, config)
-  if not changes:
-    return
-  if config.train.allow_config_change:
-    logger_lib.log(f"resuming {workdir} with a changed config "
-                   f"(train.allow_config_change): " + "; ".join(changes))
-    return
-  raise ValueError(
-      f"{workdir} holds a run started with another config; resuming it "
-      f"would silently change:\n  " + "\n  ".join(changes) + "\nUse "
-      f"another --workdir, or resume with the new values with "
-      f"--allow_config_change (--config.train.allow_config_change=True). "
-      f"These may change on resume: {', '.join(config_lib.RESUMABLE)}.")
-
-
 def train(config, workdir) -> dict[str, float]:
   """Runs (or resumes) the experiment of `config` in `workdir`.
 
-  A resume with a changed config is refused (`check_resume`).
+  A resume with a changed config is refused (`guards.check_resume`).
   """
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
-  check_resume(config, workdir)
+  guards.check_resume(config, workdir)
   logger_lib.write_run_metadata(workdir, config)
   trainer = Trainer(config, workdir)
-  logger_lib.write_run_metadata(workdir, config, trainer.launch_metadata())
+  logger_lib.write_run_metadata(workdir, config, logger_lib.launch_record(
+      iteration=trainer.meta["iteration"], precision=trainer.precision,
+      model=trainer.model, model_section=trainer.config.model))
   return trainer.run()

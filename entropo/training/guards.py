@@ -1,0 +1,99 @@
+"""What stops a run before it does damage: non-finite numbers, changed
+configs on resume.
+
+* `non_finite` checks an update's or rollout's metrics: with
+  `train.skip_non_finite` a bad minibatch is skipped (and counted by the
+  loop), otherwise `NonFiniteError` names the iteration and the first
+  non-finite metric.
+* `check_finite_state` refuses to checkpoint NaN/inf parameters, optimizer
+  moments or controller states.
+* `check_resume` refuses to continue a run with another config, listing
+  each changed field (docs/training.md, "When things go wrong").
+"""
+
+import json
+import pathlib
+
+import numpy as np
+
+from entropo.training import config as config_lib
+from entropo.training import logger as logger_lib
+from entropo.training import step as step_lib
+
+
+class NonFiniteError(FloatingPointError):
+  """A loss, gradient, entropy or parameter became NaN/inf; the last good
+  checkpoint is kept (nothing non-finite is ever saved)."""
+
+
+def non_finite(metrics: dict, names, *, iteration: int, where: str,
+               skip: bool, checkpoints) -> bool:
+  """Whether one of `names` in `metrics` is NaN/inf and is to be skipped.
+
+  Returns False when all are finite, True when one is not and `skip` (and
+  a `where`, the minibatch) allows skipping; raises NonFiniteError naming
+  the iteration, the first non-finite metric and the others otherwise.
+  """
+  bad = [k for k in names if not np.isfinite(metrics[k])]
+  if not bad:
+    return False
+  others = sorted(k for k, v in metrics.items()
+                  if k not in bad and not np.isfinite(v))
+  more = f" and {len(others) - 5} more" if len(others) > 5 else ""
+  detail = (f"; also non-finite: {', '.join(others[:5])}{more}"
+            if others else "")
+  if skip and where:
+    logger_lib.warn(f"skipping the update of iteration {iteration} "
+                    f"({where}): non-finite {bad[0]}={metrics[bad[0]]}"
+                    f"{detail}")
+    return True
+  raise NonFiniteError(
+      f"Non-finite {bad[0]}={metrics[bad[0]]} at iteration {iteration}"
+      f"{f' ({where})' if where else ''}{detail}; stopping. The last good "
+      f"checkpoint in {checkpoints} is kept.")
+
+
+def check_finite_state(state, iteration: int, checkpoints) -> None:
+  """Raises NonFiniteError if a floating leaf of `state` is NaN/inf."""
+  finite = step_lib.finite_leaves(state)
+  bad = [path for path, ok in finite.items() if not bool(ok)]
+  if bad:
+    raise NonFiniteError(
+        f"Non-finite state{bad[0]} after iteration {iteration} ({len(bad)} "
+        f"arrays in all); not saving it. The last good checkpoint in "
+        f"{checkpoints} is kept.")
+
+
+def check_resume(config, workdir) -> None:
+  """Refuses to resume the run in `workdir` with a changed config.
+
+  A workdir holds a run when it has a `config.json` and a checkpoint. The
+  fields of `config` outside `config.RESUMABLE` must equal the saved
+  config's, unless `config.train.allow_config_change`; the ValueError lists
+  each changed field as `field: old -> new`. Cheap: nothing is loaded.
+  """
+  workdir = pathlib.Path(workdir)
+  path = workdir / "config.json"
+  checkpoints = workdir / "checkpoints"
+  if not path.is_file() or not checkpoints.is_dir() or not any(
+      p.name.isdigit() for p in checkpoints.iterdir()):
+    return
+  try:
+    saved = json.loads(path.read_text())
+  except ValueError as e:
+    logger_lib.warn(f"cannot read {path} ({e}); the config of the run being "
+                    f"resumed is unknown, so it is not compared")
+    return
+  changes = config_lib.config_changes(saved, config)
+  if not changes:
+    return
+  if config.train.allow_config_change:
+    logger_lib.log(f"resuming {workdir} with a changed config "
+                   f"(train.allow_config_change): " + "; ".join(changes))
+    return
+  raise ValueError(
+      f"{workdir} holds a run started with another config; resuming it "
+      f"would silently change:\n  " + "\n  ".join(changes) + "\nUse "
+      f"another --workdir, or resume with the new values with "
+      f"--allow_config_change (--config.train.allow_config_change=True). "
+      f"These may change on resume: {', '.join(config_lib.RESUMABLE)}.")
