@@ -166,6 +166,30 @@ def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy):
   return jnp.where(exists_c, scores, -jnp.inf), allowed
 
 
+def _decode_loop(body, init, k, v, key_valid, query_slots, chunk):
+  """One query against a cache: only the chunks up to the query's slot.
+
+  Later slots are never allowed (causal), so they are skipped rather than
+  scored and masked: a decode step early in a long cache reads a fraction
+  of it. Chunks are sliced from the cache where it lies (no padded,
+  transposed copy of it per layer and step); the last one starts at
+  `S - chunk` and drops the slots the previous chunk covered. (A query
+  with no allowed key, which the sampler never makes, then averages over
+  the keys read, not all of them.)
+  """
+  s = k.shape[1]
+  used = jnp.minimum(query_slots[-1] // chunk + 1, -(-s // chunk))
+
+  def step(i, carry):
+    start = jnp.minimum(i * chunk, s - chunk)
+    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
+    slots = start + jnp.arange(chunk)
+    return body(carry, (cut(k), cut(v), cut(key_valid), slots,
+                        slots >= i * chunk))[0]
+
+  return jax.lax.fori_loop(0, used, step, init)
+
+
 def _forward(q, k, v, key_valid, query_slots, chunk, policy):
   b, t, kv, g, hd = q.shape
   stat = jnp.full((b, kv, g, t), -jnp.inf, jnp.float32)
@@ -185,7 +209,10 @@ def _forward(q, k, v, key_valid, query_slots, chunk, policy):
 
   init = (stat, jnp.zeros_like(stat),
           jnp.zeros((b, kv, g, t, hd), jnp.float32))
-  (m, l, acc), _ = _scan(body, init, _chunks(k, v, key_valid, chunk))
+  if t == 1 and chunk < k.shape[1]:
+    m, l, acc = _decode_loop(body, init, k, v, key_valid, query_slots, chunk)
+  else:
+    (m, l, acc), _ = _scan(body, init, _chunks(k, v, key_valid, chunk))
   out = jnp.moveaxis(acc / l[..., None], 3, 1).astype(q.dtype)
   # The row statistics stay apart: in a row with no allowed key m is the
   # most negative float32, and m + log(l) would round back to m.
