@@ -277,7 +277,7 @@ def lora_disabled(model):
   the base model if it calls `model` inside this context; a model without
   adapters is unchanged.
   """
-  modules = [m for _, m in model.iter_modules() if isinstance(m, LoRA)]
+  modules = [m for _, m in nnx.iter_modules(model) if isinstance(m, LoRA)]
   before = [m.enabled for m in modules]
   for m in modules:
     m.enabled = False
