@@ -16,6 +16,7 @@ import jax
 from entropo import precision as precision_lib
 from entropo import tasks as tasks_lib
 from entropo.models import attention as attention_lib
+from entropo.models import lora as lora_lib
 from entropo.models import transformer as transformer_lib
 from entropo.training import algorithm as algorithm_lib
 from entropo.training.validation import check_choice
@@ -65,6 +66,12 @@ class ModelSection:
   # Rematerialisation of decoder blocks: none, block (recompute each block
   # in the backward) or block_save_dots (keep its matmul outputs).
   remat: str = "none"
+  # LoRA (entropo.models.add_lora): the adapters' rank (0: full
+  # fine-tuning), alpha (their output is scaled by alpha / rank) and the
+  # projections adapted, Hugging Face names separated by commas (or a tuple).
+  lora_rank: int = 0
+  lora_alpha: float = 32.0
+  lora_targets: str | tuple[str, ...] = ",".join(lora_lib.TARGETS)
 
   def __post_init__(self):
     check_choice("model.attention", self.attention,
@@ -72,6 +79,14 @@ class ModelSection:
     check_number("model.attention_chunk_size", self.attention_chunk_size,
                  integer=True)
     check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
+    check_number("model.lora_rank", self.lora_rank, allow_zero=True,
+                 integer=True)
+    check_number("model.lora_alpha", self.lora_alpha)
+    try:
+      targets = lora_lib.parse_targets(self.lora_targets)
+    except ValueError as e:
+      fail("model.lora_targets", str(e))
+    object.__setattr__(self, "lora_targets", targets)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
