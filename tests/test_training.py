@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -15,6 +16,7 @@ from entropo.training import ALGORITHMS
 from entropo.training import NonFiniteError
 from entropo.training import Trainer
 from entropo.training import algorithm
+from entropo.training import load_policy
 from entropo.training import train
 from entropo.training import validate
 from entropo.training import logger as logger_lib
@@ -279,6 +281,19 @@ def test_lora_resume_equals_an_uninterrupted_run(init_from, data_dir,
   assert not any("embed_tokens" in n or n.endswith("q_proj") for n in names)
   b.checkpointer.close()
   a.checkpointer.close()
+  # The trained policy hands off as a PEFT folder and as merged weights.
+  policy, _ = load_policy(c, tmp_path / "split")
+  tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 20, jnp.int32)
+  want = np.asarray(policy.logits(tokens))
+  entropo.models.save_lora(policy, tmp_path / "adapter")
+  again = entropo.models.load_lora(
+      entropo.models.from_pretrained(init_from), tmp_path / "adapter")
+  np.testing.assert_array_equal(np.asarray(again.logits(tokens)), want)
+  entropo.models.save_pretrained(entropo.models.merge_lora(policy),
+                                 tmp_path / "merged")
+  merged = entropo.models.from_pretrained(tmp_path / "merged")
+  np.testing.assert_allclose(np.asarray(merged.logits(tokens)), want,
+                             rtol=1e-5, atol=1e-5)
 
 
 def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):

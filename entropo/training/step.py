@@ -55,16 +55,18 @@ def warm_start_optimizer(learning_rate: float, steps: int
   return optax.adamw(schedule, weight_decay=0.0)
 
 
-def sequence_logps(model, tokens, attention_mask):
+def sequence_logps(model, tokens, attention_mask, *, head_grad=True):
   """`(logps, entropy)` of `tokens[:, 1:]`, each `[B, L - 1]` float32.
 
   Through the fused head (no `[B, L, V]` logits) under the model's precision
-  policy: the trainer's own computation of log-probs.
+  policy: the trainer's own computation of log-probs. `head_grad=False`
+  (a frozen head, as with LoRA) skips the head's gradient in the backward
+  pass.
   """
   hidden = model(tokens, attention_mask=attention_mask)
   return fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
-      precision=model.policy)
+      precision=model.policy, head_grad=head_grad)
 
 
 class Learner:
@@ -144,8 +146,10 @@ class Learner:
            key, frozen=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss of a (mini)batch and its metrics."""
     model = self._model(params, frozen)
+    # With frozen weights (LoRA) the head is frozen: no head gradient.
     logps, entropy = sequence_logps(model, batch["tokens"],
-                                    batch["attention_mask"])
+                                    batch["attention_mask"],
+                                    head_grad=frozen is None)
     loss, metrics = self.algorithm.loss(logps, entropy, batch, hyper, key,
                                         norm=self.norm,
                                         precision=model.policy)
