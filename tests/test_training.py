@@ -214,10 +214,12 @@ def test_lora_trains_every_preset(algo, init_from, data_dir, tmp_path):
 
 
 def _random_adapters(trainer, seed=0, scale=0.3):
+  """Random non-zero adapters, each keeping its sharding."""
   rng = np.random.default_rng(seed)
-  trainer.state["params"] = trainer.placement.replicate(jax.tree.map(
-      lambda x: np.asarray(rng.normal(size=x.shape) * scale, x.dtype),
-      trainer.state["params"]))
+  trainer.state["params"] = jax.tree.map(
+      lambda x: jax.device_put(
+          np.asarray(rng.normal(size=x.shape) * scale, x.dtype), x.sharding),
+      trainer.state["params"])
 
 
 def test_lora_samples_the_adapted_policy_and_kl_is_to_the_base(
@@ -309,11 +311,17 @@ def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
 
 
 @pytest.mark.multidevice
-def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
-  one = Trainer(_config(init_from, data_dir), tmp_path / "one")
-  eight = Trainer(_config(init_from, data_dir,
-                          mesh=dict(data=2, fsdp=2, tensor=2)),
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path,
+                                          lora):
+  make = _lora_config if lora else _config
+  one = Trainer(make(init_from, data_dir), tmp_path / "one")
+  eight = Trainer(make(init_from, data_dir,
+                       mesh=dict(data=2, fsdp=2, tensor=2)),
                   tmp_path / "eight")
+  if lora:  # non-zero adapters, the same on both
+    _random_adapters(one)
+    _random_adapters(eight)
   assert len(eight.mesh.devices.flat) == 8
   roll, _ = one.collect(jax.random.key(3))
   # Mixed rewards in every group, whatever the tiny policy wrote.
@@ -333,7 +341,12 @@ def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5,
                                atol=1e-6)
-  spec = eight.state["params"]["embed_tokens"][...].sharding.spec
+  if lora:
+    spec = eight.frozen["embed_tokens"][...].sharding.spec
+    adapter = eight.state["params"]["layers"][0]["mlp"]["lora"]["down_proj"]
+    assert any(axis is not None for axis in adapter["a"][...].sharding.spec)
+  else:
+    spec = eight.state["params"]["embed_tokens"][...].sharding.spec
   assert any(axis is not None for axis in spec)  # really sharded
 
 
