@@ -133,6 +133,7 @@ def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
     assert launch["precision"]["dots"]["float32"]["algorithm"] == "F32_F32_F32"
     assert launch["attention"] == "blockwise"  # what auto means on CPU
     assert launch["remat"] == "none"
+    assert launch["lora"] is None
 
 
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
@@ -211,6 +212,9 @@ def test_lora_trains_every_preset(algo, init_from, data_dir, tmp_path):
   trainer = Trainer(c, tmp_path)
   assert trainer.meta["iteration"] == 2
   _assert_only_adapters_train(trainer, init_from)
+  launch = json.loads((tmp_path / "run.json").read_text())["launches"][0]
+  assert launch["lora"] == {"rank": 4, "alpha": 8.0, "targets": [
+      "q_proj", "v_proj", "o_proj", "down_proj"]}
 
 
 def _random_adapters(trainer, seed=0, scale=0.3):

@@ -200,7 +200,8 @@ class Trainer:
 
     The precision policy's `describe()` (preset, backend, the dot algorithm
     of each operand dtype and whether it runs natively or emulated), the
-    attention implementation `auto` resolved to, remat, versions, devices.
+    attention implementation `auto` resolved to, remat, LoRA (rank, alpha,
+    targets; None for full fine-tuning), versions, devices.
     """
     devices = jax.devices()
     return {
@@ -216,6 +217,10 @@ class Trainer:
         "attention": self.model.attention_implementation(),
         "attention_chunk_size": self.model.config.attention_chunk_size,
         "remat": self.config.model.remat,
+        "lora": None if not self.lora else {
+            "rank": self.model.lora_config.rank,
+            "alpha": self.model.lora_config.alpha,
+            "targets": list(self.model.lora_config.targets)},
     }
 
   def hyperparameters(self) -> dict:
