@@ -23,8 +23,8 @@ copied for the head's loops, is most of LoRA's temporaries).
 
 Defaults: the Qwen3-0.6B width (vocab 151936, hidden 1024, 16 heads, 8 kv
 heads, head_dim 128, MLP 3072, tied embeddings, qk-norm) with `--layers`
-decoder blocks, one group of two 512-token sequences, the `bf16_fp32_head` preset
-and blockwise attention.
+decoder blocks, one group of two 512-token sequences, the `bf16_fp32_head`
+preset and blockwise attention.
 """
 
 import argparse
@@ -87,9 +87,9 @@ def update_step(config, *, precision, rank, alpha, batch, length):
   targets = jax.ShapeDtypeStruct((batch, length - 1), jnp.bool_)
   logps = jax.ShapeDtypeStruct((batch, length - 1), jnp.float32)
   rewards = jax.ShapeDtypeStruct((batch,), jnp.float32)
-  batch_shapes, _ = jax.eval_shape(
-      learner._pre_update, params, None, tokens, mask, targets, logps,  # pylint: disable=protected-access
-      rewards, hyper, frozen)
+  pre_update = learner._pre_update  # pylint: disable=protected-access
+  batch_shapes, _ = jax.eval_shape(pre_update, params, None, tokens, mask,
+                                   targets, logps, rewards, hyper, frozen)
   opt_state = jax.eval_shape(optimizer.init, params)
   key = jax.eval_shape(lambda: jax.random.key(0))
   args = (params, opt_state, batch_shapes, hyper, key, frozen)

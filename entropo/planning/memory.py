@@ -9,8 +9,9 @@ What an RL iteration holds on each device, in the order it runs:
   them in the parameters' dtype, float32 in every preset) and, with a KL
   term, the reference parameters. With LoRA (`lora_rank`) the moments,
   gradients and updated copies are the float32 adapters' alone, and the
-  KL reference is the base model (adapters off), no copy. Sharded by the logical-axis rules, so a
-  dimension the mesh axis does not divide is replicated, as in training.
+  KL reference is the base model (adapters off), no copy. Sharded by the
+  logical-axis rules, so a dimension the mesh axis does not divide is
+  replicated, as in training.
 * sample: the sampler's KV cache (`2 x layers x B x S x KV x head_dim` in
   `sampler_dtype`), a copy of the weights cast to `sampler_dtype` (XLA
   hoists the cast out of the decode loop), the prefill of one layer (its
