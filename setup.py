@@ -50,9 +50,11 @@ EXTRAS_REQUIRE = {
     # The Hugging Face peer of the parity tests (tests/hf_models.py); the
     # tests that need it skip without it. On PyPI an unconstrained torch is
     # a CUDA build of several GB: constraints/py311.txt pins the CPU one.
+    # peft: the LoRA hand-off test (entropo.models.save_lora -> PEFT).
     "hf": [
         "torch>=2.13.0,<2.14",
         "transformers>=5.23.0,<5.24",
+        "peft>=0.21.2,<0.22",
     ],
     "bench": [
         "psutil>=5.9",

@@ -45,6 +45,7 @@ def fused_logprobs_entropy(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     precision=None,
+    head_grad: bool = True,
 ) -> tuple[jax.Array, jax.Array]:
   """Target log-probs and full-vocabulary entropy of `hidden @ lm_head`.
 
@@ -65,11 +66,17 @@ def fused_logprobs_entropy(
     chunk_size: vocabulary columns per chunk (clipped to V). Smaller saves
       memory; larger has fewer, bigger matmuls.
     precision: a `Precision`, a preset name, or None (`fp32`).
+    head_grad: False when `lm_head` is frozen (LoRA): the backward pass
+      then skips the `[D, V]` float32 head gradient and its products, and
+      gives `lm_head` a zero cotangent. The gradient in `hidden` is the
+      same either way.
 
   Returns:
     `(logps, entropy)`, each `[B, T]` (or `[N]`) float32, differentiable in
     `hidden` and `lm_head`.
   """
+  if not isinstance(head_grad, bool):
+    raise ValueError(f"head_grad must be a bool; got {head_grad!r}.")
   _checks.check_float("hidden", hidden)
   _checks.check_float("lm_head", lm_head)
   _checks.check_int("targets", targets)
@@ -101,6 +108,7 @@ def fused_logprobs_entropy(
       targets.reshape(-1),
       chunk,
       policy,
+      head_grad,
   )
   inside = (targets >= 0) & (targets < lm_head.shape[1])
   logps = jnp.where(inside.reshape(-1), logps, jnp.nan)
@@ -186,18 +194,20 @@ def _forward(h, w, targets, chunk, policy):
   return (z_t - m) - log_s, log_s - u / s, (m, log_s)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _fused(h, w, targets, chunk, policy):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _fused(h, w, targets, chunk, policy, head_grad):
+  del head_grad  # the backward pass's business
   logps, entropy, _ = _forward(h, w, targets, chunk, policy)
   return logps, entropy
 
 
-def _fused_fwd(h, w, targets, chunk, policy):
+def _fused_fwd(h, w, targets, chunk, policy, head_grad):
+  del head_grad
   logps, entropy, (m, log_s) = _forward(h, w, targets, chunk, policy)
   return (logps, entropy), (h, w, targets, m, log_s, entropy)
 
 
-def _fused_bwd(chunk, policy, residuals, cotangents):
+def _fused_bwd(chunk, policy, head_grad, residuals, cotangents):
   h, w, targets, m, log_s, entropy = residuals
   g_lp, g_h = (g.astype(jnp.float32) for g in cotangents)  # [N] each
   h_op = h.astype(policy.head_dtype)
@@ -236,14 +246,18 @@ def _fused_bwd(chunk, policy, residuals, cotangents):
     w_c_t = (_cols(w_t, start, width, axis=0) if low_precision
              else w_c.astype(policy.head_dtype).T)  # [C, D]
     dh = dh + dot(dz_op, w_c_t)
+    if not head_grad:  # a frozen head: no [D, V] gradient is built
+      return dh, dw
     dw_c = dot(h_t, dz_op)  # [D, C]
     return dh, jax.lax.dynamic_update_slice_in_dim(dw, dw_c, start, axis=1)
 
   init = (
       jnp.zeros(h.shape, jnp.float32),
-      jnp.zeros(w.shape, jnp.float32),
+      jnp.zeros(w.shape if head_grad else (), jnp.float32),
   )
   dh, dw = _scan_chunks(body, init, w.shape[1], chunk)
+  if not head_grad:
+    return dh.astype(h.dtype), jnp.zeros(w.shape, w.dtype), None
   # And keeps a transpose of the result (the gradient of a tied embedding
   # is `dw.T`) from being folded into the last chunk's dot.
   dh, dw = jax.lax.optimization_barrier((dh, dw))

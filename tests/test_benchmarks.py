@@ -104,3 +104,29 @@ def test_attention_memory_benchmark_runs(tmp_path):
   assert rows["blockwise", 512] < rows["reference", 512]
   assert "| blockwise | none | 2 unrolled | 512 |" in proc.stdout
 
+
+LORA_SCRIPT = ROOT / "benchmarks" / "lora_memory.py"
+
+
+def test_lora_memory_benchmark_runs(tmp_path):
+  out = tmp_path / "lora_memory.json"
+  proc = subprocess.run(
+      [sys.executable, str(LORA_SCRIPT), "--tiny", "--layers", "1",
+       "--length", "32", "--ranks", "2", "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr
+  full, lora = json.loads(out.read_text())["rows"]
+  assert (full["variant"], lora["variant"]) == ("full", "lora_r2")
+  # The tiny width: 7 adapters of rank 2 in one layer, A [in, 2], B [2, out]
+  # (d 32, q 32, kv 16, MLP 64).
+  assert lora["trainable_params"] == 2 * (64 + 48 + 48 + 64 + 96 + 96 + 96)
+  assert full["frozen_params"] == 0
+  assert lora["frozen_params"] == full["trainable_params"]
+  # AdamW: two float32 moments per trained parameter, plus step counts.
+  for row in (full, lora):
+    assert 8 * row["trainable_params"] <= row["optimizer_bytes"] <= (
+        8 * row["trainable_params"] + 64)
+    assert row["temp_bytes"] > 0
+  # Full fine-tuning returns new parameters and moments for every weight.
+  assert lora["output_bytes"] < full["output_bytes"]
+  assert "| lora_r2 |" in proc.stdout

@@ -203,6 +203,45 @@ def test_trainer_forward_and_update(preset, config):
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+def test_lora_trainer_forward_and_update(preset):
+  """Adapters on every projection: their products follow the policy too,
+  in the adapted forward, the reference with adapters off, and the update
+  that differentiates the adapters alone."""
+  model = entropo.models.add_lora(_model(CONFIG, preset), rank=4, alpha=8,
+                                  targets=entropo.models.lora.TARGETS)
+  graphdef, lora, frozen = nnx.split(model, nnx.LoRAParam, ...)
+  c = training_setup.tiny_config("dapo+repo_r")
+  c.algo.update(kl_coef=0.1, entropy_coef=0.01)
+  algorithm = Algorithm.from_config(c.algo)
+  learner = step_lib.Learner(graphdef, algorithm,
+                             step_lib.make_optimizer(c.optim),
+                             max_new_tokens=5, group_size=2,
+                             reference_without_adapters=True)
+  hyper = algorithm.hyperparameters(algorithm.init_controllers(),
+                                    algorithm.fixed_hyperparameters())
+  tokens, attention_mask = _tokens()
+  mask = attention_mask[:, 1:]
+  inputs = (lora, None, tokens, attention_mask, mask,
+            jnp.full(mask.shape, -1.0), jnp.asarray([1.0, 0.0]), hyper,
+            frozen)
+  pre_update = jax.make_jaxpr(learner._pre_update)(*inputs)  # pylint: disable=protected-access
+  # The adapted forward: 7 projections and 14 adapter products per layer,
+  # and the head; the reference: the base projections and the head.
+  adapted = (7 + 14) * CONFIG.num_layers + 1
+  base = 7 * CONFIG.num_layers + 1
+  policy = model.policy
+  _assert_all_dots_follow(policy, pre_update, at_least=adapted + base)
+
+  batch, _ = learner._pre_update(*inputs)  # pylint: disable=protected-access
+  opt_state = learner.optimizer.init(lora)
+  update = jax.make_jaxpr(learner._update)(  # pylint: disable=protected-access
+      lora, opt_state, batch, hyper, jax.random.key(0), frozen)
+  # The forward, and both operands' gradients of every adapter product.
+  _assert_all_dots_follow(policy, update,
+                          at_least=adapted + 2 * 14 * CONFIG.num_layers)
+
+
+@pytest.mark.parametrize("preset", PRESETS)
 def test_sampler_decode_step(preset):
   model = _model(CONFIG, preset)
   graphdef, state = nnx.split(model)

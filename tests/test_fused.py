@@ -176,6 +176,34 @@ def test_gradients_match_materialised_and_reference(rng, chunk, lead):
   _assert_f32_close(dw, ref_dw)
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("chunk,lead", [(1, (7,)), (5, (2, 3)), (V, (7,))])
+def test_frozen_head_skips_the_head_gradient(rng, chunk, lead, precision):
+  """`head_grad=False` (LoRA): the same hidden-state gradient, a zero head
+  cotangent, and no `[D, V]` product in the backward pass."""
+  hidden, lm_head, targets = _inputs(rng, lead)
+  g_lp = rng.standard_normal(lead).astype(np.float32)
+  g_h = rng.standard_normal(lead).astype(np.float32)
+  frozen = lambda a, b, t: entropo.fused_logprobs_entropy(  # noqa: E731
+      a, b, t, chunk_size=chunk, precision=precision, head_grad=False)
+  full = lambda a, b, t: _fused(a, b, t, chunk, precision)  # noqa: E731
+  dh, dw = _grads(frozen, hidden, lm_head, targets, g_lp, g_h)
+  full_dh, _ = _grads(full, hidden, lm_head, targets, g_lp, g_h)
+  np.testing.assert_array_equal(np.asarray(dh), np.asarray(full_dh))
+  assert dw.shape == lm_head.shape and not np.asarray(dw).any()
+  if precision == "fp32":
+    ref_dh, _ = ref.fused_vjp(hidden, lm_head, targets, g_lp, g_h)
+    _assert_f32_close(dh, ref_dh)
+  # The backward builds one product per chunk instead of two.
+  count = lambda fn: sum(  # noqa: E731
+      str(e).count("dot_general") for e in jax.make_jaxpr(
+          jax.grad(_loss(fn, g_lp, g_h), argnums=0))(
+              hidden, lm_head, targets).eqns)
+  assert count(frozen) < count(full)
+  with pytest.raises(ValueError, match="head_grad"):
+    entropo.fused_logprobs_entropy(hidden, lm_head, targets, head_grad=1)
+
+
 def test_gradient_of_each_output_separately(rng):
   # A zero cotangent on one output must silence its term of the gradient.
   hidden, lm_head, targets = _inputs(rng, (6,))

@@ -1,6 +1,6 @@
 """The main job runs on entropo's runtime install alone.
 
-`make demo` installs no test extras: neither torch nor transformers (the
+`make demo` installs no test extras: neither torch, transformers nor peft (the
 peer of the Hugging Face parity tests). The library and the main job's entry
 point must not import them, and the main job must run where they are not
 installed (tensorboardX, for one, imports torch if it can and does without
@@ -14,7 +14,7 @@ import subprocess
 import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-TEST_ONLY = ("torch", "transformers")
+TEST_ONLY = ("torch", "transformers", "peft")
 
 # Imports every module of the library and the main job's entry point and
 # config (each entry point defines its own absl flags: one per process), then

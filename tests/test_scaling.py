@@ -19,6 +19,7 @@ from entropo import precision as precision_lib
 from entropo import sharding
 from entropo.models import ModelConfig
 from entropo.models import Transformer
+from entropo.models import add_lora
 from entropo.models import transformer as transformer_lib
 from entropo.training import step as step_lib
 
@@ -313,6 +314,49 @@ def test_options_change_what_they_name():
     _estimate(minibatches=3)
   with pytest.raises(ValueError, match="MeshShape.tensor must be a positive"):
     planning.MeshShape(tensor=0)
+
+
+def test_lora_estimate_trains_the_adapters_only():
+  cfg = ModelConfig(vocab_size=16, hidden_size=8, intermediate_size=16,
+                    num_layers=2, num_heads=2, num_kv_heads=1, head_dim=4)
+  full = planning.memory_estimate(cfg, "fp32", planning.MeshShape(), batch=2,
+                                 seq_len=4, reference=True)
+  lora = planning.memory_estimate(cfg, "fp32", planning.MeshShape(), batch=2,
+                                 seq_len=4, reference=True, lora_rank=3)
+  # Adapters, by hand: A [in, r] and B [r, out] of each projection.
+  d, f, h, kv, hd, r, layers = 8, 16, 2, 1, 4, 3, 2
+  shapes = [(d, h * hd), (d, kv * hd), (d, kv * hd), (h * hd, d), (d, f),
+            (d, f), (f, d)]
+  adapters = layers * sum(r * (i + o) for i, o in shapes)
+  assert adapters == 2 * 3 * (16 + 12 + 12 + 16 + 24 + 24 + 24) == 768
+  assert sum(math.prod(p.shape) * p.count
+             for p in planning.memory.lora_shapes(cfg, r)) == adapters
+  assert lora.params == full.params + 4 * adapters
+  assert lora.optimizer == 8 * adapters and lora.gradients == 4 * adapters
+  assert lora.update_outputs == 12 * adapters
+  assert lora.reference == 0 and full.reference == full.params
+  tokens = 2 * 4
+  assert lora.activations - full.activations == tokens * layers * r * 4 * 7
+  fewer = planning.memory_estimate(cfg, "fp32", planning.MeshShape(),
+                                  batch=2, seq_len=4, lora_rank=3,
+                                  lora_targets=("q_proj", "down_proj"))
+  assert fewer.optimizer == 8 * layers * r * (d + h * hd + f + d)
+  for bad in (dict(lora_rank=-1), dict(lora_rank=2, lora_targets=("qkv",))):
+    with pytest.raises(ValueError, match="lora"):
+      planning.memory_estimate(cfg, "fp32", planning.MeshShape(), batch=2,
+                               seq_len=4, **bad)
+
+
+def test_lora_adapter_shapes_equal_add_lora():
+  cfg = TINY_CONFIGS["llama"]
+  model = nnx.eval_shape(lambda: add_lora(
+      Transformer(cfg, rngs=nnx.Rngs(0)), rank=5, alpha=5,
+      targets=planning.memory.LORA_TARGETS))
+  ours = sorted(tuple(v.get_value().shape) for _, v in nnx.to_flat_state(
+      nnx.state(model, nnx.LoRAParam)))
+  planned = sorted(p.shape for p in planning.memory.lora_shapes(cfg, 5)
+                   for _ in range(p.count))
+  assert ours == planned
 
 
 @pytest.mark.parametrize("phase", ["update", "rollout"])

@@ -10,17 +10,21 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import entropo
 from entropo.training import ALGORITHMS
 from entropo.training import NonFiniteError
 from entropo.training import Trainer
 from entropo.training import algorithm
+from entropo.training import load_policy
 from entropo.training import train
 from entropo.training import validate
 from entropo.training import logger as logger_lib
+from entropo.training import step as step_lib
 from tests.training_setup import tiny_config
 from tests.training_setup import warm_started
 
@@ -133,6 +137,7 @@ def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
     assert launch["precision"]["dots"]["float32"]["algorithm"] == "F32_F32_F32"
     assert launch["attention"] == "blockwise"  # what auto means on CPU
     assert launch["remat"] == "none"
+    assert launch["lora"] is None
 
 
 def test_resume_with_a_changed_config_is_refused(init_from, data_dir,
@@ -295,6 +300,149 @@ def test_model_section_picks_attention_and_remat(init_from, data_dir,
   assert trainer.model.config.attention_chunk_size == 4
 
 
+# ------------------------------------------------------------------ LoRA
+
+LORA = dict(lora_rank=4, lora_alpha=8.0,
+            lora_targets="q_proj,v_proj,o_proj,down_proj")
+
+
+def _lora_config(init_from, data_dir, algo="grpo", **sections):
+  c = _config(init_from, data_dir, algo, **sections)
+  c.model.update(LORA)
+  return c
+
+
+def _base_weights(init_from):
+  model = entropo.models.from_pretrained(init_from)
+  return nnx.to_flat_state(nnx.state(model))
+
+
+def _assert_only_adapters_train(trainer, init_from):
+  """The state holds adapters only; the frozen weights are init_from's."""
+  params = nnx.to_flat_state(trainer.state["params"])
+  assert params and all(isinstance(v, nnx.LoRAParam) for _, v in params)
+  # 4 targets x (A, B) x 1 layer, and the optimizer's moments match them.
+  assert len(params) == 8
+  adapter_size = sum(v.get_value().size for _, v in params)
+  opt_size = sum(np.size(x) for x in jax.tree.leaves(
+      trainer.state["opt_state"]))
+  assert adapter_size < opt_size <= 2 * adapter_size + 8
+  frozen = dict(nnx.to_flat_state(trainer.frozen))
+  base = _base_weights(init_from)
+  assert set(frozen) == {path for path, _ in base}
+  for path, var in base:
+    np.testing.assert_array_equal(np.asarray(frozen[path].get_value()),
+                                  np.asarray(var.get_value()))
+
+
+@pytest.mark.parametrize("algo", ["dapo+repo_r", "adapo", "kl_cov", "gspo",
+                                  "grpo+kl"])
+def test_lora_trains_every_preset(algo, init_from, data_dir, tmp_path):
+  c = _lora_config(init_from, data_dir, algo.removesuffix("+kl"),
+                   train=dict(iterations=2, eval_every=2))
+  if algo.endswith("+kl"):
+    c.algo.kl_coef = 0.1
+  train(c, tmp_path)
+  records = _records(tmp_path)
+  assert [r["iteration"] for r in records] == [0, 1]
+  for r in records:
+    assert np.isfinite(r["loss"]) and np.isfinite(r["grad_norm"])
+    assert r["mismatch/max_abs_diff"] < 1e-4  # the sampler is the policy
+  if algo.endswith("+kl"):
+    assert all(np.isfinite(r["kl/mean"]) for r in records)
+  trainer = Trainer(c, tmp_path)
+  assert trainer.meta["iteration"] == 2
+  _assert_only_adapters_train(trainer, init_from)
+  launch = json.loads((tmp_path / "run.json").read_text())["launches"][0]
+  assert launch["lora"] == {"rank": 4, "alpha": 8.0, "targets": [
+      "q_proj", "v_proj", "o_proj", "down_proj"]}
+
+
+def _random_adapters(trainer, seed=0, scale=0.3):
+  """Random non-zero adapters, each keeping its sharding."""
+  rng = np.random.default_rng(seed)
+  trainer.state["params"] = jax.tree.map(
+      lambda x: jax.device_put(
+          np.asarray(rng.normal(size=x.shape) * scale, x.dtype), x.sharding),
+      trainer.state["params"])
+
+
+def test_lora_samples_the_adapted_policy_and_kl_is_to_the_base(
+    init_from, data_dir, tmp_path):
+  c = _lora_config(init_from, data_dir)
+  c.algo.kl_coef = 0.1
+  trainer = Trainer(c, tmp_path)
+  assert trainer.ref_params is None  # no second copy of the weights
+  _random_adapters(trainer)
+  roll, _ = trainer.collect(jax.random.key(3))
+  roll.rewards = np.tile(np.float32([1, 0, 0, 1]), len(roll.rewards) // 4)
+  batch, dyn = trainer.pre_update(roll)
+  # The sampler's log-probs are the adapted trainer's.
+  assert float(dyn["mismatch/max_abs_diff"]) < 1e-4
+  mask = np.asarray(batch["mask"])
+  base = entropo.models.from_pretrained(init_from)
+  base_logps, _ = jax.jit(step_lib.sequence_logps)(
+      base, batch["tokens"], batch["attention_mask"])
+  # The KL reference is the base model (adapters off) ...
+  np.testing.assert_allclose(np.asarray(batch["ref_logps"])[mask],
+                             np.asarray(base_logps)[mask], rtol=1e-5,
+                             atol=1e-5)
+  # ... which the adapters really changed.
+  assert np.abs(np.asarray(batch["old_logps"]) - np.asarray(
+      batch["ref_logps"]))[mask].max() > 1e-2
+  # One update moves the adapters, never the frozen base.
+  before = jax.tree.map(np.asarray, trainer.state["params"])
+  metrics = trainer.update(batch, jax.random.key(4))
+  assert metrics["grad_norm"] > 0 and metrics["kl/mean"] > 0
+  moved = [np.abs(np.asarray(x) - y).max() for x, y in zip(
+      jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(before))]
+  assert min(moved) > 0
+  _assert_only_adapters_train(trainer, init_from)
+
+
+def test_lora_resume_equals_an_uninterrupted_run(init_from, data_dir,
+                                                 tmp_path):
+  c = _lora_config(init_from, data_dir, "dapo+repo_r",
+                   train=dict(iterations=4, eval_every=2, checkpoint_every=2))
+  c.algo.kl_coef = 0.05
+  train(c, tmp_path / "whole")
+  whole = _records(tmp_path / "whole")
+  c.train.iterations = 2
+  train(c, tmp_path / "split")
+  c.train.iterations = 4
+  train(c, tmp_path / "split")
+  split = _records(tmp_path / "split")
+  assert [_stable(r) for r in split] == [_stable(r) for r in whole]
+  a = Trainer(c, tmp_path / "whole")
+  b = Trainer(c, tmp_path / "split")
+  for tree in ("params", "opt_state"):
+    for x, y in zip(jax.tree.leaves(a.state[tree]),
+                    jax.tree.leaves(b.state[tree])):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  _assert_only_adapters_train(b, init_from)
+  # The checkpoint holds the adapters and their optimizer state only.
+  saved = b.checkpointer.manager.item_metadata(4)["state"]
+  names = {"/".join(map(str, path)) for path, _ in
+           jax.tree_util.tree_flatten_with_path(saved)[0]}
+  assert any("lora" in n for n in names)
+  assert not any("embed_tokens" in n or n.endswith("q_proj") for n in names)
+  b.checkpointer.close()
+  a.checkpointer.close()
+  # The trained policy hands off as a PEFT folder and as merged weights.
+  policy, _ = load_policy(c, tmp_path / "split")
+  tokens = jnp.asarray(np.arange(24).reshape(2, 12) % 20, jnp.int32)
+  want = np.asarray(policy.logits(tokens))
+  entropo.models.save_lora(policy, tmp_path / "adapter")
+  again = entropo.models.load_lora(
+      entropo.models.from_pretrained(init_from), tmp_path / "adapter")
+  np.testing.assert_array_equal(np.asarray(again.logits(tokens)), want)
+  entropo.models.save_pretrained(entropo.models.merge_lora(policy),
+                                 tmp_path / "merged")
+  merged = entropo.models.from_pretrained(tmp_path / "merged")
+  np.testing.assert_allclose(np.asarray(merged.logits(tokens)), want,
+                             rtol=1e-5, atol=1e-5)
+
+
 def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
   c = _config(init_from, data_dir, train=dict(iterations=2,
                                               checkpoint_every=2))
@@ -361,11 +509,17 @@ def test_no_checkpoint_restores_is_a_clear_error(init_from, data_dir,
 
 
 @pytest.mark.multidevice
-def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
-  one = Trainer(_config(init_from, data_dir), tmp_path / "one")
-  eight = Trainer(_config(init_from, data_dir,
-                          mesh=dict(data=2, fsdp=2, tensor=2)),
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path,
+                                          lora):
+  make = _lora_config if lora else _config
+  one = Trainer(make(init_from, data_dir), tmp_path / "one")
+  eight = Trainer(make(init_from, data_dir,
+                       mesh=dict(data=2, fsdp=2, tensor=2)),
                   tmp_path / "eight")
+  if lora:  # non-zero adapters, the same on both
+    _random_adapters(one)
+    _random_adapters(eight)
   assert len(eight.mesh.devices.flat) == 8
   roll, _ = one.collect(jax.random.key(3))
   # Mixed rewards in every group, whatever the tiny policy wrote.
@@ -385,7 +539,12 @@ def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path):
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
     np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5,
                                atol=1e-6)
-  spec = eight.state["params"]["embed_tokens"][...].sharding.spec
+  if lora:
+    spec = eight.frozen["embed_tokens"][...].sharding.spec
+    adapter = eight.state["params"]["layers"][0]["mlp"]["lora"]["down_proj"]
+    assert any(axis is not None for axis in adapter["a"][...].sharding.spec)
+  else:
+    spec = eight.state["params"]["embed_tokens"][...].sharding.spec
   assert any(axis is not None for axis in spec)  # really sharded
 
 
@@ -633,6 +792,10 @@ def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
     ("model.attention", "flash", "model.attention"),
     ("model.attention_chunk_size", 0, "model.attention_chunk_size"),
     ("model.remat", "full", "model.remat"),
+    ("model.lora_rank", -1, "model.lora_rank"),
+    ("model.lora_alpha", 0.0, "model.lora_alpha"),
+    ("model.lora_targets", "q_proj,qkv", "model.lora_targets.*'qkv'"),
+    ("model.lora_targets", "", "model.lora_targets.*empty"),
 ])
 def test_bad_configs_name_the_field(field, value, match):
   c = tiny_config()

@@ -9,3 +9,9 @@ from entropo.models.hf import save_pretrained
 from entropo.models.tokenizer import Tokenizer
 from entropo.models.tokenizer import load_tokenizer
 from entropo.models.truncation import truncate_logits
+from entropo.models.lora import LoRAConfig
+from entropo.models.lora import add_lora
+from entropo.models.lora import load_lora
+from entropo.models.lora import lora_disabled
+from entropo.models.lora import merge_lora
+from entropo.models.lora import save_lora

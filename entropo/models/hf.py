@@ -35,6 +35,7 @@ import safetensors.numpy
 from flax import nnx
 
 from entropo import precision as precision_lib
+from entropo.models import lora as lora_lib
 from entropo.models.config import ModelConfig
 from entropo.models.transformer import Transformer
 
@@ -361,7 +362,16 @@ def save_pretrained(model: Transformer, path, *, dtype=None,
       larger than this gets a shard of its own.
     extra_config: keys merged into `config.json` (e.g. `eos_token_id`,
       `bos_token_id` from the original checkpoint's config).
+
+  Raises:
+    ValueError: the model has LoRA adapters (merge or save them first), or
+      mixed or unexportable dtypes.
   """
+  if lora_lib.has_lora(model):
+    raise ValueError(
+        "The model has LoRA adapters: merge_lora(model) first to export "
+        "the merged weights, or save_lora(model, path) to write the "
+        "adapters as a PEFT folder.")
   config = model.config
   _, state = nnx.split(model)
   flat = nnx.to_flat_state(state)

@@ -20,6 +20,9 @@ to the policy's `head_product`. Every contraction runs through the policy's
 `einsum`/`matmul`, which name its dot algorithm (float32 means float32 on a
 GPU or TPU too, not TF32 or one bfloat16 pass).
 
+Each projection may carry a LoRA adapter (`entropo.models.lora`:
+`add_lora`), added to its output under the same policy.
+
 Attention is `entropo.models.attention.attend` with the implementation
 `config.attention` names (`auto`: memory-linear `blockwise` on CPU and TPU,
 cuDNN's kernel on GPUs with bf16/fp16 compute); training, prefill and decode
@@ -51,6 +54,7 @@ from flax import nnx
 
 from entropo import precision as precision_lib
 from entropo.models import attention as attention_lib
+from entropo.models import lora as lora_lib
 from entropo.models.config import ModelConfig
 
 REMAT_OPTIONS = ("none", "block", "block_save_dots")
@@ -138,9 +142,9 @@ class Attention(nnx.Module):
     """
     cfg, policy = self.config, self.policy
     cast = policy.cast_compute
-    q = policy.einsum("btd,dhk->bthk", x, cast(self.q_proj[...]))
-    k = policy.einsum("btd,dhk->bthk", x, cast(self.k_proj[...]))
-    v = policy.einsum("btd,dhk->bthk", x, cast(self.v_proj[...]))
+    q = self._project("q_proj", "btd,dhk->bthk", x)
+    k = self._project("k_proj", "btd,dhk->bthk", x)
+    v = self._project("v_proj", "btd,dhk->bthk", x)
     if cfg.qkv_bias:
       q = q + cast(self.q_bias[...])
       k = k + cast(self.k_bias[...])
@@ -161,8 +165,14 @@ class Attention(nnx.Module):
                                implementation=cfg.attention,
                                chunk_size=cfg.attention_chunk_size)
     out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
-    out = policy.einsum("bthk,hkd->btd", out, cast(self.o_proj[...]))
+    out = self._project("o_proj", "bthk,hkd->btd", out)
     return out, (k, v)
+
+  def _project(self, name, spec, x):
+    """Projection `name` of `x` under the policy, plus its LoRA adapter."""
+    policy = self.policy
+    y = policy.einsum(spec, x, policy.cast_compute(getattr(self, name)[...]))
+    return lora_lib.adapted(self, name, x, y)
 
 
 class MLP(nnx.Module):
@@ -179,11 +189,15 @@ class MLP(nnx.Module):
     self.policy = policy
 
   def __call__(self, x):
+    gate = self._project("gate_proj", x)
+    up = self._project("up_proj", x)
+    return self._project("down_proj", jax.nn.silu(gate) * up)
+
+  def _project(self, name, x):
+    """Projection `name` of `x` under the policy, plus its LoRA adapter."""
     policy = self.policy
-    cast = policy.cast_compute
-    gate = policy.matmul(x, cast(self.gate_proj[...]))
-    up = policy.matmul(x, cast(self.up_proj[...]))
-    return policy.matmul(jax.nn.silu(gate) * up, cast(self.down_proj[...]))
+    y = policy.matmul(x, policy.cast_compute(getattr(self, name)[...]))
+    return lora_lib.adapted(self, name, x, y)
 
 
 class Block(nnx.Module):

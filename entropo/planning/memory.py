@@ -7,8 +7,11 @@ What an RL iteration holds on each device, in the order it runs:
 
 * resident: parameters (`param_dtype`), AdamW's two moments (optax keeps
   them in the parameters' dtype, float32 in every preset) and, with a KL
-  term, the reference parameters. Sharded by the logical-axis rules, so a
-  dimension the mesh axis does not divide is replicated, as in training.
+  term, the reference parameters. With LoRA (`lora_rank`) the moments,
+  gradients and updated copies are the float32 adapters' alone, and the
+  KL reference is the base model (adapters off), no copy. Sharded by the
+  logical-axis rules, so a dimension the mesh axis does not divide is
+  replicated, as in training.
 * sample: the sampler's KV cache (`2 x layers x B x S x KV x head_dim` in
   `sampler_dtype`), a copy of the weights cast to `sampler_dtype` (XLA
   hoists the cast out of the decode loop), the prefill of one layer (its
@@ -103,6 +106,36 @@ def param_shapes(cfg: ModelConfig) -> list[ParamShape]:
               ("attn/k_norm/scale", (hd,), ("head_dim",))]
   out += [ParamShape(f"layers/*/{name}", shape, axes, n)
           for name, shape, axes in layer]
+  return out
+
+
+# What `entropo.models.add_lora` adapts: (the weight in `param_shapes`, its
+# number of leading input dims).
+_LORA_WEIGHTS = {
+    "q_proj": ("attn/q_proj", 1), "k_proj": ("attn/k_proj", 1),
+    "v_proj": ("attn/v_proj", 1), "o_proj": ("attn/o_proj", 2),
+    "gate_proj": ("mlp/gate_proj", 1), "up_proj": ("mlp/up_proj", 1),
+    "down_proj": ("mlp/down_proj", 1),
+}
+LORA_TARGETS = tuple(_LORA_WEIGHTS)
+
+
+def lora_shapes(cfg: ModelConfig, rank: int,
+                targets=LORA_TARGETS) -> list[ParamShape]:
+  """The adapters `add_lora(rank=rank, targets=targets)` adds: `A` is
+  `[*in_dims, r]` and `B` `[r, *out_dims]` of each targeted weight, with
+  its logical axes (the rank axis unsharded), `count = num_layers`."""
+  weights = {p.name.removeprefix("layers/*/"): p for p in param_shapes(cfg)}
+  out = []
+  for target in targets:
+    name, num_in = _LORA_WEIGHTS[target]
+    w = weights[name]
+    out.append(ParamShape(f"layers/*/{name}/lora/a",
+                          (*w.shape[:num_in], rank),
+                          (*w.axes[:num_in], None), w.count))
+    out.append(ParamShape(f"layers/*/{name}/lora/b",
+                          (rank, *w.shape[num_in:]),
+                          (None, *w.axes[num_in:]), w.count))
   return out
 
 
@@ -386,6 +419,35 @@ def _check_shape(batch, minibatches, shards, seq_len, prompt_len) -> int:
   return prompt_len
 
 
+def _check_lora(lora_rank, lora_targets) -> None:
+  if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or (
+      lora_rank < 0):
+    raise ValueError(f"lora_rank must be an int >= 0; got {lora_rank!r}.")
+  unknown = [t for t in lora_targets if t not in _LORA_WEIGHTS]
+  if unknown or not lora_targets:
+    raise ValueError(f"lora_targets must name some of {LORA_TARGETS}; got "
+                     f"{tuple(lora_targets)}.")
+
+
+def _lora_bytes(cfg, mesh, rules, lora_rank, lora_targets, *, tokens, c,
+                frozen_layer_grads):
+  """`(adapter bytes, extra activations, update working change)` per device.
+
+  Adapters are float32 parameters, gradients and AdamW moments; each
+  target saves its `[tokens, rank]` intermediate. With fsdp > 1 one layer
+  of adapter gradients is live before its reduce-scatter, not the
+  weights' (`frozen_layer_grads`).
+  """
+  adapters = lora_shapes(cfg, lora_rank, lora_targets)
+  trained = 4.0 * sum(_local_elements(p, mesh, rules) * p.count
+                      for p in adapters)
+  activations = tokens * cfg.num_layers * lora_rank * c * len(lora_targets)
+  working = 0.0
+  if mesh.fsdp > 1:
+    working = trained / cfg.num_layers * mesh.fsdp - frozen_layer_grads
+  return trained, activations, working
+
+
 def _update_bytes(cfg, remat, tokens, block, *, extra, head, c):
   """`(activations, working)` of the update on `tokens` tokens per device.
 
@@ -411,7 +473,8 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
                     attention_lib.DEFAULT_CHUNK_SIZE,
                     fused_head: bool = True,
                     donate: bool = False, reference: bool = False,
-                    chunk_size: int = 2048,
+                    chunk_size: int = 2048, lora_rank: int = 0,
+                    lora_targets=LORA_TARGETS,
                     rules=sharding.DEFAULT_RULES) -> MemoryEstimate:
   """Estimated bytes per device of one RL iteration (module docstring).
 
@@ -438,6 +501,13 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
     donate: the update donates its parameter and optimizer buffers.
     reference: a KL term keeps the starting parameters (`algo.kl_coef > 0`).
     chunk_size: vocabulary chunk of the fused head.
+    lora_rank: LoRA adapters of this rank on `lora_targets` (0: full
+      fine-tuning). The base parameters stay resident in `param_dtype` but
+      get no gradients, optimizer state or new copies; the float32
+      adapters get all three; the KL reference is the base model (no
+      copy, whatever `reference` says); each adapter saves its `[T, r]`
+      low-rank activation for the backward pass.
+    lora_targets: the projections adapted (`entropo.models.lora.TARGETS`).
     rules: logical-axis rules.
 
   Returns:
@@ -447,6 +517,7 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   if remat not in transformer_lib.REMAT_OPTIONS:
     raise ValueError(f"remat must be one of {transformer_lib.REMAT_OPTIONS};"
                      f" got {remat!r}.")
+  _check_lora(lora_rank, lora_targets)
   shards = mesh.batch_shards
   prompt_len = _check_shape(batch, minibatches, shards, seq_len, prompt_len)
   p_bytes, c = _itemsize(policy.param_dtype), _itemsize(policy.compute_dtype)
@@ -484,12 +555,21 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   weight_casts = _weight_cast_bytes(cfg, policy, mesh, rules, layer=layer,
                                     remat=remat != "none")
   params = n_params * p_bytes
-  optimizer = 2 * params
+  trained = params
+  if lora_rank:
+    trained, extra_act, work_change = _lora_bytes(
+        cfg, mesh, rules, lora_rank, lora_targets, tokens=tokens, c=c,
+        frozen_layer_grads=layer_gathered * p_bytes)
+    activations += extra_act
+    update_working += work_change
+    params += trained
+    reference = False
+  optimizer = 2 * trained
   return MemoryEstimate(
       params=params, optimizer=optimizer,
       reference=params if reference else 0.0,
       kv_cache=kv_cache, sample_weights=sample_weights,
       sample_working=sample_working, prepare_working=prepare_working,
       activations=activations, weight_casts=weight_casts,
-      update_working=update_working, gradients=params,
-      update_outputs=0.0 if donate else params + optimizer)
+      update_working=update_working, gradients=trained,
+      update_outputs=0.0 if donate else trained + optimizer)

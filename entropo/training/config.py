@@ -175,6 +175,7 @@ RESUMABLE = (
     "train.plots", "train.progress", "train.allow_config_change",
     "train.skip_non_finite",
     "model.attention", "model.attention_chunk_size", "model.remat",
+    "model.scan_layers",
     "mesh.data", "mesh.fsdp", "mesh.tensor",
 )
 

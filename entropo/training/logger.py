@@ -105,14 +105,15 @@ def read_json(path, *, default=None):
     return default
 
 
-def launch_record(*, iteration: int, precision, model, model_section
-                  ) -> dict:
+def launch_record(*, iteration: int, precision, model, model_section,
+                  lora: bool = False) -> dict:
   """How this launch computes, for the `launches` of `run.json`.
 
   The precision policy's `describe()` (preset, backend, the dot algorithm
   of each operand dtype and whether it runs natively or emulated), the
   attention implementation `auto` resolved to, remat and the layer scan,
-  versions and devices.
+  LoRA (rank, alpha, targets; None for full fine-tuning), versions and
+  devices.
   """
   devices = jax.devices()
   return {
@@ -129,6 +130,9 @@ def launch_record(*, iteration: int, precision, model, model_section
       "attention_chunk_size": model.config.attention_chunk_size,
       "remat": model_section.remat,
       "scan_layers": model_section.scan_layers,
+      "lora": None if not lora else {
+          "rank": model.lora_config.rank, "alpha": model.lora_config.alpha,
+          "targets": list(model.lora_config.targets)},
   }
 
 

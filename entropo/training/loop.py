@@ -19,6 +19,12 @@ Everything that decides the future of the run (parameters, optimizer and
 controller states, PRNG key, data-iterator position, entropy target,
 running sums) is checkpointed, so a resumed run continues exactly.
 
+With `model.lora_rank > 0` the policy is the `init_from` model with LoRA
+adapters (`entropo.models.add_lora`): only the adapters are trained,
+optimized and checkpointed, the base weights stay frozen (read from
+`init_from` at every launch), the sampler samples the adapted policy and
+the KL reference is the model with its adapters switched off.
+
 Several processes (`entropo.training.distributed`) run the same loop on one
 mesh; `BatchPlacement` (placement.py) holds what differs between one
 process and several. The batches, and so the run, do not depend on the
@@ -40,6 +46,7 @@ from flax import nnx
 from entropo import sharding
 from entropo import tasks as tasks_lib
 from entropo.models import Transformer
+from entropo.models import add_lora
 from entropo.models import from_pretrained
 from entropo.models import load_tokenizer
 from entropo.tasks import pipeline
@@ -76,14 +83,26 @@ class Trainer:
         data=m.data, fsdp=m.fsdp, tensor=m.tensor,
         devices=jax.devices()[:m.data * m.fsdp * m.tensor])
     sharding.shard_model(self.model, self.mesh)
-    self.graphdef, params = nnx.split(self.model)
+    self.lora = config.model.lora_rank > 0
+    if self.lora:
+      # Only the adapters train; the base weights are `frozen`, never in
+      # the optimizer or the checkpoints (they are `init_from`'s).
+      self.graphdef, params, self.frozen = nnx.split(
+          self.model, nnx.LoRAParam, ...)
+    else:
+      self.graphdef, params = nnx.split(self.model)
+      self.frozen = None
     self.placement = BatchPlacement(self.mesh)
     self.optimizer = step_lib.make_optimizer(config.optim)
+    kl = self.algorithm.kl_coef > 0
     self.learner = step_lib.Learner(
         self.graphdef, self.algorithm, self.optimizer,
         max_new_tokens=config.sampling.max_new_tokens,
-        group_size=config.sampling.group_size)
-    self.ref_params = params if self.algorithm.kl_coef > 0 else None
+        group_size=config.sampling.group_size,
+        reference_without_adapters=kl and self.lora)
+    # The KL reference: the starting weights (full fine-tuning) or the base
+    # model, i.e. the same weights with the adapters off (LoRA).
+    self.ref_params = params if kl and not self.lora else None
     self.fixed_hyper = self.placement.replicate(
         self.algorithm.fixed_hyperparameters())
     self.state = self.placement.replicate({
@@ -121,6 +140,9 @@ class Trainer:
         path, precision=self.precision, attention=c.model.attention,
         attention_chunk_size=c.model.attention_chunk_size,
         remat=c.model.remat, scan_layers=c.model.scan_layers)
+    if c.model.lora_rank:
+      add_lora(self.model, rank=c.model.lora_rank, alpha=c.model.lora_alpha,
+               targets=c.model.lora_targets, rngs=nnx.Rngs(c.seed))
     self.warm_start_dir = path
 
   def _init_data(self):
@@ -168,7 +190,10 @@ class Trainer:
   # -- one iteration
 
   def model_at(self, params) -> Transformer:
-    return nnx.merge(self.graphdef, params)
+    """The model with trained variables `params` (and the frozen rest)."""
+    if self.frozen is None:
+      return nnx.merge(self.graphdef, params)
+    return nnx.merge(self.graphdef, params, self.frozen)
 
   def policy(self) -> Transformer:
     """The current policy pi_theta as a model."""
@@ -190,7 +215,7 @@ class Trainer:
         self.state["params"], self.ref_params, put(roll.tokens),
         put(roll.attention_mask), put(roll.completion_mask[:, 1:]),
         put(roll.sampler_logps[:, 1:]), self.placement.from_host(roll.rewards),
-        self.hyperparameters())
+        self.hyperparameters(), self.frozen)
 
   def update(self, batch: dict, key) -> dict:
     """`epochs` passes of `minibatches` optax steps; mean metrics."""
@@ -210,7 +235,8 @@ class Trainer:
                                       rows) if a.minibatches > 1 else batch
         key, sub = jax.random.split(key)
         params, opt_state, metrics = self.learner.update(
-            self.state["params"], self.state["opt_state"], mb, hyper, sub)
+            self.state["params"], self.state["opt_state"], mb, hyper, sub,
+            self.frozen)
         metrics = {k: float(v) for k, v in metrics.items()}
         where = f"epoch {epoch}, minibatch {m}"
         if self._non_finite(metrics, ("loss", "grad_norm"), where):
@@ -387,5 +413,6 @@ def train(config, workdir) -> dict[str, float]:
   trainer = Trainer(config, workdir)
   logger_lib.write_run_metadata(workdir, config, logger_lib.launch_record(
       iteration=trainer.meta["iteration"], precision=trainer.precision,
-      model=trainer.model, model_section=trainer.config.model))
+      model=trainer.model, model_section=trainer.config.model,
+      lora=trainer.lora))
   return trainer.run()

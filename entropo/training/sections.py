@@ -19,6 +19,7 @@ from entropo import precision as precision_lib
 from entropo import tasks as tasks_lib
 from entropo.models import attention as attention_lib
 from entropo.models import hf as hf_lib
+from entropo.models import lora as lora_lib
 from entropo.models import tokenizer as tokenizer_lib
 from entropo.models import transformer as transformer_lib
 from entropo.tasks import data as data_lib
@@ -79,6 +80,12 @@ class ModelSection:
   # Run the blocks as one scan: compile time flat in depth, and the remat
   # holds on XLA:CPU (docs/benchmarks.md); costs a copy of block weights.
   scan_layers: bool = False
+  # LoRA (entropo.models.add_lora): the adapters' rank (0: full
+  # fine-tuning), alpha (their output is scaled by alpha / rank) and the
+  # projections adapted, Hugging Face names separated by commas (or a tuple).
+  lora_rank: int = 0
+  lora_alpha: float = 32.0
+  lora_targets: str | tuple[str, ...] = ",".join(lora_lib.TARGETS)
 
   def __post_init__(self):
     if self.init_from:
@@ -93,6 +100,14 @@ class ModelSection:
                  integer=True)
     check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
     check_choice("model.scan_layers", self.scan_layers, (False, True))
+    check_number("model.lora_rank", self.lora_rank, allow_zero=True,
+                 integer=True)
+    check_number("model.lora_alpha", self.lora_alpha)
+    try:
+      targets = lora_lib.parse_targets(self.lora_targets)
+    except ValueError as e:
+      fail("model.lora_targets", str(e))
+    object.__setattr__(self, "lora_targets", targets)
 
   def context_length(self) -> int:
     """The policy's `max_position_embeddings`: the tiny model's field, or

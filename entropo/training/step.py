@@ -1,8 +1,9 @@
 """The jitted pieces of an RL iteration: the pre-update pass and the update.
 
 `Learner` compiles two functions over `(params, ...)` pytrees, where
-`params = nnx.state(model, nnx.Param)`, and leaves every algorithmic choice
-to its `Algorithm` (algorithm.py):
+`params = nnx.state(model, nnx.Param)` (with LoRA: the adapters
+`nnx.state(model, nnx.LoRAParam)`, the rest passed as `frozen`), and leaves
+every algorithmic choice to its `Algorithm` (algorithm.py):
 
 * `pre_update(params, ref_params, tokens, ...)` -> `(batch, metrics)`: the
   trainer's own log-probs and entropy (`sequence_logps`: the fused head, no
@@ -30,6 +31,7 @@ from flax import nnx
 from entropo import diagnostics
 from entropo import fused
 from entropo import masking
+from entropo.models import lora as lora_lib
 
 # Per-token arrays of a training batch, all [B, L - 1] (`tokens` and
 # `attention_mask` are [B, L]).
@@ -54,51 +56,79 @@ def warm_start_optimizer(learning_rate: float, steps: int
   return optax.adamw(schedule, weight_decay=0.0)
 
 
-def sequence_logps(model, tokens, attention_mask):
+def sequence_logps(model, tokens, attention_mask, *, head_grad=True):
   """`(logps, entropy)` of `tokens[:, 1:]`, each `[B, L - 1]` float32.
 
   Through the fused head (no `[B, L, V]` logits) under the model's precision
-  policy: the trainer's own computation of log-probs.
+  policy: the trainer's own computation of log-probs. `head_grad=False`
+  (a frozen head, as with LoRA) skips the head's gradient in the backward
+  pass.
   """
   hidden = model(tokens, attention_mask=attention_mask)
   return fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
-      precision=model.policy)
+      precision=model.policy, head_grad=head_grad)
 
 
 class Learner:
-  """Compiled pre-update pass and update for one model and one algorithm."""
+  """Compiled pre-update pass and update for one model and one algorithm.
+
+  `params` are the trained variables. With LoRA (`nnx.split(model,
+  nnx.LoRAParam, ...)`) they are the adapters and every function also takes
+  `frozen`, the other variables: gradients, optimizer state and updates
+  cover the adapters alone. With `reference_without_adapters` the KL
+  reference is the same model with its adapters switched off
+  (`lora_disabled`), so no second copy of the weights is held and
+  `ref_params` is ignored.
+  """
 
   def __init__(self, graphdef, algorithm, optimizer: optax.GradientTransformation,
-               *, max_new_tokens: int, group_size: int):
+               *, max_new_tokens: int, group_size: int,
+               reference_without_adapters: bool = False):
     self.graphdef = graphdef
     self.algorithm = algorithm
     self.optimizer = optimizer
     self.norm = algorithm.norm or float(max_new_tokens)
     self.group_size = group_size
+    self.reference_without_adapters = reference_without_adapters
     self.pre_update = jax.jit(self._pre_update)
     self.update = jax.jit(self._update)
 
-  def _model(self, params):
-    return nnx.merge(self.graphdef, params)
+  def _model(self, params, frozen=None):
+    if frozen is None:
+      return nnx.merge(self.graphdef, params)
+    return nnx.merge(self.graphdef, params, frozen)
 
-  def _forward(self, params, tokens, attention_mask):
-    return sequence_logps(self._model(params), tokens, attention_mask)
+  def _forward(self, params, tokens, attention_mask, frozen=None):
+    return sequence_logps(self._model(params, frozen), tokens,
+                          attention_mask)
+
+  def _reference_logps(self, params, ref_params, tokens, attention_mask,
+                       frozen):
+    """The KL reference's log-probs, or None without a reference."""
+    if self.reference_without_adapters:
+      model = self._model(params, frozen)
+      with lora_lib.lora_disabled(model):
+        return sequence_logps(model, tokens, attention_mask)[0]
+    if ref_params is None:
+      return None
+    return self._forward(ref_params, tokens, attention_mask, frozen)[0]
 
   def _pre_update(self, params, ref_params, tokens, attention_mask, mask,
-                  sampler_logps, rewards, hyper):
+                  sampler_logps, rewards, hyper, frozen=None):
     """The update batch (old log-probs, advantages) and pre-update metrics.
 
     `mask` and `sampler_logps` are `[B, L - 1]` (aligned with the targets
     `tokens[:, 1:]`), `rewards` is `[B]` with groups of `group_size` rows.
     """
     a = self.algorithm
-    logps, entropy = self._forward(params, tokens, attention_mask)
+    logps, entropy = self._forward(params, tokens, attention_mask, frozen)
     adv = a.advantages(rewards, logps, entropy, mask, hyper,
                        group_size=self.group_size)
-    ref_logps = logps
-    if ref_params is not None:
-      ref_logps, _ = self._forward(ref_params, tokens, attention_mask)
+    ref_logps = self._reference_logps(params, ref_params, tokens,
+                                      attention_mask, frozen)
+    if ref_logps is None:
+      ref_logps = logps
     batch = dict(
         tokens=tokens, attention_mask=attention_mask, mask=mask,
         advantages=adv, ref_logps=ref_logps,
@@ -114,20 +144,22 @@ class Learner:
     return batch, metrics
 
   def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],
-           key) -> tuple[jax.Array, dict[str, jax.Array]]:
+           key, frozen=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss of a (mini)batch and its metrics."""
-    model = self._model(params)
+    model = self._model(params, frozen)
+    # With frozen weights (LoRA) the head is frozen: no head gradient.
     logps, entropy = sequence_logps(model, batch["tokens"],
-                                    batch["attention_mask"])
+                                    batch["attention_mask"],
+                                    head_grad=frozen is None)
     loss, metrics = self.algorithm.loss(logps, entropy, batch, hyper, key,
                                         norm=self.norm,
                                         precision=model.policy)
     metrics["loss"] = loss
     return loss, metrics
 
-  def _update(self, params, opt_state, batch, hyper, key):
+  def _update(self, params, opt_state, batch, hyper, key, frozen=None):
     grad_fn = jax.value_and_grad(self.loss, has_aux=True)
-    (_, metrics), grads = grad_fn(params, batch, hyper, key)
+    (_, metrics), grads = grad_fn(params, batch, hyper, key, frozen)
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
