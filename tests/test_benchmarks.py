@@ -130,3 +130,19 @@ def test_lora_memory_benchmark_runs(tmp_path):
   # Full fine-tuning returns new parameters and moments for every weight.
   assert lora["output_bytes"] < full["output_bytes"]
   assert "| lora_r2 |" in proc.stdout
+
+
+DECODE_SCRIPT = ROOT / "benchmarks" / "decode_cache.py"
+
+
+def test_decode_cache_benchmark_runs(tmp_path):
+  out = tmp_path / "decode.json"
+  proc = subprocess.run(
+      [sys.executable, str(DECODE_SCRIPT), "--chunk_size", "8",
+       "--new_tokens", "24", "--prompt_len", "8", "--batch", "2",
+       "--layers", "1", "--repeats", "1", "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr
+  result = json.loads(out.read_text())
+  assert result["same_tokens"] and result["chunks"] == 4
+  assert set(result["tokens_per_s"]) == {"all chunks", "filled chunks"}

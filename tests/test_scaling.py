@@ -103,7 +103,7 @@ def test_qwen3_exact_counts_and_config():
     planning.qwen3_config("Qwen3-7B")
 
 
-def _local_elements(shape, spec, mesh):
+def local_elements(shape, spec, mesh):
   n = 1
   for size, axis in zip(shape, tuple(spec) + (None,) * len(shape)):
     n *= size // (mesh.shape[axis] if axis else 1)
@@ -125,7 +125,7 @@ def test_params_per_device_follow_entropos_sharding_rules(name, layout):
   state = nnx.state(model, nnx.Param)
   is_var = lambda x: isinstance(x, nnx.Variable)
   expected = sum(
-      _local_elements(v.shape, s.get_value(), mesh) for v, s in zip(
+      local_elements(v.shape, s.get_value(), mesh) for v, s in zip(
           jax.tree.leaves(state, is_leaf=is_var),
           jax.tree.leaves(specs, is_leaf=is_var)))
   shape = planning.MeshShape(data=data, fsdp=fsdp, tensor=tensor)
@@ -330,7 +330,7 @@ def test_lora_estimate_trains_the_adapters_only():
   adapters = layers * sum(r * (i + o) for i, o in shapes)
   assert adapters == 2 * 3 * (16 + 12 + 12 + 16 + 24 + 24 + 24) == 768
   assert sum(math.prod(p.shape) * p.count
-             for p in planning.memory.lora_shapes(cfg, r)) == adapters
+             for p in planning.lora_shapes(cfg, r)) == adapters
   assert lora.params == full.params + 4 * adapters
   assert lora.optimizer == 8 * adapters and lora.gradients == 4 * adapters
   assert lora.update_outputs == 12 * adapters
@@ -354,7 +354,7 @@ def test_lora_adapter_shapes_equal_add_lora():
       targets=planning.memory.LORA_TARGETS))
   ours = sorted(tuple(v.get_value().shape) for _, v in nnx.to_flat_state(
       nnx.state(model, nnx.LoRAParam)))
-  planned = sorted(p.shape for p in planning.memory.lora_shapes(cfg, 5)
+  planned = sorted(p.shape for p in planning.lora_shapes(cfg, 5)
                    for _ in range(p.count))
   assert ours == planned
 

@@ -87,12 +87,11 @@ def policy_loss(
 
   Returns:
     `(loss, metrics)`: a float32 scalar and a flat dict of float32 scalars
-    (`pg/loss`, `pg/clipfrac_low`, `pg/clipfrac_high`, `pg/ratio_mean`,
-    `adv/mean`, ...).
+    (`pg/loss`, `pg/clipfrac_low`, `pg/clipfrac_high`, `adv/mean`, ...).
   """
   _check_inputs(logps, old_logps, advantages, mask, importance_weights,
-                objective=objective, agg=agg, dual_clip=dual_clip, key=key)
-  _check_clips(clip_low=clip_low, clip_high=clip_high)
+                objective=objective, agg=agg, dual_clip=dual_clip, key=key,
+                clips=(clip_low, clip_high))
   x = _token_inputs(logps, old_logps, advantages, mask,
                     band=ratio_lib.clip_band(clip_low, clip_high, band),
                     dual_clip=dual_clip, axis_name=axis_name,
@@ -112,8 +111,9 @@ def policy_loss(
 
 
 def _check_inputs(logps, old_logps, advantages, mask, importance_weights, *,
-                  objective, agg, dual_clip, key):
+                  objective, agg, dual_clip, key, clips):
   _checks.check_choice("objective", objective, OBJECTIVES)
+  _check_clips(clip_low=clips[0], clip_high=clips[1])
   _checks.check_choice("agg", agg, masking.AGGREGATION_MODES)
   _checks.check_float("logps", logps)
   _checks.check_float("old_logps", old_logps)

@@ -7,7 +7,8 @@ module. `python -m entropo.planning` prints the tables of docs/scaling.md.
 | module | holds |
 |---|---|
 | `catalog` | published Qwen3 configs (`qwen3_config`), accelerators (`HARDWARE`) |
-| `memory` | the memory model: `param_count`, `MeshShape`, `memory_estimate` |
+| `params` | parameter shapes and counts (with LoRA), `MeshShape`, per-device shares |
+| `memory` | the memory model: `memory_estimate`, `block_token_bytes` |
 | `mesh_search` | `max_sequences`, `recommend_mesh` |
 | `report` | the markdown tables (`markdown_tables`) and the command line |
 
@@ -20,13 +21,14 @@ from entropo.planning.catalog import QWEN3
 from entropo.planning.catalog import Hardware
 from entropo.planning.catalog import qwen3_config
 from entropo.planning.memory import MemoryEstimate
-from entropo.planning.memory import MeshShape
-from entropo.planning.memory import ParamShape
 from entropo.planning.memory import block_token_bytes
 from entropo.planning.memory import memory_estimate
-from entropo.planning.memory import param_count
-from entropo.planning.memory import param_shapes
-from entropo.planning.memory import params_per_device
+from entropo.planning.params import MeshShape
+from entropo.planning.params import ParamShape
+from entropo.planning.params import lora_shapes
+from entropo.planning.params import param_count
+from entropo.planning.params import param_shapes
+from entropo.planning.params import params_per_device
 from entropo.planning.mesh_search import max_sequences
 from entropo.planning.mesh_search import recommend_mesh
 from entropo.planning.report import markdown_tables

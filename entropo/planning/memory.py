@@ -49,8 +49,6 @@ modelled. `Hardware.budget` keeps a margin for them.
 """
 
 import dataclasses
-import functools
-import math
 
 import numpy as np
 
@@ -59,163 +57,18 @@ from entropo import sharding
 from entropo.models import attention as attention_lib
 from entropo.models import transformer as transformer_lib
 from entropo.models.config import ModelConfig
+from entropo.planning.params import LORA_TARGETS
+from entropo.planning.params import LORA_WEIGHTS
+from entropo.planning.params import MeshShape
+from entropo.planning.params import ParamShape
+from entropo.planning.params import local_elements
+from entropo.planning.params import lora_shapes
+from entropo.planning.params import rules_key
+from entropo.planning.params import split_params
 
 # What each attention implementation costs: "reference" materialises the
 # scores; the others are memory-linear in the sequence length.
 ATTENTION_OPTIONS = ("reference", "blockwise", "cudnn")
-
-@dataclasses.dataclass(frozen=True)
-class ParamShape:
-  """A parameter of `entropo.models.Transformer`, `count` times (per layer)."""
-
-  name: str
-  shape: tuple[int, ...]
-  axes: tuple[str, ...]
-  count: int = 1
-
-
-def param_shapes(cfg: ModelConfig) -> list[ParamShape]:
-  """Every parameter's shape and logical axes, as the Transformer builds it.
-
-  Per-layer parameters appear once with `count = num_layers`.
-  """
-  d, f, h, kv, hd, n = (cfg.hidden_size, cfg.intermediate_size,
-                        cfg.num_heads, cfg.num_kv_heads, cfg.head_dim,
-                        cfg.num_layers)
-  out = [ParamShape("embed_tokens", (cfg.vocab_size, d), ("vocab", "embed")),
-         ParamShape("norm/scale", (d,), ("embed",))]
-  if not cfg.tie_word_embeddings:
-    out.append(ParamShape("lm_head", (d, cfg.vocab_size), ("embed", "vocab")))
-  layer = [
-      ("input_layernorm/scale", (d,), ("embed",)),
-      ("post_attention_layernorm/scale", (d,), ("embed",)),
-      ("attn/q_proj", (d, h, hd), ("embed", "heads", "head_dim")),
-      ("attn/k_proj", (d, kv, hd), ("embed", "kv", "head_dim")),
-      ("attn/v_proj", (d, kv, hd), ("embed", "kv", "head_dim")),
-      ("attn/o_proj", (h, hd, d), ("heads", "head_dim", "embed")),
-      ("mlp/gate_proj", (d, f), ("embed", "mlp")),
-      ("mlp/up_proj", (d, f), ("embed", "mlp")),
-      ("mlp/down_proj", (f, d), ("mlp", "embed")),
-  ]
-  if cfg.qkv_bias:
-    layer += [("attn/q_bias", (h, hd), ("heads", "head_dim")),
-              ("attn/k_bias", (kv, hd), ("kv", "head_dim")),
-              ("attn/v_bias", (kv, hd), ("kv", "head_dim"))]
-  if cfg.qk_norm:
-    layer += [("attn/q_norm/scale", (hd,), ("head_dim",)),
-              ("attn/k_norm/scale", (hd,), ("head_dim",))]
-  out += [ParamShape(f"layers/*/{name}", shape, axes, n)
-          for name, shape, axes in layer]
-  return out
-
-
-# What `entropo.models.add_lora` adapts: (the weight in `param_shapes`, its
-# number of leading input dims).
-_LORA_WEIGHTS = {
-    "q_proj": ("attn/q_proj", 1), "k_proj": ("attn/k_proj", 1),
-    "v_proj": ("attn/v_proj", 1), "o_proj": ("attn/o_proj", 2),
-    "gate_proj": ("mlp/gate_proj", 1), "up_proj": ("mlp/up_proj", 1),
-    "down_proj": ("mlp/down_proj", 1),
-}
-LORA_TARGETS = tuple(_LORA_WEIGHTS)
-
-
-def lora_shapes(cfg: ModelConfig, rank: int,
-                targets=LORA_TARGETS) -> list[ParamShape]:
-  """The adapters `add_lora(rank=rank, targets=targets)` adds: `A` is
-  `[*in_dims, r]` and `B` `[r, *out_dims]` of each targeted weight, with
-  its logical axes (the rank axis unsharded), `count = num_layers`."""
-  weights = {p.name.removeprefix("layers/*/"): p for p in param_shapes(cfg)}
-  out = []
-  for target in targets:
-    name, num_in = _LORA_WEIGHTS[target]
-    w = weights[name]
-    out.append(ParamShape(f"layers/*/{name}/lora/a",
-                          (*w.shape[:num_in], rank),
-                          (*w.axes[:num_in], None), w.count))
-    out.append(ParamShape(f"layers/*/{name}/lora/b",
-                          (rank, *w.shape[num_in:]),
-                          (None, *w.axes[num_in:]), w.count))
-  return out
-
-
-def param_count(cfg: ModelConfig, *, embeddings: bool = True) -> int:
-  """Number of parameters of the model.
-
-  `embeddings=False` leaves out the embedding and the untied output
-  projection: the "non-embedding" count that model cards give.
-  """
-  return sum(math.prod(p.shape) * p.count for p in param_shapes(cfg)
-             if embeddings or p.name not in ("embed_tokens", "lm_head"))
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class MeshShape:
-  """Sizes of the `(data, fsdp, tensor)` mesh (`--config.mesh.*`)."""
-
-  data: int = 1
-  fsdp: int = 1
-  tensor: int = 1
-
-  def __post_init__(self):
-    for name in sharding.MESH_AXES:
-      value = getattr(self, name)
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"MeshShape.{name} must be a positive int; got "
-                         f"{value!r}.")
-
-  @property
-  def shape(self) -> dict[str, int]:
-    """Axis sizes by name, as `jax.sharding.Mesh.shape` gives them."""
-    return {"data": self.data, "fsdp": self.fsdp, "tensor": self.tensor}
-
-  @property
-  def size(self) -> int:
-    return self.data * self.fsdp * self.tensor
-
-  @property
-  def batch_shards(self) -> int:
-    """How many ways the batch is split (`data x fsdp`)."""
-    return self.data * self.fsdp
-
-  def flags(self) -> str:
-    return (f"--config.mesh.data={self.data} --config.mesh.fsdp={self.fsdp} "
-            f"--config.mesh.tensor={self.tensor}")
-
-
-def _local_elements(p: ParamShape, mesh: MeshShape, rules) -> int:
-  """Elements of one copy of `p` held by each device under `rules`."""
-  spec = sharding.logical_to_spec(p.axes, p.shape, mesh, rules)
-  return math.prod(size // (mesh.shape[axis] if axis else 1)
-                   for size, axis in zip(p.shape, spec))
-
-
-def params_per_device(cfg: ModelConfig, mesh: MeshShape,
-                      rules=sharding.DEFAULT_RULES) -> int:
-  """Parameter elements each device holds under the logical-axis rules."""
-  outside, layer = _split_params(cfg, mesh, _rules_key(rules))
-  return outside + cfg.num_layers * layer
-
-
-def _rules_key(rules):
-  """Rules as a hashable tuple of `(logical, mesh axis)` pairs."""
-  return tuple(dict(rules).items())
-
-
-@functools.lru_cache(maxsize=1024)
-def _split_params(cfg, mesh, rules):
-  """`(outside layers, one layer)` parameter elements per device.
-
-  Cached: the tables evaluate the same model and mesh many times.
-  """
-  outside = layer = 0
-  for p in param_shapes(cfg):
-    if p.name.startswith("layers/"):
-      layer += _local_elements(p, mesh, rules)
-    else:
-      outside += _local_elements(p, mesh, rules)
-  return outside, layer
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryEstimate:
@@ -346,8 +199,8 @@ def _gather_bytes(cfg, mesh, rules, c, h_bytes) -> tuple[float, int]:
   """
   d, v = cfg.hidden_size, cfg.vocab_size
   gathered = dataclasses.replace(mesh, fsdp=1, data=1)
-  _, layer_gathered = _split_params(cfg, gathered, rules)
-  head_gathered = _local_elements(
+  _, layer_gathered = split_params(cfg, gathered, rules)
+  head_gathered = local_elements(
       ParamShape("head", (d, v), ("embed", "vocab")), gathered, rules)
   gathers = 0.0
   if mesh.fsdp > 1:
@@ -380,7 +233,7 @@ def _weight_cast_bytes(cfg, policy, mesh, rules, *, layer, remat) -> float:
   if policy.compute_dtype != policy.param_dtype:
     weight_casts = (layer if remat else cfg.num_layers * layer) * c
   if policy.head_dtype != policy.param_dtype:
-    weight_casts += _local_elements(
+    weight_casts += local_elements(
         ParamShape("head", (d, v), ("embed", "vocab")), mesh, rules) * h_bytes
   return weight_casts
 
@@ -419,11 +272,14 @@ def _check_shape(batch, minibatches, shards, seq_len, prompt_len) -> int:
   return prompt_len
 
 
-def _check_lora(lora_rank, lora_targets) -> None:
+def _check_options(remat, lora_rank, lora_targets) -> None:
+  if remat not in transformer_lib.REMAT_OPTIONS:
+    raise ValueError(f"remat must be one of {transformer_lib.REMAT_OPTIONS};"
+                     f" got {remat!r}.")
   if isinstance(lora_rank, bool) or not isinstance(lora_rank, int) or (
       lora_rank < 0):
     raise ValueError(f"lora_rank must be an int >= 0; got {lora_rank!r}.")
-  unknown = [t for t in lora_targets if t not in _LORA_WEIGHTS]
+  unknown = [t for t in lora_targets if t not in LORA_WEIGHTS]
   if unknown or not lora_targets:
     raise ValueError(f"lora_targets must name some of {LORA_TARGETS}; got "
                      f"{tuple(lora_targets)}.")
@@ -439,7 +295,7 @@ def _lora_bytes(cfg, mesh, rules, lora_rank, lora_targets, *, tokens, c,
   weights' (`frozen_layer_grads`).
   """
   adapters = lora_shapes(cfg, lora_rank, lora_targets)
-  trained = 4.0 * sum(_local_elements(p, mesh, rules) * p.count
+  trained = 4.0 * sum(local_elements(p, mesh, rules) * p.count
                       for p in adapters)
   activations = tokens * cfg.num_layers * lora_rank * c * len(lora_targets)
   working = 0.0
@@ -479,72 +335,53 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   """Estimated bytes per device of one RL iteration (module docstring).
 
   Args:
-    cfg: the model.
-    precision: a preset name or `Precision`.
-    mesh: the mesh sizes.
-    batch: sequences per rollout (`prompts_per_batch x group_size`); split
-      over `data x fsdp`, which must divide it.
-    seq_len: tokens per sequence, prompt plus completion (the KV cache
-      length and the trained length).
-    prompt_len: prompt tokens (the sampler's prefill); default half of
-      `seq_len`.
-    minibatches: optimizer steps per rollout (`algo.minibatches`); each
-      update sees `batch / minibatches` sequences.
-    remat: the model's rematerialisation (`--config.model.remat`: "none",
-      "block" or "block_save_dots").
-    attention: "reference" (materialised `[B, H, T, S]` scores),
-      "blockwise" or "cudnn" (memory-linear); `--config.model.attention`
-      ("auto" is blockwise, or cuDNN on a GPU in bf16/fp16).
-    attention_chunk_size: keys per chunk of the blockwise attention.
-    fused_head: the chunked head entropo uses; False models `[B, T, V]`
-      float32 logits and log-softmax.
+    cfg, precision, mesh: the model, a preset name or `Precision`, the mesh.
+    batch: sequences per rollout (`prompts_per_batch x group_size`), split
+      over `data x fsdp`, which must divide it; `minibatches` optimizer
+      steps each see `batch / minibatches` of them.
+    seq_len: prompt plus completion tokens; `prompt_len` (the sampler's
+      prefill) defaults to half of it.
+    remat, attention, attention_chunk_size: the `model` config fields
+      ("none"/"block"/"block_save_dots"; "reference" materialises the
+      scores, "blockwise" and "cudnn" are memory-linear).
+    fused_head: the chunked head; False models `[B, T, V]` float32 logits.
+      `chunk_size` is its vocabulary chunk.
     donate: the update donates its parameter and optimizer buffers.
-    reference: a KL term keeps the starting parameters (`algo.kl_coef > 0`).
-    chunk_size: vocabulary chunk of the fused head.
-    lora_rank: LoRA adapters of this rank on `lora_targets` (0: full
-      fine-tuning). The base parameters stay resident in `param_dtype` but
-      get no gradients, optimizer state or new copies; the float32
-      adapters get all three; the KL reference is the base model (no
-      copy, whatever `reference` says); each adapter saves its `[T, r]`
-      low-rank activation for the backward pass.
-    lora_targets: the projections adapted (`entropo.models.lora.TARGETS`).
+    reference: a KL term keeps the starting parameters.
+    lora_rank, lora_targets: LoRA adapters (0: full fine-tuning). The base
+      stays resident without gradients, moments or new copies; the float32
+      adapters get all three; the KL reference is the base (no copy); each
+      adapter saves its `[T, r]` activation.
     rules: logical-axis rules.
 
   Returns:
     A `MemoryEstimate` in bytes per device.
   """
   policy = precision_lib.get_precision(precision)
-  if remat not in transformer_lib.REMAT_OPTIONS:
-    raise ValueError(f"remat must be one of {transformer_lib.REMAT_OPTIONS};"
-                     f" got {remat!r}.")
-  _check_lora(lora_rank, lora_targets)
   shards = mesh.batch_shards
   prompt_len = _check_shape(batch, minibatches, shards, seq_len, prompt_len)
+  _check_options(remat, lora_rank, lora_targets)
   p_bytes, c = _itemsize(policy.param_dtype), _itemsize(policy.compute_dtype)
   h_bytes = _itemsize(policy.head_dtype)
-  rules = _rules_key(rules)
-  outside, layer = _split_params(cfg, mesh, rules)
+  rules = rules_key(rules)
+  outside, layer = split_params(cfg, mesh, rules)
   n_params = outside + cfg.num_layers * layer
   gathers, layer_gathered = _gather_bytes(cfg, mesh, rules, c, h_bytes)
-
   rows = batch // shards
   kv_cache, sample_weights, sample_working = _sampling_bytes(
       cfg, policy, mesh, rows=rows, seq_len=seq_len, prompt_len=prompt_len,
       n_params=n_params, attention=attention,
       attention_chunk_size=attention_chunk_size, gathers=gathers)
-
   head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
                                             fused_head)
   # Token ids of the embedding lookup; the final norm as in a block.
   extra = 4 + (8 + 2 * c) * cfg.hidden_size + 8
   saved, work, dots = block_token_bytes(cfg, mesh, c, seq_len, attention,
                                         attention_chunk_size)
-
   # The trainer's forward over the whole rollout: one layer live at a time.
   tokens = rows * seq_len
   prepare_working = (tokens * (saved + extra + head_work + head_saved)
                      + gathers)
-
   tokens = (batch // minibatches // shards) * seq_len
   activations, update_working = _update_bytes(
       cfg, remat, tokens, (saved, work, dots), extra=extra,
@@ -554,8 +391,7 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
     update_working += layer_gathered * p_bytes  # before reduce-scatter
   weight_casts = _weight_cast_bytes(cfg, policy, mesh, rules, layer=layer,
                                     remat=remat != "none")
-  params = n_params * p_bytes
-  trained = params
+  params = trained = n_params * p_bytes
   if lora_rank:
     trained, extra_act, work_change = _lora_bytes(
         cfg, mesh, rules, lora_rank, lora_targets, tokens=tokens, c=c,

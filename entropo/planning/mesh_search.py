@@ -3,8 +3,8 @@
 import math
 
 from entropo.planning.catalog import Hardware
-from entropo.planning.memory import MeshShape
 from entropo.planning.memory import memory_estimate
+from entropo.planning.params import MeshShape
 
 
 def affine_peaks(cfg, precision, mesh, *, seq_len, phase, **options):

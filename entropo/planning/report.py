@@ -6,12 +6,12 @@ from entropo.planning.catalog import GIB
 from entropo.planning.catalog import HARDWARE
 from entropo.planning.catalog import QWEN3
 from entropo.planning.catalog import qwen3_config
-from entropo.planning.memory import MeshShape
 from entropo.planning.memory import memory_estimate
-from entropo.planning.memory import param_count
 from entropo.planning.mesh_search import affine_peaks
 from entropo.planning.mesh_search import max_sequences
 from entropo.planning.mesh_search import recommend_mesh
+from entropo.planning.params import MeshShape
+from entropo.planning.params import param_count
 
 # The setups of docs/scaling.md: model, hardware, chips, slice name.
 SETUPS = (
