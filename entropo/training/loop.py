@@ -44,11 +44,7 @@ import numpy as np
 from flax import nnx
 
 from entropo import sharding
-from entropo import tasks as tasks_lib
 from entropo.models import Transformer
-from entropo.models import add_lora
-from entropo.models import from_pretrained
-from entropo.models import load_tokenizer
 from entropo.tasks import pipeline
 from entropo.training import checkpoint as checkpoint_lib
 from entropo.training import config as config_lib
@@ -60,7 +56,7 @@ from entropo.training import logger as logger_lib
 from entropo.training import rollouts as rollouts_lib
 from entropo.training import step as step_lib
 from entropo.training.placement import BatchPlacement
-from entropo.training.warm_start import warm_start
+from entropo.training.warm_start import initial_policy
 
 
 NonFiniteError = guards.NonFiniteError
@@ -84,14 +80,11 @@ class Trainer:
         devices=jax.devices()[:m.data * m.fsdp * m.tensor])
     sharding.shard_model(self.model, self.mesh)
     self.lora = config.model.lora_rank > 0
-    if self.lora:
-      # Only the adapters train; the base weights are `frozen`, never in
-      # the optimizer or the checkpoints (they are `init_from`'s).
-      self.graphdef, params, self.frozen = nnx.split(
-          self.model, nnx.LoRAParam, ...)
-    else:
-      self.graphdef, params = nnx.split(self.model)
-      self.frozen = None
+    # With LoRA only the adapters train; the base weights are `frozen`,
+    # never in the optimizer or the checkpoints (they are `init_from`'s).
+    self.graphdef, params, *frozen = nnx.split(
+        self.model, *((nnx.LoRAParam, ...) if self.lora else ()))
+    self.frozen = frozen[0] if frozen else None
     self.placement = BatchPlacement(self.mesh)
     self.optimizer = step_lib.make_optimizer(config.optim)
     kl = self.algorithm.kl_coef > 0
@@ -127,23 +120,8 @@ class Trainer:
   # -- setup
 
   def _init_model(self):
-    c = self.config
-    if c.model.init_from:
-      path = pathlib.Path(c.model.init_from)
-      self.tokenizer = load_tokenizer(path)
-    else:
-      self.tokenizer = tasks_lib.char_tokenizer()
-      path = distributed.on_primary_first(
-          "warm start", warm_start, c, self.task, self.tokenizer,
-          self.workdir / "warm_start")
-    self.model = from_pretrained(
-        path, precision=self.precision, attention=c.model.attention,
-        attention_chunk_size=c.model.attention_chunk_size,
-        remat=c.model.remat, scan_layers=c.model.scan_layers)
-    if c.model.lora_rank:
-      add_lora(self.model, rank=c.model.lora_rank, alpha=c.model.lora_alpha,
-               targets=c.model.lora_targets, rngs=nnx.Rngs(c.seed))
-    self.warm_start_dir = path
+    self.model, self.tokenizer, self.warm_start_dir = initial_policy(
+        self.config, self.task, self.workdir, self.precision)
 
   def _init_data(self):
     c = self.config

@@ -14,10 +14,14 @@ from flax import nnx
 from entropo import tasks as tasks_lib
 from entropo.models import ModelConfig
 from entropo.models import Transformer
+from entropo.models import add_lora
+from entropo.models import from_pretrained
+from entropo.models import load_tokenizer
 from entropo.models import save_pretrained
 from entropo.models import hf as hf_lib
 from entropo.models import tokenizer as tokenizer_lib
 from entropo.tasks import pipeline
+from entropo.training import distributed
 from entropo.training import logger as logger_lib
 from entropo.training import step as step_lib
 
@@ -117,3 +121,30 @@ def incomplete_reason(directory) -> str | None:
   except Exception as e:  # pylint: disable=broad-except
     return f"cannot read {hf_lib.WEIGHTS_NAME}: {e}"
   return None
+
+
+def initial_policy(config, task, workdir, precision):
+  """`(model, tokenizer, path)`: the policy RL starts from.
+
+  `model.init_from`'s Hugging Face checkpoint, or the tiny model warm
+  started into `<workdir>/warm_start` (by process 0; the others wait);
+  loaded under `precision` with the model section's attention, remat and
+  layer scan, and LoRA adapters added when `model.lora_rank > 0`.
+  """
+  m = config.model
+  if m.init_from:
+    path = pathlib.Path(m.init_from)
+    tokenizer = load_tokenizer(path)
+  else:
+    tokenizer = tasks_lib.char_tokenizer()
+    path = distributed.on_primary_first(
+        "warm start", warm_start, config, task, tokenizer,
+        pathlib.Path(workdir) / "warm_start")
+  model = from_pretrained(
+      path, precision=precision, attention=m.attention,
+      attention_chunk_size=m.attention_chunk_size, remat=m.remat,
+      scan_layers=m.scan_layers)
+  if m.lora_rank:
+    add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha,
+             targets=m.lora_targets, rngs=nnx.Rngs(config.seed))
+  return model, tokenizer, path
