@@ -61,17 +61,21 @@ install-py312: .venv312/.installed
 test-py311: .venv/.installed
 	$(call run_pytest,.venv/bin/python,test-py311 (.venv))
 
-# The second leg checks entropo on the newer Python and jax; it leaves out
-# the tests that drive scripts end to end (the study, the notebooks, the
-# benchmark smoke runs), those marked slow and most of the trainer's runs
-# (it keeps exact resume, full and LoRA, and the model section's options),
-# which the first leg runs, to keep CI well under an hour on 2 cores.
-PY312_SKIP := -m "not slow" --ignore=tests/test_study.py \
-  --ignore=tests/test_notebooks.py --ignore=tests/test_benchmarks.py \
-  -k "not test_training.py or resume_equals or model_section or bad_configs"
+# The second leg checks entropo on the newer Python and jax: the numeric
+# core, the model, attention and sampler, the dot-precision walk, the
+# install, and the trainer's exact resume (full and LoRA), model options
+# and config errors. The first leg runs every test; running all of them
+# twice took CI past an hour on 2 cores.
+PY312_TESTS := tests/test_precision.py tests/test_dot_precision.py \
+  tests/test_logprobs.py tests/test_fused.py tests/test_objectives.py \
+  tests/test_advantages.py tests/test_repo.py tests/test_diagnostics.py \
+  tests/test_models_transformer.py tests/test_attention.py \
+  tests/test_sampler.py tests/test_install.py tests/test_training.py \
+  -m "not slow" -k "not test_training.py or resume_equals or model_section \
+  or bad_configs"
 
 test-py312: .venv312/.installed
-	$(call run_pytest,.venv312/bin/python,test-py312 (.venv312),$(PY312_SKIP))
+	$(call run_pytest,.venv312/bin/python,test-py312 (.venv312),$(PY312_TESTS))
 
 ifdef VIRTUAL_ENV
 VENV_PY := $(VIRTUAL_ENV)/bin/python
