@@ -38,6 +38,7 @@ normal entropo run directory: metrics.jsonl, baseline.json, checkpoints),
 
 import json
 import math
+import os
 import pathlib
 import time
 
@@ -45,11 +46,12 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import study_regimes
 from experiments import study_report
 from experiments.study_report import summarize
 
 STAGES = ("warm_start", "algorithms", "sequential", "precision", "ratio_bias",
-          "bounds", "report")
+          "bounds", *study_regimes.REGIME_STAGES, "report")
 # The controllers' bounds, varied one at a time (the `bounds` stage): REPO-R's
 # zeta_max (the algorithms stage uses 1, the paper 0.05) and ADAPO's
 # clip_high_max (the algorithms stage uses 0.4).
@@ -81,6 +83,15 @@ _PRECISION_ALGORITHMS = flags.DEFINE_list(
 _PRESETS = flags.DEFINE_list("presets", list(PRESETS), "Precision presets.")
 _PRECISION_SEEDS = flags.DEFINE_list("precision_seeds", ["0", "1", "2"],
                                      "Seeds of the precision stage.")
+_OFFPOLICY_ALGORITHMS = flags.DEFINE_list(
+    "offpolicy_algorithms", list(study_regimes.OFFPOLICY_ALGORITHMS),
+    "Algorithms of the offpolicy stage.")
+_BAND_REGIME = flags.DEFINE_string(
+    "band_regime", "mb16_ep1_lr4", "The offpolicy cell (minibatches, epochs, "
+    "learning-rate scale) of the precision_band stage.")
+_BAND_PRESETS = flags.DEFINE_list(
+    "band_presets", list(study_regimes.BAND_PRESETS),
+    "Precision presets of the precision_band stage.")
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny model and settings (seconds per run): checks the "
     "pipeline end to end, measures nothing.")
@@ -149,21 +160,37 @@ class Study:
                        smoke=self.smoke, seed=seed)
 
   def _record(self, name: str, seconds: float) -> None:
-    self.timing[name] = round(seconds, 1)
-    self.timing_path.write_text(json.dumps(self.timing, indent=2))
+    """Adds one job's time to timing.json, keeping what other study
+    processes on the same directory recorded meanwhile (locked, atomic)."""
+    import fcntl  # pylint: disable=g-import-not-at-top
+    with open(self.dir / ".timing.lock", "w") as lock:
+      fcntl.flock(lock, fcntl.LOCK_EX)
+      if self.timing_path.is_file():
+        self.timing.update(json.loads(self.timing_path.read_text()))
+      self.timing[name] = round(seconds, 1)
+      tmp = self.timing_path.with_suffix(f".tmp{os.getpid()}")
+      tmp.write_text(json.dumps(self.timing, indent=2))
+      os.replace(tmp, self.timing_path)
 
-  def warm_start(self) -> None:
+  def run_dir(self, stage: str, name: str, seed: int) -> pathlib.Path:
+    return run_dir(self.dir, stage, name, seed)
+
+  def warm_start(self, spread: float = study_regimes.DEFAULT_SPREAD) -> None:
+    """The shared warm start, or one trained with another solution spread
+    (`warm_start.spread`: the starting entropy)."""
     from entropo import tasks  # pylint: disable=g-import-not-at-top
     from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
     from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
-    if (self.dir / "warm_start" / "config.json").is_file():
-      _log("warm start: exists")
+    out = study_regimes.warm_start_dir(self.dir, spread)
+    if (out / "config.json").is_file():
+      _log(f"{out.name}: exists")
       return
     t = time.perf_counter()
     c = self.config("grpo")
+    c.warm_start.spread = spread
     warm_start.warm_start(c, config_lib.make_task(c.task),
-                          tasks.char_tokenizer(), self.dir / "warm_start")
-    self._record("warm_start", time.perf_counter() - t)
+                          tasks.char_tokenizer(), out)
+    self._record(out.name, time.perf_counter() - t)
 
   def run(self, config, directory: pathlib.Path, label: str) -> None:
     """Trains one run to completion (or skips it if it is complete)."""
@@ -373,50 +400,67 @@ def measure_ratio_bias(model_dir, config, presets, *, batches: int,
   return out
 
 
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+def _check_flags() -> None:
+  """Every flag error before any work (a UsageError naming the flag)."""
   unknown = sorted(set(_STAGES.value) - set(STAGES))
   if unknown:
     raise app.UsageError(f"Unknown stages {unknown}; choose from {STAGES}.")
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
   for name in (_ALGORITHMS.value + _PRECISION_ALGORITHMS.value
-               + [_SEQ_ALGORITHM.value]):
+               + _OFFPOLICY_ALGORITHMS.value + [_SEQ_ALGORITHM.value]):
     try:
       config_lib.algorithm(name)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
-  for source in _SOURCES.value:
-    if source != "warm_start" and source not in _ALGORITHMS.value:
-      raise app.UsageError(f"--sources: {source!r} is neither warm_start nor "
-                           f"one of --algorithms {_ALGORITHMS.value}.")
-  for preset in _PRESETS.value:
-    if preset not in PRESETS:
-      raise app.UsageError(f"--presets: unknown preset {preset!r}; choose "
-                           f"from {PRESETS}.")
+  if "sequential" in _STAGES.value:
+    for source in _SOURCES.value:
+      if source != "warm_start" and source not in _ALGORITHMS.value:
+        raise app.UsageError(
+            f"--sources: {source!r} is neither warm_start nor one of "
+            f"--algorithms {_ALGORITHMS.value}.")
+  for flag in (_PRESETS, _BAND_PRESETS):
+    for preset in flag.value:
+      if preset not in PRESETS:
+        raise app.UsageError(f"--{flag.name}: unknown preset {preset!r}; "
+                             f"choose from {PRESETS}.")
+  try:
+    study_regimes.parse_cell(_BAND_REGIME.value)
+  except ValueError as e:
+    raise app.UsageError(f"--band_regime: {e}") from None
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  _check_flags()
   logging.set_verbosity(logging.WARNING)
   study = Study(_WORKDIR.value, seeds=_SEEDS.value,
                 iterations=_ITERATIONS.value, smoke=_SMOKE.value)
+  run_stage = {
+      "warm_start": study.warm_start,
+      "algorithms": lambda: study.algorithms(_ALGORITHMS.value),
+      "sequential": lambda: study.sequential(_SOURCES.value,
+                                             _SEQ_ALGORITHM.value),
+      "precision": lambda: study.precision(
+          _PRECISION_ALGORITHMS.value, _PRESETS.value,
+          [int(s) for s in _PRECISION_SEEDS.value]),
+      "ratio_bias": lambda: study.ratio_bias(_PRESETS.value),
+      "bounds": study.bounds,
+      "offpolicy": lambda: study_regimes.offpolicy(
+          study, _OFFPOLICY_ALGORITHMS.value),
+      "start_entropy": lambda: study_regimes.start_entropy(study),
+      "repo_ceiling": lambda: study_regimes.repo_ceiling(study),
+      "precision_band": lambda: study_regimes.precision_band(
+          study, _BAND_REGIME.value, _BAND_PRESETS.value),
+      "lora": lambda: study_regimes.lora(study),
+      "report": lambda: _log("report: " + ", ".join(
+          str(f) for f in study_report.write_report(study.dir))),
+  }
   t = time.perf_counter()
   stages = [s for s in STAGES if s in _STAGES.value]
   for stage in stages:
     _log(f"stage {stage}")
-    if stage == "warm_start":
-      study.warm_start()
-    elif stage == "algorithms":
-      study.algorithms(_ALGORITHMS.value)
-    elif stage == "sequential":
-      study.sequential(_SOURCES.value, _SEQ_ALGORITHM.value)
-    elif stage == "precision":
-      study.precision(_PRECISION_ALGORITHMS.value, _PRESETS.value,
-                      [int(s) for s in _PRECISION_SEEDS.value])
-    elif stage == "bounds":
-      study.bounds()
-    elif stage == "ratio_bias":
-      study.ratio_bias(_PRESETS.value)
-    elif stage == "report":
-      files = study_report.write_report(study.dir)
-      _log(f"report: {', '.join(str(f) for f in files)}")
+    run_stage[stage]()
   _log(f"stages {stages} took {time.perf_counter() - t:.0f} s; total run "
        f"time so far {sum(study.timing.values()) / 60:.1f} min")
 

@@ -876,6 +876,33 @@ def test_unknown_algorithm():
   assert algorithm("dapo+repo_r")["clip_high"] == 0.28
 
 
+@pytest.mark.parametrize("sign_clamp", [True, False])
+def test_repo_r_sign_clamp_option(sign_clamp):
+  """`algo.repo_sign_clamp` reaches REPO-R: float64 reference of
+  A - zeta |A| log pi, with and without clamping at 0."""
+  from entropo.training.algorithm import Algorithm  # pylint: disable=g-import-not-at-top
+  c = tiny_config("grpo+repo_r")
+  c.algo.repo_sign_clamp = sign_clamp
+  algo = Algorithm.from_config(c.algo)
+  rewards = np.array([1., 0., 0., 0.], np.float32)  # one group of 4
+  logps = np.log(np.array([[0.9, 0.01], [0.5, 1e-4], [0.7, 0.2],
+                           [0.99, 0.3]], np.float32))
+  mask = np.ones((4, 2), bool)
+  zeta = 0.5
+  got = algo.advantages(jnp.asarray(rewards), jnp.asarray(logps),
+                        jnp.zeros((4, 2)), jnp.asarray(mask),
+                        {"zeta": zeta}, group_size=4)
+  r = rewards.astype(np.float64)
+  a = (r - r.mean()) / (r.std(ddof=1) + 1e-6)
+  a = np.broadcast_to(a[:, None], (4, 2))
+  want = a - zeta * np.abs(a) * logps.astype(np.float64)
+  if sign_clamp:
+    want = np.where(a > 0, np.maximum(want, 0), np.minimum(want, 0))
+  # zeta |log 1e-4| > 1: the clamp decides the sign of that token.
+  assert (want[1, 1] > 0) == (not sign_clamp)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+
+
 def test_launcher_rejects_a_bad_override_before_compute(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "experiments.main",

@@ -74,6 +74,7 @@ class Algorithm:
   grpo_scale: str
   repo: str | None
   repo_positive_only: bool
+  repo_sign_clamp: bool
   objective: str
   clip_low: float
   band: str
@@ -141,6 +142,7 @@ class Algorithm:
         name=algo.name, advantage=algo.advantage, grpo_scale=algo.grpo_scale,
         repo=None if algo.repo == "none" else algo.repo,
         repo_positive_only=algo.repo_positive_only,
+        repo_sign_clamp=algo.repo_sign_clamp,
         objective=algo.objective, clip_low=algo.clip_low, band=algo.band,
         dual_clip=algo.dual_clip or None, agg=algo.agg,
         norm=algo.norm or None, clip_cov_ratio=algo.clip_cov_ratio,
@@ -199,7 +201,8 @@ class Algorithm:
     zeta = hyper["zeta"]
     if self.repo == "repo_r":
       adv = repo_lib.repo_r_advantages(adv, logps, zeta=zeta,
-                                       positive_only=self.repo_positive_only)
+                                       positive_only=self.repo_positive_only,
+                                       sign_clamp=self.repo_sign_clamp)
     elif self.repo == "repo":
       adv = repo_lib.repo_advantages(adv, logps, entropy, beta=zeta)
     elif self.repo == "repo_d":

@@ -95,8 +95,9 @@ def _algo_defaults() -> dict:
       # value, bounds, law (doubling or pi), sign flip, PI gains.
       repo="none", zeta_init=1e-3, zeta_min=1e-4, zeta_max=0.05,
       zeta_law="doubling", zeta_sign_flip=True, zeta_kp=2.0, zeta_ki=0.2,
-      # REPO-R on positive advantages only.
-      repo_positive_only=False,
+      # REPO-R on positive advantages only; REPO-R keeping each advantage's
+      # sign (clamping at 0 where |zeta log pi| > 1).
+      repo_positive_only=False, repo_sign_clamp=True,
       # ADAPO: adapt epsilon_high (entropo.ClipHighController) from
       # algo.clip_high within [clip_high_min, clip_high_max] (widened to
       # include clip_high); law multiplicative (by factor) or pi (gains).
