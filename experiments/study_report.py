@@ -465,6 +465,11 @@ def write_report(study_dir) -> list[pathlib.Path]:
     md += ["## Controller bounds (task A)", ""] + [
         line + "\n" for line in lines]
     summary["bounds"] = data
+  from experiments import regime_report  # pylint: disable=g-import-not-at-top
+  sections, data = regime_report.write_sections(study_dir, out, files)
+  for title, lines in sections:
+    md += [f"## {title}", ""] + [line + "\n" for line in lines]
+  summary.update(data)
   path = study_dir / "ratio_bias.json"
   if path.is_file():
     result = json.loads(path.read_text())

@@ -193,6 +193,65 @@ def test_smoke_study_end_to_end(tmp_path):
     study.algorithms(["grpo"])
 
 
+@pytest.mark.slow
+def test_regime_stages_smoke(tmp_path):
+  """The regime stages (issue 18) and the LoRA stage at smoke size: each
+  run gets the setting its name says, and the report shows every stage."""
+  from experiments import study_regimes as regimes  # pylint: disable=g-import-not-at-top
+  study = study_lib.Study(tmp_path, seeds=[0], iterations=2, smoke=True)
+  study.warm_start()
+  regimes.offpolicy(study, ["dapo"], updates=("1x1", "4x4"), lr_scales=(4,))
+  regimes.start_entropy(study, ["grpo"], spreads=(1.0,))
+  regimes.repo_ceiling(study, ("repo_r", "repo_r_no_sign_clamp",
+                               "repo_centred"))
+  regimes.precision_band(study, "mb4_ep1_lr1", ["bf16"])
+  regimes.lora(study, ["grpo"], lr_scales=(10,))
+  files = study_report.write_report(tmp_path)
+
+  def config(key):
+    return json.loads((tmp_path / "runs" / key / "seed0" / "config.json"
+                       ).read_text())
+  c = config("offpolicy/dapo/mb4_ep4_lr4")
+  assert (c["algo"]["minibatches"], c["algo"]["epochs"]) == (4, 4)
+  np.testing.assert_allclose(c["optim"]["learning_rate"], 4e-4)
+  assert config("offpolicy/dapo/mb1_ep1_lr4")["algo"]["minibatches"] == 1
+  # The high-entropy start is its own warm start, trained with spread 1.
+  c = config("start_entropy/grpo/spread1")
+  start = pathlib.Path(c["model"]["init_from"])
+  assert start == tmp_path / "warm_start_spread1"
+  assert json.loads((start / "warm_start.json").read_text())[
+      "spread"] == 1.0
+  assert not config("repo_ceiling/repo_r_no_sign_clamp")["algo"][
+      "repo_sign_clamp"]
+  assert config("repo_ceiling/repo_r")["algo"]["repo_sign_clamp"]
+  assert config("repo_ceiling/repo_centred")["algo"]["repo"] == "repo"
+  c = config("precision_band/dapo/mb4_ep1_lr1/bf16")
+  assert (c["precision"], c["algo"]["old_logps"]) == ("bf16", "sampler")
+  c = config("lora/grpo/lr10")
+  assert (c["model"]["lora_rank"], c["model"]["lora_alpha"]) == (8, 16.0)
+  np.testing.assert_allclose(c["optim"]["learning_rate"], 1e-3)
+
+  summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+  assert sorted(summary["offpolicy"]) == ["dapo/mb1_ep1_lr4",
+                                          "dapo/mb4_ep4_lr4"]
+  # On-policy (one step per batch): every ratio is 1, nothing clips.
+  assert summary["offpolicy"]["dapo/mb1_ep1_lr4"]["clipfrac_high"] == [0.0]
+  assert sorted(summary["start_entropy"]) == ["grpo/spread1"]
+  assert sorted(summary["repo_ceiling"]) == [
+      "repo_centred", "repo_r", "repo_r_no_sign_clamp"]
+  assert list(summary["precision_band"]) == ["dapo/mb4_ep1_lr1/bf16"]
+  assert sorted(summary["lora"]) == ["grpo/LoRA r=8, lr ×10"]
+  text = (tmp_path / "report" / "summary.md").read_text()
+  for title in ("## Off-policy sweep", "## Starting entropy",
+                "## REPO's ceiling", "## Precision where the band binds",
+                "## LoRA against full fine-tuning"):
+    assert title in text
+  assert {f.name for f in files} >= {
+      "offpolicy_clip_entropy.png", "offpolicy_effect.png",
+      "start_entropy.png", "repo_ceiling.png", "precision_band.png",
+      "lora.png"}
+
+
 def _study(*args):
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   return subprocess.run(
@@ -205,6 +264,9 @@ def _study(*args):
     (["--algorithms=grpo,ppo"], "Unknown algorithm 'ppo'"),
     (["--sources=dapo", "--algorithms=grpo"], "--sources: 'dapo'"),
     (["--presets=fp8"], "unknown preset 'fp8'"),
+    (["--band_presets=fp32,bf8"], "--band_presets: unknown preset 'bf8'"),
+    (["--band_regime=mb16_lr4"], "--band_regime: Not an off-policy cell"),
+    (["--offpolicy_algorithms=grpo,ppo"], "Unknown algorithm 'ppo'"),
 ])
 def test_bad_flags_fail_before_compute(tmp_path, args, message):
   proc = _study(f"--workdir={tmp_path}", *args)

@@ -665,6 +665,9 @@ def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
   path = warm_start.warm_start(c, config_lib.make_task(c.task),
                                tasks.char_tokenizer(), tmp_path / "ws")
   assert json.loads((path / "warm_start_loss.json").read_text()) == []
+  settings = json.loads((path / "warm_start.json").read_text())
+  assert (settings["steps"], settings["spread"]) == (0, c.warm_start.spread)
+  assert settings["model_seed"] == c.seed
   assert from_pretrained(path).config.hidden_size == 32
 
 

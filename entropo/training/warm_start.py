@@ -42,7 +42,8 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   """Trains the tiny model from scratch on correct solutions (SFT).
 
   Saves it as a Hugging Face directory (safetensors, config.json,
-  tokenizer.json) at `directory`, which is reused if it already exists:
+  tokenizer.json, plus `warm_start.json`: the settings that made it, and
+  `warm_start_loss.json`: its loss per step) at `directory`, which is reused if it already exists:
   every run of a study can start from the same warm-started policy. The
   warm start always trains in float32; the RL run loads it under its own
   precision preset.
@@ -91,6 +92,9 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   save_pretrained(model, tmp)
   tasks_lib.save_tokenizer(tokenizer, tmp)
   (tmp / "warm_start_loss.json").write_text(json.dumps(losses))
+  # What made this policy (the spread sets its starting entropy).
+  (tmp / "warm_start.json").write_text(json.dumps(
+      {**ws.to_dict(), "model_seed": config.seed}, indent=2))
   os.replace(tmp, directory)
   final = f", final loss {losses[-1]:.4f}" if losses else ""
   logger_lib.log(f"warm start: {ws.steps} steps{final} -> {directory}")

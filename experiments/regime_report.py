@@ -1,0 +1,299 @@
+"""Tables and plots of the study's regime stages (experiments.study_regimes).
+
+`write_sections(study_dir, out, files)` returns the markdown sections and
+the numbers behind them, and writes:
+
+* `offpolicy_clip_entropy.png`: entropy change against the high- (and low-)
+  side clip fraction, one point per run of the off-policy sweep;
+* `offpolicy_effect.png`: entropy change per update setting and learning
+  rate, per algorithm (mean and seeds);
+* `start_entropy.png`: entropy curves from each warm start;
+* `repo_ceiling.png`: entropy and zeta of each REPO variant;
+* `precision_band.png`: entropy per preset in the band-binding regime;
+* `lora.png`: entropy of full fine-tuning against LoRA.
+"""
+
+import collections
+import pathlib
+
+import numpy as np
+
+from experiments import study_regimes as regimes
+from experiments.study_report import _curve
+from experiments.study_report import _figure
+from experiments.study_report import _label
+from experiments.study_report import _pm
+from experiments.study_report import _runs
+from experiments.study_report import _smooth
+from experiments.study_report import _subplots
+from experiments.study_report import _table
+
+# The algorithm stage's setting, as an off-policy cell.
+DEFAULT_CELL = regimes.cell("4x1", 1)
+
+
+def _mean_metric(summary: dict, key: str) -> float:
+  values = [r[key] for r in summary["records"] if r.get(key) is not None]
+  return float(np.mean(values)) if values else float("nan")
+
+
+def _headline(s: list[dict]) -> dict:
+  """Per-seed lists of the numbers every regime table shows."""
+  k = s[0]["max_k"]
+  return {
+      "entropy_change_pct": [x["entropy_change_pct"] for x in s],
+      "final_entropy": [x["final_entropy"] for x in s],
+      "clipfrac_high": [_mean_metric(x, "pg/clipfrac_high") for x in s],
+      "clipfrac_low": [_mean_metric(x, "pg/clipfrac_low") for x in s],
+      "approx_kl": [_mean_metric(x, "pg/approx_kl") for x in s],
+      "pass@1": [x["final"]["eval/pass@1"] for x in s],
+      f"pass@{k}": [x["final"][f"eval/pass@{k}"] for x in s],
+      "minutes": [x["seconds"] / 60 for x in s],
+  }
+
+
+def _cells(h: dict, k: int) -> list[str]:
+  return [_pm(h["entropy_change_pct"], 2, pct=True),
+          f"{100 * np.mean(h['clipfrac_high']):.2f}",
+          f"{100 * np.mean(h['clipfrac_low']):.2f}",
+          f"{np.mean(h['approx_kl']):.1e}",
+          _pm(h["pass@1"]), _pm(h[f"pass@{k}"]),
+          f"{np.mean(h['minutes']):.1f}"]
+
+
+def _columns(runs) -> list[str]:
+  k = next(iter(next(iter(runs.values())).values()))["max_k"]
+  return ["entropy change %", "clip high %", "clip low %",
+          "approx KL per step", "pass@1", f"pass@{k}", "min per run"]
+
+
+def _offpolicy(runs, out, files):
+  if not runs:
+    return [], {}
+  by_algo = collections.defaultdict(dict)
+  for name, seeds in runs.items():
+    algo, name_cell = name.split("/")
+    by_algo[algo][name_cell] = seeds
+  order = [regimes.cell(u, lr) for u in regimes.UPDATES
+           for lr in regimes.LR_SCALES]
+  rows, data = [], {}
+  for algo, cells in by_algo.items():
+    for name_cell in [c for c in order if c in cells]:
+      s = list(cells[name_cell].values())
+      h = _headline(s)
+      mb, ep, lr = regimes.parse_cell(name_cell)
+      eps = (_pm([x["records"][-1]["controller/clip_high"] for x in s], 2)
+             if algo == "adapo" else "")
+      rows.append([_label(algo), f"{mb} × {ep}", f"×{lr:g}", len(s),
+                   *_cells(h, s[0]["max_k"]), eps])
+      data[f"{algo}/{name_cell}"] = h
+  md = [_table(["algorithm", "minibatches × epochs", "learning rate",
+                "seeds", *_columns(runs), "ε_high at the end"], rows)]
+  # Entropy change against the clip fractions, one point per run.
+  markers = dict(zip(regimes.UPDATES.values(), "os^D"))
+  colors = dict(zip(regimes.OFFPOLICY_ALGORITHMS,
+                    ("tab:blue", "tab:orange", "tab:green")))
+  fig, axes = _subplots(2, figsize=(13, 5))
+  for ax, side in zip(axes, ("high", "low")):
+    for key, h in data.items():
+      algo, name_cell = key.split("/")
+      mb, ep, lr = regimes.parse_cell(name_cell)
+      color = colors.get(algo, "tab:gray")
+      ax.scatter(100 * np.array(h[f"clipfrac_{side}"]),
+                 h["entropy_change_pct"], marker=markers.get((mb, ep), "x"),
+                 s=30, color=color if lr > 1 else "none", edgecolors=color)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(xlabel=f"{side}-side clip fraction, mean over iterations (%)",
+           ylabel="entropy change (%)",
+           title=f"Entropy change against {side}-side clipping")
+    ax.grid(alpha=0.3)
+  from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
+  handles = [Line2D([], [], color=c, marker="o", ls="", label=_label(a))
+             for a, c in colors.items() if a in by_algo]
+  handles += [Line2D([], [], color="k", marker=m, ls="", mfc="none",
+                     label=f"{mb} minibatches × {ep} epochs")
+              for (mb, ep), m in markers.items()]
+  handles.append(Line2D([], [], color="k", marker="o", ls="",
+                        label="filled: learning rate ×4; hollow: ×1"))
+  axes[0].legend(handles=handles, fontsize=7)
+  fig.suptitle("Off-policy sweep: one point per run (3 seeds per setting)")
+  files.append(_figure(out / "offpolicy_clip_entropy.png", fig))
+
+  fig, axes = _subplots(len(by_algo), figsize=(5 * len(by_algo), 4),
+                        squeeze=False)
+  for ax, (algo, cells) in zip(axes[0], by_algo.items()):
+    names = [c for c in order if c in cells]
+    ys = [data[f"{algo}/{c}"]["entropy_change_pct"] for c in names]
+    x = np.arange(len(names))
+    ax.bar(x, [np.mean(y) for y in ys], color=colors.get(algo, "tab:gray"),
+           alpha=0.5)
+    for xi, y in zip(x, ys):
+      ax.scatter([xi] * len(y), y, color="k", s=10, zorder=3)
+    ax.set_xticks(x, [c.replace("_", "\n") for c in names], fontsize=7)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.set(ylabel="entropy change (%)", title=_label(algo))
+    ax.grid(alpha=0.3, axis="y")
+  fig.suptitle("Entropy change per setting (bars: mean; dots: seeds)")
+  files.append(_figure(out / "offpolicy_effect.png", fig))
+  return md, data
+
+
+def _start_entropy(runs, offpolicy, ceiling, out, files):
+  if not runs:
+    return [], {}
+  table = collections.defaultdict(dict)
+  for name, seeds in runs.items():
+    algo, spread = name.split("/")
+    table[algo][float(spread.removeprefix("spread"))] = seeds
+  # The default start: the off-policy sweep's and REPO stage's runs.
+  defaults = {"grpo": offpolicy.get(f"grpo/{DEFAULT_CELL}"),
+              "dapo": offpolicy.get(f"dapo/{DEFAULT_CELL}"),
+              "grpo_repo_r": ceiling.get("repo_r")}
+  for algo, seeds in defaults.items():
+    if seeds and algo in table:
+      table[algo][regimes.DEFAULT_SPREAD] = seeds
+  rows, data = [], {}
+  fig, axes = _subplots(len(table), figsize=(5 * len(table), 4),
+                        squeeze=False)
+  for ax, (algo, spreads) in zip(axes[0], table.items()):
+    for spread in sorted(spreads):
+      s = list(spreads[spread].values())
+      h = _headline(s)
+      start = [x["initial_entropy"] for x in s]
+      rows.append([_label(algo), f"{spread:g}", f"{np.mean(start):.3f}",
+                   _pm(h["final_entropy"]), *_cells(h, s[0]["max_k"])])
+      data[f"{algo}/spread{spread:g}"] = {**h, "initial_entropy": start}
+      x, mean, _, _ = _curve(spreads[spread], "entropy/mean")
+      line, = ax.plot(x, _smooth(mean), label=f"spread {spread:g}")
+      ax.axhline(np.mean(start), color=line.get_color(), ls=":", lw=1)
+    ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
+           title=f"{_label(algo)} (dotted: start)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  files.append(_figure(out / "start_entropy.png", fig))
+  return [_table(["algorithm", "warm-start spread", "entropy before RL",
+                  "final entropy", *_columns(runs)], rows)], data
+
+
+def _repo_ceiling(runs, out, files):
+  if not runs:
+    return [], {}
+  rows, data = [], {}
+  fig, axes = _subplots(2, figsize=(12, 4))
+  for name in [v for v in regimes.CEILING if v in runs]:
+    seeds = runs[name]
+    s = list(seeds.values())
+    h = _headline(s)
+    algo, overrides = regimes.CEILING[name]
+    zeta_max = overrides.get("zeta_max", 1.0)
+    zetas = [np.array([r["controller/zeta"] for r in x["records"]])
+             for x in s]
+    at_bound = [float(np.mean(np.abs(z) >= 0.999 * zeta_max)) for z in zetas]
+    target = [x["records"][-1]["target_entropy"] for x in s]
+    rows.append([name, len(s), _pm(h["final_entropy"]),
+                 f"{np.mean(target):.3f}",
+                 _pm([z[-1] for z in zetas], 2),
+                 f"{100 * np.mean(at_bound):.0f}",
+                 *_cells(h, s[0]["max_k"])])
+    data[name] = {**h, "zeta_at_bound": at_bound, "target": target}
+    x, mean, _, _ = _curve(seeds, "entropy/mean")
+    line, = axes[0].plot(x, _smooth(mean), label=name)
+    x, mean, _, _ = _curve(seeds, "controller/zeta")
+    axes[1].plot(x, mean, color=line.get_color(), label=name)
+  axes[0].axhline(np.mean(target), color="k", ls=":", lw=1, label="target")
+  axes[0].set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
+              title="REPO variants on GRPO (mean over seeds)")
+  axes[1].set(xlabel="iteration", ylabel="ζ (mean over seeds)",
+              title="The controller's ζ (|ζ| ≤ 1)")
+  for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  files.append(_figure(out / "repo_ceiling.png", fig))
+  return [_table(["variant", "seeds", "final entropy", "target",
+                  "ζ at the end", "iterations at the bound %",
+                  *_columns(runs)], rows)], data
+
+
+def _precision_band(runs, out, files):
+  if not runs:
+    return [], {}
+  rows, data = [], {}
+  fig, ax = _subplots(figsize=(7, 4))
+  for name, seeds in runs.items():
+    algo, name_cell, preset = name.split("/")
+    s = list(seeds.values())
+    h = _headline(s)
+    h.update({k: [x[k] for x in s] for k in (
+        "ratio_bias", "phantom_clipfrac_low", "phantom_clipfrac_high")})
+    rows.append([_label(algo), name_cell, preset, len(s),
+                 f"{np.mean(h['ratio_bias']):+.2e}",
+                 f"{np.mean(h['phantom_clipfrac_low']):.1e} / "
+                 f"{np.mean(h['phantom_clipfrac_high']):.1e}",
+                 *_cells(h, s[0]["max_k"])])
+    data[name] = h
+    x, mean, _, _ = _curve(seeds, "entropy/mean")
+    ax.plot(x, _smooth(mean), label=f"{_label(algo)} {preset}")
+  ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
+         title="Precision where the band binds (old log-probs: sampler)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8)
+  files.append(_figure(out / "precision_band.png", fig))
+  return [_table(["algorithm", "regime", "preset", "seeds", "ratio bias",
+                  "phantom clip low / high", *_columns(runs)], rows)], data
+
+
+def _lora(runs, offpolicy, ceiling, out, files):
+  if not runs:
+    return [], {}
+  full = {"grpo": offpolicy.get(f"grpo/{DEFAULT_CELL}"),
+          "grpo_repo_r": ceiling.get("repo_r")}
+  table = collections.defaultdict(dict)
+  for name, seeds in runs.items():
+    algo, lr = name.split("/")
+    table[algo][f"LoRA r={regimes.LORA['lora_rank']}, "
+                f"lr ×{lr.removeprefix('lr')}"] = seeds
+  for algo, seeds in full.items():
+    if seeds and algo in table:
+      table[algo]["full, lr ×1"] = seeds
+  rows, data = [], {}
+  fig, axes = _subplots(len(table), figsize=(6 * len(table), 4),
+                        squeeze=False)
+  for ax, (algo, variants) in zip(axes[0], table.items()):
+    for variant in sorted(variants, key=lambda v: not v.startswith("full")):
+      s = list(variants[variant].values())
+      h = _headline(s)
+      rows.append([_label(algo), variant, len(s), *_cells(h, s[0]["max_k"])])
+      data[f"{algo}/{variant}"] = h
+      x, mean, _, _ = _curve(variants[variant], "entropy/mean")
+      ax.plot(x, _smooth(mean), label=variant)
+    ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
+           title=f"{_label(algo)}: full fine-tuning and LoRA")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+  files.append(_figure(out / "lora.png", fig))
+  return [_table(["algorithm", "trained", "seeds", *_columns(runs)], rows)], data
+
+
+def write_sections(study_dir, out: pathlib.Path, files: list):
+  """[(title, markdown lines)] and {stage: numbers} of the regime stages."""
+  study_dir = pathlib.Path(study_dir)
+  runs = {s: _runs(study_dir, s) for s in regimes.REGIME_STAGES}
+  sections, summary = [], {}
+  for title, stage, lines_data in (
+      ("Off-policy sweep (updates per batch, learning rate)", "offpolicy",
+       lambda: _offpolicy(runs["offpolicy"], out, files)),
+      ("Starting entropy", "start_entropy",
+       lambda: _start_entropy(runs["start_entropy"], runs["offpolicy"],
+                              runs["repo_ceiling"], out, files)),
+      ("REPO's ceiling", "repo_ceiling",
+       lambda: _repo_ceiling(runs["repo_ceiling"], out, files)),
+      ("Precision where the band binds", "precision_band",
+       lambda: _precision_band(runs["precision_band"], out, files)),
+      ("LoRA against full fine-tuning", "lora",
+       lambda: _lora(runs["lora"], runs["offpolicy"], runs["repo_ceiling"],
+                     out, files))):
+    lines, data = lines_data()
+    if lines:
+      sections.append((title, lines))
+      summary[stage] = data
+  return sections, summary
