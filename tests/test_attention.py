@@ -226,9 +226,74 @@ def test_sharded_blockwise_equals_single_device(rng):
     np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-5)
 
 
+def _pallas_interpret(f, *args):
+  """Runs `f` with TPU Pallas kernels interpreted on the CPU."""
+  from jax.experimental.pallas import tpu as pltpu  # pylint: disable=g-import-not-at-top
+  with pltpu.force_tpu_interpret_mode():
+    return jax.jit(f)(*args)
+
+
+@pytest.mark.parametrize("t, kv, g", [(9, 2, 3), (130, 1, 2)])
+def test_pallas_kernel_matches_float64_reference(rng, t, kv, g):
+  """The TPU flash-attention path in TPU interpret mode, float32 operands
+  (exact dots on CPU): causal mask, left/right padding and holes as
+  segment ids, GQA by repeated heads, a length padded to its block (130 ->
+  256: two key blocks, so the online softmax runs across blocks); values
+  and gradients. Queries with no allowed key (row 0, queries 0-3) carry no
+  loss and are left out (see `_pallas_tpu`)."""
+  q, k, v, valid = _inputs(rng, t=t, s=t, kv=kv, g=g)
+  slots = jnp.arange(t)
+  live = np.ones((3, t), bool)
+  live[0, :4] = False
+  cot = jnp.asarray(rng.normal(size=q.shape) * live[:, :, None, None, None],
+                    jnp.float32)
+
+  def pallas(q, k, v):
+    return attention_lib._pallas_tpu(q, k, v, valid, policy=FP32,  # pylint: disable=protected-access
+                                     allow_float32=True)
+
+  def grads(f):
+    return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cot),
+                    argnums=(0, 1, 2))
+
+  got = _pallas_interpret(pallas, q, k, v)
+  want = ref_attention.attention(q, k, v, valid, slots)
+  np.testing.assert_allclose(np.asarray(got)[live], want[live], rtol=1e-5,
+                             atol=2e-6)
+  got = _pallas_interpret(grads(pallas), q, k, v)
+  ref = jax.jit(grads(lambda q, k, v: _attend("reference")(q, k, v, valid,
+                                                           slots)))(q, k, v)
+  for name, a, b in zip("qkv", got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_pallas_model_in_bf16(rng):
+  """`attention="pallas"` in a bf16 model: training-shaped calls use the
+  kernel (interpreted) and agree with blockwise to bf16 rounding; sampling
+  (T != S) takes the blockwise path, so its tokens are blockwise's."""
+  tokens, mask = _batch(rng)
+  # Rows 1's first five queries (left padding) have no allowed key.
+  live = np.ones(mask.shape, bool)
+  live[1, :5] = False
+  hidden = {impl: np.asarray(_pallas_interpret(
+      lambda t, m, impl=impl: _model(impl, precision="bf16")(
+          t, attention_mask=m).astype(jnp.float32), tokens, mask))
+            for impl in ("pallas", "reference")}
+  # One key block: the kernel rounds as the reference does (measured: equal;
+  # blockwise differs from both by 2e-2 max, 4e-3 mean in bf16).
+  diff = np.abs(hidden["pallas"] - hidden["reference"])[live]
+  assert diff.max() < 1e-2 and diff.mean() < 1e-3, (diff.max(), diff.mean())
+  results = [sample(_model(impl, precision="bf16"), tokens[:, :6],
+                    mask[:, :6], key=jax.random.key(3), max_new_tokens=8)
+             for impl in ("pallas", "blockwise")]
+  np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
+  np.testing.assert_array_equal(results[0].logps, results[1].logps)
+
+
 def test_auto_resolves_per_backend():
   assert attention_lib.resolve("auto", jnp.float32, "cpu") == "blockwise"
-  assert attention_lib.resolve("auto", jnp.bfloat16, "tpu") == "blockwise"
+  assert attention_lib.resolve("auto", jnp.bfloat16, "tpu") == "pallas"
+  assert attention_lib.resolve("auto", jnp.float32, "tpu") == "blockwise"
   assert attention_lib.resolve("auto", jnp.float32, "gpu") == "blockwise"
   assert attention_lib.resolve("auto", jnp.bfloat16, "gpu") == "cudnn"
   assert _model("auto").attention_implementation() == "blockwise"
@@ -244,3 +309,6 @@ def test_bad_options_raise():
   with pytest.raises(ValueError, match="needs bfloat16 or float16"):
     attention_lib.attend(*_inputs(np.random.default_rng(0)), jnp.arange(9),
                          policy=FP32, implementation="cudnn")
+  with pytest.raises(ValueError, match="'pallas' needs bfloat16 or float16"):
+    attention_lib.attend(*_inputs(np.random.default_rng(0)), jnp.arange(9),
+                         policy=FP32, implementation="pallas")

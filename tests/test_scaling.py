@@ -303,6 +303,12 @@ def test_options_change_what_they_name():
       per_token(seq_len=4096, attention_chunk_size=256), rel=1e-12)
   assert (per_token(seq_len=4096, attention="reference")
           > 3 * per_token(seq_len=1024, attention="reference"))
+  # The TPU kernel: linear in the length too, per token constant past its
+  # 128-key blocks.
+  assert per_token(seq_len=1024, attention="pallas") == pytest.approx(
+      per_token(seq_len=4096, attention="pallas"), rel=1e-12)
+  assert (_estimate(attention="pallas", **long).update_working
+          < _estimate(attention="reference", **long).update_working)
   with pytest.raises(ValueError, match="attention must be one of"):
     _estimate(attention="flash")
   assert _estimate(donate=True).update_outputs == 0

@@ -28,8 +28,13 @@ Implementations (`ModelConfig.attention`):
   linear in the length. Runs everywhere.
 * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA
   GPUs only, bfloat16 / float16 compute only (see `_cudnn`).
-* `auto`: `cudnn` on a GPU when the compute dtype is bfloat16 or float16,
-  else `blockwise`.
+* `pallas`: the flash-attention Pallas kernel jax ships for TPUs
+  (`jax.experimental.pallas.ops.tpu.flash_attention`), bfloat16 / float16
+  compute only (see `_pallas_tpu`). It fits training and any call whose
+  queries fill the whole cache (T == S); other calls (decode, a prefill
+  into a longer cache) take `blockwise`.
+* `auto`: `cudnn` on a GPU and `pallas` on a TPU when the compute dtype is
+  bfloat16 or float16, else `blockwise`.
 """
 
 import functools
@@ -38,7 +43,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn")
+IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "pallas")
 DEFAULT_CHUNK_SIZE = 512
 
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -59,6 +64,8 @@ def resolve(implementation: str, compute_dtype, backend: str | None = None
                                      jnp.dtype(jnp.float16))
   if backend in ("gpu", "cuda") and low:
     return "cudnn"
+  if backend == "tpu" and low:
+    return "pallas"
   return "blockwise"
 
 
@@ -83,6 +90,8 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
     return reference(q, k, v, key_valid, query_slots, policy=policy)
   if implementation == "cudnn":
     return _cudnn(q, k, v, key_valid, query_slots, policy=policy)
+  if implementation == "pallas" and q.shape[1] == k.shape[1]:
+    return _pallas_tpu(q, k, v, key_valid, policy=policy)
   return blockwise(q, k, v, key_valid, query_slots, policy=policy,
                    chunk_size=chunk_size)
 
@@ -300,3 +309,49 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
       q.reshape(b, t, kv * g, hd), k.astype(dt), v.astype(dt), mask=mask,
       implementation="cudnn")
   return out.reshape(b, t, kv, g, hd)
+
+
+PALLAS_BLOCK = 128  # the kernel's default block; lengths are padded to it
+
+
+def _pallas_tpu(q, k, v, key_valid, *, policy, allow_float32=False):
+  """jax's Pallas flash-attention kernel for TPUs, for T == S.
+
+  With as many queries as keys, the query slots are `arange(T)` and the
+  kernel's causal mask is ours; padding becomes segment ids (queries in
+  segment 1, keys in 1 if valid, else 0), and the length is padded to a
+  multiple of `PALLAS_BLOCK` with keys in segment 0. Grouped-query heads
+  repeat each key/value head G times (memory stays linear in the length);
+  the repeat's transpose sums the key and value gradients over the group.
+
+  Like cuDNN's kernel it takes no precision: it multiplies bfloat16
+  (float16) operands with float32 accumulation and a float32 softmax, the
+  policy's algorithm for such operands, so float32 policies do not take
+  this path (`allow_float32` is for tests in TPU interpret mode, where
+  float32 dots are exact). One difference from the reference: a query with
+  no allowed key at all (left padding before the first token) gets the
+  mean of the values of its causal blocks rather than of all S keys; such
+  rows carry no loss. Tested on CPU in TPU interpret mode
+  (`jax.experimental.pallas.tpu.force_tpu_interpret_mode`), not on a TPU.
+  """
+  from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
+  dt = jnp.dtype(q.dtype)
+  if not allow_float32 and dt not in (jnp.dtype(jnp.bfloat16),
+                                      jnp.dtype(jnp.float16)):
+    raise ValueError(
+        f"attention='pallas' needs bfloat16 or float16 compute; got {dt}. "
+        f"Use 'blockwise' for float32 policies."
+    )
+  del policy  # the kernel's algorithm is fixed; see the docstring
+  b, t, kv, g, hd = q.shape
+  pad = -t % PALLAS_BLOCK
+  heads = lambda x: jnp.pad(x.reshape(b, t, kv * g, hd).transpose(0, 2, 1, 3),  # noqa
+                            ((0, 0), (0, 0), (0, pad), (0, 0)))
+  kv_heads = lambda x: heads(jnp.repeat(x.astype(dt)[:, :, :, None], g, 3))  # noqa
+  segments = fa.SegmentIds(
+      q=jnp.ones((b, t + pad), jnp.int32),
+      kv=jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, pad))))
+  out = fa.flash_attention(heads(q), kv_heads(k), kv_heads(v),
+                           segment_ids=segments, causal=True,
+                           sm_scale=1.0 / math.sqrt(hd))
+  return out[:, :, :t].transpose(0, 2, 1, 3).reshape(b, t, kv, g, hd)

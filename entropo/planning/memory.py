@@ -68,7 +68,9 @@ from entropo.planning.params import split_params
 
 # What each attention implementation costs: "reference" materialises the
 # scores; the others are memory-linear in the sequence length.
-ATTENTION_OPTIONS = ("reference", "blockwise", "cudnn")
+ATTENTION_OPTIONS = ("reference", "blockwise", "cudnn", "pallas")
+# The TPU kernel keeps its softmax max and sum 128 lanes wide (float32).
+_PALLAS_LANES = 128
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class MemoryEstimate:
@@ -182,6 +184,11 @@ def block_token_bytes(cfg: ModelConfig, mesh: MeshShape, c: int, keys: int,
   if attention == "reference":  # mask, scores, exp (f32), probabilities
     scores = heads * keys * (1 + 4 + 4 + c) + 8 * heads
     score_work = heads * keys * 4
+  elif attention == "pallas":  # read from the kernel's source, not from a
+    # compile (it compiles on TPUs only): max and sum per head, lane-wide;
+    # keys and values repeated to every query head; 128-key blocks
+    scores = 8 * heads * _PALLAS_LANES + 2 * c * q
+    score_work = heads * min(keys, _PALLAS_LANES) * (4 * 4 + 2 * c)
   else:  # the custom VJP's residuals: the running max and sum (float32)
     # per head, the key mask and its own copy of the output; in the
     # backward, a chunk of scores, exp and their gradients (float32) and
@@ -343,7 +350,7 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
       prefill) defaults to half of it.
     remat, attention, attention_chunk_size: the `model` config fields
       ("none"/"block"/"block_save_dots"; "reference" materialises the
-      scores, "blockwise" and "cudnn" are memory-linear).
+      scores, "blockwise", "cudnn" and "pallas" are memory-linear).
     fused_head: the chunked head; False models `[B, T, V]` float32 logits.
       `chunk_size` is its vocabulary chunk.
     donate: the update donates its parameter and optimizer buffers.
