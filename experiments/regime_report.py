@@ -89,10 +89,11 @@ def _offpolicy(runs, out, files):
       data[f"{algo}/{name_cell}"] = h
   md = [_table(["algorithm", "minibatches × epochs", "learning rate",
                 "seeds", *_columns(runs), "ε_high at the end"], rows)]
+  md += _contrasts(data, order)
   # Entropy change against the clip fractions, one point per run.
   markers = dict(zip(regimes.UPDATES.values(), "os^D"))
   colors = dict(zip(regimes.OFFPOLICY_ALGORITHMS,
-                    ("tab:blue", "tab:orange", "tab:green")))
+                    ("tab:blue", "tab:orange", "tab:green", "tab:red")))
   fig, axes = _subplots(2, figsize=(13, 5))
   for ax, side in zip(axes, ("high", "low")):
     for key, h in data.items():
@@ -136,6 +137,32 @@ def _offpolicy(runs, out, files):
   fig.suptitle("Entropy change per setting (bars: mean; dots: seeds)")
   files.append(_figure(out / "offpolicy_effect.png", fig))
   return md, data
+
+
+# (label, algorithm, baseline): entropy change of the one minus the other.
+CONTRASTS = (("clip-higher: DAPO − DAPO with ε_high = 0.2", "dapo", "dapo_sym"),
+             ("ADAPO's controller: ADAPO − DAPO", "adapo", "dapo"),
+             ("DAPO − GRPO", "dapo", "grpo"))
+
+
+def _contrasts(data, order) -> list[str]:
+  """Per cell, the mean difference in entropy change between two
+  algorithms, ± the standard error of that difference."""
+  rows = []
+  for label, a, b in CONTRASTS:
+    for name_cell in order:
+      x, y = data.get(f"{a}/{name_cell}"), data.get(f"{b}/{name_cell}")
+      if not x or not y:
+        continue
+      x, y = (np.asarray(v["entropy_change_pct"]) for v in (x, y))
+      se = np.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y)) if min(
+          len(x), len(y)) > 1 else float("nan")
+      rows.append([label, name_cell, f"{x.mean() - y.mean():+.1f} ± "
+                   f"{se:.1f}"])
+  if not rows:
+    return []
+  return [_table(["contrast", "setting", "difference in entropy change "
+                  "(points, ± s.e.)"], rows)]
 
 
 def _start_entropy(runs, offpolicy, ceiling, out, files):

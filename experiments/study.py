@@ -407,7 +407,9 @@ def _check_flags() -> None:
     raise app.UsageError(f"Unknown stages {unknown}; choose from {STAGES}.")
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
   for name in (_ALGORITHMS.value + _PRECISION_ALGORITHMS.value
-               + _OFFPOLICY_ALGORITHMS.value + [_SEQ_ALGORITHM.value]):
+               + [study_regimes.base_algorithm(a)
+                  for a in _OFFPOLICY_ALGORITHMS.value]
+               + [_SEQ_ALGORITHM.value]):
     try:
       config_lib.algorithm(name)
     except ValueError as e:

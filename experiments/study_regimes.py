@@ -8,10 +8,11 @@ start, data and held-out set, 3 seeds):
 
 * `offpolicy`: GRPO, DAPO and ADAPO over the updates per batch (`UPDATES`:
   minibatches x epochs; 1 x 1 is on-policy, so the band never acts) and the
-  learning rate (`LR_SCALES` x 1e-4). The clip band can only act once the
-  policy moves away from the sampler within an iteration. ADAPO at 1 x 1 is
-  left out: with every ratio exactly 1 its controller changes nothing, so it
-  would repeat DAPO's runs.
+  learning rate (`LR_SCALES` x 1e-4), and DAPO with a symmetric band
+  (`dapo_sym`, learning rate x1) to isolate clip-higher. The clip band can
+  only act once the policy moves away from the sampler within an
+  iteration. ADAPO and `dapo_sym` at 1 x 1 are left out: with every ratio
+  exactly 1 they would repeat DAPO's runs.
 * `start_entropy`: GRPO, DAPO and GRPO + REPO-R from warm starts trained
   with other solution spreads (`SPREADS`; the default 0.6 gives about 0.67
   nats/token), i.e. a low- and a high-entropy start.
@@ -34,7 +35,11 @@ import pathlib
 UPDATES = {"1x1": (1, 1), "4x1": (4, 1), "16x1": (16, 1), "4x4": (4, 4)}
 LR_SCALES = (1, 4)
 BASE_LR = 1e-4
-OFFPOLICY_ALGORITHMS = ("grpo", "dapo", "adapo")
+# DAPO differs from GRPO in its aggregation and dynamic sampling too;
+# `dapo_sym` (DAPO with the symmetric band [0.8, 1.2]) isolates clip-higher.
+# It runs at learning rate x1 only.
+VARIANTS = {"dapo_sym": ("dapo", {"clip_high": 0.2})}
+OFFPOLICY_ALGORITHMS = ("grpo", "dapo", "adapo", "dapo_sym")
 SPREADS = (0.2, 1.0)
 DEFAULT_SPREAD = 0.6
 START_ALGORITHMS = ("grpo", "dapo", "grpo+repo_r")
@@ -90,13 +95,23 @@ def _regime(config, cell_name: str, smoke: bool = False):
   return config
 
 
+def base_algorithm(name: str) -> str:
+  """The trainer's algorithm behind an off-policy name (`dapo_sym` -> dapo)."""
+  return VARIANTS.get(name, (name, {}))[0]
+
+
 def offpolicy(study, algorithms=OFFPOLICY_ALGORITHMS, updates=tuple(UPDATES),
               lr_scales=LR_SCALES) -> None:
+  # With one step per batch every ratio is 1: ADAPO and dapo_sym would
+  # repeat DAPO's runs exactly.
   jobs = [(a, cell(u, lr), s) for a in algorithms for u in updates
           for lr in lr_scales for s in study.seeds
-          if not (a == "adapo" and u == "1x1")]
+          if not (a in ("adapo", "dapo_sym") and u == "1x1")
+          and not (a == "dapo_sym" and lr != 1)]
   for i, (algo, name, seed) in enumerate(jobs):
-    c = _regime(study.config(algo, seed=seed), name, study.smoke)
+    base, overrides = VARIANTS.get(algo, (algo, {}))
+    c = _regime(study.config(base, seed=seed), name, study.smoke)
+    c.algo.update(**overrides)
     study.run(c, study.run_dir("offpolicy", f"{algo}/{name}", seed),
               f"({i + 1}/{len(jobs)}) {algo} {name} seed {seed}")
 

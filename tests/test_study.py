@@ -200,7 +200,8 @@ def test_regime_stages_smoke(tmp_path):
   from experiments import study_regimes as regimes  # pylint: disable=g-import-not-at-top
   study = study_lib.Study(tmp_path, seeds=[0], iterations=2, smoke=True)
   study.warm_start()
-  regimes.offpolicy(study, ["dapo"], updates=("1x1", "4x4"), lr_scales=(4,))
+  regimes.offpolicy(study, ["dapo", "dapo_sym"], updates=("1x1", "4x4"),
+                    lr_scales=(4, 1))
   regimes.start_entropy(study, ["grpo"], spreads=(1.0,))
   regimes.repo_ceiling(study, ("repo_r", "repo_r_no_sign_clamp",
                                "repo_centred"))
@@ -215,6 +216,9 @@ def test_regime_stages_smoke(tmp_path):
   assert (c["algo"]["minibatches"], c["algo"]["epochs"]) == (4, 4)
   np.testing.assert_allclose(c["optim"]["learning_rate"], 4e-4)
   assert config("offpolicy/dapo/mb1_ep1_lr4")["algo"]["minibatches"] == 1
+  c = config("offpolicy/dapo_sym/mb4_ep4_lr1")  # DAPO without clip-higher
+  assert (c["algo"]["name"], c["algo"]["clip_high"]) == ("dapo", 0.2)
+  assert config("offpolicy/dapo/mb4_ep4_lr1")["algo"]["clip_high"] == 0.28
   # The high-entropy start is its own warm start, trained with spread 1.
   c = config("start_entropy/grpo/spread1")
   start = pathlib.Path(c["model"]["init_from"])
@@ -232,8 +236,10 @@ def test_regime_stages_smoke(tmp_path):
   np.testing.assert_allclose(c["optim"]["learning_rate"], 1e-3)
 
   summary = json.loads((tmp_path / "report" / "summary.json").read_text())
-  assert sorted(summary["offpolicy"]) == ["dapo/mb1_ep1_lr4",
-                                          "dapo/mb4_ep4_lr4"]
+  # dapo_sym runs off-policy at learning rate x1 only.
+  assert sorted(summary["offpolicy"]) == [
+      "dapo/mb1_ep1_lr1", "dapo/mb1_ep1_lr4", "dapo/mb4_ep4_lr1",
+      "dapo/mb4_ep4_lr4", "dapo_sym/mb4_ep4_lr1"]
   # On-policy (one step per batch): every ratio is 1, nothing clips.
   assert summary["offpolicy"]["dapo/mb1_ep1_lr4"]["clipfrac_high"] == [0.0]
   assert sorted(summary["start_entropy"]) == ["grpo/spread1"]
@@ -242,6 +248,7 @@ def test_regime_stages_smoke(tmp_path):
   assert list(summary["precision_band"]) == ["dapo/mb4_ep1_lr1/bf16"]
   assert sorted(summary["lora"]) == ["grpo/LoRA r=8, lr ×10"]
   text = (tmp_path / "report" / "summary.md").read_text()
+  assert "| clip-higher: DAPO − DAPO with ε_high = 0.2 | mb4_ep4_lr1 |" in text
   for title in ("## Off-policy sweep", "## Starting entropy",
                 "## REPO's ceiling", "## Precision where the band binds",
                 "## LoRA against full fine-tuning"):
