@@ -250,11 +250,13 @@ def test_adapters_under_every_precision_preset(preset):
   low = add_lora(_model(precision=preset), rank=4, alpha=8, targets=ALL)
   nnx.update(low, nnx.state(model))
   compute = model.policy.compute_dtype
+  entropo.models.cast_base(low, compute)
   for block in low.layers:
     for name in ALL:
       module = getattr(block, lora_lib._WHERE[name][0])  # pylint: disable=protected-access
-      var = getattr(module, name)
-      var.set_value(var.get_value().astype(compute))
+      assert getattr(module, name).get_value().dtype == compute
+  # Embeddings and norms keep param_dtype (the head may compute in f32).
+  assert low.embed_tokens.get_value().dtype == model.policy.param_dtype
   np.testing.assert_array_equal(_logits(low, tokens, mask), got)
 
 

@@ -347,7 +347,19 @@ def test_lora_estimate_trains_the_adapters_only():
                                   batch=2, seq_len=4, lora_rank=3,
                                   lora_targets=("q_proj", "down_proj"))
   assert fewer.optimizer == 8 * layers * r * (d + h * hd + f + d)
-  for bad in (dict(lora_rank=-1), dict(lora_rank=2, lora_targets=("qkv",))):
+  # The base's projections in bf16 (lora_base_dtype="compute"): 2 bytes
+  # fewer per projection weight under bf16, nothing under fp32.
+  projections = layers * sum(i * o for i, o in shapes)
+  for preset, saved in (("bf16", 2 * projections), ("fp32", 0)):
+    kw = dict(batch=2, seq_len=4, lora_rank=3)
+    param, compute = (planning.memory_estimate(
+        cfg, preset, planning.MeshShape(), lora_base_dtype=b, **kw)
+                      for b in ("param", "compute"))
+    assert param.params - compute.params == saved
+    assert param.optimizer == compute.optimizer
+  for bad in (dict(lora_rank=-1), dict(lora_rank=2, lora_targets=("qkv",)),
+              dict(lora_base_dtype="compute"),
+              dict(lora_rank=2, lora_base_dtype="bf16")):
     with pytest.raises(ValueError, match="lora"):
       planning.memory_estimate(cfg, "fp32", planning.MeshShape(), batch=2,
                                seq_len=4, **bad)

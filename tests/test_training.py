@@ -355,7 +355,34 @@ def test_lora_trains_every_preset(algo, init_from, data_dir, tmp_path):
   _assert_only_adapters_train(trainer, init_from)
   launch = json.loads((tmp_path / "run.json").read_text())["launches"][0]
   assert launch["lora"] == {"rank": 4, "alpha": 8.0, "targets": [
-      "q_proj", "v_proj", "o_proj", "down_proj"]}
+      "q_proj", "v_proj", "o_proj", "down_proj"], "base_dtype": "float32"}
+
+
+def test_lora_base_in_the_compute_dtype_trains_identically(
+    init_from, data_dir, tmp_path):
+  """`model.lora_base_dtype="compute"` under bf16: the base's projections
+  are stored in bfloat16 (half the bytes), and since every use cast them
+  to bfloat16 anyway, the run is bitwise the float32-stored one."""
+  records = {}
+  for base in ("param", "compute"):
+    c = _lora_config(init_from, data_dir, train=dict(iterations=2,
+                                                     eval_every=2))
+    c.precision = "bf16"
+    c.model.lora_base_dtype = base
+    train(c, tmp_path / base)
+    records[base] = _records(tmp_path / base)
+    trainer = Trainer(c, tmp_path / base)
+    frozen = dict(nnx.to_flat_state(trainer.frozen))
+    want = jnp.bfloat16 if base == "compute" else jnp.float32
+    proj = [v for path, v in frozen.items() if path[-1].endswith("_proj")]
+    assert len(proj) == 7 and all(v.get_value().dtype == want for v in proj)
+    assert frozen[("embed_tokens",)].get_value().dtype == jnp.float32
+    launch = json.loads((tmp_path / base / "run.json").read_text())
+    assert launch["launches"][0]["lora"]["base_dtype"] == jnp.dtype(
+        want).name
+  for a, b in zip(records["param"], records["compute"]):
+    for key in ("loss", "grad_norm", "entropy/mean", "reward/mean"):
+      assert a[key] == b[key], (key, a[key], b[key])
 
 
 def _random_adapters(trainer, seed=0, scale=0.3):
@@ -799,6 +826,8 @@ def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
     ("model.lora_alpha", 0.0, "model.lora_alpha"),
     ("model.lora_targets", "q_proj,qkv", "model.lora_targets.*'qkv'"),
     ("model.lora_targets", "", "model.lora_targets.*empty"),
+    ("model.lora_base_dtype", "bf16", "model.lora_base_dtype"),
+    ("model.lora_base_dtype", "compute", "applies to LoRA runs only"),
 ])
 def test_bad_configs_name_the_field(field, value, match):
   c = tiny_config()

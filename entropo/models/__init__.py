@@ -11,6 +11,7 @@ from entropo.models.tokenizer import load_tokenizer
 from entropo.models.truncation import truncate_logits
 from entropo.models.lora import LoRAConfig
 from entropo.models.lora import add_lora
+from entropo.models.lora import cast_base
 from entropo.models.lora import load_lora
 from entropo.models.lora import lora_disabled
 from entropo.models.lora import merge_lora

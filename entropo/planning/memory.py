@@ -63,6 +63,7 @@ from entropo.planning.params import MeshShape
 from entropo.planning.params import ParamShape
 from entropo.planning.params import local_elements
 from entropo.planning.params import lora_shapes
+from entropo.planning.params import param_shapes
 from entropo.planning.params import rules_key
 from entropo.planning.params import split_params
 
@@ -311,6 +312,14 @@ def _lora_bytes(cfg, mesh, rules, lora_rank, lora_targets, *, tokens, c,
   return trained, activations, working
 
 
+def _projection_elements(cfg, mesh, rules) -> float:
+  """Elements per device of the seven projection weights of all layers."""
+  names = {name for name, _ in LORA_WEIGHTS.values()}
+  return sum(local_elements(p, mesh, rules) * p.count
+             for p in param_shapes(cfg)
+             if p.name.removeprefix("layers/*/") in names)
+
+
 def _update_bytes(cfg, remat, tokens, block, *, extra, head, c):
   """`(activations, working)` of the update on `tokens` tokens per device.
 
@@ -337,7 +346,7 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
                     fused_head: bool = True,
                     donate: bool = False, reference: bool = False,
                     chunk_size: int = 2048, lora_rank: int = 0,
-                    lora_targets=LORA_TARGETS,
+                    lora_targets=LORA_TARGETS, lora_base_dtype="param",
                     rules=sharding.DEFAULT_RULES) -> MemoryEstimate:
   """Estimated bytes per device of one RL iteration (module docstring).
 
@@ -359,6 +368,9 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
       stays resident without gradients, moments or new copies; the float32
       adapters get all three; the KL reference is the base (no copy); each
       adapter saves its `[T, r]` activation.
+    lora_base_dtype: "param" or "compute": the base's projections stored
+      in the compute dtype (`model.lora_base_dtype`); the per-layer weight
+      casts are still counted (an upper bound).
     rules: logical-axis rules.
 
   Returns:
@@ -368,6 +380,10 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   shards = mesh.batch_shards
   prompt_len = _check_shape(batch, minibatches, shards, seq_len, prompt_len)
   _check_options(remat, lora_rank, lora_targets)
+  if lora_base_dtype not in ("param", "compute") or (
+      lora_base_dtype == "compute" and not lora_rank):
+    raise ValueError(f"lora_base_dtype must be 'param', or 'compute' with "
+                     f"lora_rank > 0; got {lora_base_dtype!r}.")
   p_bytes, c = _itemsize(policy.param_dtype), _itemsize(policy.compute_dtype)
   h_bytes = _itemsize(policy.head_dtype)
   rules = rules_key(rules)
@@ -406,6 +422,8 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
     activations += extra_act
     update_working += work_change
     params += trained
+    if lora_base_dtype == "compute":
+      params -= _projection_elements(cfg, mesh, rules) * (p_bytes - c)
     reference = False
   optimizer = 2 * trained
   return MemoryEstimate(

@@ -112,7 +112,8 @@ def launch_record(*, iteration: int, precision, model, model_section,
   The precision policy's `describe()` (preset, backend, the dot algorithm
   of each operand dtype and whether it runs natively or emulated), the
   attention implementation `auto` resolved to, remat and the layer scan,
-  LoRA (rank, alpha, targets; None for full fine-tuning), versions and
+  LoRA (rank, alpha, targets, the base projections' dtype; None for full
+  fine-tuning), versions and
   devices.
   """
   devices = jax.devices()
@@ -132,7 +133,8 @@ def launch_record(*, iteration: int, precision, model, model_section,
       "scan_layers": model_section.scan_layers,
       "lora": None if not lora else {
           "rank": model.lora_config.rank, "alpha": model.lora_config.alpha,
-          "targets": list(model.lora_config.targets)},
+          "targets": list(model.lora_config.targets),
+          "base_dtype": str(model.layers[0].attn.q_proj.get_value().dtype)},
   }
 
 

@@ -86,6 +86,10 @@ class ModelSection:
   lora_rank: int = 0
   lora_alpha: float = 32.0
   lora_targets: str | tuple[str, ...] = ",".join(lora_lib.TARGETS)
+  # How the frozen base's projections are stored with LoRA: "param" (the
+  # preset's param_dtype, float32) or "compute" (its compute dtype: half
+  # the memory under bf16 presets, the same outputs; entropo.models.cast_base).
+  lora_base_dtype: str = "param"
 
   def __post_init__(self):
     if self.init_from:
@@ -108,6 +112,11 @@ class ModelSection:
     except ValueError as e:
       fail("model.lora_targets", str(e))
     object.__setattr__(self, "lora_targets", targets)
+    check_choice("model.lora_base_dtype", self.lora_base_dtype,
+                 ("param", "compute"))
+    if self.lora_base_dtype != "param" and not self.lora_rank:
+      fail("model.lora_base_dtype", "applies to LoRA runs only "
+           "(model.lora_rank > 0): trained weights keep param_dtype")
 
   def context_length(self) -> int:
     """The policy's `max_position_embeddings`: the tiny model's field, or

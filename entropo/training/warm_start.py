@@ -15,6 +15,7 @@ from entropo import tasks as tasks_lib
 from entropo.models import ModelConfig
 from entropo.models import Transformer
 from entropo.models import add_lora
+from entropo.models import cast_base
 from entropo.models import from_pretrained
 from entropo.models import load_tokenizer
 from entropo.models import save_pretrained
@@ -133,7 +134,9 @@ def initial_policy(config, task, workdir, precision):
   `model.init_from`'s Hugging Face checkpoint, or the tiny model warm
   started into `<workdir>/warm_start` (by process 0; the others wait);
   loaded under `precision` with the model section's attention, remat and
-  layer scan, and LoRA adapters added when `model.lora_rank > 0`.
+  layer scan, and LoRA adapters added when `model.lora_rank > 0` (the
+  base's projections cast to the compute dtype with
+  `model.lora_base_dtype="compute"`).
   """
   m = config.model
   if m.init_from:
@@ -151,4 +154,6 @@ def initial_policy(config, task, workdir, precision):
   if m.lora_rank:
     add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha,
              targets=m.lora_targets, rngs=nnx.Rngs(config.seed))
+    if m.lora_base_dtype == "compute":
+      cast_base(model, model.policy.compute_dtype)
   return model, tokenizer, path
