@@ -21,36 +21,37 @@ SKIP_REASON = ("needs torch and transformers (pip install -e '.[hf]'); the "
                "Python 3.12 leg of `make test` installs neither")
 
 
-def hf_model(family: str, *, vocab_size=97, hidden_size=32,
-             intermediate_size=48, num_layers=2, num_heads=4, num_kv_heads=2,
-             max_position_embeddings=64, std=0.2, seed=0, **overrides):
-  """A random `transformers` causal LM of `family`, in eval mode, float32."""
-  torch = pytest.importorskip("torch", reason=SKIP_REASON)
-  transformers = pytest.importorskip("transformers", reason=SKIP_REASON)
-
+def _hf_kwargs(family: str, *, vocab_size=97, hidden_size=32,
+               intermediate_size=48, num_layers=2, num_heads=4,
+               num_kv_heads=2, max_position_embeddings=64, **overrides):
+  """The `transformers` config fields of the tiny model of `family`."""
+  if family not in FAMILIES:
+    raise ValueError(f"Unknown family {family!r}; expected one of "
+                     f"{FAMILIES}.")
   kwargs = dict(
       vocab_size=vocab_size, hidden_size=hidden_size,
       intermediate_size=intermediate_size, num_hidden_layers=num_layers,
       num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
       max_position_embeddings=max_position_embeddings, rms_norm_eps=1e-6,
       tie_word_embeddings=family == "qwen3",
+      rope_theta=10000.0 if family == "llama" else 1e6,
   )
-  if family == "llama":
-    kwargs.update(rope_theta=10000.0)
-    cls_config, cls_model = (transformers.LlamaConfig,
-                             transformers.LlamaForCausalLM)
-  elif family == "qwen2":
-    kwargs.update(rope_theta=1e6)
-    cls_config, cls_model = (transformers.Qwen2Config,
-                             transformers.Qwen2ForCausalLM)
-  elif family == "qwen3":
-    kwargs.update(rope_theta=1e6, head_dim=16)
-    cls_config, cls_model = (transformers.Qwen3Config,
-                             transformers.Qwen3ForCausalLM)
-  else:
-    raise ValueError(f"Unknown family {family!r}; expected one of "
-                     f"{FAMILIES}.")
+  if family == "qwen3":
+    kwargs.update(head_dim=16)
   kwargs.update(overrides)
+  return kwargs
+
+
+def hf_model(family: str, *, std=0.2, seed=0, **sizes):
+  """A random `transformers` causal LM of `family`, in eval mode, float32."""
+  torch = pytest.importorskip("torch", reason=SKIP_REASON)
+  transformers = pytest.importorskip("transformers", reason=SKIP_REASON)
+  kwargs = _hf_kwargs(family, **sizes)
+  cls_config, cls_model = {
+      "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+      "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+      "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+  }[family]
   config = cls_config(**kwargs)
   torch.manual_seed(seed)
   model = cls_model(config).eval()
@@ -94,4 +95,28 @@ def to_entropo(hf, *, precision="fp32") -> Transformer:
     mlp.gate_proj[...] = arr(sd[p + "mlp.gate_proj.weight"].T)
     mlp.up_proj[...] = arr(sd[p + "mlp.up_proj.weight"].T)
     mlp.down_proj[...] = arr(sd[p + "mlp.down_proj.weight"].T)
+  return model
+
+
+def entropo_model(family: str, *, std=0.2, seed=0, precision="fp32",
+                  **sizes) -> Transformer:
+  """The entropo twin of `hf_model(family, std=std, seed=seed)` where torch
+  is installed; without it (the Python 3.12 leg) a model of the same
+  config whose every weight is drawn from normal(0, std) by NumPy, so the
+  tests that need no Hugging Face peer run on both legs."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+    import transformers  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    pass
+  else:
+    return to_entropo(hf_model(family, std=std, seed=seed, **sizes),
+                      precision=precision)
+  cfg = ModelConfig.from_hf(dict(model_type=family,
+                                 **_hf_kwargs(family, **sizes)))
+  model = Transformer(cfg, precision=precision, rngs=nnx.Rngs(0))
+  rng = np.random.default_rng(seed)
+  for _, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+    value = var.get_value()
+    var.set_value(jnp.asarray(rng.normal(0, std, value.shape), value.dtype))
   return model

@@ -40,7 +40,7 @@ def hf_llama():
 
 @pytest.fixture(scope="module")
 def model():
-  return hf_models.to_entropo(hf_models.hf_model("llama", std=STD))
+  return hf_models.entropo_model("llama", std=STD)
 
 
 def _prompts(rng, batch=6, width=7):
@@ -230,7 +230,7 @@ def test_steps_draw_fresh_noise(rng):
   # A zero final norm makes every step's logits 0: uniform and independent of
   # the context, so only the key decides. Reusing one key across steps would
   # repeat each row's first token forever.
-  model = hf_models.to_entropo(hf_models.hf_model("llama", std=STD))
+  model = hf_models.entropo_model("llama", std=STD)
   model.norm.scale[...] = jnp.zeros_like(model.norm.scale[...])
   tokens, mask = _prompts(rng)
   result = sample(model, tokens, mask, key=jax.random.key(0),
@@ -244,7 +244,7 @@ def test_steps_draw_fresh_noise(rng):
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_float32_logps_equal_trainer(family, rng):
-  model = hf_models.to_entropo(hf_models.hf_model(family, std=STD))
+  model = hf_models.entropo_model(family, std=STD)
   tokens, mask = _prompts(rng)
   result = sample(model, tokens, mask, key=jax.random.key(1),
                   max_new_tokens=10)
@@ -368,9 +368,8 @@ def test_sampling_frequencies_match_probabilities(model, rng, kwargs):
 
 
 def test_bf16_mismatch_is_measured(rng, capsys):
-  hf = hf_models.hf_model("qwen3", std=STD)
-  fp32 = hf_models.to_entropo(hf)
-  bf16 = hf_models.to_entropo(hf, precision="bf16")
+  fp32 = hf_models.entropo_model("qwen3", std=STD)
+  bf16 = hf_models.entropo_model("qwen3", std=STD, precision="bf16")
   tokens, mask = _prompts(rng, batch=8)
   result = sample(bf16, tokens, mask, key=jax.random.key(5),
                   max_new_tokens=16)
