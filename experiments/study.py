@@ -27,10 +27,19 @@ so an interrupted study continues where it stopped):
 * `bounds`: REPO-R with other bounds on zeta and ADAPO with other bounds
   on epsilon_high (`BOUNDS`), each for `--seeds`: whether a controller that
   sits at its bound would hold the entropy target with more room.
+* `offpolicy`, `start_entropy`, `repo_ceiling`, `precision_band`, `lora`:
+  when do the paper's claims hold here? The updates per batch and the
+  learning rate, the starting entropy, REPO variants, precision where the
+  clip band binds (`--band_regime`), and LoRA adapters
+  (`experiments/study_regimes.py`).
 * `report`: tables (`report/summary.md`, `report/summary.json`) and plots
   (`report/*.png`) from everything above.
 
-Layout of `--workdir`: `warm_start/` (a Hugging Face directory), `data/`
+Several study processes may share one `--workdir` (each on other stages
+or algorithms): `timing.json` is updated under a lock.
+
+Layout of `--workdir`: `warm_start/` (a Hugging Face directory; the
+`start_entropy` stage adds `warm_start_spread<s>/`), `data/`
 (the TFDS datasets every run shares), `runs/<stage>/<name>/seed<k>/` (each a
 normal entropo run directory: metrics.jsonl, baseline.json, checkpoints),
 `ratio_bias.json`, `report/`, `timing.json` (wall time of every run).
