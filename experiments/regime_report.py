@@ -18,6 +18,7 @@ import pathlib
 
 import numpy as np
 
+from entropo.training import sections
 from experiments import study_regimes as regimes
 from experiments.study_report import _curve
 from experiments.study_report import _figure
@@ -165,41 +166,51 @@ def _contrasts(data, order) -> list[str]:
                   "(points, ± s.e.)"], rows)]
 
 
+_DEFAULT_START = {
+    k: getattr(sections.WarmStartSection, k) for k in ("spread", "steps")}
+
+
 def _start_entropy(runs, offpolicy, ceiling, out, files):
   if not runs:
     return [], {}
   table = collections.defaultdict(dict)
   for name, seeds in runs.items():
-    algo, spread = name.split("/")
-    table[algo][float(spread.removeprefix("spread"))] = seeds
-  # The default start: the off-policy sweep's and REPO stage's runs.
+    algo, start = name.split("/")
+    table[algo][start] = seeds
+  # The shared warm start: the off-policy sweep's and REPO stage's runs.
   defaults = {"grpo": offpolicy.get(f"grpo/{DEFAULT_CELL}"),
               "dapo": offpolicy.get(f"dapo/{DEFAULT_CELL}"),
               "grpo_repo_r": ceiling.get("repo_r")}
   for algo, seeds in defaults.items():
     if seeds and algo in table:
-      table[algo][regimes.DEFAULT_SPREAD] = seeds
+      table[algo]["default"] = seeds
   rows, data = [], {}
   fig, axes = _subplots(len(table), figsize=(5 * len(table), 4),
                         squeeze=False)
-  for ax, (algo, spreads) in zip(axes[0], table.items()):
-    for spread in sorted(spreads):
-      s = list(spreads[spread].values())
+  for ax, (algo, starts) in zip(axes[0], table.items()):
+    start_h = {k: np.mean([x["initial_entropy"] for x in v.values()])
+               for k, v in starts.items()}
+    for start in sorted(starts, key=start_h.get):
+      s = list(starts[start].values())
       h = _headline(s)
-      start = [x["initial_entropy"] for x in s]
-      rows.append([_label(algo), f"{spread:g}", f"{np.mean(start):.3f}",
+      settings = {**_DEFAULT_START, **regimes.STARTS.get(start, {})}
+      rows.append([_label(algo), start, settings["spread"],
+                   settings["steps"], f"{start_h[start]:.3f}",
+                   _pm([x["baseline"]["eval/pass@1"] for x in s]),
                    _pm(h["final_entropy"]), *_cells(h, s[0]["max_k"])])
-      data[f"{algo}/spread{spread:g}"] = {**h, "initial_entropy": start}
-      x, mean, _, _ = _curve(spreads[spread], "entropy/mean")
-      line, = ax.plot(x, _smooth(mean), label=f"spread {spread:g}")
-      ax.axhline(np.mean(start), color=line.get_color(), ls=":", lw=1)
+      data[f"{algo}/{start}"] = {
+          **h, "initial_entropy": [x["initial_entropy"] for x in s]}
+      x, mean, _, _ = _curve(starts[start], "entropy/mean")
+      line, = ax.plot(x, _smooth(mean), label=start)
+      ax.axhline(start_h[start], color=line.get_color(), ls=":", lw=1)
     ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
            title=f"{_label(algo)} (dotted: start)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
   files.append(_figure(out / "start_entropy.png", fig))
-  return [_table(["algorithm", "warm-start spread", "entropy before RL",
-                  "final entropy", *_columns(runs)], rows)], data
+  return [_table(["algorithm", "warm start", "spread", "steps",
+                  "entropy before RL", "pass@1 before RL", "final entropy",
+                  *_columns(runs)], rows)], data
 
 
 def _repo_ceiling(runs, out, files):

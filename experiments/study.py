@@ -39,7 +39,7 @@ Several study processes may share one `--workdir` (each on other stages
 or algorithms): `timing.json` is updated under a lock.
 
 Layout of `--workdir`: `warm_start/` (a Hugging Face directory; the
-`start_entropy` stage adds `warm_start_spread<s>/`), `data/`
+`start_entropy` stage adds `warm_start_<start>/`), `data/`
 (the TFDS datasets every run shares), `runs/<stage>/<name>/seed<k>/` (each a
 normal entropo run directory: metrics.jsonl, baseline.json, checkpoints),
 `ratio_bias.json`, `report/`, `timing.json` (wall time of every run).
@@ -184,19 +184,20 @@ class Study:
   def run_dir(self, stage: str, name: str, seed: int) -> pathlib.Path:
     return run_dir(self.dir, stage, name, seed)
 
-  def warm_start(self, spread: float = study_regimes.DEFAULT_SPREAD) -> None:
-    """The shared warm start, or one trained with another solution spread
-    (`warm_start.spread`: the starting entropy)."""
+  def warm_start(self, start: str | None = None) -> None:
+    """The shared warm start, or the other one named `start` in
+    `study_regimes.STARTS` (another starting entropy)."""
     from entropo import tasks  # pylint: disable=g-import-not-at-top
     from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
     from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
-    out = study_regimes.warm_start_dir(self.dir, spread)
+    out = study_regimes.warm_start_dir(self.dir, start)
     if (out / "config.json").is_file():
       _log(f"{out.name}: exists")
       return
     t = time.perf_counter()
     c = self.config("grpo")
-    c.warm_start.spread = spread
+    if start is not None:
+      c.warm_start.update(study_regimes.STARTS[start])
     warm_start.warm_start(c, config_lib.make_task(c.task),
                           tasks.char_tokenizer(), out)
     self._record(out.name, time.perf_counter() - t)

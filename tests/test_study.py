@@ -202,7 +202,7 @@ def test_regime_stages_smoke(tmp_path):
   study.warm_start()
   regimes.offpolicy(study, ["dapo", "dapo_sym"], updates=("1x1", "4x4"),
                     lr_scales=(4, 1))
-  regimes.start_entropy(study, ["grpo"], spreads=(1.0,))
+  regimes.start_entropy(study, ["grpo"], starts=("spread1_steps150",))
   regimes.repo_ceiling(study, ("repo_r", "repo_r_no_sign_clamp",
                                "repo_centred"))
   regimes.precision_band(study, "mb4_ep1_lr1", ["bf16"])
@@ -219,12 +219,12 @@ def test_regime_stages_smoke(tmp_path):
   c = config("offpolicy/dapo_sym/mb4_ep4_lr1")  # DAPO without clip-higher
   assert (c["algo"]["name"], c["algo"]["clip_high"]) == ("dapo", 0.2)
   assert config("offpolicy/dapo/mb4_ep4_lr1")["algo"]["clip_high"] == 0.28
-  # The high-entropy start is its own warm start, trained with spread 1.
-  c = config("start_entropy/grpo/spread1")
+  # The high-entropy start is its own warm start: spread 1, fewer steps.
+  c = config("start_entropy/grpo/spread1_steps150")
   start = pathlib.Path(c["model"]["init_from"])
-  assert start == tmp_path / "warm_start_spread1"
-  assert json.loads((start / "warm_start.json").read_text())[
-      "spread"] == 1.0
+  assert start == tmp_path / "warm_start_spread1_steps150"
+  made = json.loads((start / "warm_start.json").read_text())
+  assert (made["spread"], made["steps"]) == (1.0, 150)
   assert not config("repo_ceiling/repo_r_no_sign_clamp")["algo"][
       "repo_sign_clamp"]
   assert config("repo_ceiling/repo_r")["algo"]["repo_sign_clamp"]
@@ -242,7 +242,7 @@ def test_regime_stages_smoke(tmp_path):
       "dapo/mb4_ep4_lr4", "dapo_sym/mb4_ep4_lr1"]
   # On-policy (one step per batch): every ratio is 1, nothing clips.
   assert summary["offpolicy"]["dapo/mb1_ep1_lr4"]["clipfrac_high"] == [0.0]
-  assert sorted(summary["start_entropy"]) == ["grpo/spread1"]
+  assert sorted(summary["start_entropy"]) == ["grpo/spread1_steps150"]
   assert sorted(summary["repo_ceiling"]) == [
       "repo_centred", "repo_r", "repo_r_no_sign_clamp"]
   assert list(summary["precision_band"]) == ["dapo/mb4_ep1_lr1/bf16"]
