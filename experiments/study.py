@@ -96,7 +96,7 @@ _OFFPOLICY_ALGORITHMS = flags.DEFINE_list(
     "offpolicy_algorithms", list(study_regimes.OFFPOLICY_ALGORITHMS),
     "Algorithms of the offpolicy stage.")
 _BAND_REGIME = flags.DEFINE_string(
-    "band_regime", "mb16_ep1_lr4", "The offpolicy cell (minibatches, epochs, "
+    "band_regime", "mb16_ep1_lr1", "The offpolicy cell (minibatches, epochs, "
     "learning-rate scale) of the precision_band stage.")
 _BAND_PRESETS = flags.DEFINE_list(
     "band_presets", list(study_regimes.BAND_PRESETS),
