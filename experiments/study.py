@@ -307,10 +307,19 @@ def _flatten(tree, prefix=""):
 
 
 def _check_same_config(config, directory: pathlib.Path) -> None:
-  """A finished run is only reused if it was made with `config`."""
+  """A finished run is only reused if it was made with `config`.
+
+  A field the run's config.json lacks (added to entropo after the run)
+  counts as its default, the behaviour the run had.
+  """
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
   saved = _flatten(json.loads((directory / "config.json").read_text()))
   wanted = _flatten(json.loads(config.to_json_best_effort()))
+  defaults = _flatten(json.loads(
+      config_lib.default_config(config.algo.name).to_json_best_effort()))
   for field in sorted(saved.keys() | wanted.keys()):
+    if field not in saved and field in defaults:
+      saved[field] = defaults[field]
     if saved.get(field) != wanted.get(field):
       raise ValueError(
           f"{directory} was trained with {field}={saved.get(field)!r}, but "

@@ -191,6 +191,22 @@ def test_smoke_study_end_to_end(tmp_path):
   with pytest.raises(ValueError, match="trained with train.checkpoint_every"
                      "=2, but this study asks for 3"):
     study.algorithms(["grpo"])
+  # A field added to entropo after a run counts as its default there.
+  path = tmp_path / "runs/algorithms/grpo/seed0/config.json"
+  saved = json.loads(path.read_text())
+  del saved["model"]["lora_base_dtype"]
+  path.write_text(json.dumps(saved))
+  study = study_lib.Study(tmp_path, seeds=[0], iterations=2, smoke=True)
+  study.algorithms(["grpo"])  # reused: the default is what it ran with
+  assert path.with_name("metrics.jsonl").stat().st_mtime_ns == (
+      after.st_mtime_ns)
+  del saved["algo"]["clip_low"]  # ... but only the default
+  path.write_text(json.dumps(saved))
+  c = study.config("grpo", seed=0)
+  c.algo.clip_low = 0.1
+  with pytest.raises(ValueError, match="algo.clip_low=0.2, but this study "
+                     "asks for 0.1"):
+    study.run(c, path.parent, "grpo")
 
 
 @pytest.mark.slow
