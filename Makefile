@@ -115,7 +115,8 @@ demo: install-runtime
 	$(VENV_PY) -m experiments.main --config=experiments/configs/countdown.py \
 	  --workdir=$(WORKDIR)
 
-# The study of docs/results.md (about 66 minutes on 2 CPU cores; resumable).
+# The study of docs/results.md (about 66 minutes on 2 CPU cores for sections 1-5,
+# about 3 hours more for the regime stages of sections 6-10; resumable).
 STUDY_DIR ?= workdir/study
 
 study: install-runtime
