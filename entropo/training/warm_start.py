@@ -1,5 +1,6 @@
 """The supervised warm start of the tiny model on correct solutions."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -94,8 +95,10 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   tasks_lib.save_tokenizer(tokenizer, tmp)
   (tmp / "warm_start_loss.json").write_text(json.dumps(losses))
   # What made this policy (the spread sets its starting entropy).
+  settings = (dataclasses.asdict(ws) if dataclasses.is_dataclass(ws)
+              else ws.to_dict())  # typed section or ConfigDict
   (tmp / "warm_start.json").write_text(json.dumps(
-      {**ws.to_dict(), "model_seed": config.seed}, indent=2))
+      {**settings, "model_seed": config.seed}, indent=2))
   os.replace(tmp, directory)
   final = f", final loss {losses[-1]:.4f}" if losses else ""
   logger_lib.log(f"warm start: {ws.steps} steps{final} -> {directory}")
