@@ -45,7 +45,8 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
 
   Saves it as a Hugging Face directory (safetensors, config.json,
   tokenizer.json, plus `warm_start.json`: the settings that made it, and
-  `warm_start_loss.json`: its loss per step) at `directory`, which is reused if it already exists:
+  `warm_start_loss.json`: its loss per step) at `directory`, which is
+  reused if it already exists:
   every run of a study can start from the same warm-started policy. The
   warm start always trains in float32; the RL run loads it under its own
   precision preset.
