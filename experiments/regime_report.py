@@ -38,6 +38,18 @@ def _mean_metric(summary: dict, key: str) -> float:
   return float(np.mean(values)) if values else float("nan")
 
 
+def _add_reference_runs(table, offpolicy, ceiling, label: str) -> None:
+  """Adds, as `table[algo][label]`, each algorithm's runs at the algorithm
+  stage's settings (shared warm start, full fine-tuning, 4 x 1 steps,
+  learning rate x1), which the off-policy sweep and the REPO stage made."""
+  reference = {"grpo": offpolicy.get(f"grpo/{DEFAULT_CELL}"),
+               "dapo": offpolicy.get(f"dapo/{DEFAULT_CELL}"),
+               "grpo_repo_r": ceiling.get("repo_r")}
+  for algo, seeds in reference.items():
+    if seeds and algo in table:
+      table[algo][label] = seeds
+
+
 def _headline(s: list[dict]) -> dict:
   """Per-seed lists of the numbers every regime table shows."""
   k = s[0]["max_k"]
@@ -177,13 +189,7 @@ def _start_entropy(runs, offpolicy, ceiling, out, files):
   for name, seeds in runs.items():
     algo, start = name.split("/")
     table[algo][start] = seeds
-  # The shared warm start: the off-policy sweep's and REPO stage's runs.
-  defaults = {"grpo": offpolicy.get(f"grpo/{DEFAULT_CELL}"),
-              "dapo": offpolicy.get(f"dapo/{DEFAULT_CELL}"),
-              "grpo_repo_r": ceiling.get("repo_r")}
-  for algo, seeds in defaults.items():
-    if seeds and algo in table:
-      table[algo]["default"] = seeds
+  _add_reference_runs(table, offpolicy, ceiling, "default")
   rows, data = [], {}
   fig, axes = _subplots(len(table), figsize=(5 * len(table), 4),
                         squeeze=False)
@@ -283,16 +289,12 @@ def _precision_band(runs, out, files):
 def _lora(runs, offpolicy, ceiling, out, files):
   if not runs:
     return [], {}
-  full = {"grpo": offpolicy.get(f"grpo/{DEFAULT_CELL}"),
-          "grpo_repo_r": ceiling.get("repo_r")}
   table = collections.defaultdict(dict)
   for name, seeds in runs.items():
     algo, lr = name.split("/")
     table[algo][f"LoRA r={regimes.LORA['lora_rank']}, "
                 f"lr ×{lr.removeprefix('lr')}"] = seeds
-  for algo, seeds in full.items():
-    if seeds and algo in table:
-      table[algo]["full, lr ×1"] = seeds
+  _add_reference_runs(table, offpolicy, ceiling, "full, lr ×1")
   rows, data = [], {}
   fig, axes = _subplots(len(table), figsize=(6 * len(table), 4),
                         squeeze=False)
