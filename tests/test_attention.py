@@ -8,6 +8,8 @@ rematerialisation and 8-device sharding. Both are checked against a float64
 loop-style reference.
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +21,7 @@ from entropo import sharding
 from entropo.models import attention as attention_lib
 from entropo.models import ModelConfig
 from entropo.models import sample
+from entropo.models import sampler as sampler_lib
 from entropo.models import Transformer
 from tests.reference import attention as ref_attention
 
@@ -60,6 +63,29 @@ def test_values_match_float64_reference(rng, chunk_size, cache_index):
   for impl in ("reference", "blockwise"):
     got = jax.jit(_attend(impl, chunk_size))(q, k, v, valid, slots)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=impl)
+
+
+@pytest.mark.parametrize("host_checks", [False, True])
+@pytest.mark.parametrize("chunk_size", [1, 4, 9, 64])
+@pytest.mark.parametrize("slot", [4, 5, 8])
+def test_decode_matches_float64_reference(rng, monkeypatch, host_checks,
+                                          chunk_size, slot):
+  # One query against a 9-slot cache: the filled-chunk loop (CPU, TPU) and
+  # the every-chunk loop of known length (GPU) give the same attention.
+  monkeypatch.setattr(attention_lib, "_loop_checks_on_host",
+                      lambda backend=None: host_checks)
+  q, k, v, valid = _inputs(rng, t=1)
+  slots = jnp.asarray([slot])
+  want = ref_attention.attention(q, k, v, valid, slots)
+  got = jax.jit(_attend("blockwise", chunk_size))(q, k, v, valid, slots)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_loop_checks_on_host_only_on_gpu():
+  assert attention_lib._loop_checks_on_host("gpu")
+  assert attention_lib._loop_checks_on_host("cuda")
+  assert not attention_lib._loop_checks_on_host("cpu")
+  assert not attention_lib._loop_checks_on_host("tpu")
 
 
 @pytest.mark.parametrize("chunk_size", [1, 4, 9])
@@ -210,6 +236,42 @@ def test_sampler_tokens_unchanged(rng):
                     max_new_tokens=8) for impl in ("reference", "blockwise")]
   np.testing.assert_array_equal(results[0].tokens, results[1].tokens)
   np.testing.assert_allclose(results[0].logps, results[1].logps, atol=1e-5)
+
+
+def _while_trip_counts(hlo_text):
+  """The known trip count of each `while` in compiled HLO (None: unknown)."""
+  counts = []
+  for line in hlo_text.splitlines():
+    if " while(" in line:
+      found = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', line)
+      counts.append(int(found.group(1)) if found else None)
+  return counts
+
+
+@pytest.mark.parametrize("host_checks", [False, True])
+def test_decode_loops_of_unknown_length(rng, monkeypatch, host_checks):
+  # XLA:GPU syncs with the host at every trip of a loop of unknown length.
+  # The sampler's steps run in blocks of known length (3 here), inside one
+  # loop over blocks; where loops sync with the host the decode attention
+  # adds no loop of unknown length either (elsewhere each layer reads only
+  # the filled chunks of its 15-slot cache, chunks of 4, in one).
+  monkeypatch.setattr(attention_lib, "_loop_checks_on_host",
+                      lambda backend=None: host_checks)
+  model = _model("blockwise", config=CONFIG.replace(attention_chunk_size=4))
+  tokens, mask = _batch(rng, t=6)
+  fn, args, kwargs = sampler_lib._prepare(
+      model, tokens, mask, key=jax.random.key(0), max_new_tokens=9,
+      temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
+      steps_per_check=3)
+  jax.clear_caches()  # trace again under the patched backend rule
+  try:
+    text = fn.lower(*args, **kwargs).compile().as_text()
+  finally:
+    jax.clear_caches()
+  counts = _while_trip_counts(text)
+  assert 3 in counts  # 8 steps after the first token: blocks of 3
+  unknown = counts.count(None)
+  assert unknown == (1 if host_checks else 1 + CONFIG.num_layers), counts
 
 
 def test_sharded_blockwise_equals_single_device(rng):

@@ -132,17 +132,24 @@ def test_lora_memory_benchmark_runs(tmp_path):
   assert "| lora_r2 |" in proc.stdout
 
 
-DECODE_SCRIPT = ROOT / "benchmarks" / "decode_cache.py"
+DECODE_SCRIPT = ROOT / "benchmarks" / "decode_step.py"
 
 
-def test_decode_cache_benchmark_runs(tmp_path):
+def test_decode_step_benchmark_runs(tmp_path):
+  # Three ways through a cache of 4 chunks: the same tokens; a check per
+  # step or per block of 16, and the every-chunk attention with no loop of
+  # unknown length at all (there is no EOS id, so no loop over blocks).
   out = tmp_path / "decode.json"
   proc = subprocess.run(
-      [sys.executable, str(DECODE_SCRIPT), "--chunk_size", "8",
-       "--new_tokens", "24", "--prompt_len", "8", "--batch", "2",
-       "--layers", "1", "--repeats", "1", "--out", str(out)],
+      [sys.executable, str(DECODE_SCRIPT), "--model", "tiny", "--layers",
+       "1", "--chunk_size", "8", "--new_tokens", "24", "--prompt_len", "8",
+       "--batch", "2", "--repeats", "1", "--variants", "fp32:1:filled",
+       "fp32:16:filled", "fp32:16:every", "--out", str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr
   result = json.loads(out.read_text())
-  assert result["same_tokens"] and result["chunks"] == 4
-  assert set(result["tokens_per_s"]) == {"all chunks", "filled chunks"}
+  rows = {r["name"]: r for r in result["rows"]}
+  assert all(r["same_tokens"] and r["ms_per_step"] > 0 for r in rows.values())
+  assert rows["fp32:16:filled"]["unknown_length_loops"] == 1  # one layer
+  assert rows["fp32:16:every"]["unknown_length_loops"] == 0
+  assert "| fp32:16:every |" in proc.stdout

@@ -173,6 +173,33 @@ def test_eos_stops_rows_when_sampling(model, rng):
                                 free.tokens[0, :width + first + 1])
 
 
+@pytest.mark.parametrize("steps_per_check", [4, 7, 64])
+def test_steps_per_check_changes_no_output(model, rng, steps_per_check):
+  # Blocks that divide the steps, that overshoot them (7 does not divide
+  # 12 - 1), and one longer than the whole run; rows stop at EOS at
+  # different steps, so the last blocks run past some rows' ends.
+  tokens, mask = _prompts(rng)
+  kw = dict(key=jax.random.key(3), max_new_tokens=12, eos_id=[3, 11, 40])
+  every = sample(model, tokens, mask, steps_per_check=1, **kw)
+  assert len(set(np.asarray(every.lengths).tolist())) > 1
+  blocked = sample(model, tokens, mask, steps_per_check=steps_per_check,
+                   **kw)
+  for name, a, b in zip(every._fields, every, blocked):
+    assert a.shape == b.shape, name
+    np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("steps, most, block", [
+    (255, 16, 16), (100, 16, 15), (11, 4, 4), (11, 16, 11), (0, 16, 1),
+    (5, 1, 1)])
+def test_block_length_overshoots_less_than_a_step_per_block(steps, most,
+                                                            block):
+  got = sampler_lib._block_length(steps, most)
+  assert got == block and got <= most
+  blocks = -(-steps // got)
+  assert blocks * got - steps < max(blocks, 1)
+
+
 def test_prompt_layout(model, rng):
   tokens, mask = _prompts(rng)
   width, n = tokens.shape[1], 10
@@ -433,6 +460,8 @@ def _bad_cases():
       (dict(prompt_mask=mask[:, :3]), r"prompt_mask must have the shape"),
       (dict(prompt_tokens=tokens[0], prompt_mask=mask[0]), r"\[B, P\]"),
       (dict(key=3), r"key must be a JAX PRNG key"),
+      (dict(steps_per_check=0), r"steps_per_check must be a positive int"),
+      (dict(steps_per_check=2.0), r"steps_per_check.*got 2.0"),
   ], (padded_oov, padded_mask)
 
 

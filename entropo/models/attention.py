@@ -175,6 +175,19 @@ def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy):
   return jnp.where(exists_c, scores, -jnp.inf), allowed
 
 
+def _loop_checks_on_host(backend: str | None = None) -> bool:
+  """Whether a loop of data-dependent length syncs with the host per trip.
+
+  XLA:GPU copies a `while_loop`'s condition to the host and waits for the
+  device at every trip unless it can infer the trip count (`WhileThunk`);
+  on CPU the loop runs on the host anyway and on TPU on the device. Where
+  it syncs, the decode step scores every chunk in a loop of known length
+  instead of only the filled ones: one such sync per chunk, layer and
+  token would cost more than reading the unfilled part of the cache.
+  """
+  return (backend or jax.default_backend()) in ("gpu", "cuda", "rocm")
+
+
 def _decode_loop(body, init, k, v, key_valid, query_slots, chunk):
   """One query against a cache: only the chunks up to the query's slot.
 
@@ -218,7 +231,7 @@ def _forward(q, k, v, key_valid, query_slots, chunk, policy):
 
   init = (stat, jnp.zeros_like(stat),
           jnp.zeros((b, kv, g, t, hd), jnp.float32))
-  if t == 1 and chunk < k.shape[1]:
+  if t == 1 and chunk < k.shape[1] and not _loop_checks_on_host():
     m, l, acc = _decode_loop(body, init, k, v, key_valid, query_slots, chunk)
   else:
     (m, l, acc), _ = _scan(body, init, _chunks(k, v, key_valid, chunk))

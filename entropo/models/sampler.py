@@ -34,7 +34,19 @@ log-prob of `tokens[:, t]` (0 outside the completion), so the trainer's
 Stopping. A row stops after it emits an EOS id (kept, with
 `completion_mask` True) or after `max_new_tokens`; the slots after its stop
 hold the pad id (the first EOS id, else 0) with masks False and log-probs 0.
-The loop is a `lax.while_loop` that ends as soon as every row has stopped.
+
+Loop. The decode steps run in blocks of at most `steps_per_check` (16) steps:
+a `lax.while_loop` over blocks, each a loop of known length, and the loop
+ends at the first block boundary at which every row has stopped (or after
+`max_new_tokens`). A block of known length is what lets XLA:GPU run it
+without a device-to-host copy and host synchronisation per step: it copies
+a `while_loop`'s condition to the host at every trip of a loop whose trip
+count it cannot infer (`WhileThunk`), so the host could not enqueue step
+`j + 1` before step `j` had finished. Without EOS ids nothing stops early
+and all steps run as one loop of known length. The blocks cost at most
+`steps_per_check - 1` extra steps per call (past the last row's EOS, or
+past `max_new_tokens` when the blocks do not divide it; their writes are
+discarded), and the tokens are the same whatever the block length.
 
 Cost. Prompts are prefilled in one call; each new token then costs one
 single-token forward pass against the KV cache (`use_cache=False` instead
@@ -123,6 +135,7 @@ def sample(
     top_p: float | None = None,
     eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
+    steps_per_check: int = 16,
 ) -> SampleResult:
   """Samples `max_new_tokens` continuations of a batch of prompts.
 
@@ -151,6 +164,9 @@ def sample(
     eos_id: an id or ids in `[0, V)` that end a row (None: run N tokens).
     use_cache: False reruns the model over the whole sequence buffer at
       every step instead of using the KV cache (a slow baseline).
+    steps_per_check: decode steps run between two checks of whether every
+      row has stopped (see "Loop" in the module docstring). 1 checks after
+      every step. The tokens do not depend on it.
 
   Returns:
     A `SampleResult`.
@@ -158,7 +174,8 @@ def sample(
   fn, args, kwargs = _prepare(
       model, prompt_tokens, prompt_mask, key=key,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-      top_p=top_p, eos_id=eos_id, use_cache=use_cache)
+      top_p=top_p, eos_id=eos_id, use_cache=use_cache,
+      steps_per_check=steps_per_check)
   return fn(*args, **kwargs)
 
 
@@ -267,7 +284,8 @@ def _check_prompts(prompt_tokens, prompt_mask, vocab: int, context: int):
 
 
 def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
-             temperature, top_k, top_p, eos_id, use_cache):
+             temperature, top_k, top_p, eos_id, use_cache,
+             steps_per_check=16):
   """Validates the arguments; returns the jitted function and its inputs."""
   cfg = model.config
   vocab, context = cfg.vocab_size, cfg.max_position_embeddings
@@ -313,6 +331,9 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
       raise ValueError(f"eos_id {e} is outside the vocabulary [0, {vocab}).")
   if not isinstance(use_cache, bool):
     raise ValueError(f"use_cache must be a bool; got {use_cache!r}.")
+  if not _is_int(steps_per_check) or steps_per_check < 1:
+    raise ValueError(f"steps_per_check must be a positive int; got "
+                     f"{steps_per_check!r}.")
   key = _check_key(key)
 
   graphdef, state = nnx.split(model)
@@ -332,8 +353,22 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
       top_k=top_k,
       use_top_p=use_top_p,
       use_cache=use_cache,
+      block=(_block_length(max_new_tokens - 1, int(steps_per_check))
+             if eos_ids else 1),
   )
   return _generate_jit, args, kwargs
+
+
+def _block_length(steps: int, most: int) -> int:
+  """Steps per block: at most `most`, as even as the blocks can be.
+
+  `steps` decode steps follow the first token; `ceil(steps / k)` blocks of
+  `k` steps overshoot by less than one step per block.
+  """
+  if steps <= 0:
+    return 1
+  blocks = -(-steps // most)
+  return -(-steps // blocks)
 
 
 # The compiled part.
@@ -369,20 +404,24 @@ def _left_align(tokens, mask, pad_id):
 
 def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
               eos_ids, *, max_new_tokens, greedy, top_k, use_top_p,
-              use_cache):
+              use_cache, block=1):
   model = nnx.merge(graphdef, state)
   pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
   policy = model.policy
   batch, width = tokens.shape
   n = max_new_tokens
   total = width + n
+  # The last block may run past step n - 1: its extra steps write to
+  # `block - 1` spare slots, cut off at the end, and into the cache's last
+  # slot, which no real step reads any more.
+  spare = block - 1
 
   tokens, mask = _left_align(tokens, mask, pad_id)
   prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
   lm_head = model.lm_head_matrix()
 
   buf = jnp.concatenate(
-      [tokens, jnp.full((batch, n), pad_id, jnp.int32)], axis=1)  # [B, P+N]
+      [tokens, jnp.full((batch, n + spare), pad_id, jnp.int32)], axis=1)
   prompt_mask = jnp.concatenate([mask, jnp.zeros((batch, n), bool)], axis=1)
   choose = lambda h, j: _choose(
       policy.round_logits(policy.head_product(h, lm_head)),
@@ -397,7 +436,7 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
         cache_index=0)
   else:
     cache = None
-    hidden = model(buf, attention_mask=prompt_mask)
+    hidden = model(buf[:, :total], attention_mask=prompt_mask)
   h = hidden[:, width - 1]  # [B, D]; the last prompt slot is always valid
 
   def record(carry, j, h):
@@ -417,16 +456,12 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
     done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=1)
     return buf, comp, lps, plps, ents, done
 
-  zeros = jnp.zeros((batch, total), jnp.float32)
-  carry = (buf, jnp.zeros((batch, total), bool), zeros, zeros, zeros,
+  zeros = jnp.zeros((batch, total + spare), jnp.float32)
+  carry = (buf, jnp.zeros((batch, total + spare), bool), zeros, zeros, zeros,
            jnp.zeros((batch,), bool))
   carry = record(carry, 0, h)
 
-  def cond(state):
-    j, _, carry = state
-    return (j < n) & ~jnp.all(carry[-1])
-
-  def body(state):
+  def step(state):
     j, cache, carry = state
     buf, comp = carry[0], carry[1]
     if use_cache:
@@ -438,13 +473,26 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
           cache_index=width + j - 1)
       h = hidden[:, 0]
     else:
-      hidden = model(buf, attention_mask=prompt_mask | comp)
+      seen = (prompt_mask | comp[:, :total])
+      hidden = model(buf[:, :total], attention_mask=seen)
       h = jax.lax.dynamic_index_in_dim(hidden, width + j - 1, axis=1,
                                        keepdims=False)
     return j + 1, cache, record(carry, j, h)
 
-  _, _, carry = jax.lax.while_loop(cond, body, (jnp.int32(1), cache, carry))
-  buf, comp, lps, plps, ents, _ = carry
+  def cond(state):
+    j, _, carry = state
+    return (j < n) & ~jnp.all(carry[-1])
+
+  def run_block(state):  # a loop of known length: no check inside
+    return jax.lax.fori_loop(0, block, lambda _, s: step(s), state)
+
+  state = (jnp.int32(1), cache, carry)
+  if eos_ids.shape[0]:
+    state = jax.lax.while_loop(cond, step if block == 1 else run_block, state)
+  else:  # no row can stop early: one loop of known length
+    state = jax.lax.fori_loop(1, n, lambda _, s: step(s), state)
+  carry = state[-1]
+  buf, comp, lps, plps, ents = (x[:, :total] for x in carry[:-1])
   return SampleResult(
       tokens=buf,
       prompt_mask=prompt_mask,
@@ -460,5 +508,5 @@ _generate_jit = jax.jit(
     _generate,
     static_argnums=(0,),
     static_argnames=("max_new_tokens", "greedy", "top_k", "use_top_p",
-                     "use_cache"),
+                     "use_cache", "block"),
 )
