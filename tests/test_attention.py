@@ -33,7 +33,7 @@ CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
 
 def _inputs(rng, *, b=3, t=9, s=9, kv=2, g=3, hd=8, dtype=jnp.float32):
   q = rng.normal(size=(b, t, kv, g, hd))
-  k, v = rng.normal(size=(2, b, s, kv, hd))
+  k, v = rng.normal(size=(2, b, kv, s, hd))  # head-major, as the cache
   valid = np.ones((b, s), bool)
   valid[0, :4] = False  # left padding: queries 0-3 of row 0 see no key
   valid[1, 6:] = False  # right padding
@@ -261,7 +261,7 @@ def test_decode_loops_of_unknown_length(rng, monkeypatch, host_checks):
   tokens, mask = _batch(rng, t=6)
   fn, args, kwargs = sampler_lib._prepare(
       model, tokens, mask, key=jax.random.key(0), max_new_tokens=9,
-      temperature=1.0, top_k=None, top_p=None, eos_id=None, use_cache=True,
+      temperature=1.0, top_k=None, top_p=None, eos_id=0, use_cache=True,
       steps_per_check=3)
   jax.clear_caches()  # trace again under the patched backend rule
   try:

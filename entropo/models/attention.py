@@ -2,9 +2,15 @@
 
 Every implementation computes, for queries `q: [B, T, KV, G, hd]` (G query
 heads share each of the KV key/value heads) and keys and values
-`k, v: [B, S, KV, hd]`,
+`k, v: [B, KV, S, hd]`,
 
-    out[b, t] = softmax_s(q[b, t] . k[b, s] / sqrt(hd), allowed[b, t, s]) v
+    out[b, t] = softmax_s(q[b, t] . k[b, :, s] / sqrt(hd), allowed[b, t, s]) v
+
+Keys and values are head-major, the layout of the KV cache: the products
+with the keys and values batch over `(B, KV)`, which XLA wants outermost, so
+a decode step reads each layer's cache where it lies. (With the cache
+stored `[B, S, KV, hd]`, XLA:CPU copied both caches of every layer into
+that order at every step: two extra passes over the whole cache.)
 
 where key `s` is allowed for query `t` when `key_valid[b, s]` and
 `s <= query_slots[t]` (the causal mask: `query_slots` is the cache slot of
@@ -75,7 +81,7 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
 
   Args:
     q: `[B, T, KV, G, hd]` queries (compute dtype).
-    k: `[B, S, KV, hd]` keys; v: `[B, S, KV, hd]` values.
+    k: `[B, KV, S, hd]` keys; v: `[B, KV, S, hd]` values.
     key_valid: `[B, S]` bool, keys that exist (not padding, filled slots).
     query_slots: `[T]` int, the slot of each query (causal mask).
     policy: the model's `Precision`.
@@ -90,7 +96,7 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
     return reference(q, k, v, key_valid, query_slots, policy=policy)
   if implementation == "cudnn":
     return _cudnn(q, k, v, key_valid, query_slots, policy=policy)
-  if implementation == "pallas" and q.shape[1] == k.shape[1]:
+  if implementation == "pallas" and q.shape[1] == k.shape[2]:
     return _pallas_tpu(q, k, v, key_valid, policy=policy)
   return blockwise(q, k, v, key_valid, query_slots, policy=policy,
                    chunk_size=chunk_size)
@@ -104,7 +110,7 @@ def _allowed(key_valid, key_slots, query_slots):
 
 def _scores(q, k, policy):
   """`[B, KV, G, T, C]` float32 scaled scores."""
-  scores = policy.einsum("btkgh,bskh->bkgts", q, k.astype(q.dtype),
+  scores = policy.einsum("btkgh,bksh->bkgts", q, k.astype(q.dtype),
                          preferred_element_type=jnp.float32)
   return scores / math.sqrt(q.shape[-1])
 
@@ -112,10 +118,10 @@ def _scores(q, k, policy):
 def reference(q, k, v, key_valid, query_slots, *, policy):
   """The materialised softmax: `[B, KV, G, T, S]` float32 scores."""
   scores = _scores(q, k, policy)
-  allowed = _allowed(key_valid, jnp.arange(k.shape[1]), query_slots)
+  allowed = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)
   scores = jnp.where(allowed[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = policy.einsum("bkgts,bskh->btkgh", probs, v.astype(probs.dtype))
+  out = policy.einsum("bkgts,bksh->btkgh", probs, v.astype(probs.dtype))
   return out.astype(q.dtype)
 
 
@@ -124,28 +130,30 @@ def blockwise(q, k, v, key_valid, query_slots, *, policy,
   """Online-softmax attention over key chunks (see the module docstring)."""
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
-  chunk = min(chunk_size, k.shape[1])
+  chunk = min(chunk_size, k.shape[2])
   return _blockwise(q, k.astype(q.dtype), v.astype(q.dtype), key_valid,
                     query_slots, chunk, policy)
 
 
-def _split(x, chunk, fill):
-  """`[B, S, ...]` -> `[n, B, chunk, ...]`, the last chunk padded."""
-  s = x.shape[1]
+def _split(x, chunk, fill, axis):
+  """Axis `axis` (length S) in `n` chunks, moved to the front: `[n, ...]`,
+  the last chunk padded with `fill`."""
+  s = x.shape[axis]
   n = -(-s // chunk)
   pad = [(0, 0)] * x.ndim
-  pad[1] = (0, n * chunk - s)
+  pad[axis] = (0, n * chunk - s)
   x = jnp.pad(x, pad, constant_values=fill)
-  x = x.reshape(x.shape[0], n, chunk, *x.shape[2:])
-  return jnp.moveaxis(x, 1, 0)
+  x = x.reshape(*x.shape[:axis], n, chunk, *x.shape[axis + 1:])
+  return jnp.moveaxis(x, axis, 0)
 
 
 def _chunks(k, v, key_valid, chunk):
-  """Keys, values, validity, slots and existence, each `[n, ...]`."""
-  s = k.shape[1]
+  """Keys and values `[n, B, KV, C, hd]`, validity `[n, B, C]`, slots and
+  existence `[n, C]`."""
+  s = k.shape[2]
   slots = jnp.arange(-(-s // chunk) * chunk).reshape(-1, chunk)  # [n, C]
-  return (_split(k, chunk, 0), _split(v, chunk, 0),
-          _split(key_valid, chunk, False), slots, slots < s)
+  return (_split(k, chunk, 0, 2), _split(v, chunk, 0, 2),
+          _split(key_valid, chunk, False, 1), slots, slots < s)
 
 
 def _scan(body, init, xs):
@@ -199,14 +207,14 @@ def _decode_loop(body, init, k, v, key_valid, query_slots, chunk):
   with no allowed key, which the sampler never makes, then averages over
   the keys read, not all of them.)
   """
-  s = k.shape[1]
+  s = k.shape[2]
   used = jnp.minimum(query_slots[-1] // chunk + 1, -(-s // chunk))
 
   def step(i, carry):
     start = jnp.minimum(i * chunk, s - chunk)
-    cut = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)
+    cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis)
     slots = start + jnp.arange(chunk)
-    return body(carry, (cut(k), cut(v), cut(key_valid), slots,
+    return body(carry, (cut(k, 2), cut(v, 2), cut(key_valid, 1), slots,
                         slots >= i * chunk))[0]
 
   return jax.lax.fori_loop(0, used, step, init)
@@ -225,13 +233,13 @@ def _forward(q, k, v, key_valid, query_slots, chunk, policy):
     alpha = jnp.exp(m - m_new)  # 0 on the first chunk (m = -inf)
     p = jnp.exp(s - m_new[..., None])  # [B, KV, G, T, C]
     l = l * alpha + jnp.sum(p, axis=-1)
-    pv = policy.einsum("bkgts,bskh->bkgth", p.astype(v_c.dtype), v_c,
+    pv = policy.einsum("bkgts,bksh->bkgth", p.astype(v_c.dtype), v_c,
                        preferred_element_type=jnp.float32)
     return (m_new, l, acc * alpha[..., None] + pv), None
 
   init = (stat, jnp.zeros_like(stat),
           jnp.zeros((b, kv, g, t, hd), jnp.float32))
-  if t == 1 and chunk < k.shape[1] and not _loop_checks_on_host():
+  if t == 1 and chunk < k.shape[2] and not _loop_checks_on_host():
     m, l, acc = _decode_loop(body, init, k, v, key_valid, query_slots, chunk)
   else:
     (m, l, acc), _ = _scan(body, init, _chunks(k, v, key_valid, chunk))
@@ -253,7 +261,7 @@ def _blockwise_fwd(q, k, v, key_valid, query_slots, chunk, policy):
 
 def _blockwise_bwd(chunk, policy, residuals, d_out):
   q, k, v, key_valid, query_slots, out, (m, l) = residuals
-  s_len, dt = k.shape[1], q.dtype
+  s_len, dt = k.shape[2], q.dtype
   scale = 1.0 / math.sqrt(q.shape[-1])
   # delta = rowsum(dO * O) = sum_s p_s dp_s, the softmax Jacobian's term.
   delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32),
@@ -271,24 +279,27 @@ def _blockwise_bwd(chunk, policy, residuals, d_out):
     s, allowed = _masked_scores(q, k_c, valid_c, slots_c, exists_c,
                                 query_slots, policy)
     p = jnp.exp(s - m[..., None]) / l[..., None]  # [B, KV, G, T, C]
-    dp = policy.einsum("btkgh,bskh->bkgts", d_out, v_c,
+    dp = policy.einsum("btkgh,bksh->bkgts", d_out, v_c,
                        preferred_element_type=jnp.float32)
     ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * scale
     p_t, ds_t = jax.lax.optimization_barrier(
         (jnp.swapaxes(p, 3, 4).astype(dt), jnp.swapaxes(ds, 3, 4).astype(dt)))
-    dv_c = policy.einsum("bkgst,bkgth->bskh", p_t, d_out_t,
+    dv_c = policy.einsum("bkgst,bkgth->bksh", p_t, d_out_t,
                          preferred_element_type=jnp.float32)
-    dk_c = policy.einsum("bkgst,bkgth->bskh", ds_t, q_t,
+    dk_c = policy.einsum("bkgst,bkgth->bksh", ds_t, q_t,
                          preferred_element_type=jnp.float32)
-    dq = dq + policy.einsum("bkgts,bskh->btkgh", ds.astype(dt), k_c,
+    # dq accumulates head-major, the dot's natural output; transposed once
+    # after the loop.
+    dq = dq + policy.einsum("bkgts,bksh->bkgth", ds.astype(dt), k_c,
                             preferred_element_type=jnp.float32)
     return dq, (dk_c, dv_c)
 
-  dq, (dk, dv) = _scan(body, jnp.zeros(q.shape, jnp.float32),
-                       _chunks(k, v, key_valid, chunk))
-  def unsplit(x):  # [n, B, C, KV, hd] -> [B, S, KV, hd]
-    x = jnp.moveaxis(x, 0, 1)
-    return x.reshape(x.shape[0], -1, *x.shape[3:])[:, :s_len]
+  xs = _chunks(k, v, key_valid, chunk)
+  dq, (dk, dv) = _scan(body, jnp.zeros(q_t.shape, jnp.float32), xs)
+  dq = jnp.moveaxis(dq, 3, 1)  # [B, T, KV, G, hd]
+  def unsplit(x):  # [n, B, KV, C, hd] -> [B, KV, S, hd]
+    x = jnp.moveaxis(x, 0, 2)
+    return x.reshape(*x.shape[:2], -1, x.shape[-1])[:, :, :s_len]
 
   dq, dk, dv = jax.lax.optimization_barrier((dq, unsplit(dk), unsplit(dv)))
   return (dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
@@ -317,9 +328,10 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
     )
   del policy  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
-  mask = _allowed(key_valid, jnp.arange(k.shape[1]), query_slots)[:, None]
+  mask = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)[:, None]
+  keys_first = lambda x: jnp.swapaxes(x.astype(dt), 1, 2)  # the API's BTNH  # noqa
   out = jax.nn.dot_product_attention(
-      q.reshape(b, t, kv * g, hd), k.astype(dt), v.astype(dt), mask=mask,
+      q.reshape(b, t, kv * g, hd), keys_first(k), keys_first(v), mask=mask,
       implementation="cudnn")
   return out.reshape(b, t, kv, g, hd)
 
@@ -358,9 +370,9 @@ def _pallas_tpu(q, k, v, key_valid, *, policy, allow_float32=False):
   del policy  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
   pad = -t % PALLAS_BLOCK
-  heads = lambda x: jnp.pad(x.reshape(b, t, kv * g, hd).transpose(0, 2, 1, 3),  # noqa
-                            ((0, 0), (0, 0), (0, pad), (0, 0)))
-  kv_heads = lambda x: heads(jnp.repeat(x.astype(dt)[:, :, :, None], g, 3))  # noqa
+  pad_keys = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa
+  heads = lambda x: pad_keys(x.reshape(b, t, kv * g, hd).transpose(0, 2, 1, 3))  # noqa
+  kv_heads = lambda x: pad_keys(jnp.repeat(x.astype(dt), g, axis=1))  # noqa
   segments = fa.SegmentIds(
       q=jnp.ones((b, t + pad), jnp.int32),
       kv=jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, pad))))

@@ -40,7 +40,8 @@ the block weights (and of their gradients) per call; the decode step keeps
 the unrolled loop.
 
 The KV cache is a plain pytree owned by the caller (the sampler):
-`{"k": [L][B, S, KV, hd], "v": ..., "valid": [B, S] bool}`. A call with
+`{"k": [L][B, KV, S, hd], "v": ..., "valid": [B, S] bool}` (head-major:
+see `entropo.models.attention`). A call with
 `cache=` and `cache_index=i` writes the new keys and values at slots
 `i .. i + T` and attends over every valid slot at or before each query's
 slot.
@@ -138,7 +139,7 @@ class Attention(nnx.Module):
     """x: `[B, T, D]`; key_valid: `[B, S]`; query_slots: `[T]` int.
 
     Returns `(out [B, T, D], (k, v))` where `(k, v)` are the keys/values
-    attended over (`[B, S, KV, hd]`, the updated cache when given).
+    attended over (`[B, KV, S, hd]`, the updated cache when given).
     """
     cfg, policy = self.config, self.policy
     cast = policy.cast_compute
@@ -152,12 +153,13 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, hd]
     if cache is not None:
       k_all, v_all = cache
       k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype),
-                                              cache_index, axis=1)
+                                              cache_index, axis=2)
       v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype),
-                                              cache_index, axis=1)
+                                              cache_index, axis=2)
     b, t = x.shape[:2]
     group = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
@@ -272,7 +274,7 @@ class Transformer(nnx.Module):
     """An empty KV cache for `batch` rows and `length` slots."""
     cfg = self.config
     dtype = self.policy.compute_dtype if dtype is None else dtype
-    shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     return {
         "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
         "v": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],

@@ -12,11 +12,11 @@ import numpy as np
 
 
 def attention(q, k, v, key_valid, query_slots):
-  """q: [B, T, KV, G, hd]; k, v: [B, S, KV, hd] -> [B, T, KV, G, hd] f64."""
+  """q: [B, T, KV, G, hd]; k, v: [B, KV, S, hd] -> [B, T, KV, G, hd] f64."""
   q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))
   key_valid = np.asarray(key_valid)
   b_size, t_size, kv_size, g_size, hd = q.shape
-  s_size = k.shape[1]
+  s_size = k.shape[2]
   out = np.zeros(q.shape)
   for b in range(b_size):
     for t in range(t_size):
@@ -25,12 +25,12 @@ def attention(q, k, v, key_valid, query_slots):
       for h in range(kv_size):
         for g in range(g_size):
           if not keys:
-            out[b, t, h, g] = v[b, :, h].mean(axis=0)
+            out[b, t, h, g] = v[b, h].mean(axis=0)
             continue
-          scores = [q[b, t, h, g] @ k[b, s, h] / math.sqrt(hd) for s in keys]
+          scores = [q[b, t, h, g] @ k[b, h, s] / math.sqrt(hd) for s in keys]
           top = max(scores)
           weights = [math.exp(x - top) for x in scores]
           total = sum(weights)
-          out[b, t, h, g] = sum(w / total * v[b, s, h]
+          out[b, t, h, g] = sum(w / total * v[b, h, s]
                                 for w, s in zip(weights, keys))
   return out
