@@ -4,7 +4,7 @@ Runs `entropo.models.sample` in several variants on the same model shape,
 prompts and key, compiled ahead of time and executed interleaved (these
 machines are shared and noisy), and reports per variant: compile time,
 milliseconds per generated token (one whole `sample` call, prefill
-included, divided by `--new_tokens`; with `--eos_id` rows may stop early,
+included, divided by `--new_tokens`; rows may stop early at `--eos_id`,
 and the JSON holds their lengths),
 tokens/s, and how many `while` loops of the compiled program have no
 known trip count (on a GPU, XLA copies such a loop's condition to the host
@@ -100,12 +100,16 @@ def main(argv=None):
                       help="attention_chunk_size (default: the config's)")
   parser.add_argument("--variants", nargs="+",
                       default=["fp32:1", "fp32:16", "bf16:1", "bf16:16"])
-  parser.add_argument("--eos_id", type=int, default=None,
-                      help="stop rows at this id (default: run all steps)")
+  parser.add_argument(
+      "--eos_id", type=int, default=0,
+      help="stop rows at this id; -1: no EOS id. The default, 0, is an id "
+      "a random model almost never samples: rows run to the end, but the "
+      "loop must check for stopped rows, as in RL rollouts")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--out", default=None, help="write the rows as JSON")
   args = parser.parse_args(argv)
   variants = [parse_variant(v) for v in args.variants]
+  eos_id = None if args.eos_id < 0 else args.eos_id
   config = MODELS[args.model]
   config = config.replace(
       num_layers=args.layers or config.num_layers,
@@ -118,7 +122,7 @@ def main(argv=None):
                                            rngs=nnx.Rngs(0))
     compiled[v["name"]] = compile_variant(models[v["precision"]], tokens,
                                           mask, v, args.new_tokens,
-                                          args.eos_id)
+                                          eos_id)
     print(f"# {v['name']}: compiled in {compiled[v['name']][2]:.1f}s",
           flush=True)
   times = {name: [] for name in compiled}
@@ -152,7 +156,7 @@ def main(argv=None):
           f"{r['same_tokens']} |")
   result = dict(rows=rows, model=args.model, layers=config.num_layers,
                 batch=args.batch, prompt_len=args.prompt_len,
-                new_tokens=args.new_tokens, eos_id=args.eos_id,
+                new_tokens=args.new_tokens, eos_id=eos_id,
                 completion_lengths=lengths.tolist(),
                 chunk_size=config.attention_chunk_size,
                 device=jax.devices()[0].device_kind, jax=jax.__version__,

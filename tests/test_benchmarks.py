@@ -137,8 +137,8 @@ DECODE_SCRIPT = ROOT / "benchmarks" / "decode_step.py"
 
 def test_decode_step_benchmark_runs(tmp_path):
   # Three ways through a cache of 4 chunks: the same tokens; a check per
-  # step or per block of 16, and the every-chunk attention with no loop of
-  # unknown length at all (there is no EOS id, so no loop over blocks).
+  # step or per block of 16 (the default EOS id makes a loop over blocks of
+  # unknown length), and the every-chunk attention that adds no other.
   out = tmp_path / "decode.json"
   proc = subprocess.run(
       [sys.executable, str(DECODE_SCRIPT), "--model", "tiny", "--layers",
@@ -150,6 +150,6 @@ def test_decode_step_benchmark_runs(tmp_path):
   result = json.loads(out.read_text())
   rows = {r["name"]: r for r in result["rows"]}
   assert all(r["same_tokens"] and r["ms_per_step"] > 0 for r in rows.values())
-  assert rows["fp32:16:filled"]["unknown_length_loops"] == 1  # one layer
-  assert rows["fp32:16:every"]["unknown_length_loops"] == 0
+  assert rows["fp32:16:filled"]["unknown_length_loops"] == 2  # + one layer
+  assert rows["fp32:16:every"]["unknown_length_loops"] == 1
   assert "| fp32:16:every |" in proc.stdout
