@@ -8,9 +8,18 @@ run: each variant is lowered on abstract parameters and compiled, and XLA's
 `memory_analysis()` gives its temporary buffers (arguments and outputs not
 included). Compile time is reported too.
 
+With `--time N` every variant also runs, on random weights and tokens:
+all are compiled first, then executed in N + 1 interleaved rounds (the
+first warms up), and the median seconds per step and tokens/s are
+reported beside the memory (on an accelerator; this is how to compare the
+attention paths, remat and the layer scan by speed).
+
     python benchmarks/attention_memory.py
     python benchmarks/attention_memory.py --lengths 1024 4096 \\
         --attention reference blockwise --remat none block
+    python benchmarks/attention_memory.py --layers 28 --batch 16 \\
+        --lengths 1024 --attention auto blockwise --remat none block \\
+        --loops unrolled scan --precision bf16_fp32_logits --time 3  # GPU
 
 Defaults: the Qwen3-0.6B width (vocab 151936, hidden 1024, 16 heads, 8 kv
 heads, head_dim 128, MLP 3072, tied embeddings, qk-norm) with 2 layers,
@@ -19,11 +28,13 @@ batch 1, float32 (`--precision`).
 
 import argparse
 import json
+import statistics
 import sys
 import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 import entropo
@@ -59,6 +70,7 @@ def update_step(config, *, precision, remat, batch, length,
 
 
 def measure(config, *, precision, remat, batch, length, scan_layers=False):
+  """`({temp_bytes, compile_s}, compiled step)`."""
   step, args = update_step(config, precision=precision, remat=remat,
                            batch=batch, length=length,
                            scan_layers=scan_layers)
@@ -67,7 +79,32 @@ def measure(config, *, precision, remat, batch, length, scan_layers=False):
   seconds = time.perf_counter() - start
   analysis = compiled.memory_analysis()
   return {"temp_bytes": int(analysis.temp_size_in_bytes),
-          "compile_s": round(seconds, 2)}
+          "compile_s": round(seconds, 2)}, compiled
+
+
+def time_steps(rows, steps, config, *, precision, batch, rounds):
+  """Runs the compiled steps interleaved; adds `step_s`, `tokens_per_s`.
+
+  Every variant has the same parameter tree (attention, remat and the
+  layer scan change how, not what, is computed), so one random model
+  serves them all.
+  """
+  state = nnx.split(Transformer(config, precision=precision,
+                                rngs=nnx.Rngs(0)))[1]
+  rng = np.random.default_rng(0)
+  inputs = {length: jnp.asarray(rng.integers(0, config.vocab_size,
+                                             (batch, length)), jnp.int32)
+            for length in {row["length"] for row in rows}}
+  times = [[] for _ in rows]
+  for r in range(rounds + 1):  # round 0 warms up
+    for row, step, spent in zip(rows, steps, times):
+      start = time.perf_counter()
+      jax.block_until_ready(step(state, inputs[row["length"]]))
+      if r:
+        spent.append(time.perf_counter() - start)
+  for row, spent in zip(rows, times):
+    row["step_s"] = statistics.median(spent)
+    row["tokens_per_s"] = batch * row["length"] / row["step_s"]
 
 
 def main(argv=None):
@@ -89,6 +126,8 @@ def main(argv=None):
                       help="ModelConfig.attention_chunk_size")
   parser.add_argument("--tiny", action="store_true",
                       help="a tiny width, for tests")
+  parser.add_argument("--time", type=int, default=0, metavar="N",
+                      help="also run every variant N times (interleaved)")
   parser.add_argument("--out", default=None, help="write the rows as JSON")
   args = parser.parse_args(argv)
   shape = QWEN3_06B
@@ -96,7 +135,7 @@ def main(argv=None):
     shape = dict(QWEN3_06B, vocab_size=256, hidden_size=32,
                  intermediate_size=64, num_heads=4, num_kv_heads=2,
                  head_dim=8)
-  rows = []
+  rows, steps = [], []
   print("| attention | remat | layers | L | temp GiB | compile s |")
   print("|---|---|---|---|---|---|")
   for attention in args.attention:
@@ -109,13 +148,25 @@ def main(argv=None):
                  "length": length, "layers": args.layers,
                  "batch": args.batch, "precision": args.precision,
                  "chunk_size": args.chunk_size}
-          row |= measure(config, precision=args.precision, remat=remat,
-                         batch=args.batch, length=length,
-                         scan_layers=loop == "scan")
-          rows.append(row)
+          measured, step = measure(config, precision=args.precision,
+                                   remat=remat, batch=args.batch,
+                                   length=length, scan_layers=loop == "scan")
+          rows.append(row | measured)
+          row = rows[-1]
+          if args.time:
+            steps.append(step)
           print(f"| {attention} | {remat} | {args.layers} {loop} | {length}"
                 f" | {row['temp_bytes'] / 2**30:.2f} | {row['compile_s']} |",
                 flush=True)
+  if args.time:
+    time_steps(rows, steps, config, precision=args.precision,
+               batch=args.batch, rounds=args.time)
+    print("\n| attention | remat | loop | L | step s | tokens/s |\n"
+          "|---|---|---|---|---|---|")
+    for row in rows:
+      print(f"| {row['attention']} | {row['remat']} | {row['loop']} | "
+            f"{row['length']} | {row['step_s']:.4f} | "
+            f"{row['tokens_per_s']:.0f} |")
   if args.out:
     with open(args.out, "w") as f:
       json.dump({"rows": rows, "jax": jax.__version__,
