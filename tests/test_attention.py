@@ -374,3 +374,20 @@ def test_bad_options_raise():
   with pytest.raises(ValueError, match="'pallas' needs bfloat16 or float16"):
     attention_lib.attend(*_inputs(np.random.default_rng(0)), jnp.arange(9),
                          policy=FP32, implementation="pallas")
+
+
+def test_cudnn_serves_only_calls_whose_queries_fill_the_keys(rng,
+                                                              monkeypatch):
+  # A decode step or a prefill into a longer cache takes blockwise (cuDNN
+  # would need the head-major cache transposed in every layer and step).
+  calls = []
+  monkeypatch.setattr(attention_lib, "_cudnn",
+                      lambda *a, **k: calls.append(a[0].shape) or a[0])
+  q, k, v, valid = _inputs(rng, t=1)
+  got = _attend("cudnn")(q, k, v, valid, jnp.asarray([8]))
+  want = _attend("blockwise")(q, k, v, valid, jnp.asarray([8]))
+  np.testing.assert_array_equal(got, want)
+  assert not calls
+  q, k, v, valid = _inputs(rng)
+  _attend("cudnn")(q, k, v, valid, jnp.arange(9))
+  assert calls == [q.shape]

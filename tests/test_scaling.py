@@ -309,6 +309,15 @@ def test_options_change_what_they_name():
       per_token(seq_len=4096, attention="pallas"), rel=1e-12)
   assert (_estimate(attention="pallas", **long).update_working
           < _estimate(attention="reference", **long).update_working)
+  # cuDNN as jax calls it: a [B, 1, T, T] mask bias in the compute dtype
+  # saved per layer, beside the blockwise-like statistics; per token it
+  # grows with the length, one score row per query (not one per head).
+  cudnn = lambda n: _estimate(attention="cudnn", seq_len=n).activations
+  blockwise = lambda n: _estimate(seq_len=n).activations
+  layers = cfg.num_layers
+  for n in (1024, 4096):
+    extra = (cudnn(n) - blockwise(n)) / (16 * n * layers)
+    assert extra == pytest.approx(4 * n - 4 * cfg.num_heads - 1, rel=1e-12)
   with pytest.raises(ValueError, match="attention must be one of"):
     _estimate(attention="flash")
   assert _estimate(donate=True).update_outputs == 0

@@ -33,7 +33,11 @@ Implementations (`ModelConfig.attention`):
   (flash-attention style). Neither pass holds more than `[B, KV, G, T, chunk]`, so memory is
   linear in the length. Runs everywhere.
 * `cudnn`: `jax.nn.dot_product_attention(implementation="cudnn")`, NVIDIA
-  GPUs only, bfloat16 / float16 compute only (see `_cudnn`).
+  GPUs only, bfloat16 / float16 compute only (see `_cudnn`), for calls
+  whose queries fill the keys (T == S: training, a whole prefill); a
+  decode step or a prefill into a longer cache takes `blockwise`, which
+  reads the head-major cache in place where cuDNN's `[B, S, N, hd]`
+  layout would need a transposed copy of it in every layer and step.
 * `pallas`: the flash-attention Pallas kernel jax ships for TPUs
   (`jax.experimental.pallas.ops.tpu.flash_attention`), bfloat16 / float16
   compute only (see `_pallas_tpu`). It fits training and any call whose
@@ -94,9 +98,10 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
   implementation = resolve(implementation, q.dtype)
   if implementation == "reference":
     return reference(q, k, v, key_valid, query_slots, policy=policy)
-  if implementation == "cudnn":
+  fills_cache = q.shape[1] == k.shape[2]  # training, a whole prefill
+  if implementation == "cudnn" and fills_cache:
     return _cudnn(q, k, v, key_valid, query_slots, policy=policy)
-  if implementation == "pallas" and q.shape[1] == k.shape[2]:
+  if implementation == "pallas" and fills_cache:
     return _pallas_tpu(q, k, v, key_valid, policy=policy)
   return blockwise(q, k, v, key_valid, query_slots, policy=policy,
                    chunk_size=chunk_size)
@@ -317,8 +322,12 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
   such operands (`BF16_BF16_F32`, `F16_F16_F32`). It does not run float32
   operands, so a float32 policy never takes this path (`auto` picks
   `blockwise`; asking for `cudnn` raises). The mask is passed as a
-  `[B, 1, T, S]` bool array (one byte per score, not float32 scores). Not
-  run in this repository's tests: no GPU was available.
+  `[B, 1, T, S]` bool array, which jax turns into an additive bias in the
+  compute dtype that each layer saves for the backward (quadratic in the
+  length, though one array per layer rather than float32 scores per head;
+  `entropo.planning` counts it). Keys and values are transposed to the
+  API's `[B, S, N, hd]`. Not run in this repository's tests: no GPU was
+  available.
   """
   dt = jnp.dtype(q.dtype)
   if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):

@@ -22,10 +22,11 @@ What an RL iteration holds on each device, in the order it runs:
   layer's activations are saved: the residuals JAX keeps for a block.
   With `attention="reference"` they include four `[B, H, T, T]` arrays
   (the mask, float32 scores, their exp, the probabilities); the blockwise
-  attention (`entropo.models.attention`, and cuDNN's kernel) keeps one
-  float32 log-sum-exp per head and query instead, and its backward holds
-  one key chunk of scores, probabilities and their gradients at a time
-  (`[B, H, T, attention_chunk_size]`). `remat="block"` saves only each
+  attention (`entropo.models.attention`) keeps one float32 log-sum-exp per
+  head and query instead (cuDNN's kernel too, but jax passes it the mask as
+  a `[B, 1, T, T]` bias in the compute dtype, saved per layer), and its
+  backward holds one key chunk of scores, probabilities and their
+  gradients at a time (`[B, H, T, attention_chunk_size]`). `remat="block"` saves only each
   block's input and recomputes one block at a time in the backward;
   `"block_save_dots"` also saves the block's matmul outputs. The fused
   head (`fused_logprobs_entropy`) keeps `O(tokens x chunk)` temporaries
@@ -185,6 +186,14 @@ def block_token_bytes(cfg: ModelConfig, mesh: MeshShape, c: int, keys: int,
   if attention == "reference":  # mask, scores, exp (f32), probabilities
     scores = heads * keys * (1 + 4 + 4 + c) + 8 * heads
     score_work = heads * keys * 4
+  elif attention == "cudnn":  # read from jax's source (the kernel compiles
+    # on GPUs only): jax hands cuDNN the boolean mask as a `[B, 1, T, S]`
+    # additive bias in the compute dtype (`combine_bias_and_mask`), which
+    # the backward takes again, so each query saves a row of S of them
+    # beside the float32 softmax statistics per head and the output. The
+    # bias is shared by the heads: tensor parallelism does not split it.
+    scores = 4 * heads + c * q + c * keys
+    score_work = c * keys
   elif attention == "pallas":  # read from the kernel's source, not from a
     # compile (it compiles on TPUs only): max and sum per head, lane-wide;
     # keys and values repeated to every query head; 128-key blocks
@@ -359,7 +368,10 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
       prefill) defaults to half of it.
     remat, attention, attention_chunk_size: the `model` config fields
       ("none"/"block"/"block_save_dots"; "reference" materialises the
-      scores, "blockwise", "cudnn" and "pallas" are memory-linear).
+      scores; "blockwise" and "pallas" are memory-linear; "cudnn" saves a
+      `[B, 1, T, S]` mask bias in the compute dtype per layer: one
+      score-sized array per layer rather than four per head, but still
+      quadratic in the length).
     fused_head: the chunked head; False models `[B, T, V]` float32 logits.
       `chunk_size` is its vocabulary chunk.
     donate: the update donates its parameter and optimizer buffers.
