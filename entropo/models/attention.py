@@ -6,16 +6,16 @@ heads share each of the KV key/value heads) and keys and values
 
     out[b, t] = softmax_s(q[b, t] . k[b, :, s] / sqrt(hd), allowed[b, t, s]) v
 
+where key `s` is allowed for query `t` when `key_valid[b, s]` and
+`s <= query_slots[t]` (the causal mask: `query_slots` is the cache slot of
+each query, `arange(T)` without a cache). Scores and the softmax are
+float32; every contraction goes through the model's `Precision` policy.
+
 Keys and values are head-major, the layout of the KV cache: the products
 with the keys and values batch over `(B, KV)`, which XLA wants outermost, so
 a decode step reads each layer's cache where it lies. (With the cache
 stored `[B, S, KV, hd]`, XLA:CPU copied both caches of every layer into
 that order at every step: two extra passes over the whole cache.)
-
-where key `s` is allowed for query `t` when `key_valid[b, s]` and
-`s <= query_slots[t]` (the causal mask: `query_slots` is the cache slot of
-each query, `arange(T)` without a cache). Scores and the softmax are
-float32; every contraction goes through the model's `Precision` policy.
 
 A row whose every key is masked (a padding query) gives, as the reference
 always has, the mean of the values over all S keys: the masked scores are
