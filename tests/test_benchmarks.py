@@ -111,14 +111,13 @@ def test_attention_memory_benchmark_times_steps(tmp_path):
   out = tmp_path / "timed.json"
   proc = subprocess.run(
       [sys.executable, str(ATTENTION_SCRIPT), "--tiny", "--lengths", "32",
-       "--attention", "blockwise", "--remat", "none", "block", "--loops",
+       "--attention", "blockwise", "--remat", "block", "--loops",
        "unrolled", "scan", "--batch", "2", "--time", "1", "--out", str(out)],
       cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
   assert proc.returncode == 0, proc.stderr
   rows = json.loads(out.read_text())["rows"]
   assert {(r["remat"], r["loop"]) for r in rows} == {
-      ("none", "unrolled"), ("none", "scan"), ("block", "unrolled"),
-      ("block", "scan")}
+      ("block", "unrolled"), ("block", "scan")}
   for r in rows:
     assert r["step_s"] > 0
     assert r["tokens_per_s"] == pytest.approx(2 * 32 / r["step_s"])
