@@ -5,7 +5,7 @@ prompts and key, compiled ahead of time and executed interleaved (these
 machines are shared and noisy), and reports per variant: compile time,
 milliseconds per generated token (one whole `sample` call, prefill
 included, divided by `--new_tokens`; rows may stop early at `--eos_id`,
-and the JSON holds their lengths),
+and each JSON row holds their lengths),
 tokens/s, and how many `while` loops of the compiled program have no
 known trip count (on a GPU, XLA copies such a loop's condition to the host
 and waits for the device at every trip).
@@ -133,8 +133,7 @@ def main(argv=None):
       out = jax.block_until_ready(fn(*dynamic))
       if repeat:
         times[name].append(time.perf_counter() - start)
-      outputs[name] = np.asarray(out.tokens)
-      lengths = np.asarray(out.lengths)
+      outputs[name] = out
   rows = []
   for v in variants:
     name = v["name"]
@@ -146,7 +145,9 @@ def main(argv=None):
         ms_per_step=1e3 * median / args.new_tokens,
         tokens_per_s=args.batch * args.new_tokens / median,
         unknown_length_loops=compiled[name][3],
-        same_tokens=bool(np.array_equal(outputs[name], outputs[first]))))
+        completion_lengths=np.asarray(outputs[name].lengths).tolist(),
+        same_tokens=bool(np.array_equal(outputs[name].tokens,
+                                        outputs[first].tokens))))
   print(f"| variant | ms/step | tok/s | loops of unknown length | compile s "
         f"| same tokens |  {args.model}@{config.num_layers}, B={args.batch}, "
         f"{args.prompt_len}+{args.new_tokens} slots\n|---|---|---|---|---|---|")
@@ -157,7 +158,6 @@ def main(argv=None):
   result = dict(rows=rows, model=args.model, layers=config.num_layers,
                 batch=args.batch, prompt_len=args.prompt_len,
                 new_tokens=args.new_tokens, eos_id=eos_id,
-                completion_lengths=lengths.tolist(),
                 chunk_size=config.attention_chunk_size,
                 device=jax.devices()[0].device_kind, jax=jax.__version__,
                 command=" ".join(sys.argv))

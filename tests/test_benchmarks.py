@@ -169,6 +169,7 @@ def test_decode_step_benchmark_runs(tmp_path):
   result = json.loads(out.read_text())
   rows = {r["name"]: r for r in result["rows"]}
   assert all(r["same_tokens"] and r["ms_per_step"] > 0 for r in rows.values())
+  assert all(len(r["completion_lengths"]) == 2 for r in rows.values())
   assert rows["fp32:16:filled"]["unknown_length_loops"] == 2  # + one layer
   assert rows["fp32:16:every"]["unknown_length_loops"] == 1
   assert "| fp32:16:every |" in proc.stdout
