@@ -374,6 +374,66 @@ def test_bad_options_raise():
   with pytest.raises(ValueError, match="'pallas' needs bfloat16 or float16"):
     attention_lib.attend(*_inputs(np.random.default_rng(0)), jnp.arange(9),
                          policy=FP32, implementation="pallas")
+  # Decode calls (T != S) would take blockwise, but a float32 kernel choice
+  # is refused there too, and when the model is built.
+  q, k, v, valid = _inputs(np.random.default_rng(0), t=1)
+  with pytest.raises(ValueError, match="'cudnn' needs bfloat16 or float16"):
+    attention_lib.attend(q, k, v, valid, jnp.asarray([8]), policy=FP32,
+                         implementation="cudnn")
+  for kernel in ("cudnn", "pallas"):
+    with pytest.raises(ValueError, match=f"'{kernel}' needs bfloat16"):
+      _model(kernel)
+    _model(kernel, precision="bf16")  # builds
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason=(
+    "cuDNN's kernel runs on NVIDIA GPUs only: ENTROPO_TEST_ACCELERATOR=1 "
+    "on one (benchmarks/gpu.sh)"))
+@pytest.mark.parametrize("t, kv, g", [(9, 2, 3), (130, 1, 2)])
+def test_cudnn_kernel_matches_float64_reference(rng, t, kv, g):
+  """cuDNN's fused attention on bfloat16 inputs against the float64
+  reference on the same (rounded) inputs: causal mask, left/right padding
+  and holes in the dense mask, GQA, values and gradients. Queries with no
+  allowed key (row 0, queries 0-3) carry no loss and are left out.
+
+  Bounds from bf16 rounding (u = 2**-8) rather than from a run (written
+  without a GPU): the kernel rounds the probabilities once before the
+  value product and its output once, so values are within 2 u max|v|; the
+  backward rounds the output gradient, the probabilities and the score
+  gradients once each before its products, so each gradient is within
+  8 u of its largest entry. If this fails on a GPU, find out why before
+  touching a bound.
+  """
+  u = 2.0**-8
+  q, k, v, valid = _inputs(rng, t=t, s=t, kv=kv, g=g, hd=64,
+                           dtype=jnp.bfloat16)
+  slots = jnp.arange(t)
+  live = np.ones((3, t), bool)
+  live[0, :4] = False
+  cot = jnp.asarray(rng.normal(size=q.shape) * live[:, :, None, None, None],
+                    jnp.float32)
+
+  def cudnn(q, k, v):
+    return attention_lib._cudnn(q, k, v, valid, slots,  # pylint: disable=protected-access
+                                policy=entropo.get_precision("bf16"))
+
+  got = np.asarray(jax.jit(cudnn)(q, k, v).astype(jnp.float32))
+  want = ref_attention.attention(q, k, v, valid, slots)
+  bound = 2 * u * float(jnp.max(jnp.abs(v.astype(jnp.float32))))
+  np.testing.assert_allclose(got[live], want[live], rtol=0, atol=bound)
+
+  def grads(f, dtype):
+    loss = lambda q, k, v: jnp.sum(f(q, k, v).astype(jnp.float32) * cot)
+    args = [x.astype(dtype) for x in (q, k, v)]
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+
+  got = grads(cudnn, jnp.bfloat16)
+  want = grads(lambda q, k, v: _attend("reference")(q, k, v, valid, slots),
+               jnp.float32)  # float32 dots on the same rounded inputs
+  for name, a, b in zip("qkv", got, want):
+    b = np.asarray(b)
+    np.testing.assert_allclose(np.asarray(a.astype(jnp.float32)), b, rtol=0,
+                               atol=8 * u * np.abs(b).max(), err_msg=name)
 
 
 def test_cudnn_serves_only_calls_whose_queries_fill_the_keys(rng,
@@ -383,11 +443,14 @@ def test_cudnn_serves_only_calls_whose_queries_fill_the_keys(rng,
   calls = []
   monkeypatch.setattr(attention_lib, "_cudnn",
                       lambda *a, **k: calls.append(a[0].shape) or a[0])
-  q, k, v, valid = _inputs(rng, t=1)
-  got = _attend("cudnn")(q, k, v, valid, jnp.asarray([8]))
-  want = _attend("blockwise")(q, k, v, valid, jnp.asarray([8]))
+  bf16 = entropo.get_precision("bf16")
+  q, k, v, valid = _inputs(rng, t=1, dtype=jnp.bfloat16)
+  got = jax.jit(_attend("cudnn", policy=bf16))(q, k, v, valid,
+                                               jnp.asarray([8]))
+  want = jax.jit(_attend("blockwise", policy=bf16))(q, k, v, valid,
+                                                    jnp.asarray([8]))
   np.testing.assert_array_equal(got, want)
   assert not calls
-  q, k, v, valid = _inputs(rng)
-  _attend("cudnn")(q, k, v, valid, jnp.arange(9))
+  q, k, v, valid = _inputs(rng, dtype=jnp.bfloat16)
+  _attend("cudnn", policy=bf16)(q, k, v, valid, jnp.arange(9))
   assert calls == [q.shape]

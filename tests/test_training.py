@@ -275,6 +275,22 @@ def test_plots_have_axis_labels_and_overlay_runs(tmp_path, monkeypatch):
     logger_lib.plot_runs([tmp_path / "one"], tmp_path / "cmp3")
 
 
+def test_sampling_steps_per_check_reaches_the_sampler(init_from, data_dir,
+                                                     tmp_path, monkeypatch):
+  # The block length changes no token (tests/test_sampler.py), so only the
+  # call can show that the field arrives.
+  from entropo.training import rollouts as rollouts_lib  # pylint: disable=g-import-not-at-top
+  seen, real = [], rollouts_lib.sample
+  def spy(*args, **kwargs):
+    seen.append(kwargs["steps_per_check"])
+    return real(*args, **kwargs)
+  monkeypatch.setattr(rollouts_lib, "sample", spy)
+  c = _config(init_from, data_dir, sampling=dict(steps_per_check=3),
+              train=dict(iterations=1, eval_every=1))
+  train(c, tmp_path)
+  assert len(seen) >= 2 and set(seen) == {3}  # rollouts and evaluation
+
+
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,
@@ -815,6 +831,7 @@ def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
     ("algo.minibatches", 3, "algo.minibatches"),
     ("algo.dual_clip", 0.5, "algo.dual_clip"),
     ("sampling.group_size", 1, "sampling.group_size"),
+    ("sampling.steps_per_check", 0, "sampling.steps_per_check"),
     ("train.pass_k", (1, 64), "train.pass_k"),
     ("precision", "fp8", "precision"),
     ("mesh.data", 16, "mesh"),
@@ -822,6 +839,8 @@ def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
     ("model.attention", "flash", "model.attention"),
     ("model.attention_chunk_size", 0, "model.attention_chunk_size"),
     ("model.remat", "full", "model.remat"),
+    ("model.attention", "cudnn",
+     "model.attention: attention='cudnn' needs bfloat16.*precision 'fp32'"),
     ("model.lora_rank", -1, "model.lora_rank"),
     ("model.lora_alpha", 0.0, "model.lora_alpha"),
     ("model.lora_targets", "q_proj,qkv", "model.lora_targets.*'qkv'"),

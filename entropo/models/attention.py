@@ -57,6 +57,8 @@ IMPLEMENTATIONS = ("auto", "reference", "blockwise", "cudnn", "pallas")
 DEFAULT_CHUNK_SIZE = 512
 
 _NEG = float(jnp.finfo(jnp.float32).min)
+# The operand dtypes the fused kernels (cuDNN, Pallas) run.
+_KERNEL_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
 def resolve(implementation: str, compute_dtype, backend: str | None = None
@@ -70,13 +72,23 @@ def resolve(implementation: str, compute_dtype, backend: str | None = None
   if implementation != "auto":
     return implementation
   backend = backend or jax.default_backend()
-  low = jnp.dtype(compute_dtype) in (jnp.dtype(jnp.bfloat16),
-                                     jnp.dtype(jnp.float16))
+  low = jnp.dtype(compute_dtype) in _KERNEL_DTYPES
   if backend in ("gpu", "cuda") and low:
     return "cudnn"
   if backend == "tpu" and low:
     return "pallas"
   return "blockwise"
+
+
+def check_compute_dtype(implementation: str, compute_dtype) -> None:
+  """Raises if `implementation` is a fused kernel (`cudnn`, `pallas`) and
+  cannot run `compute_dtype`; a model checks this when it is built."""
+  dt = jnp.dtype(compute_dtype)
+  if implementation in ("cudnn", "pallas") and dt not in _KERNEL_DTYPES:
+    raise ValueError(
+        f"attention={implementation!r} needs bfloat16 or float16 compute; "
+        f"got {dt}. Use 'blockwise' for float32 policies."
+    )
 
 
 def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
@@ -96,6 +108,7 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
     `[B, T, KV, G, hd]` in q's dtype.
   """
   implementation = resolve(implementation, q.dtype)
+  check_compute_dtype(implementation, q.dtype)  # decode calls too
   if implementation == "reference":
     return reference(q, k, v, key_valid, query_slots, policy=policy)
   fills_cache = q.shape[1] == k.shape[2]  # training, a whole prefill
@@ -326,15 +339,12 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
   compute dtype that each layer saves for the backward (quadratic in the
   length, though one array per layer rather than float32 scores per head;
   `entropo.planning` counts it). Keys and values are transposed to the
-  API's `[B, S, N, hd]`. Not run in this repository's tests: no GPU was
-  available.
+  API's `[B, S, N, hd]`. Its test against the float64 reference
+  (`tests/test_attention.py::test_cudnn_kernel_matches_float64_reference`)
+  runs on GPUs only (`benchmarks/gpu.sh`); no GPU has run it yet.
   """
   dt = jnp.dtype(q.dtype)
-  if dt not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-    raise ValueError(
-        f"attention='cudnn' needs bfloat16 or float16 compute; got {dt}. "
-        f"Use 'blockwise' for float32 policies."
-    )
+  check_compute_dtype("cudnn", dt)
   del policy  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
   mask = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)[:, None]
@@ -370,12 +380,8 @@ def _pallas_tpu(q, k, v, key_valid, *, policy, allow_float32=False):
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   dt = jnp.dtype(q.dtype)
-  if not allow_float32 and dt not in (jnp.dtype(jnp.bfloat16),
-                                      jnp.dtype(jnp.float16)):
-    raise ValueError(
-        f"attention='pallas' needs bfloat16 or float16 compute; got {dt}. "
-        f"Use 'blockwise' for float32 policies."
-    )
+  if not allow_float32:
+    check_compute_dtype("pallas", dt)
   del policy  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
   pad = -t % PALLAS_BLOCK

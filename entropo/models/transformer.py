@@ -246,6 +246,7 @@ class Transformer(nnx.Module):
           f"{', '.join(repr(r) for r in REMAT_OPTIONS)}."
       )
     policy = precision_lib.get_precision(precision)
+    attention_lib.check_compute_dtype(config.attention, policy.compute_dtype)
     self.remat = remat
     self.scan_layers = bool(scan_layers)
     dt = policy.param_dtype

@@ -166,17 +166,18 @@ def validate(config: ConfigDict) -> sections_lib.RunConfig:
 # `train.allow_config_change`: how long it runs, when it evaluates, saves
 # and logs, what it displays, whether a non-finite update is skipped, and
 # how it computes (attention implementation, remat and mesh change
-# rounding at most; each launch's are recorded in run.json). Every other
-# change (algorithm, data, model, optimizer, sampling, precision, seed,
-# ...) would make the resumed run a different experiment than its
-# config.json says, so `train` refuses it. The one place this is decided.
+# rounding at most, and each launch's are recorded in run.json; the
+# sampler's steps per check change no token). Every other change
+# (algorithm, data, model, optimizer, sampling, precision, seed, ...)
+# would make the resumed run a different experiment than its config.json
+# says, so `train` refuses it. The one place this is decided.
 RESUMABLE = (
     "train.iterations", "train.eval_every", "train.checkpoint_every",
     "train.max_checkpoints", "train.log_every", "train.tensorboard",
     "train.plots", "train.progress", "train.allow_config_change",
     "train.skip_non_finite",
     "model.attention", "model.attention_chunk_size", "model.remat",
-    "model.scan_layers",
+    "model.scan_layers", "sampling.steps_per_check",
     "mesh.data", "mesh.fsdp", "mesh.tensor",
 )
 

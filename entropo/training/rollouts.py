@@ -77,7 +77,8 @@ class Rollouts:
           NamedSharding(self.placement.mesh, PartitionSpec())))
     result = sample(model, prompt_tokens, prompt_mask, key=key,
                     max_new_tokens=self.sampling.max_new_tokens,
-                    eos_id=self.tokenizer.eos_ids, **settings)
+                    eos_id=self.tokenizer.eos_ids,
+                    steps_per_check=self.sampling.steps_per_check, **settings)
     return self.placement.put(result)
 
   def score(self, tokens, completion_mask, problems):

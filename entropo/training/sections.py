@@ -204,9 +204,15 @@ class SamplingSection:
   group_size: int = 8  # G completions per prompt (>= 2)
   max_new_tokens: int = 16  # completion tokens, at most
   temperature: float = 1.0
+  # Decode steps between two checks of whether every row has ended
+  # (entropo.models.sample): a loop of known length per block, so XLA:GPU
+  # syncs with the host once a block, not once a token; the tokens do not
+  # depend on it.
+  steps_per_check: int = 16
 
   def __post_init__(self):
-    for field in ("prompts_per_batch", "group_size", "max_new_tokens"):
+    for field in ("prompts_per_batch", "group_size", "max_new_tokens",
+                  "steps_per_check"):
       check_number(f"sampling.{field}", getattr(self, field), integer=True)
     check_number("sampling.temperature", self.temperature)
     if self.group_size < 2:
@@ -353,6 +359,11 @@ class RunConfig:
            f"generated in code; start {sections['task'].name} from a "
            "Hugging Face checkpoint with --init_from=<dir>")
     _check_context(sections["data"], sections["sampling"], sections["model"])
+    try:
+      attention_lib.check_compute_dtype(sections["model"].attention,
+                                        precision.compute_dtype)
+    except ValueError as e:
+      fail("model.attention", f"{e} (precision {config.precision!r})")
     return cls(seed=config.seed, precision=precision, algorithm=algorithm,
                **sections)
 
