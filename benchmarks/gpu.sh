@@ -8,6 +8,9 @@
 #              clearly faster than fp32);
 #   cudnn      the cuDNN kernel against the float64 reference on the GPU
 #              (tests/test_attention.py, values and gradients; skipped on CPU);
+#   update     ../shared/gpu's probe_speed.py train (copied to .device/ as its
+#              README says): the update step as check.sh measures it (B = 16,
+#              L = 1024, bf16 body, PPO + AdamW): time and compiled memory;
 #   layers     benchmarks/attention_memory.py --time: the update step of 28
 #              layers, cuDNN vs blockwise attention, unrolled vs scanned
 #              layers, remat=block (compile time, temporaries, step time);
@@ -23,7 +26,7 @@
 #   bash benchmarks/gpu.sh                        # on the device
 #   QUICK=1 OUT=/tmp/gpu PYTHON=.venv/bin/python bash benchmarks/gpu.sh
 #                                                 # CPU smoke run, tiny sizes
-DEADLINE=${DEADLINE:-420}
+DEADLINE=${DEADLINE:-520}
 PY=${PYTHON:-python3}
 START=$SECONDS
 OUT=${OUT:-/tmp/gpu_out}
@@ -45,12 +48,15 @@ if [ -n "$QUICK" ]; then  # sizes that compile in seconds on a CPU
   CHUNKS="--layers 1 --batch 2 --new_tokens 40 --chunk_size 16 --repeats 1"
   LAYERS="--tiny --layers 2 --batch 1 --lengths 64 --chunk_size 16 --time 1"
   TESTS="decode_matches"
+  UPDATE="--layers 1 --batch 1 --seq 64 --repeats 1"
 else
   DECODE=""
-  CHUNKS="--new_tokens 2016"
+  CHUNKS="--new_tokens 2016 --repeats 2"
   LAYERS="--layers 28 --batch 16 --lengths 1024 --time 3"
   TESTS="not cudnn and not pallas"
+  UPDATE="--batch 16 --seq 1024"
 fi
+PROBE=${PROBE:-.device/probe_speed.py}
 # The wheels check.sh installs (its README): entropo imports nothing of
 # them for these parts, but a machine that has them keeps them on the path.
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD || export PYTHONPATH=$PWD
@@ -61,12 +67,18 @@ ATTENTION_TESTS=(env ENTROPO_TEST_ACCELERATOR=1 "$PY" -m pytest -q
 # shellcheck disable=SC2086  # the size options split into words on purpose
 part decode 150 "$PY" benchmarks/decode_step.py $DECODE --out "$OUT/decode.json"
 part cudnn 60 "${ATTENTION_TESTS[@]}" -k cudnn
+if [ -f "$PROBE" ]; then
+  # shellcheck disable=SC2086
+  part update 80 "$PY" "$PROBE" train $UPDATE --precision bf16_fp32_logits
+else
+  echo "## update: skipped, no $PROBE"
+fi
 # shellcheck disable=SC2086
 part layers 150 "$PY" benchmarks/attention_memory.py $LAYERS \
   --attention auto blockwise --remat block --loops unrolled scan \
   --precision bf16_fp32_logits --out "$OUT/layers.json"
 part tests 120 "${ATTENTION_TESTS[@]}" -k "$TESTS"
 # shellcheck disable=SC2086
-part chunks 60 "$PY" benchmarks/decode_step.py $CHUNKS \
+part chunks 90 "$PY" benchmarks/decode_step.py $CHUNKS \
   --variants bf16:16:filled bf16:16:every --out "$OUT/chunks.json"
 echo "## total $((SECONDS-START))s"
