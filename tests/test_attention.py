@@ -295,6 +295,18 @@ def _pallas_interpret(f, *args):
     return jax.jit(f)(*args)
 
 
+def _kernel_case(rng, t, kv, g, **kwargs):
+  """Inputs of a kernel test with as many queries as keys (`_inputs`), the
+  query slots, the queries that have an allowed key (row 0's first four
+  have none: they carry no loss) and a cotangent that is zero elsewhere."""
+  inputs = _inputs(rng, t=t, s=t, kv=kv, g=g, **kwargs)
+  live = np.ones((3, t), bool)
+  live[0, :4] = False
+  cot = jnp.asarray(rng.normal(size=inputs[0].shape)
+                    * live[:, :, None, None, None], jnp.float32)
+  return inputs, jnp.arange(t), live, cot
+
+
 @pytest.mark.parametrize("t, kv, g", [(9, 2, 3), (130, 1, 2)])
 def test_pallas_kernel_matches_float64_reference(rng, t, kv, g):
   """The TPU flash-attention path in TPU interpret mode, float32 operands
@@ -303,12 +315,7 @@ def test_pallas_kernel_matches_float64_reference(rng, t, kv, g):
   256: two key blocks, so the online softmax runs across blocks); values
   and gradients. Queries with no allowed key (row 0, queries 0-3) carry no
   loss and are left out (see `_pallas_tpu`)."""
-  q, k, v, valid = _inputs(rng, t=t, s=t, kv=kv, g=g)
-  slots = jnp.arange(t)
-  live = np.ones((3, t), bool)
-  live[0, :4] = False
-  cot = jnp.asarray(rng.normal(size=q.shape) * live[:, :, None, None, None],
-                    jnp.float32)
+  (q, k, v, valid), slots, live, cot = _kernel_case(rng, t, kv, g)
 
   def pallas(q, k, v):
     return attention_lib._pallas_tpu(q, k, v, valid, policy=FP32,  # pylint: disable=protected-access
@@ -405,13 +412,8 @@ def test_cudnn_kernel_matches_float64_reference(rng, t, kv, g):
   touching a bound.
   """
   u = 2.0**-8
-  q, k, v, valid = _inputs(rng, t=t, s=t, kv=kv, g=g, hd=64,
-                           dtype=jnp.bfloat16)
-  slots = jnp.arange(t)
-  live = np.ones((3, t), bool)
-  live[0, :4] = False
-  cot = jnp.asarray(rng.normal(size=q.shape) * live[:, :, None, None, None],
-                    jnp.float32)
+  (q, k, v, valid), slots, live, cot = _kernel_case(rng, t, kv, g, hd=64,
+                                                   dtype=jnp.bfloat16)
 
   def cudnn(q, k, v):
     return attention_lib._cudnn(q, k, v, valid, slots,  # pylint: disable=protected-access
