@@ -24,7 +24,8 @@
 # Logs and JSON go to $OUT (the device tool's output folder).
 #
 #   bash benchmarks/gpu.sh                        # on the device
-#   QUICK=1 OUT=/tmp/gpu PYTHON=.venv/bin/python bash benchmarks/gpu.sh
+#   QUICK=1 OUT=/tmp/gpu PYTHON=.venv/bin/python \
+#     PROBE=../shared/gpu/probe_speed.py bash benchmarks/gpu.sh
 #                                                 # CPU smoke run, tiny sizes
 DEADLINE=${DEADLINE:-520}
 PY=${PYTHON:-python3}
