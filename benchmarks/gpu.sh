@@ -30,7 +30,7 @@
 DEADLINE=${DEADLINE:-520}
 PY=${PYTHON:-python3}
 START=$SECONDS
-OUT=${OUT:-/tmp/gpu_out}
+export OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
 part() {  # part NAME SECONDS CMD...
