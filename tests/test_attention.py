@@ -318,8 +318,7 @@ def test_pallas_kernel_matches_float64_reference(rng, t, kv, g):
   (q, k, v, valid), slots, live, cot = _kernel_case(rng, t, kv, g)
 
   def pallas(q, k, v):
-    return attention_lib._pallas_tpu(q, k, v, valid, policy=FP32,  # pylint: disable=protected-access
-                                     allow_float32=True)
+    return attention_lib._pallas_tpu(q, k, v, valid, policy=FP32)  # pylint: disable=protected-access
 
   def grads(f):
     return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cot),

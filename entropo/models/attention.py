@@ -82,7 +82,9 @@ def resolve(implementation: str, compute_dtype, backend: str | None = None
 
 def check_compute_dtype(implementation: str, compute_dtype) -> None:
   """Raises if `implementation` is a fused kernel (`cudnn`, `pallas`) and
-  cannot run `compute_dtype`; a model checks this when it is built."""
+  cannot run `compute_dtype`. `attend` checks every call (decode calls,
+  which take blockwise, too) and a model checks when it is built; the
+  kernel functions themselves do not."""
   dt = jnp.dtype(compute_dtype)
   if implementation in ("cudnn", "pallas") and dt not in _KERNEL_DTYPES:
     raise ValueError(
@@ -334,7 +336,7 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
   float32, with the softmax in float32, which is the policy's algorithm for
   such operands (`BF16_BF16_F32`, `F16_F16_F32`). It does not run float32
   operands, so a float32 policy never takes this path (`auto` picks
-  `blockwise`; asking for `cudnn` raises). The mask is passed as a
+  `blockwise`; `attend` refuses `cudnn` with float32). The mask is passed as a
   `[B, 1, T, S]` bool array, which jax turns into an additive bias in the
   compute dtype that each layer saves for the backward (quadratic in the
   length, though one array per layer rather than float32 scores per head;
@@ -344,7 +346,6 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
   runs on GPUs only (`benchmarks/gpu.sh`); no GPU has run it yet.
   """
   dt = jnp.dtype(q.dtype)
-  check_compute_dtype("cudnn", dt)
   del policy  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
   mask = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)[:, None]
@@ -358,7 +359,7 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
 PALLAS_BLOCK = 128  # the kernel's default block; lengths are padded to it
 
 
-def _pallas_tpu(q, k, v, key_valid, *, policy, allow_float32=False):
+def _pallas_tpu(q, k, v, key_valid, *, policy):
   """jax's Pallas flash-attention kernel for TPUs, for T == S.
 
   With as many queries as keys, the query slots are `arange(T)` and the
@@ -370,8 +371,8 @@ def _pallas_tpu(q, k, v, key_valid, *, policy, allow_float32=False):
 
   Like cuDNN's kernel it takes no precision: it multiplies bfloat16
   (float16) operands with float32 accumulation and a float32 softmax, the
-  policy's algorithm for such operands, so float32 policies do not take
-  this path (`allow_float32` is for tests in TPU interpret mode, where
+  policy's algorithm for such operands, so `attend` refuses float32 for
+  it (tests call it directly with float32 in TPU interpret mode, where
   float32 dots are exact). One difference from the reference: a query with
   no allowed key at all (left padding before the first token) gets the
   mean of the values of its causal blocks rather than of all S keys; such
@@ -380,8 +381,6 @@ def _pallas_tpu(q, k, v, key_valid, *, policy, allow_float32=False):
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   dt = jnp.dtype(q.dtype)
-  if not allow_float32:
-    check_compute_dtype("pallas", dt)
   del policy  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
   pad = -t % PALLAS_BLOCK
