@@ -1,0 +1,416 @@
+"""Running untrusted Python: the `Sandbox` interface and `LocalSandbox`.
+
+A policy that writes code will, in time, write an infinite loop, a fork
+bomb, a 50 GB allocation, `os.remove` of the wrong path, a read of the
+trainer's environment or a socket to somewhere. A `Sandbox` runs such code
+for one episode and returns an `Execution` (stdout, stderr, the exception,
+a `status`, seconds); whatever the code does, `run` returns within its wall
+limit (plus the time to kill the processes) and never raises on the code's
+behalf.
+
+    with LocalSandbox(Limits(wall_seconds=2)) as box:
+      box.run("x = 6 * 7")
+      box.run("x + 1").stdout        # "43\\n": state persists, as in a notebook
+      box.info["network_isolated"]   # True as root where namespaces work
+
+`LocalSandbox` is a persistent worker process per episode (see
+sandbox_worker.py for the child side): a scrubbed environment, resource
+limits (CPU, address space, processes, file size, open files, no core
+dumps), a new session killed as a whole; as root also a fresh uid (so the
+process limit applies and the trainer's processes and private files are
+out of reach), new network, PID and mount namespaces (no network, its own
+/proc, private size-limited /tmp, /var/tmp, /dev/shm and working
+directory, configured paths hidden). It is not a VM: docs/sandbox.md says
+what it guarantees, what it does not, and how to put a container runtime
+or a remote service behind the same interface.
+
+After a run that times out or kills the worker, the next `run` starts a
+fresh, empty worker (`Execution.restarted`); `CodeEnvironment` ends the
+episode instead by default.
+"""
+
+import abc
+import dataclasses
+import json
+import os
+import pathlib
+import random
+import select
+import shutil
+import signal
+import stat
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from typing import Any
+
+# Execution.status values.
+OK = "ok"  # ran to the end
+ERROR = "error"  # raised an exception (in Execution.exception)
+TIMEOUT = "timeout"  # ran past the wall or CPU limit; the worker was killed
+MEMORY = "memory"  # MemoryError (the address-space limit)
+OUTPUT_LIMIT = "output_limit"  # output over the cap (truncated) or file limit
+KILLED = "killed"  # the worker died (a signal, a crash, a broken protocol)
+STATUSES = (OK, ERROR, TIMEOUT, MEMORY, OUTPUT_LIMIT, KILLED)
+# Statuses after which the worker's state is gone.
+STATE_LOST = (TIMEOUT, KILLED)
+
+_WORKER_SOURCE = (pathlib.Path(__file__).parent /
+                  "sandbox_worker.py").read_text()
+_UID_BASE, _UID_SPAN = 1_500_000_000, 100_000_000
+_SYSTEM_PYTHONS = ("/usr/bin/python3", "/usr/local/bin/python3", "/bin/python3")
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+  """What one sandbox may use.
+
+  Attributes:
+    wall_seconds: wall-clock time of one `run` (enforced by the parent).
+    cpu_seconds: CPU time of each process of the episode (RLIMIT_CPU; the
+      worker's budget for the whole episode).
+    memory_bytes: address space of each process (RLIMIT_AS).
+    processes: processes and threads of the sandbox's uid (RLIMIT_NPROC;
+      applies only where the sandbox runs as its own uid, i.e. as root).
+    file_bytes: the largest file it may write (RLIMIT_FSIZE), output files
+      included.
+    output_chars: stdout, stderr and the exception are each cut to this.
+    tmp_bytes: size of each private tmpfs (/tmp, the working directory).
+    open_files: file descriptors (RLIMIT_NOFILE).
+    start_seconds: time allowed for the worker to start.
+  """
+
+  wall_seconds: float = 5.0
+  cpu_seconds: int = 20
+  memory_bytes: int = 512 * 2**20
+  processes: int = 16
+  file_bytes: int = 4 * 2**20
+  output_chars: int = 2000
+  tmp_bytes: int = 32 * 2**20
+  open_files: int = 64
+  start_seconds: float = 10.0
+
+  def __post_init__(self):
+    if self.wall_seconds <= 0 or self.start_seconds <= 0:
+      raise ValueError("wall_seconds and start_seconds must be > 0.")
+    if self.cpu_seconds < 1 or self.processes < 3 or self.open_files < 16:
+      raise ValueError("Need cpu_seconds >= 1, processes >= 3 (keeper, init, "
+                       "worker) and open_files >= 16.")
+    if self.memory_bytes < 64 * 2**20:
+      raise ValueError("memory_bytes below 64 MiB cannot start Python.")
+    if self.output_chars < 1 or self.file_bytes < self.output_chars:
+      raise ValueError("Need 1 <= output_chars <= file_bytes.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+  """The result of one `Sandbox.run`.
+
+  Attributes:
+    stdout, stderr: the run's output, each cut to `Limits.output_chars`.
+    exception: the exception's last line(s), "" when none.
+    status: one of `STATUSES`.
+    seconds: wall time of the run, as the parent measured it.
+    truncated: some output was cut.
+    restarted: this run started a fresh worker after the last one died (the
+      episode's earlier state is gone).
+  """
+
+  stdout: str = ""
+  stderr: str = ""
+  exception: str = ""
+  status: str = OK
+  seconds: float = 0.0
+  truncated: bool = False
+  restarted: bool = False
+
+
+# An `api` answers the code's `_rpc(name, *args, **kwargs)` calls (JSON in,
+# JSON out); what it raises is raised in the code as RuntimeError(str).
+Api = Callable[[str, list, dict], Any]
+
+
+class SandboxError(RuntimeError):
+  """The sandbox itself failed (e.g. the worker could not start)."""
+
+
+class Sandbox(abc.ABC):
+  """Runs one episode's code; state persists across `run` calls."""
+
+  @abc.abstractmethod
+  def run(self, code: str, api: Api | None = None) -> Execution:
+    """Runs `code`; returns within the wall limit whatever the code does."""
+
+  @abc.abstractmethod
+  def close(self) -> None:
+    """Kills everything the episode started and removes its files."""
+
+  @property
+  def info(self) -> dict[str, Any]:
+    """Facts for the run metadata (e.g. `network_isolated`)."""
+    return {}
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+def _world_usable(path: str) -> bool:
+  """Whether any uid can execute `path` (every directory above searchable)."""
+  real = pathlib.Path(os.path.realpath(path))
+  try:
+    if not real.stat().st_mode & stat.S_IXOTH:
+      return False
+    return all(p.stat().st_mode & stat.S_IXOTH for p in real.parents)
+  except OSError:
+    return False
+
+
+def worker_python(drop_uid: bool) -> str:
+  """The interpreter for the worker: this one, unless another uid cannot
+  run it (e.g. a pyenv under /root), then a system python3."""
+  if not drop_uid or _world_usable(sys.executable):
+    return sys.executable
+  for candidate in _SYSTEM_PYTHONS:
+    if _world_usable(candidate):
+      return candidate
+  raise SandboxError("No python3 that another uid can run; install one (e.g. "
+                     "/usr/bin/python3) or pass python=.")
+
+
+def default_hidden() -> tuple[str, ...]:
+  """Paths hidden from the code by default: the home directories and the
+  trainer's working directory (where runs usually keep checkpoints)."""
+  paths = {"/root", "/home", os.path.expanduser("~"), os.getcwd()}
+  return tuple(sorted(p for p in paths if p not in ("/", "")))
+
+
+class LocalSandbox(Sandbox):
+  """A worker process per episode, isolated as far as the OS allows.
+
+  Args:
+    limits: the `Limits`.
+    isolate: as root, run as a fresh uid in new network, PID and mount
+      namespaces (recorded in `info`). False runs with the trainer's uid
+      and no namespaces (for debugging only).
+    hide: paths covered by an empty tmpfs in the sandbox's mount namespace
+      (default `default_hidden()`); paths that contain the interpreter or
+      the working directory are skipped.
+    python: the interpreter (default `worker_python`).
+    max_message_bytes: the largest message accepted from the worker; a
+      larger one is a broken protocol (the worker is killed).
+  """
+
+  def __init__(self, limits: Limits = Limits(), *, isolate: bool = True,
+               hide: tuple[str, ...] | None = None, python: str | None = None,
+               max_message_bytes: int = 2**20):
+    self.limits = limits
+    self.drop_uid = isolate and os.geteuid() == 0
+    self.isolate = isolate
+    self.python = python or worker_python(self.drop_uid)
+    self.hide = default_hidden() if hide is None else tuple(hide)
+    self.max_message_bytes = max_message_bytes
+    self._proc = None
+    self._workdir = None
+    self._rfd = self._wfd = None
+    self._info: dict[str, Any] = {"network_isolated": False}
+    self._died = False
+    self._closed = False
+
+  @property
+  def info(self):
+    return dict(self._info)
+
+  def _start(self) -> None:
+    """A fresh worker, workdir and uid; reads its `ready` message."""
+    self._workdir = tempfile.mkdtemp(prefix="entropo-sandbox-")
+    uid = (_UID_BASE + random.SystemRandom().randrange(_UID_SPAN)
+           if self.drop_uid else None)
+    if uid is not None:
+      os.chown(self._workdir, uid, uid)
+    keep = (self._workdir, os.path.realpath(self.python))
+    hide = [p for p in self.hide if os.path.isdir(p) and not any(
+        k == p or k.startswith(p.rstrip("/") + "/") for k in keep)]
+    to_child_r, self._wfd = os.pipe()
+    self._rfd, from_child_w = os.pipe()
+    lim = self.limits
+    cfg = {"rfd": to_child_r, "wfd": from_child_w, "uid": uid,
+           "isolate": self.isolate, "workdir": self._workdir, "hide": hide,
+           "tmp_bytes": lim.tmp_bytes, "output_bytes": 4 * lim.output_chars,
+           "limits": {"file": lim.file_bytes, "open_files": lim.open_files,
+                      "memory": lim.memory_bytes, "cpu": lim.cpu_seconds,
+                      "processes": lim.processes}}
+    try:
+      self._proc = subprocess.Popen(
+          [self.python, "-I", "-S", "-c", _WORKER_SOURCE, json.dumps(cfg)],
+          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+          stderr=subprocess.DEVNULL, env={}, cwd=self._workdir,
+          pass_fds=(to_child_r, from_child_w), start_new_session=True)
+    finally:
+      os.close(to_child_r)
+      os.close(from_child_w)
+    ready = self._recv(time.monotonic() + lim.start_seconds)
+    if not isinstance(ready, dict) or ready.get("op") != "ready":
+      detail = ready.get("error") if isinstance(ready, dict) else ready
+      self._kill()
+      raise SandboxError(f"The sandbox worker did not start: {detail}")
+    ready.pop("op")
+    self._info = {**ready, "python": self.python, "limits":
+                  dataclasses.asdict(lim)}
+
+  def _recv(self, deadline: float) -> Any:
+    """The next message; "timeout", "eof" or "protocol" when none comes."""
+    header = self._read(4, deadline)
+    if isinstance(header, str):
+      return header
+    size = struct.unpack(">I", header)[0]
+    if size > self.max_message_bytes:
+      return "protocol"
+    body = self._read(size, deadline)
+    if isinstance(body, str):
+      return body
+    try:
+      message = json.loads(body)
+    except ValueError:
+      return "protocol"
+    return message if isinstance(message, dict) else "protocol"
+
+  def _read(self, n: int, deadline: float) -> bytes | str:
+    data = b""
+    poller = select.poll()
+    poller.register(self._rfd, select.POLLIN)
+    while len(data) < n:
+      left = deadline - time.monotonic()
+      if left <= 0 or not poller.poll(left * 1000):
+        return "timeout"
+      chunk = os.read(self._rfd, n - len(data))
+      if not chunk:
+        return "eof"
+      data += chunk
+    return data
+
+  def _send(self, message: dict) -> bool:
+    data = json.dumps(message).encode()
+    data = struct.pack(">I", len(data)) + data
+    try:
+      while data:
+        data = data[os.write(self._wfd, data):]
+    except OSError:  # the worker is gone (EPIPE)
+      return False
+    return True
+
+  def run(self, code: str, api: Api | None = None) -> Execution:
+    if self._closed:
+      raise SandboxError("run on a closed sandbox")
+    start = time.monotonic()
+    restarted = self._died
+    if self._proc is None:
+      self._start()
+    self._died = False
+    deadline = start + self.limits.wall_seconds
+    if not self._send({"op": "run", "code": str(code)}):
+      return self._dead(start, restarted, "eof")
+    while True:
+      message = self._recv(deadline)
+      if isinstance(message, str):
+        return self._dead(start, restarted, message)
+      if message.get("op") == "call":
+        if not self._send(self._answer(api, message)):
+          return self._dead(start, restarted, "eof")
+        continue
+      if message.get("op") != "done":
+        return self._dead(start, restarted, "protocol")
+      return self._done(message, start, restarted)
+
+  def _answer(self, api: Api | None, message: dict) -> dict:
+    """The parent's answer to a `_rpc` call."""
+    if api is None:
+      return {"op": "reply", "error": "no API in this environment"}
+    try:
+      value = api(str(message.get("name")), list(message.get("args") or []),
+                  dict(message.get("kwargs") or {}))
+      json.dumps(value)
+      return {"op": "reply", "value": value}
+    except Exception as e:  # pylint: disable=broad-except
+      return {"op": "reply", "error": f"{type(e).__name__}: {e}"}
+
+  def _done(self, message: dict, start: float, restarted: bool) -> Execution:
+    cap = self.limits.output_chars
+    texts = [str(message.get(k, "")) for k in ("stdout", "stderr",
+                                               "exception")]
+    truncated = bool(message.get("truncated")) or any(
+        len(t) > cap for t in texts)
+    status = message.get("status")
+    if status not in (OK, ERROR, MEMORY, OUTPUT_LIMIT):
+      status = ERROR
+    return Execution(*(t[:cap] for t in texts), status=status,
+                     seconds=time.monotonic() - start, truncated=truncated,
+                     restarted=restarted)
+
+  def _dead(self, start: float, restarted: bool, why: str) -> Execution:
+    """Kills the worker after a time-out, an exit or a broken protocol."""
+    code = self._kill(wait=why != "timeout")
+    if why == "timeout":
+      status, text = TIMEOUT, (f"TimeoutError: wall limit "
+                               f"{self.limits.wall_seconds:g} s")
+    elif code is not None and -code == signal.SIGXCPU or code == 128 + int(
+        signal.SIGXCPU):
+      status, text = TIMEOUT, f"CPU limit {self.limits.cpu_seconds} s"
+    else:
+      status, text = KILLED, f"the worker died ({_describe_exit(code, why)})"
+    self._died = True
+    return Execution(exception=text + "; state lost", status=status,
+                     seconds=time.monotonic() - start, restarted=restarted)
+
+  def _kill(self, wait: bool = False) -> int | None:
+    """Kills the worker's process group and namespace; returns its exit
+    code when it had one (waiting up to 1 s for it when `wait`)."""
+    proc, self._proc = self._proc, None
+    code = None
+    if proc is not None:
+      if wait:
+        try:
+          code = proc.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+          pass
+      try:
+        os.killpg(proc.pid, signal.SIGKILL)
+      except OSError:
+        pass
+      proc.wait()
+    for fd in (self._rfd, self._wfd):
+      if fd is not None:
+        os.close(fd)
+    self._rfd = self._wfd = None
+    if self._workdir is not None:
+      shutil.rmtree(self._workdir, ignore_errors=True)
+      self._workdir = None
+    return code
+
+  def close(self) -> None:
+    if not self._closed:
+      self._closed = True
+      self._kill()
+
+  def __del__(self):
+    if not getattr(self, "_closed", True):
+      self.close()
+
+
+def _describe_exit(code: int | None, why: str) -> str:
+  if why == "protocol":
+    return "broken protocol"
+  if code is None:
+    return "no exit status"
+  sig = -code if code < 0 else code - 128 if code > 128 else 0
+  if sig:
+    try:
+      return f"signal {signal.Signals(sig).name}"
+    except ValueError:
+      return f"signal {sig}"
+  return f"exit code {code}"

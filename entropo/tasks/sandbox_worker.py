@@ -1,0 +1,296 @@
+"""The child side of `LocalSandbox`: a stdlib-only script, never imported.
+
+`LocalSandbox` runs this file's text as `python -I -S -c <text> <config>`
+with an empty environment, in a new session. Three processes:
+
+* the *keeper* (the process the parent started, still root when the
+  parent is): sets the resource limits, enters new mount, network and PID
+  namespaces where it may, mounts private size-limited tmpfs on /tmp,
+  /var/tmp, /dev/shm and the working directory, hides the configured paths
+  under empty read-only tmpfs, then forks the init and watches: when the
+  parent's end of the pipe closes (the parent exited or closed the
+  sandbox) it kills the init, which takes the whole PID namespace with it.
+* the *init* (PID 1 of the new namespace): mounts its own /proc, drops to
+  the sandbox's uid, forks the worker and reaps until the worker exits.
+  Processes of the namespace cannot signal it, and when it exits the kernel
+  kills every process left in the namespace.
+* the *worker*: runs each `run` request's code in one persistent namespace
+  dict (a notebook: state persists across runs of one episode), with
+  stdout/stderr going to unlinked files capped by RLIMIT_FSIZE, and answers
+  over length-prefixed JSON on two pipes. Code may call `_rpc(name, *args,
+  **kwargs)`, which the parent answers (the apps of `apps_world` live in
+  the parent, out of the code's reach). After each run it kills every other
+  process of the namespace (background processes do not outlive a run).
+
+Messages (4-byte big-endian length, then UTF-8 JSON):
+  parent -> worker: {"op": "run", "code"}, {"op": "reply", "value"|"error"}
+  worker -> parent: {"op": "ready", ...isolation facts},
+                    {"op": "call", "name", "args", "kwargs"},
+                    {"op": "done", "stdout", "stderr", "exception", "status",
+                     "truncated"}
+"""
+
+import ast
+import ctypes
+import errno
+import io
+import json
+import os
+import resource
+import select
+import signal
+import struct
+import sys
+import traceback
+
+CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
+MS_REC, MS_PRIVATE = 16384, 1 << 18
+PR_SET_PDEATHSIG = 1
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def send(fd, message):
+  data = json.dumps(message).encode()
+  data = struct.pack(">I", len(data)) + data
+  while data:
+    data = data[os.write(fd, data):]
+
+
+def recv_exact(fd, n):
+  chunks = b""
+  while len(chunks) < n:
+    chunk = os.read(fd, n - len(chunks))
+    if not chunk:
+      return None
+    chunks += chunk
+  return chunks
+
+
+def recv(fd):
+  header = recv_exact(fd, 4)
+  if header is None:
+    return None
+  body = recv_exact(fd, struct.unpack(">I", header)[0])
+  return None if body is None else json.loads(body)
+
+
+def mount(source, target, fstype, flags, data):
+  if LIBC.mount(source.encode(), target.encode(),
+                fstype.encode() if fstype else None, flags,
+                data.encode() if data else None) != 0:
+    raise OSError(ctypes.get_errno(), f"mount {fstype or source} on {target}")
+
+
+def set_limits(limits):
+  for name, value in (("RLIMIT_CORE", 0), ("RLIMIT_FSIZE", limits["file"]),
+                      ("RLIMIT_NOFILE", limits["open_files"]),
+                      ("RLIMIT_AS", limits["memory"]),
+                      ("RLIMIT_CPU", limits["cpu"])):
+    hard = value + 1 if name == "RLIMIT_CPU" else value
+    resource.setrlimit(getattr(resource, name), (value, hard))
+
+
+def isolate(cfg, facts):
+  """New namespaces and private mounts (root only); records what worked."""
+  if LIBC.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) != 0:
+    facts["isolation_error"] = os.strerror(ctypes.get_errno())
+    return
+  facts.update(network_isolated=True, pid_isolated=True, mounts_private=True)
+  mount("none", "/", None, MS_REC | MS_PRIVATE, None)
+  tmp = f"size={cfg['tmp_bytes']},mode=1777"
+  for path in ("/tmp", "/var/tmp", "/dev/shm"):
+    if os.path.isdir(path):
+      mount("tmpfs", path, "tmpfs", MS_NOSUID | MS_NODEV, tmp)
+  for path in cfg["hide"]:
+    if os.path.isdir(path):
+      mount("tmpfs", path, "tmpfs", MS_RDONLY | MS_NOSUID | MS_NODEV,
+            "size=4096,mode=755")
+  workdir = cfg["workdir"]
+  os.makedirs(workdir, exist_ok=True)
+  owner = "" if cfg["uid"] is None else f",uid={cfg['uid']},gid={cfg['uid']}"
+  mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
+        f"size={cfg['tmp_bytes']},mode=700{owner}")
+
+
+def keeper(cfg):
+  """The first process: limits, namespaces, then watch the init."""
+  facts = {"op": "ready", "network_isolated": False, "pid_isolated": False,
+           "mounts_private": False, "uid": os.getuid()}
+  rfd, wfd = cfg["rfd"], cfg["wfd"]
+  set_limits(cfg["limits"])
+  if cfg["isolate"] and os.geteuid() == 0:
+    isolate(cfg, facts)
+  if cfg["uid"] is not None:
+    facts["uid"] = cfg["uid"]
+  init_pid = os.fork()
+  if init_pid == 0:
+    init(cfg, facts)
+  os.close(wfd)
+  poller = select.poll()
+  poller.register(rfd, 0)  # POLLHUP only: the parent closed its end
+  while True:
+    pid, status = os.waitpid(init_pid, os.WNOHANG)
+    if pid:
+      os._exit(os.waitstatus_to_exitcode(status) % 256)
+    if poller.poll(50):
+      os.kill(init_pid, signal.SIGKILL)
+
+
+def init(cfg, facts):
+  """PID 1 of the namespace: /proc, drop privileges, fork and reap."""
+  try:
+    if facts["pid_isolated"]:
+      mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
+    if cfg["uid"] is not None:
+      os.setgroups([])
+      os.setgid(cfg["uid"])
+      os.setuid(cfg["uid"])
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
+    resource.setrlimit(resource.RLIMIT_NPROC, (cfg["limits"]["processes"],) * 2)
+    os.chdir(cfg["workdir"])
+  except BaseException as e:  # pylint: disable=broad-except
+    send(cfg["wfd"], {"op": "failed", "error": f"{type(e).__name__}: {e}"})
+    os._exit(70)
+  worker_pid = os.fork()
+  if worker_pid == 0:
+    worker(cfg, facts)
+  os.close(cfg["rfd"])
+  os.close(cfg["wfd"])
+  while True:
+    try:
+      pid, status = os.waitpid(-1, 0)
+    except ChildProcessError:
+      os._exit(0)
+    if pid == worker_pid:
+      code = os.waitstatus_to_exitcode(status)
+      os._exit(128 - code if code < 0 else code)
+
+
+class Rpc:
+  """`_rpc(name, *args, **kwargs)`: a call the parent answers."""
+
+  def __init__(self, rfd, wfd):
+    self.rfd, self.wfd = rfd, wfd
+
+  def __call__(self, name, *args, **kwargs):
+    send(self.wfd, {"op": "call", "name": str(name), "args": list(args),
+                    "kwargs": kwargs})
+    reply = recv(self.rfd)
+    if reply is None:
+      os._exit(0)
+    if "error" in reply:
+      raise RuntimeError(reply["error"])
+    return reply.get("value")
+
+
+def output_file(fd):
+  """Points `fd` at a fresh unlinked file (capped by RLIMIT_FSIZE)."""
+  try:
+    new = os.open(".", os.O_TMPFILE | os.O_RDWR, 0o600)
+  except OSError:  # a file system without O_TMPFILE
+    name = f".out{fd}-{os.getpid()}"
+    new = os.open(name, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+    os.unlink(name)
+  os.dup2(new, fd)
+  os.close(new)
+
+
+def worker(cfg, facts):
+  """Answers run requests until the parent closes the pipe."""
+  rfd, wfd = cfg["rfd"], cfg["wfd"]
+  me = os.getpid()
+  LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+  signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG, not death
+  null = os.open(os.devnull, os.O_RDONLY)
+  os.dup2(null, 0)
+  os.close(null)
+  namespace = {"__name__": "__main__", "_rpc": Rpc(rfd, wfd)}
+  cap = cfg["output_bytes"]
+  send(wfd, facts)
+  while True:
+    request = recv(rfd)
+    if request is None or request.get("op") != "run":
+      os._exit(0)
+    reply = run(request["code"], namespace, me, cap)
+    if facts["pid_isolated"]:
+      for _ in range(2):  # every other process of the namespace, but init
+        try:
+          os.kill(-1, signal.SIGKILL)
+        except OSError:
+          break
+    send(wfd, reply)
+
+
+def run(code, namespace, me, cap):
+  """Runs `code`; a notebook cell: a final expression's repr is printed."""
+  try:
+    output_file(1)
+    output_file(2)
+    sys.stdout = io.TextIOWrapper(io.FileIO(1, "w", closefd=False),
+                                  encoding="utf-8", errors="replace")
+    sys.stderr = io.TextIOWrapper(io.FileIO(2, "w", closefd=False),
+                                  encoding="utf-8", errors="replace")
+  except OSError as e:
+    return {"op": "done", "stdout": "", "stderr": "", "truncated": False,
+            "exception": f"sandbox setup failed: {e}", "status": "error"}
+  status, exception = "ok", ""
+  try:
+    tree = ast.parse(code, "<run>")
+    last = None
+    if tree.body and isinstance(tree.body[-1], ast.Expr):
+      last = ast.Expression(tree.body.pop().value)
+    exec(compile(tree, "<run>", "exec"), namespace)  # pylint: disable=exec-used
+    if last is not None:
+      value = eval(compile(last, "<run>", "eval"), namespace)  # pylint: disable=eval-used
+      if value is not None:
+        print(repr(value))
+  except BaseException as e:  # pylint: disable=broad-except
+    if os.getpid() != me:
+      os._exit(0)
+    status, exception = describe(e)
+  finally:
+    if os.getpid() != me:  # a forked child never answers
+      os._exit(0)
+  return finish(status, exception, cap)
+
+
+def describe(e):
+  if isinstance(e, MemoryError):
+    return "memory", "MemoryError"
+  if isinstance(e, OSError) and e.errno == errno.EFBIG:
+    return "output_limit", "OSError: file size limit"
+  try:
+    lines = traceback.format_exception_only(type(e), e)
+    text = "".join(lines).strip()
+  except BaseException:  # pylint: disable=broad-except
+    text = type(e).__name__
+  return "error", text
+
+
+def finish(status, exception, cap):
+  """Flushes and reads back the run's output, at most `cap` bytes each."""
+  texts, truncated = [], False
+  for stream, fd in ((sys.stdout, 1), (sys.stderr, 2)):
+    try:
+      stream.flush()
+    except MemoryError:
+      status = "memory" if status == "ok" else status
+    except OSError:
+      status = "output_limit" if status == "ok" else status
+    try:
+      size = os.fstat(fd).st_size
+      data = os.pread(fd, cap, 0)
+    except OSError:
+      size, data = 0, b""
+    truncated = truncated or size > cap
+    texts.append(data.decode("utf-8", "replace"))
+  if truncated and status == "ok":
+    status = "output_limit"
+  return {"op": "done", "stdout": texts[0], "stderr": texts[1],
+          "exception": exception[:cap], "status": status,
+          "truncated": truncated}
+
+
+if __name__ == "__main__":
+  keeper(json.loads(sys.argv[1]))
