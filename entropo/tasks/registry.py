@@ -4,12 +4,16 @@ To add a task, write its `Task` subclass (base.py) in a module of its own
 and add it to `TASKS`.
 """
 
+from entropo.tasks.apps_world import AppsWorld
 from entropo.tasks.base import Task
+from entropo.tasks.calc_code import CalcCode
 from entropo.tasks.countdown import Countdown
 from entropo.tasks.countdown import CountdownAll
 from entropo.tasks.gsm8k import Gsm8k
 
 TASKS = {
+    "apps_world": AppsWorld,
+    "calc_code": CalcCode,
     "countdown": Countdown,
     "countdown_all": CountdownAll,
     "gsm8k": Gsm8k,

@@ -1,0 +1,204 @@
+"""Environments whose actions run code, and stepping many at once.
+
+`CodeEnvironment` is an `Environment` whose actions may run Python in a
+`Sandbox` (one per episode, started at the first run, closed with the
+episode). Actions are single lines, friendly to a character-level model
+(the tasks' stop string is "\\n"):
+
+    run: 17*23+4         runs the code; the observation is its output
+    answer: 395          the task's answer (the subclass decides)
+    done                 the agent says it has finished (the subclass decides)
+
+A fenced block (```python ... ```) is also run, for models that write
+them. A run's observation is its stdout, stderr and exception's last line
+(`ok` when there is none), cut to `observation_chars`, ending in "\\n". A
+run whose status is in `end_on` (by default a time-out or a dead worker,
+after which the episode's state is gone) ends the episode as `FAILED`;
+`Turn.info["status"]` names what happened. Every step returns within the
+sandbox's wall limit plus the time to start or kill a worker.
+
+`EnvPool` steps many episodes concurrently on a thread pool sized to the
+machine; a hung episode holds back only itself, up to its wall limit.
+"""
+
+import concurrent.futures
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from entropo.tasks import environment
+from entropo.tasks import sandbox as sandbox_lib
+
+RUN, ANSWER, DONE, OTHER = "run", "answer", "done", "other"
+_FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
+_LAST_LINE_CHARS = 200
+
+
+def parse_action(action: str) -> tuple[str, str]:
+  """(kind, payload) of an action: `run`, `answer`, `done` or `other`."""
+  text = action.strip()
+  fence = _FENCE.search(action)
+  if text.startswith("run:"):
+    return RUN, text[len("run:"):].strip()
+  if fence:
+    return RUN, fence.group(1)
+  if text.startswith("answer:"):
+    return ANSWER, text[len("answer:"):].strip()
+  if text == "done":
+    return DONE, ""
+  return OTHER, text
+
+
+def observation(execution: sandbox_lib.Execution, chars: int) -> str:
+  """A run's output as the agent sees it: short, one trailing newline."""
+  parts = [execution.stdout.rstrip("\n"), execution.stderr.rstrip("\n")]
+  if execution.exception:
+    parts.append(execution.exception.strip().splitlines()[-1]
+                 [:_LAST_LINE_CHARS])
+  text = "\n".join(p for p in parts if p)
+  if execution.status == sandbox_lib.TIMEOUT:
+    text = "timeout"
+  elif execution.status == sandbox_lib.KILLED:
+    text = "killed"
+  text = text or "ok"
+  if len(text) > chars:
+    text = text[:max(chars - 3, 0)] + "..."
+  return text + "\n"
+
+
+def local_sandbox(limits: sandbox_lib.Limits) -> Callable[[],
+                                                          sandbox_lib.Sandbox]:
+  """A factory of `LocalSandbox` with `limits` (the default sandbox)."""
+  return lambda: sandbox_lib.LocalSandbox(limits)
+
+
+class CodeEnvironment(environment.Environment):
+  """An episode whose `run:` actions execute in a sandbox.
+
+  Subclasses implement `reset` (calling `super().reset()` is not needed; use
+  `start()`), and `act(kind, payload)` for the other actions.
+
+  Args:
+    make_sandbox: builds the episode's sandbox (default a `LocalSandbox`
+      with `sandbox_lib.Limits()`); called at the first run.
+    end_on: statuses that end the episode as FAILED.
+    observation_chars: the longest observation (before its newline).
+    setup_code: code run before the first run (and again after a restart),
+      e.g. an API's wrappers; its output is not shown.
+    api: answers the code's `_rpc` calls (see `Sandbox.run`).
+  """
+
+  def __init__(self, make_sandbox: Callable[[], sandbox_lib.Sandbox] | None
+               = None, *, end_on: Sequence[str] = sandbox_lib.STATE_LOST,
+               observation_chars: int = 80, setup_code: str = "",
+               api: sandbox_lib.Api | None = None):
+    self.make_sandbox = make_sandbox or local_sandbox(sandbox_lib.Limits())
+    self.end_on = tuple(end_on)
+    self.observation_chars = observation_chars
+    self.setup_code = setup_code
+    self.api = api
+    self.sandbox: sandbox_lib.Sandbox | None = None
+    self.executions: list[sandbox_lib.Execution] = []
+    self.seconds = 0.0  # time spent in the sandbox this episode
+    self._needs_setup = True
+
+  def start(self) -> None:
+    """Forgets the previous episode's sandbox (a new one starts lazily)."""
+    self.close()
+    self.executions = []
+    self.seconds = 0.0
+    self._needs_setup = True
+
+  def execute(self, code: str) -> sandbox_lib.Execution:
+    """Runs `code` in the episode's sandbox (starting it when needed)."""
+    if self.sandbox is None:
+      self.sandbox = self.make_sandbox()
+    start = time.monotonic()
+    try:
+      if self._needs_setup and self.setup_code:
+        setup = self.sandbox.run(self.setup_code, self.api)
+        if setup.status != sandbox_lib.OK:
+          return setup
+      self._needs_setup = False
+      result = self.sandbox.run(code, self.api)
+      if result.status in sandbox_lib.STATE_LOST:
+        self._needs_setup = True
+      return result
+    finally:
+      self.seconds += time.monotonic() - start
+
+  def run_turn(self, code: str) -> environment.Turn:
+    """The turn of a `run:` action."""
+    result = self.execute(code)
+    self.executions.append(result)
+    info = {"status": result.status, "seconds": round(result.seconds, 4)}
+    text = observation(result, self.observation_chars)
+    if result.status in self.end_on:
+      return environment.Turn(text, done=True, reason=environment.FAILED,
+                              info=info)
+    return environment.Turn(text, info=info)
+
+  def step(self, action: str) -> environment.Turn:
+    kind, payload = parse_action(action)
+    if kind == RUN:
+      return self.run_turn(payload)
+    return self.act(kind, payload)
+
+  def act(self, kind: str, payload: str) -> environment.Turn:
+    """The turn of an `answer:`, `done` or other action."""
+    del kind, payload
+    return environment.Turn("use run: or answer:\n",
+                            info={"status": "bad_action"})
+
+  def close(self) -> None:
+    if self.sandbox is not None:
+      sandbox, self.sandbox = self.sandbox, None
+      sandbox.close()
+
+
+class EnvPool:
+  """Runs environment calls of many episodes concurrently.
+
+  A thread pool of `max_workers` (default: the machine's CPU count, at least
+  2); the work itself happens in the sandboxes' processes, so threads mostly
+  wait. Each call's result is its return value or the exception it raised
+  (the caller decides, e.g. ENV_ERROR).
+  """
+
+  def __init__(self, max_workers: int | None = None):
+    self.max_workers = max_workers or max(2, os.cpu_count() or 2)
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        self.max_workers, thread_name_prefix="entropo-env")
+
+  def map(self, fn: Callable[..., Any], *iterables) -> list[Any]:
+    futures = [self._pool.submit(fn, *args) for args in zip(*iterables)]
+    results = []
+    for future in futures:
+      try:
+        results.append(future.result())
+      except Exception as e:  # pylint: disable=broad-except
+        results.append(e)
+    return results
+
+  def reset(self, envs: Sequence[environment.Environment],
+            problems: Sequence[Any]) -> list[Any]:
+    return self.map(lambda env, p: env.reset(p), envs, problems)
+
+  def step(self, envs: Sequence[environment.Environment],
+           actions: Sequence[str]) -> list[Any]:
+    """`env.step(action)` of every pair at once."""
+    return self.map(lambda env, a: env.step(a), envs, actions)
+
+  def close_all(self, envs: Sequence[environment.Environment]) -> None:
+    self.map(lambda env: env.close(), envs)
+
+  def shutdown(self) -> None:
+    self._pool.shutdown(wait=True)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.shutdown()
