@@ -67,7 +67,7 @@ class World:
 
   def _person(self, name) -> str:
     if not isinstance(name, str) or name not in self.state["balance"]:
-      raise ValueError(f"unknown person {name!r}")
+      raise ValueError(f"no person {name!r}")
     return name
 
   def bal(self) -> int:
@@ -76,11 +76,11 @@ class World:
   def pay(self, name, amount) -> None:
     name = self._person(name)
     if name == ME:
-      raise ValueError("cannot pay myself")
+      raise ValueError("paying me")
     if type(amount) is not int or amount <= 0:  # pylint: disable=unidiomatic-typecheck
-      raise ValueError("amount must be a positive int")
+      raise ValueError("bad amount")
     if amount > self.state["balance"][ME]:
-      raise ValueError("not enough money")
+      raise ValueError("no money")
     self.state["balance"][ME] -= amount
     self.state["balance"][name] += amount
     debt = self.state["owe"].get(name, 0)
@@ -102,7 +102,7 @@ class World:
   def add(self, name, number) -> None:
     if not isinstance(name, str) or not isinstance(number, str) or not (
         0 < len(name) <= 16 and 0 < len(number) <= 16):
-      raise ValueError("name and number are short strings")
+      raise ValueError("bad contact")
     self.state["phone"][name] = number
 
 

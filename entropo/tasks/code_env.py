@@ -77,8 +77,9 @@ def local_sandbox(limits: sandbox_lib.Limits) -> Callable[[],
 class CodeEnvironment(environment.Environment):
   """An episode whose `run:` actions execute in a sandbox.
 
-  Subclasses implement `reset` (calling `super().reset()` is not needed; use
-  `start()`), and `act(kind, payload)` for the other actions.
+  Subclasses override `reset` (calling `start()` first) and `act(kind,
+  payload)` for the actions other than `run:`. As it is, it is a bare
+  Python notebook: `reset(problem)` returns `problem.get("prompt", "")`.
 
   Args:
     make_sandbox: builds the episode's sandbox (default a `LocalSandbox`
@@ -100,6 +101,7 @@ class CodeEnvironment(environment.Environment):
     self.setup_code = setup_code
     self.api = api
     self.sandbox: sandbox_lib.Sandbox | None = None
+    self.problem = None
     self.executions: list[sandbox_lib.Execution] = []
     self.seconds = 0.0  # time spent in the sandbox this episode
     self._needs_setup = True
@@ -110,6 +112,11 @@ class CodeEnvironment(environment.Environment):
     self.executions = []
     self.seconds = 0.0
     self._needs_setup = True
+
+  def reset(self, problem):
+    self.start()
+    self.problem = dict(problem)
+    return str(self.problem.get("prompt", ""))
 
   def execute(self, code: str) -> sandbox_lib.Execution:
     """Runs `code` in the episode's sandbox (starting it when needed)."""

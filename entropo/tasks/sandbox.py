@@ -217,7 +217,7 @@ class LocalSandbox(Sandbox):
     self.max_message_bytes = max_message_bytes
     self._proc = None
     self._workdir = None
-    self._rfd = self._wfd = None
+    self._rfd = self._wfd = self._init_fd = None
     self._info: dict[str, Any] = {"network_isolated": False}
     self._died = False
     self._closed = False
@@ -254,7 +254,17 @@ class LocalSandbox(Sandbox):
     finally:
       os.close(to_child_r)
       os.close(from_child_w)
-    ready = self._recv(time.monotonic() + lim.start_seconds)
+    deadline = time.monotonic() + lim.start_seconds
+    ready, seen_init = None, False
+    while not (seen_init and ready) and not isinstance(ready, str):
+      message = self._recv(deadline)  # "init" (keeper) and "ready" (worker)
+      if isinstance(message, dict) and message.get("op") == "init":
+        self._watch_init(message.get("pid"))
+        seen_init = True
+      else:
+        ready = message
+        if not isinstance(ready, dict) or ready.get("op") != "ready":
+          break
     if not isinstance(ready, dict) or ready.get("op") != "ready":
       detail = ready.get("error") if isinstance(ready, dict) else ready
       self._kill()
@@ -262,6 +272,14 @@ class LocalSandbox(Sandbox):
     ready.pop("op")
     self._info = {**ready, "python": self.python, "limits":
                   dataclasses.asdict(lim)}
+
+  def _watch_init(self, pid: Any) -> None:
+    """Opens a pidfd on the namespace's init: when it has exited, so has
+    every process of its PID namespace."""
+    try:
+      self._init_fd = os.pidfd_open(int(pid))
+    except (AttributeError, OSError, TypeError, ValueError):
+      self._init_fd = None
 
   def _recv(self, deadline: float) -> Any:
     """The next message; "timeout", "eof" or "protocol" when none comes."""
@@ -307,11 +325,11 @@ class LocalSandbox(Sandbox):
   def run(self, code: str, api: Api | None = None) -> Execution:
     if self._closed:
       raise SandboxError("run on a closed sandbox")
-    start = time.monotonic()
     restarted = self._died
     if self._proc is None:
       self._start()
     self._died = False
+    start = time.monotonic()
     deadline = start + self.limits.wall_seconds
     if not self._send({"op": "run", "code": str(code)}):
       return self._dead(start, restarted, "eof")
@@ -337,7 +355,7 @@ class LocalSandbox(Sandbox):
       json.dumps(value)
       return {"op": "reply", "value": value}
     except Exception as e:  # pylint: disable=broad-except
-      return {"op": "reply", "error": f"{type(e).__name__}: {e}"}
+      return {"op": "reply", "error": str(e), "type": type(e).__name__}
 
   def _done(self, message: dict, start: float, restarted: bool) -> Execution:
     cap = self.limits.output_chars
@@ -368,25 +386,43 @@ class LocalSandbox(Sandbox):
                      seconds=time.monotonic() - start, restarted=restarted)
 
   def _kill(self, wait: bool = False) -> int | None:
-    """Kills the worker's process group and namespace; returns its exit
-    code when it had one (waiting up to 1 s for it when `wait`)."""
+    """Ends the worker, its namespace and its process group; returns the
+    keeper's exit code when it exited by itself (waiting up to 1 s for it
+    when `wait`).
+
+    The init is killed first (through its pidfd) so that the keeper reaps
+    it: an init killed together with its keeper would be left a zombie
+    where the host's PID 1 does not reap orphans (as in many containers).
+    """
     proc, self._proc = self._proc, None
     code = None
+    if proc is not None and wait:
+      try:
+        code = proc.wait(timeout=1.0)
+      except subprocess.TimeoutExpired:
+        pass
+    if self._init_fd is not None:
+      try:
+        signal.pidfd_send_signal(self._init_fd, signal.SIGKILL)
+      except OSError:
+        pass
+      poller = select.poll()  # the init and its whole namespace are gone
+      poller.register(self._init_fd, select.POLLIN)
+      poller.poll(2000)
     if proc is not None:
-      if wait:
-        try:
-          code = proc.wait(timeout=1.0)
-        except subprocess.TimeoutExpired:
-          pass
+      try:
+        proc.wait(timeout=2.0 if self._init_fd is not None else 0.0)
+      except subprocess.TimeoutExpired:
+        pass
       try:
         os.killpg(proc.pid, signal.SIGKILL)
       except OSError:
         pass
       proc.wait()
-    for fd in (self._rfd, self._wfd):
+    for fd in (self._rfd, self._wfd, self._init_fd):
       if fd is not None:
         os.close(fd)
-    self._rfd = self._wfd = None
+    self._rfd = self._wfd = self._init_fd = None
     if self._workdir is not None:
       shutil.rmtree(self._workdir, ignore_errors=True)
       self._workdir = None

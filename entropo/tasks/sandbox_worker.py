@@ -126,6 +126,7 @@ def keeper(cfg):
   init_pid = os.fork()
   if init_pid == 0:
     init(cfg, facts)
+  send(wfd, {"op": "init", "pid": init_pid})  # the parent waits on it
   os.close(wfd)
   poller = select.poll()
   poller.register(rfd, 0)  # POLLHUP only: the parent closed its end
@@ -180,7 +181,9 @@ class Rpc:
     if reply is None:
       os._exit(0)
     if "error" in reply:
-      raise RuntimeError(reply["error"])
+      kind = {"ValueError": ValueError, "KeyError": KeyError,
+              "TypeError": TypeError}.get(reply.get("type"), RuntimeError)
+      raise kind(reply["error"])
     return reply.get("value")
 
 
@@ -214,12 +217,25 @@ def worker(cfg, facts):
       os._exit(0)
     reply = run(request["code"], namespace, me, cap)
     if facts["pid_isolated"]:
-      for _ in range(2):  # every other process of the namespace, but init
-        try:
-          os.kill(-1, signal.SIGKILL)
-        except OSError:
-          break
+      reap_all()
     send(wfd, reply)
+
+
+def reap_all():
+  """Kills every other process of the namespace (but init) and reaps this
+  process's children."""
+  for _ in range(2):
+    try:
+      os.kill(-1, signal.SIGKILL)
+    except OSError:
+      break
+  while True:
+    try:
+      os.waitpid(-1, 0)
+    except ChildProcessError:
+      return
+    except OSError:
+      return
 
 
 def run(code, namespace, me, cap):

@@ -1,0 +1,298 @@
+"""The sandbox under hostile code, the code environments and their tasks.
+
+Every hostile program runs through a `CodeEnvironment` (the path a rollout
+takes) with tight limits; for each the test checks the named status and
+end, the time taken, that the episode's processes and directory are gone
+afterwards, and that a fake run directory (workdir, checkpoints) is
+untouched. Runs as root (namespaces, a fresh uid) or not (then the
+isolation the OS does not give is asserted to be reported as off).
+"""
+
+import json
+import os
+import pathlib
+import socket
+import time
+
+import pytest
+
+from entropo import tasks
+from entropo.tasks import apps_world
+from entropo.tasks import code_env
+from entropo.tasks import sandbox as sandbox_lib
+
+WALL = 1.0
+SLACK = 1.5  # starting and killing a worker on a loaded 2-core machine
+LIMITS = sandbox_lib.Limits(wall_seconds=WALL, cpu_seconds=3,
+                            memory_bytes=256 * 2**20, processes=12,
+                            file_bytes=2**20, output_chars=500,
+                            tmp_bytes=8 * 2**20)
+SECRET = "entropo-test-secret-4f1d"
+ROOT = os.geteuid() == 0
+
+
+def _uid_processes(uid: int) -> list[int]:
+  """Pids of the processes running as `uid` (from /proc)."""
+  pids = []
+  for entry in os.scandir("/proc"):
+    if not entry.name.isdigit():
+      continue
+    try:
+      status = pathlib.Path(entry.path, "status").read_text()
+    except OSError:
+      continue
+    for line in status.splitlines():
+      if line.startswith("Uid:") and int(line.split()[1]) == uid:
+        pids.append(int(entry.name))
+  return pids
+
+
+def _snapshot(directory: pathlib.Path) -> dict[str, tuple]:
+  return {str(p.relative_to(directory)): (p.stat().st_mtime_ns,
+                                          p.read_bytes() if p.is_file() else b"")
+          for p in sorted(directory.rglob("*"))}
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+  """A fake training run: workdir, checkpoint, a secret file and env var."""
+  monkeypatch.setenv("ENTROPO_SECRET", SECRET)
+  (tmp_path / "ckpt").mkdir()
+  (tmp_path / "ckpt" / "params.msgpack").write_bytes(b"weights" * 100)
+  (tmp_path / "secret.txt").write_text(SECRET)
+  (tmp_path / "secret.txt").chmod(0o644)
+  before = _snapshot(tmp_path)
+  yield tmp_path
+  assert _snapshot(tmp_path) == before
+
+
+class Episode:
+  """A CodeEnvironment with the test limits, and what it left behind."""
+
+  def __init__(self):
+    self.env = code_env.CodeEnvironment(code_env.local_sandbox(LIMITS))
+    self.env.start()
+
+  def step(self, action: str):
+    start = time.monotonic()
+    turn = self.env.step(action)
+    elapsed = time.monotonic() - start
+    assert elapsed < WALL + SLACK, (action, elapsed)
+    return turn
+
+  def close_and_check(self):
+    box = self.env.sandbox
+    if box is None:
+      return
+    workdir, info = box._workdir, box.info  # pylint: disable=protected-access
+    proc = box._proc  # pylint: disable=protected-access
+    self.env.close()
+    assert workdir is None or not os.path.exists(workdir)
+    if proc is not None:
+      assert proc.poll() is not None
+    if info.get("uid") not in (None, os.getuid()):
+      assert _uid_processes(info["uid"]) == []
+
+
+@pytest.fixture
+def episode():
+  ep = Episode()
+  yield ep
+  ep.close_and_check()
+
+
+def _fenced(code: str) -> str:
+  return f"```python\n{code}\n```\n"
+
+
+# (name, code, statuses allowed, whether the episode must have ended)
+HOSTILE = [
+    ("infinite_loop", "while True: pass", {"timeout"}, True),
+    ("sleep_past_wall", "import time; time.sleep(60)", {"timeout"}, True),
+    ("fork_bomb", "import os\nwhile True: os.fork()",
+     {"error", "timeout"}, False),
+    ("memory_bomb", "x = bytearray(50 * 2**30)", {"memory"}, False),
+    ("memory_creep", "x = []\nwhile True: x.append(' ' * 2**20)",
+     {"memory"}, False),
+    ("huge_output", "while True: print('x' * 10**5)", {"output_limit"}, False),
+    ("deep_recursion", "def f(n): return f(n + 1)\nf(0)", {"error"}, False),
+    ("c_stack_overflow",
+     "import sys; sys.setrecursionlimit(10**8)\n"
+     "def f(n): return f(n + 1)\nf(0)", {"killed", "error", "memory",
+                                         "timeout"}, None),
+    ("ctypes_crash", "import ctypes; ctypes.string_at(0)", {"killed"}, True),
+    ("kill_everyone", "import os, signal\nos.kill(-1, signal.SIGKILL)",
+     {"ok", "error", "killed"}, None),
+]
+
+
+@pytest.mark.parametrize("name,code,statuses,ends", HOSTILE,
+                         ids=[h[0] for h in HOSTILE])
+def test_hostile_program(episode, run_dir, name, code, statuses, ends):
+  del run_dir  # checked untouched at teardown
+  turn = episode.step(_fenced(code))
+  assert turn.info["status"] in statuses, (name, turn)
+  if ends is not None:
+    assert turn.done == ends, (name, turn)
+  if turn.done:
+    assert turn.reason == "failed"
+  else:  # the episode goes on, with a working sandbox
+    assert episode.step("run: 6*7\n").observation == "42\n"
+
+
+def test_host_files_and_env_are_out_of_reach(episode, run_dir):
+  code = f"""
+import os, shutil
+out = [repr(dict(os.environ))]
+for path in [{str(run_dir)!r} + "/secret.txt", "/proc/{os.getpid()}/environ",
+             "/proc/1/environ", "/proc/self/environ"]:
+  try:
+    out.append(open(path).read())
+  except OSError as e:
+    out.append(type(e).__name__)
+for act in [lambda: shutil.rmtree({str(run_dir)!r}),
+            lambda: os.remove({str(run_dir)!r} + "/ckpt/params.msgpack"),
+            lambda: open({str(run_dir)!r} + "/ckpt/evil", "w"),
+            lambda: open({os.getcwd()!r} + "/evil", "w"),
+            lambda: open("/tmp/entropo-evil", "w").write("x")]:
+  try:
+    act()
+  except OSError as e:
+    out.append(type(e).__name__)
+print(out)
+"""
+  turn = episode.step(_fenced(code))
+  assert turn.info["status"] == "ok", turn
+  output = episode.env.executions[-1].stdout
+  assert SECRET not in output
+  assert "ENTROPO_SECRET" not in output
+  assert not os.path.exists("/tmp/entropo-evil")
+  assert not os.path.exists(os.path.join(os.getcwd(), "evil"))
+
+
+def test_parent_survives_kill_attempts(episode):
+  code = (f"import os, signal\nfor pid in (os.getppid(), {os.getpid()}, "
+          f"{os.getppid()}, 1):\n  try: os.kill(pid, signal.SIGKILL)\n"
+          f"  except OSError: pass\nprint('alive')")
+  turn = episode.step(_fenced(code))
+  assert turn.observation == "alive\n", turn
+  assert episode.step("run: 1+1\n").observation == "2\n"
+
+
+def test_socket_to_localhost_listener(episode):
+  listener = socket.socket()
+  listener.bind(("127.0.0.1", 0))
+  listener.listen(1)
+  listener.settimeout(0.2)
+  port = listener.getsockname()[1]
+  try:
+    turn = episode.step(f"run: import socket; socket.create_connection("
+                        f"('127.0.0.1', {port}), timeout=0.5); print('open')\n")
+    info = episode.env.sandbox.info
+    if not info["network_isolated"]:
+      pytest.skip("network isolation is off here (and says so)")
+    assert turn.info["status"] == "error" and "open" not in turn.observation
+    with pytest.raises(OSError):
+      listener.accept()
+  finally:
+    listener.close()
+
+
+def test_background_processes_die_after_each_run(episode):
+  code = ("import os, time\nfor _ in range(5):\n  if os.fork() == 0:\n"
+          "    os.setsid(); time.sleep(600)\nprint('forked')")
+  turn = episode.step(_fenced(code))
+  assert turn.observation == "forked\n"
+  info = episode.env.sandbox.info
+  if not info["pid_isolated"]:
+    pytest.skip("no PID namespace here: stray processes die only at close")
+  deadline = time.monotonic() + 2  # orphans are reaped by the init
+  while len(_uid_processes(info["uid"])) > 2 and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert len(_uid_processes(info["uid"])) == 2  # the init and the worker
+
+
+def test_state_persists_within_an_episode_and_not_across():
+  ep = Episode()
+  try:
+    ep.step("run: secret = 41\n")
+    assert ep.step("run: secret + 1\n").observation == "42\n"
+    ep.env.start()  # a new episode
+    assert "NameError" in ep.step("run: secret\n").observation
+  finally:
+    ep.close_and_check()
+
+
+def test_isolation_is_reported():
+  box = sandbox_lib.LocalSandbox(LIMITS)
+  try:
+    assert box.run("1").stdout == "1\n"
+    info = box.info
+    assert info["network_isolated"] == info["pid_isolated"] == ROOT
+    assert (info["uid"] != os.getuid()) == ROOT
+  finally:
+    box.close()
+  off = sandbox_lib.LocalSandbox(LIMITS, isolate=False)
+  try:
+    assert off.run("1").status == "ok"
+    assert off.info["network_isolated"] is False
+  finally:
+    off.close()
+
+
+def test_pool_is_not_held_back_by_a_hung_episode():
+  envs = [code_env.CodeEnvironment(code_env.local_sandbox(LIMITS))
+          for _ in range(4)]
+  actions = ["run: while True: pass\n"] + ["run: sum(range(10))\n"] * 3
+  with code_env.EnvPool(4) as pool:
+    pool.step(envs, ["run: 0\n"] * 4)  # start the workers
+    start = time.monotonic()
+    turns = pool.step(envs, actions)
+    elapsed = time.monotonic() - start
+    pool.close_all(envs)
+  assert turns[0].info["status"] == "timeout" and turns[0].done
+  assert [t.observation for t in turns[1:]] == ["45\n"] * 3
+  assert all(t.info["seconds"] < 0.5 for t in turns[1:]), turns
+  assert elapsed < WALL + SLACK
+
+
+@pytest.mark.parametrize("name", ["calc_code", "apps_world"])
+def test_task_transcripts_replay(name):
+  task = tasks.get_task(name)
+  for record in task.records(seed=1, num=3):
+    problem = json.loads(record["problem"])
+    for transcript in task.transcripts(problem):
+      env = task.environment()
+      try:
+        assert env.reset(problem) == record["prompt"]
+        turn = None
+        for segment in transcript:
+          if segment.by_model:
+            turn = env.step(segment.text)
+          else:
+            assert turn.observation == segment.text
+        assert turn.done and turn.reason == "solved"
+        assert turn.reward + env.final_reward(turn.reason) == 1.0
+      finally:
+        env.close()
+    assert task.verify(problem, record["solution"]).correct
+
+
+def test_apps_world_checks_and_api():
+  task = tasks.get_task("apps_world", kinds=("pay",))
+  problem = task.generate_problem(__import__("numpy").random.default_rng(3))
+  env = task.environment()
+  try:
+    env.reset(problem)
+    name = problem["name"]
+    bad = env.step(f'run: _rpc("pay", "{name}", -5)\n')
+    assert bad.observation == "ValueError: bad amount\n"
+    env.step(f'run: pay("{name}", 1)\n')  # the wrong amount
+    end = env.step("done\n")
+    assert end.done and end.reason == "failed"
+    assert 0 < env.final_reward(end.reason) < 1
+  finally:
+    env.close()
+  world = apps_world.World(problem["state"])
+  with pytest.raises(ValueError):
+    world("balance", [], {})
