@@ -48,8 +48,8 @@ def _uid_processes(uid: int) -> list[int]:
 
 
 def _snapshot(directory: pathlib.Path) -> dict[str, tuple]:
-  return {str(p.relative_to(directory)): (p.stat().st_mtime_ns,
-                                          p.read_bytes() if p.is_file() else b"")
+  return {str(p.relative_to(directory)):
+          (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
           for p in sorted(directory.rglob("*"))}
 
 

@@ -20,7 +20,8 @@ The API in the sandbox:
 Task kinds (`kinds`), with a canonical episode:
 
     pay      "pay bob 7"        run: pay("bob",7) / ok / done
-    payback  "pay back bob"     run: owe("bob") / 7 / run: pay("bob",7) / ok / done
+    payback  "pay back bob"     run: owe("bob") / 7 / run: pay("bob",7) / ok /
+                                done
     payall   "pay all debts"    run: for n in debts(): pay(n,owe(n)) / ok / done
     half     "give bob half"    run: pay("bob",bal()//2) / ok / done
     add      "add dan 5550123"  run: add("dan","5550123") / ok / done
@@ -77,7 +78,7 @@ class World:
     name = self._person(name)
     if name == ME:
       raise ValueError("paying me")
-    if type(amount) is not int or amount <= 0:  # pylint: disable=unidiomatic-typecheck
+    if isinstance(amount, bool) or not isinstance(amount, int) or amount <= 0:
       raise ValueError("bad amount")
     if amount > self.state["balance"][ME]:
       raise ValueError("no money")

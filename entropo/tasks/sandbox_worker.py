@@ -130,11 +130,16 @@ def keeper(cfg):
   os.close(wfd)
   poller = select.poll()
   poller.register(rfd, 0)  # POLLHUP only: the parent closed its end
+  try:  # readable when the init exits (Linux 5.3+)
+    poller.register(os.pidfd_open(init_pid), select.POLLIN)
+    wait_ms = 1000
+  except (AttributeError, OSError):
+    wait_ms = 20
   while True:
     pid, status = os.waitpid(init_pid, os.WNOHANG)
     if pid:
       os._exit(os.waitstatus_to_exitcode(status) % 256)
-    if poller.poll(50):
+    if any(fd == rfd for fd, _ in poller.poll(wait_ms)):
       os.kill(init_pid, signal.SIGKILL)
 
 
@@ -147,7 +152,8 @@ def init(cfg, facts):
       os.setgroups([])
       os.setgid(cfg["uid"])
       os.setuid(cfg["uid"])
-    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)  # after setuid, which clears it
+    # After setuid, which clears it.
+    LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     resource.setrlimit(resource.RLIMIT_NPROC, (cfg["limits"]["processes"],) * 2)
     os.chdir(cfg["workdir"])
   except BaseException as e:  # pylint: disable=broad-except
@@ -258,7 +264,8 @@ def run(code, namespace, me, cap):
       last = ast.Expression(tree.body.pop().value)
     exec(compile(tree, "<run>", "exec"), namespace)  # pylint: disable=exec-used
     if last is not None:
-      value = eval(compile(last, "<run>", "eval"), namespace)  # pylint: disable=eval-used
+      last = compile(last, "<run>", "eval")
+      value = eval(last, namespace)  # pylint: disable=eval-used
       if value is not None:
         print(repr(value))
   except BaseException as e:  # pylint: disable=broad-except
