@@ -251,6 +251,9 @@ class LocalSandbox(Sandbox):
           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
           stderr=subprocess.DEVNULL, env={}, cwd=self._workdir,
           pass_fds=(to_child_r, from_child_w), start_new_session=True)
+    except OSError as e:
+      self._kill()
+      raise SandboxError(f"Could not start {self.python}: {e}") from e
     finally:
       os.close(to_child_r)
       os.close(from_child_w)

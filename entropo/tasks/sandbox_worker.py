@@ -4,14 +4,14 @@
 with an empty environment, in a new session. Three processes:
 
 * the *keeper* (the process the parent started, still root when the
-  parent is): sets the resource limits, enters new mount, network and PID
-  namespaces where it may, mounts private size-limited tmpfs on /tmp,
+  parent is): sets the resource limits, enters new mount, network, PID and
+  IPC namespaces where it may, mounts private size-limited tmpfs on /tmp,
   /var/tmp, /dev/shm and the working directory, hides the configured paths
   under empty read-only tmpfs, then forks the init and watches: when the
   parent's end of the pipe closes (the parent exited or closed the
   sandbox) it kills the init, which takes the whole PID namespace with it.
 * the *init* (PID 1 of the new namespace): mounts its own /proc, drops to
-  the sandbox's uid, forks the worker and reaps until the worker exits.
+  the sandbox's uid, sets no-new-privileges, forks the worker and reaps until the worker exits.
   Processes of the namespace cannot signal it, and when it exits the kernel
   kills every process left in the namespace.
 * the *worker*: runs each `run` request's code in one persistent namespace
@@ -44,9 +44,10 @@ import sys
 import traceback
 
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
+CLONE_NEWIPC = 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REC, MS_PRIVATE = 16384, 1 << 18
-PR_SET_PDEATHSIG = 1
+PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -93,7 +94,7 @@ def set_limits(limits):
 
 def isolate(cfg, facts):
   """New namespaces and private mounts (root only); records what worked."""
-  if LIBC.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID) != 0:
+  if LIBC.unshare(CLONE_NEWNS | CLONE_NEWNET | CLONE_NEWPID | CLONE_NEWIPC):
     facts["isolation_error"] = os.strerror(ctypes.get_errno())
     return
   facts.update(network_isolated=True, pid_isolated=True, mounts_private=True)
@@ -116,7 +117,8 @@ def isolate(cfg, facts):
 def keeper(cfg):
   """The first process: limits, namespaces, then watch the init."""
   facts = {"op": "ready", "network_isolated": False, "pid_isolated": False,
-           "mounts_private": False, "uid": os.getuid()}
+           "mounts_private": False, "no_new_privs": False,
+           "uid": os.getuid()}
   rfd, wfd = cfg["rfd"], cfg["wfd"]
   set_limits(cfg["limits"])
   if cfg["isolate"] and os.geteuid() == 0:
@@ -154,6 +156,9 @@ def init(cfg, facts):
       os.setuid(cfg["uid"])
     # After setuid, which clears it.
     LIBC.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    # No execve may gain privileges again (setuid-root binaries, file caps).
+    if LIBC.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) == 0:
+      facts["no_new_privs"] = True
     resource.setrlimit(resource.RLIMIT_NPROC, (cfg["limits"]["processes"],) * 2)
     os.chdir(cfg["workdir"])
   except BaseException as e:  # pylint: disable=broad-except
