@@ -296,3 +296,31 @@ def test_apps_world_checks_and_api():
   world = apps_world.World(problem["state"])
   with pytest.raises(ValueError):
     world("balance", [], {})
+
+
+def test_prestart_and_episode_reuse():
+  env = code_env.CodeEnvironment(code_env.local_sandbox(LIMITS),
+                                 prestart=True)
+  try:
+    assert env.reset({"prompt": "p\n"}) == "p\n"
+    assert env.step("run: 2+2\n").observation == "4\n"
+    first = env.sandbox
+    env.reset({"prompt": "q\n"})  # the old sandbox is closed
+    assert first._proc is None  # pylint: disable=protected-access
+    assert env.step("run: 'x' in dir()\n").observation == "False\n"
+  finally:
+    env.close()
+  env = code_env.CodeEnvironment(code_env.local_sandbox(LIMITS),
+                                 prestart=True)
+  env.reset({})
+  env.close()  # closed before its first run: the started worker is killed
+  assert env.sandbox is None
+
+
+def test_benchmark_runs(tmp_path):
+  from benchmarks import sandbox as bench  # pylint: disable=import-outside-toplevel
+  out = tmp_path / "bench.json"
+  result = bench.main(["--repeats", "2", "--episodes", "4", "--isolate", "on",
+                       "--out", str(out)])
+  assert json.loads(out.read_text()) == result
+  assert result["episodes"]["pooled_episodes_per_s"] > 0

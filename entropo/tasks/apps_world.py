@@ -151,7 +151,7 @@ class AppsEnvironment(code_env.CodeEnvironment):
     limits = sandbox_lib.Limits(wall_seconds=task.wall_seconds)
     super().__init__(code_env.local_sandbox(limits),
                      observation_chars=task.observation_chars,
-                     setup_code=SETUP)
+                     setup_code=SETUP, prestart=True)
     self.task = task
     self.problem = None
     self.world = None

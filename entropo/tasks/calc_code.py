@@ -50,7 +50,7 @@ class CalcEnvironment(code_env.CodeEnvironment):
   def __init__(self, task: "CalcCode"):
     limits = sandbox_lib.Limits(wall_seconds=task.wall_seconds)
     super().__init__(code_env.local_sandbox(limits),
-                     observation_chars=task.observation_chars)
+                     observation_chars=task.observation_chars, prestart=True)
     self.task = task
     self.problem = None
 

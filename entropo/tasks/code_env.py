@@ -24,6 +24,7 @@ machine; a hung episode holds back only itself, up to its wall limit.
 import concurrent.futures
 import os
 import re
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -89,18 +90,23 @@ class CodeEnvironment(environment.Environment):
     setup_code: code run before the first run (and again after a restart),
       e.g. an API's wrappers; its output is not shown.
     api: answers the code's `_rpc` calls (see `Sandbox.run`).
+    prestart: start the sandbox at `reset`, in the background (on a shared
+      thread pool), so that its start overlaps the sampling of the first
+      action; otherwise it starts at the first run.
   """
 
   def __init__(self, make_sandbox: Callable[[], sandbox_lib.Sandbox] | None
                = None, *, end_on: Sequence[str] = sandbox_lib.STATE_LOST,
                observation_chars: int = 80, setup_code: str = "",
-               api: sandbox_lib.Api | None = None):
+               api: sandbox_lib.Api | None = None, prestart: bool = False):
     self.make_sandbox = make_sandbox or local_sandbox(sandbox_lib.Limits())
     self.end_on = tuple(end_on)
     self.observation_chars = observation_chars
     self.setup_code = setup_code
     self.api = api
+    self.prestart = prestart
     self.sandbox: sandbox_lib.Sandbox | None = None
+    self._pending: concurrent.futures.Future | None = None
     self.problem = None
     self.executions: list[sandbox_lib.Execution] = []
     self.seconds = 0.0  # time spent in the sandbox this episode
@@ -112,6 +118,23 @@ class CodeEnvironment(environment.Environment):
     self.executions = []
     self.seconds = 0.0
     self._needs_setup = True
+    if self.prestart:
+      self._pending = _starter().submit(self._started_sandbox)
+
+  def _started_sandbox(self) -> sandbox_lib.Sandbox:
+    box = self.make_sandbox()
+    try:
+      box.start()
+    except BaseException:
+      box.close()
+      raise
+    return box
+
+  def _take_pending(self) -> None:
+    """Waits for a background start (its error is raised here)."""
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      self.sandbox = pending.result()
 
   def reset(self, problem):
     self.start()
@@ -120,9 +143,10 @@ class CodeEnvironment(environment.Environment):
 
   def execute(self, code: str) -> sandbox_lib.Execution:
     """Runs `code` in the episode's sandbox (starting it when needed)."""
+    start = time.monotonic()
+    self._take_pending()
     if self.sandbox is None:
       self.sandbox = self.make_sandbox()
-    start = time.monotonic()
     try:
       if self._needs_setup and self.setup_code:
         setup = self.sandbox.run(self.setup_code, self.api)
@@ -160,9 +184,27 @@ class CodeEnvironment(environment.Environment):
                             info={"status": "bad_action"})
 
   def close(self) -> None:
+    try:
+      self._take_pending()
+    except Exception:  # pylint: disable=broad-except
+      pass  # it failed to start: nothing to close
     if self.sandbox is not None:
       sandbox, self.sandbox = self.sandbox, None
       sandbox.close()
+
+
+_STARTER = None
+_STARTER_LOCK = threading.Lock()
+
+
+def _starter() -> concurrent.futures.ThreadPoolExecutor:
+  """The shared pool that starts sandboxes in the background."""
+  global _STARTER
+  with _STARTER_LOCK:
+    if _STARTER is None:
+      _STARTER = concurrent.futures.ThreadPoolExecutor(
+          max(2, os.cpu_count() or 2), thread_name_prefix="entropo-start")
+    return _STARTER
 
 
 class EnvPool:

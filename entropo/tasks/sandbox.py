@@ -148,6 +148,9 @@ class Sandbox(abc.ABC):
   def close(self) -> None:
     """Kills everything the episode started and removes its files."""
 
+  def start(self) -> None:
+    """Starts ahead of the first `run` (optional; `run` starts as needed)."""
+
   @property
   def info(self) -> dict[str, Any]:
     """Facts for the run metadata (e.g. `network_isolated`)."""
@@ -225,6 +228,12 @@ class LocalSandbox(Sandbox):
   @property
   def info(self):
     return dict(self._info)
+
+  def start(self) -> None:
+    if self._closed:
+      raise SandboxError("start on a closed sandbox")
+    if self._proc is None:
+      self._start()
 
   def _start(self) -> None:
     """A fresh worker, workdir and uid; reads its `ready` message."""
