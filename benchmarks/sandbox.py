@@ -19,7 +19,7 @@ namespaces and fresh uid and (`--isolate both`) without them:
 
 Medians over `--repeats`. Usage:
 
-    python benchmarks/sandbox.py --repeats 30 --episodes 64 --out /tmp/sandbox.json
+    python benchmarks/sandbox.py --repeats 30 --episodes 64 --out /tmp/s.json
 """
 
 import argparse
@@ -137,7 +137,8 @@ def main(argv=None):
       "episodes": episodes_per_second(args.episodes, args.workers),
       "apps_step_ms": apps_step_ms(args.repeats),
   }
-  print("| isolation | network isolated | start ms | close ms | round trip ms |")
+  print("| isolation | network isolated | start ms | close ms | "
+        "round trip ms |")
   print("|---|---|---|---|---|")
   for row in result["sandboxes"]:
     print(f"| {'on' if row['isolate'] else 'off'} | "

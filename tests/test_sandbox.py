@@ -121,6 +121,10 @@ HOSTILE = [
      "def f(n): return f(n + 1)\nf(0)", {"killed", "error", "memory",
                                          "timeout"}, None),
     ("ctypes_crash", "import ctypes; ctypes.string_at(0)", {"killed"}, True),
+    ("forged_protocol",  # garbage on the pipes to the parent
+     "import os, struct\nbody = b'[' * 900000\nfor fd in range(3, 64):\n"
+     "  try: os.write(fd, struct.pack('>I', len(body)) + body)\n"
+     "  except OSError: pass", {"killed"}, True),
     ("kill_everyone", "import os, signal\nos.kill(-1, signal.SIGKILL)",
      {"ok", "error", "killed"}, None),
 ]
@@ -318,7 +322,7 @@ def test_prestart_and_episode_reuse():
 
 
 def test_benchmark_runs(tmp_path):
-  from benchmarks import sandbox as bench  # pylint: disable=import-outside-toplevel
+  from benchmarks import sandbox as bench  # pylint: disable=g-import-not-at-top
   out = tmp_path / "bench.json"
   result = bench.main(["--repeats", "2", "--episodes", "4", "--isolate", "on",
                        "--out", str(out)])

@@ -32,6 +32,7 @@ episode instead by default.
 import abc
 import dataclasses
 import json
+import marshal
 import os
 import pathlib
 import random
@@ -256,7 +257,8 @@ class LocalSandbox(Sandbox):
                       "processes": lim.processes}}
     try:
       self._proc = subprocess.Popen(
-          [self.python, "-I", "-S", "-c", _WORKER_SOURCE, json.dumps(cfg)],
+          [self.python, "-I", "-S", "-c", _WORKER_SOURCE,
+           marshal.dumps(cfg, 4).hex()],
           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
           stderr=subprocess.DEVNULL, env={}, cwd=self._workdir,
           pass_fds=(to_child_r, from_child_w), start_new_session=True)
@@ -306,8 +308,8 @@ class LocalSandbox(Sandbox):
       return body
     try:
       message = json.loads(body)
-    except ValueError:
-      return "protocol"
+    except Exception:  # pylint: disable=broad-except
+      return "protocol"  # invalid, or nested past the recursion limit
     return message if isinstance(message, dict) else "protocol"
 
   def _read(self, n: int, deadline: float) -> bytes | str:
@@ -325,7 +327,7 @@ class LocalSandbox(Sandbox):
     return data
 
   def _send(self, message: dict) -> bool:
-    data = json.dumps(message).encode()
+    data = marshal.dumps(message, 4)  # to the worker (see sandbox_worker)
     data = struct.pack(">I", len(data)) + data
     try:
       while data:
