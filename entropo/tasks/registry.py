@@ -1,9 +1,12 @@
 """The task registry: names to task classes.
 
 To add a task, write its `Task` subclass (base.py) in a module of its own
-and add it to `TASKS`.
+and add it to `TASKS`; a multi-turn environment is an `AgentTask`
+(environment.py), registered the same way.
 """
 
+from entropo.tasks.agent_tasks import CountdownCalc
+from entropo.tasks.agent_tasks import Quiz
 from entropo.tasks.base import Task
 from entropo.tasks.countdown import Countdown
 from entropo.tasks.countdown import CountdownAll
@@ -13,6 +16,9 @@ TASKS = {
     "countdown": Countdown,
     "countdown_all": CountdownAll,
     "gsm8k": Gsm8k,
+    # Multi-turn environments (environment.AgentTask).
+    "countdown_calc": CountdownCalc,
+    "quiz": Quiz,
 }
 
 
