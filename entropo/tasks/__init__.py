@@ -16,3 +16,9 @@ from entropo.tasks.registry import TASKS
 from entropo.tasks.registry import get_task
 from entropo.tasks.tokenizer import char_tokenizer
 from entropo.tasks.tokenizer import save_tokenizer
+from entropo.tasks.environment import END_REASONS
+from entropo.tasks.environment import AgentTask
+from entropo.tasks.environment import Environment
+from entropo.tasks.environment import Segment
+from entropo.tasks.environment import TaskEnvironment
+from entropo.tasks.environment import Turn

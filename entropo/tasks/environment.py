@@ -202,10 +202,10 @@ class AgentTask(base.Task):
     return ["".join(s.text for s in t if s.by_model)
             for t in self.transcripts(problem)]
 
-  def warm_start_transcript(self, problem, rng, spread: float
+  def warm_start_completion(self, problem, rng, spread: float
                             ) -> list[Segment]:
-    """A transcript for the warm start; `spread` as in
-    `Task.warm_start_completion`."""
+    """A transcript for the warm start (`warm_start_examples` pairs it with
+    the prompt); `spread` as in `Task.warm_start_completion`."""
     if not 0.0 <= spread <= 1.0:
       raise ValueError(f"spread must be in [0, 1]; got {spread}.")
     options = self.transcripts(problem)

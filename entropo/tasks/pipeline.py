@@ -185,15 +185,25 @@ def _encode_example(item, *, tokenizer, max_len: int,
     name = f"Example {index}"
     prompt, completion = example
   prompt_ids = tokenizer.encode(prompt, add_special_tokens=add_special_tokens)
-  completion_ids = tokenizer.encode(completion, add_special_tokens=False)
-  ids = prompt_ids + completion_ids + [tokenizer.eos_id]
+  if isinstance(completion, str):
+    completion_ids = tokenizer.encode(completion, add_special_tokens=False)
+    ids = prompt_ids + completion_ids + [tokenizer.eos_id]
+    learn = [False] * len(prompt_ids) + [True] * (len(ids) - len(prompt_ids))
+    parts = f"{len(prompt_ids)} + {len(completion_ids)} + 1 = "
+  else:  # a transcript: the policy's and the environment's segments
+    ids, learn = list(prompt_ids), [False] * len(prompt_ids)
+    for segment in completion:
+      seg_ids = tokenizer.encode(segment.text, add_special_tokens=False)
+      ids += seg_ids
+      learn += [segment.by_model] * len(seg_ids)
+    parts = ""
   if len(ids) > max_len:
-    raise ValueError(f"{name}: prompt, completion and EOS have "
-                     f"{len(prompt_ids)} + {len(completion_ids)} + 1 = "
+    raise ValueError(f"{name}: prompt, completion and EOS have {parts}"
                      f"{len(ids)} tokens; max_len={max_len} (examples are "
                      f"never truncated).")
   tokens, mask = _left_aligned(ids, max_len, tokenizer.pad_id)
-  loss_mask = mask & (np.arange(max_len) >= len(prompt_ids))
+  loss_mask = np.zeros(max_len, bool)
+  loss_mask[:len(learn)] = learn
   return {"tokens": tokens, "mask": mask, "loss_mask": loss_mask}
 
 
@@ -210,7 +220,10 @@ def sft_batches(examples: Sequence[Any], tokenizer, *, batch_size: int,
   Args:
     examples: (prompt, completion) str pairs (e.g.
       `entropo.tasks.warm_start_examples`), or records whose `solution` is
-      the completion; `len` and random access.
+      the completion; `len` and random access. A completion may instead be
+      a transcript, a list of `entropo.tasks.Segment` (agent tasks): its
+      segments are tokenized one by one, the loss is on the policy's
+      segments only, and no EOS is added (the environment ends episodes).
     tokenizer: has `encode`, `pad_id` and `eos_id`.
     batch_size: examples per global batch (all processes); each process
       gets `batch_size / shard_count` of them.

@@ -14,7 +14,9 @@ def evaluate(model, records, rollouts, key, *, samples: int,
 
   Every process builds the same evaluation batches; each scores the rows
   its devices hold, and the counts, entropies and lengths are gathered
-  (`rollouts.placement`), so every process returns the same numbers.
+  (`rollouts.placement`), so every process returns the same numbers. For
+  an agent task a sample is a whole episode: correct means solved, its
+  length and entropy are those of the policy's tokens.
 
   Args:
     model: the policy.
@@ -43,15 +45,11 @@ def evaluate(model, records, rollouts, key, *, samples: int,
     size = -(-len(rows) // placement.shards) * placement.shards
     batch = {k: np.concatenate([v, np.repeat(v[-1:], size - len(v), 0)])
              for k, v in batch.items()}
-    local = placement.local_slice(size)
-    result = rollouts.sample(
-        model, *(placement.to_global(batch[k][local], size)
-                 for k in ("prompt_tokens", "prompt_mask")),
-        jax.random.fold_in(key, start), temperature=temperature)
-    rewards, _ = rollouts.score_global(result, batch["problem"][local], size)
-    cmask = placement.to_host(result.completion_mask)[:len(rows)]
-    np.add.at(correct, rows, (rewards[:len(rows)] == 1.0).astype(np.int64))
-    entropies.append(placement.to_host(result.entropy)[:len(rows)][cmask])
+    correct_rows, entropy, cmask = (x[:len(rows)] for x in (
+        rollouts.evaluate_rows(model, batch, jax.random.fold_in(key, start),
+                               temperature)))
+    np.add.at(correct, rows, correct_rows.astype(np.int64))
+    entropies.append(entropy[cmask])
     lengths.append(cmask.sum(1))
   out = {f"eval/pass@{k}": float(np.mean(diagnostics.pass_at_k(
       correct, n, int(k)))) for k in pass_k}

@@ -188,12 +188,35 @@ def rollout_metrics(roll) -> dict[str, float]:
   generated = int(jnp.sum(roll.completion_mask))
   out = {
       "reward/mean": float(roll.rewards.mean()),
-      "reward/pass@1": float(np.mean([r == "ok" for r in roll.reasons])),
+      "reward/pass@1": float(np.mean([r in ("ok", "solved")
+                                      for r in roll.reasons])),
       "completion/length": generated / len(roll.rewards),
   }
+  if roll.info:
+    out.update(episode_metrics(roll))
+    return out
   for reason in tasks_lib.REASONS:
     out[f"reason/{reason}"] = float(np.mean(
         [r == reason for r in roll.reasons]))
+  return out
+
+
+def episode_metrics(roll) -> dict[str, float]:
+  """Turns, end reasons, token counts and entropy by turn of episodes.
+
+  `entropy/turn<k>` is the sampler's mean entropy over the policy's tokens
+  of turn k (where any episode reached it): whether entropy collapses
+  first in early or late turns.
+  """
+  info = roll.info
+  out = {f"agent/{k}": float(np.mean(info[k]))
+         for k in ("turns", "truncated", "model_tokens", "env_tokens")}
+  for reason in tasks_lib.END_REASONS:
+    out[f"end/{reason}"] = float(np.mean([r == reason
+                                          for r in roll.reasons]))
+  tokens, entropy = info["turn_tokens"].sum(0), info["turn_entropy"].sum(0)
+  for k in np.flatnonzero(tokens):
+    out[f"entropy/turn{k}"] = float(entropy[k] / tokens[k])
   return out
 
 
@@ -290,6 +313,9 @@ PANELS = {
     "reward": ("Reward", "reward / pass@1"),
     "entropy_eval": ("Token entropy on held-out prompts", "nats / token"),
     "pass_at_k": ("Held-out pass@k", "pass@k"),
+    # Agents only (drawn when a run has the metrics).
+    "entropy_by_turn": ("Token entropy by turn of the episode",
+                        "nats / token"),
 }
 LEGEND = {"entropy/mean": "entropy", "target_entropy": "target entropy",
           "reward/mean": "training reward",
@@ -305,12 +331,17 @@ def _panel_keys(records) -> dict[str, list[str]]:
       "pass_at_k": sorted({k for r in records for k in r
                            if k.startswith("eval/pass@")},
                           key=lambda k: int(k.split("@")[1])),
+      "entropy_by_turn": sorted({k for r in records for k in r
+                                 if k.startswith("entropy/turn")},
+                                key=lambda k: int(k[len("entropy/turn"):])),
   }
 
 
 def _legend(key: str, panel: str) -> str:
   if panel == "pass_at_k":
     return f"pass@{key.split('@')[1]}"
+  if panel == "entropy_by_turn":
+    return f"turn {key[len('entropy/turn'):]}"
   return LEGEND.get(key, key)
 
 
@@ -328,6 +359,8 @@ def _draw(runs: dict, out_dir) -> list[pathlib.Path]:
   styles = ("-", "--", ":", "-.")
   files = []
   for name, (title, y_label) in PANELS.items():
+    if not keys[name] and name == "entropy_by_turn":
+      continue
     fig = Figure(figsize=(6, 4))
     ax = fig.subplots()
     for i, (run, (records, baseline)) in enumerate(runs.items()):

@@ -44,6 +44,7 @@ import numpy as np
 from flax import nnx
 
 from entropo import sharding
+from entropo import tasks as tasks_lib
 from entropo.models import Transformer
 from entropo.tasks import pipeline
 from entropo.training import checkpoint as checkpoint_lib
@@ -72,6 +73,8 @@ class Trainer:
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.algorithm = config.algorithm
     self.task = config_lib.make_task(config.task)
+    # A multi-turn environment: rows are episodes (rollouts.AgentRollouts).
+    self.agent = isinstance(self.task, tasks_lib.AgentTask)
     self.precision = config.precision
     self._init_model()
     m = config.mesh
@@ -90,7 +93,7 @@ class Trainer:
     kl = self.algorithm.kl_coef > 0
     self.learner = step_lib.Learner(
         self.graphdef, self.algorithm, self.optimizer,
-        max_new_tokens=config.sampling.max_new_tokens,
+        max_new_tokens=self._completion_budget(),
         group_size=config.sampling.group_size,
         reference_without_adapters=kl and self.lora)
     # The KL reference: the starting weights (full fine-tuning) or the base
@@ -108,16 +111,28 @@ class Trainer:
                  "target_entropy": None, "cumulative_entropy": 0.0,
                  "skipped_minibatches": 0}
     self._init_data()
-    self.rollouts = rollouts_lib.Rollouts(
+    kind = rollouts_lib.Rollouts
+    extra = {}
+    if self.agent:
+      kind, extra = rollouts_lib.AgentRollouts, {"agent": config.agent}
+    self.rollouts = kind(
         self.task, self.tokenizer, self.placement, config.sampling,
         dynamic_sampling=self.algorithm.dynamic_sampling,
-        max_resample=self.algorithm.max_resample)
+        max_resample=self.algorithm.max_resample, **extra)
     self.checkpointer = checkpoint_lib.Checkpointer(
         self.workdir / "checkpoints",
         max_to_keep=config.train.max_checkpoints)
     self._restore()
 
   # -- setup
+
+  def _completion_budget(self) -> int:
+    """The policy's tokens per sequence, at most (the constant of
+    `seq_mean_token_sum_norm` when `algo.norm` is 0)."""
+    c = self.config
+    if self.agent:
+      return c.agent.max_turns * c.agent.max_action_tokens
+    return c.sampling.max_new_tokens
 
   def _init_model(self):
     self.model, self.tokenizer, self.warm_start_dir = initial_policy(
@@ -242,7 +257,7 @@ class Trainer:
 
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
-    timing = self.rollouts.timing = {"time/sample": 0.0, "time/score": 0.0}
+    timing = self.rollouts.reset_timing()
     key = jax.random.wrap_key_data(self.state["key"])
     key, collect_key, update_key = jax.random.split(key, 3)
     self.state["key"] = jax.random.key_data(key)

@@ -5,6 +5,10 @@
 them with the task's verifier. With dynamic sampling (DAPO) it drops groups
 whose rewards are all equal (`entropo.degenerate_groups`) and samples again,
 up to `max_resample` times, to refill the batch.
+
+`AgentRollouts` does the same for an `AgentTask`: each row is a whole
+multi-turn episode (episodes.py), one training sequence with the
+observations masked out of the loss, and its reward the episode's return.
 """
 
 import dataclasses
@@ -19,6 +23,7 @@ from jax.sharding import PartitionSpec
 
 from entropo import advantages as advantages_lib
 from entropo.models import sample
+from entropo.training import episodes as episodes_lib
 
 
 @dataclasses.dataclass
@@ -36,6 +41,9 @@ class Rollout:
   sampler_logps: jax.Array
   rewards: np.ndarray  # [B]
   reasons: list[str]  # [B]
+  # Per-row host arrays `[B, ...]` of episodes (AgentRollouts): turns,
+  # token counts, entropy by turn.
+  info: dict = dataclasses.field(default_factory=dict)
 
   def arrays(self) -> tuple[jax.Array, ...]:
     return (self.tokens, self.attention_mask, self.completion_mask,
@@ -65,7 +73,12 @@ class Rollouts:
     self.sampling = sampling
     self.dynamic_sampling = dynamic_sampling
     self.max_resample = max_resample
+    self.timing = self.reset_timing()
+
+  def reset_timing(self) -> dict[str, float]:
+    """Zeroes `timing` (and returns it)."""
     self.timing = {"time/sample": 0.0, "time/score": 0.0}
+    return self.timing
 
   def sample(self, model, prompt_tokens, prompt_mask, key, **settings):
     """Samples from `model`; the result on the batch sharding."""
@@ -99,6 +112,19 @@ class Rollouts:
         self.placement.local_rows(result.tokens),
         self.placement.local_rows(result.completion_mask), problems),
                                         num_rows)
+
+  def evaluate_rows(self, model, batch: dict, key, temperature: float):
+    """`(correct [B] bool, entropy [B, T], completion mask [B, T])` of the
+    global prompt batch `batch` (host arrays, every row)."""
+    placement, size = self.placement, len(batch["problem"])
+    local = placement.local_slice(size)
+    result = self.sample(
+        model, *(placement.to_global(batch[k][local], size)
+                 for k in ("prompt_tokens", "prompt_mask")), key,
+        temperature=temperature)
+    rewards, _ = self.score_global(result, batch["problem"][local], size)
+    return (rewards == 1.0, placement.to_host(result.entropy),
+            placement.to_host(result.completion_mask))
 
   def rollout(self, model, batch: dict, key) -> Rollout:
     """Samples completions for a prompt batch and scores them.
@@ -147,6 +173,65 @@ class Rollouts:
                          [roll.arrays() for roll in draws], rows)
     rewards = np.concatenate([roll.rewards for roll in draws])[rows]
     reasons = sum((roll.reasons for roll in draws), [])
-    return Rollout(*arrays, rewards, [reasons[i] for i in rows]), {
+    info = {k: np.concatenate([roll.info[k] for roll in draws])[rows]
+            for k in draws[0].info}
+    return Rollout(*arrays, rewards, [reasons[i] for i in rows], info), {
         "dynamic/draws": float(len(draws)),
         "dynamic/kept_fraction": informative / want}
+
+
+class AgentRollouts(Rollouts):
+  """Rollouts of an `AgentTask`: each row a whole episode (episodes.py).
+
+  One process only: the episodes' turns are driven from this host.
+  `timing` also holds `time/env`, the wall time of environment calls.
+  """
+
+  def __init__(self, task, tokenizer, placement, sampling, agent, **kwargs):
+    super().__init__(task, tokenizer, placement, sampling, **kwargs)
+    self.limits = episodes_lib.EpisodeLimits(
+        max_turns=agent.max_turns, max_action_tokens=agent.max_action_tokens,
+        max_observation_tokens=agent.max_observation_tokens,
+        context=agent.max_context, step_timeout=agent.step_timeout)
+    self.stop_ids = episodes_lib.stop_token_ids(tokenizer, task.stop)
+
+  def reset_timing(self):
+    self.timing = {"time/sample": 0.0, "time/score": 0.0, "time/env": 0.0}
+    return self.timing
+
+  def play(self, model, batch: dict, key, temperature: float):
+    return episodes_lib.play(
+        model, self.task, self.tokenizer, batch["prompt_tokens"],
+        batch["prompt_mask"], list(batch["problem"]), key=key,
+        limits=self.limits, stop_ids=self.stop_ids, temperature=temperature)
+
+  def evaluate_rows(self, model, batch, key, temperature):
+    episodes = self.play(model, batch, key, temperature)
+    return episodes.solved, episodes.entropy, episodes.action_mask
+
+  def rollout(self, model, batch: dict, key) -> Rollout:
+    t0 = time.perf_counter()
+    episodes = self.play(model, batch, key, self.sampling.temperature)
+    seq = episodes.sequences(self.limits.context, self.tokenizer.pad_id)
+    self.timing["time/env"] += episodes.env_seconds
+    self.timing["time/sample"] += (time.perf_counter() - t0
+                                   - episodes.env_seconds)
+    arrays = self.placement.put(tuple(jnp.asarray(seq[k]) for k in (
+        "tokens", "attention_mask", "completion_mask", "logps")))
+    return Rollout(*arrays, episodes.returns, list(episodes.reasons),
+                   episode_info(episodes, self.limits.max_turns))
+
+
+def episode_info(episodes, max_turns: int) -> dict[str, np.ndarray]:
+  """Per-row numbers of the episodes for the iteration's metrics."""
+  model_tokens = episodes.action_mask.sum(1)
+  by_turn = np.arange(max_turns)[None, :, None] == episodes.turn[:, None, :]
+  return {
+      "turns": episodes.turns.astype(np.float32),
+      "truncated": episodes.truncated.astype(np.float32),
+      "solved": episodes.solved.astype(np.float32),
+      "model_tokens": model_tokens.astype(np.float32),
+      "env_tokens": (episodes.valid.sum(1) - model_tokens).astype(np.float32),
+      "turn_tokens": by_turn.sum(2).astype(np.float32),  # [B, turns]
+      "turn_entropy": (by_turn * episodes.entropy[:, None, :]).sum(2),
+  }

@@ -225,6 +225,30 @@ class SamplingSection:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class AgentSection:
+  """Episodes of multi-turn environments (tasks that are an `AgentTask`;
+  entropo.training.episodes). Ignored by single-turn tasks."""
+
+  max_turns: int = 4  # actions per episode, at most (then turn_budget)
+  max_action_tokens: int = 16  # tokens per action, at most
+  # Tokens per observation, at most (a longer one ends the episode:
+  # observation_too_long).
+  max_observation_tokens: int = 8
+  # Slots of an episode batch's shared context, prompt included: the
+  # training sequences' width. Rows share slots turn by turn (an action
+  # takes the batch's longest), so an episode ends with context_full when
+  # the next observation and a whole action would not fit.
+  max_context: int = 112
+  step_timeout: float = 10.0  # seconds per environment call (env_timeout)
+
+  def __post_init__(self):
+    for field in ("max_turns", "max_action_tokens", "max_observation_tokens",
+                  "max_context"):
+      check_number(f"agent.{field}", getattr(self, field), integer=True)
+    check_number("agent.step_timeout", self.step_timeout)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class OptimSection:
   """AdamW with global-norm gradient clipping."""
 
@@ -302,7 +326,8 @@ class MeshSection:
 
 SECTIONS = {"task": TaskSection, "model": ModelSection,
             "warm_start": WarmStartSection, "data": DataSection,
-            "sampling": SamplingSection, "optim": OptimSection,
+            "sampling": SamplingSection, "agent": AgentSection,
+            "optim": OptimSection,
             "train": TrainSection, "mesh": MeshSection}
 
 
@@ -335,6 +360,7 @@ class RunConfig:
   warm_start: WarmStartSection
   data: DataSection
   sampling: SamplingSection
+  agent: AgentSection
   optim: OptimSection
   train: TrainSection
   mesh: MeshSection
@@ -358,7 +384,11 @@ class RunConfig:
       fail("model.init_from", "the tiny warm start is for the tasks "
            f"generated in code; start {sections['task'].name} from a "
            "Hugging Face checkpoint with --init_from=<dir>")
-    _check_context(sections["data"], sections["sampling"], sections["model"])
+    if issubclass(tasks_lib.TASKS[sections["task"].name], tasks_lib.AgentTask):
+      _check_agent(sections)
+    else:
+      _check_context(sections["data"], sections["sampling"],
+                     sections["model"])
     try:
       attention_lib.check_compute_dtype(sections["model"].attention,
                                         precision.compute_dtype)
@@ -380,6 +410,24 @@ def _check_context(data: DataSection, sampling: SamplingSection,
          f"{data.max_prompt_len} + {sampling.max_new_tokens} = {length} "
          f"tokens exceed the model's context of {context} "
          f"(max_position_embeddings, {where})")
+
+
+def _check_agent(sections: dict) -> None:
+  """An episode's context fits the model; one process drives episodes."""
+  agent, model, data = sections["agent"], sections["model"], sections["data"]
+  context = model.context_length()
+  if agent.max_context > context:
+    fail("agent.max_context", f"{agent.max_context} slots exceed the "
+         f"model's context of {context} (max_position_embeddings)")
+  need = data.max_prompt_len + agent.max_action_tokens
+  if need > agent.max_context:
+    fail("agent.max_context", f"{agent.max_context} slots cannot hold a "
+         f"prompt and one action: data.max_prompt_len + "
+         f"agent.max_action_tokens = {need}")
+  if jax.process_count() > 1:
+    fail("task.name", f"{sections['task'].name} is a multi-turn "
+         "environment; its episodes are driven from one process (multi-"
+         "process runs are for single-turn tasks)")
 
 
 def _check_batch(sampling: SamplingSection, mesh: MeshSection,

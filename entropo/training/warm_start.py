@@ -71,7 +71,13 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   pairs = tasks_lib.warm_start_examples(
       task, seed=ws.seed, num_problems=ws.num_problems,
       samples_per_problem=ws.samples_per_problem, spread=ws.spread)
-  max_len = config.data.max_prompt_len + config.sampling.max_new_tokens
+  if isinstance(task, tasks_lib.AgentTask):
+    # As wide as the longest transcript (within the episode context): most
+    # are far shorter than the context an episode may use.
+    max_len = min(config.agent.max_context,
+                  -(-_longest(pairs, tokenizer) // 8) * 8)
+  else:
+    max_len = config.data.max_prompt_len + config.sampling.max_new_tokens
   batches = iter(pipeline.sft_batches(
       pairs, tokenizer, batch_size=ws.batch_size, seed=ws.seed,
       max_len=max_len))
@@ -104,6 +110,13 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   final = f", final loss {losses[-1]:.4f}" if losses else ""
   logger_lib.log(f"warm start: {ws.steps} steps{final} -> {directory}")
   return directory
+
+
+def _longest(pairs, tokenizer) -> int:
+  """Tokens of the longest (prompt, transcript) pair."""
+  return max(len(tokenizer.encode(p)) + sum(
+      len(tokenizer.encode(s.text, add_special_tokens=False)) for s in t)
+             for p, t in pairs)
 
 
 def incomplete_reason(directory) -> str | None:
