@@ -12,13 +12,16 @@ import json
 import os
 import pathlib
 import socket
+import tempfile
 import time
 
+import numpy as np
 import pytest
 
 from entropo import tasks
 from entropo.tasks import apps_world
 from entropo.tasks import code_env
+from entropo.tasks import environment as env_lib
 from entropo.tasks import sandbox as sandbox_lib
 
 WALL = 1.0
@@ -284,7 +287,7 @@ def test_task_transcripts_replay(name):
 
 def test_apps_world_checks_and_api():
   task = tasks.get_task("apps_world", kinds=("pay",))
-  problem = task.generate_problem(__import__("numpy").random.default_rng(3))
+  problem = task.generate_problem(np.random.default_rng(3))
   env = task.environment()
   try:
     env.reset(problem)
@@ -328,3 +331,84 @@ def test_benchmark_runs(tmp_path):
                        "--out", str(out)])
   assert json.loads(out.read_text()) == result
   assert result["episodes"]["pooled_episodes_per_s"] > 0
+
+
+# -- the hostile battery inside a real multi-turn rollout
+
+
+class _Forced(code_env.CodeEnvironment):
+  """Whatever the policy writes, runs the problem's program, then probes
+  that the sandbox still works (`6*7`) and ends the episode."""
+
+  def reset(self, problem):
+    self.start()
+    self.problem = dict(problem)
+    return "go:"
+
+  def step(self, action):
+    del action  # the policy's text: random here
+    if not self.executions:
+      return self.run_turn(self.problem["code"])
+    probe = self.execute("6*7")
+    solved = probe.stdout == "42\n"
+    return env_lib.Turn(
+        done=True, reward=1.0 if solved else 0.0,
+        reason="solved" if solved else "failed")
+
+
+class _ForcedTask(env_lib.AgentTask):
+  name = "forced_code"
+
+  def environment(self):
+    return _Forced(code_env.local_sandbox(LIMITS), observation_chars=12)
+
+  def prompt(self, problem):
+    return "go:"
+
+  def transcripts(self, problem):
+    return []
+
+
+def test_hostile_programs_in_a_rollout(run_dir):
+  """Hostile programs through `training.episodes.play` with a tiny model."""
+  del run_dir  # checked untouched at teardown
+  episodes_lib = pytest.importorskip("entropo.training.episodes")
+  import jax  # pylint: disable=g-import-not-at-top
+  import psutil  # pylint: disable=g-import-not-at-top
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from entropo.models import ModelConfig  # pylint: disable=g-import-not-at-top
+  from entropo.models import Transformer  # pylint: disable=g-import-not-at-top
+  from entropo.tasks import pipeline  # pylint: disable=g-import-not-at-top
+  programs = {name: code for name, code, _, _ in HOSTILE}
+  programs["plain"] = "x = 1"
+  tok = tasks.char_tokenizer()
+  cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=16,
+                    intermediate_size=32, num_layers=1, num_heads=2,
+                    num_kv_heads=1, max_position_embeddings=64,
+                    family="qwen3", qk_norm=True, tie_word_embeddings=True)
+  model = Transformer(cfg, precision="fp32", rngs=nnx.Rngs(0))
+  problems = [json.dumps({"code": c}) for c in programs.values()]
+  batch = pipeline.prompt_batch(
+      [{"id": i, "prompt": "go:", "problem": p}
+       for i, p in enumerate(problems)], tok, max_prompt_len=4)
+  limits = episodes_lib.EpisodeLimits(max_turns=3, max_action_tokens=4,
+                                      max_observation_tokens=16, context=64,
+                                      step_timeout=WALL + 4)
+  before = set(os.listdir(tempfile.gettempdir()))
+  ep = episodes_lib.play(model, _ForcedTask(), tok, batch["prompt_tokens"],
+                         batch["prompt_mask"], problems,
+                         key=jax.random.key(0), limits=limits,
+                         stop_ids=episodes_lib.stop_token_ids(tok, ["\n"]))
+  reasons = dict(zip(programs, ep.reasons))
+  for name, _, statuses, ends in HOSTILE:
+    if ends:
+      assert reasons[name] == "failed", (name, reasons[name])
+    elif ends is False:  # the sandbox survived and answered the probe
+      assert reasons[name] in ("solved", "gave_up"), (name, reasons[name])
+  assert reasons["plain"] in ("solved", "gave_up")
+  assert set(ep.reasons) <= set(env_lib.END_REASONS)
+  # All episodes ran concurrently: the slow ones cost about one wall limit.
+  assert ep.env_seconds < 3 * (WALL + SLACK), ep.env_seconds
+  assert not psutil.Process().children(recursive=True)
+  assert not {n for n in os.listdir(tempfile.gettempdir())
+              if n.startswith("entropo-sandbox-")} - before
