@@ -36,22 +36,6 @@ SECRET = "entropo-test-secret-4f1d"
 ROOT = os.geteuid() == 0
 
 
-def _uid_processes(uid: int) -> list[int]:
-  """Pids of the processes running as `uid` (from /proc)."""
-  pids = []
-  for entry in os.scandir("/proc"):
-    if not entry.name.isdigit():
-      continue
-    try:
-      status = pathlib.Path(entry.path, "status").read_text()
-    except OSError:
-      continue
-    for line in status.splitlines():
-      if line.startswith("Uid:") and int(line.split()[1]) == uid:
-        pids.append(int(entry.name))
-  return pids
-
-
 def _snapshot(directory: pathlib.Path) -> dict[str, tuple]:
   return {str(p.relative_to(directory)):
           (p.stat().st_mtime_ns, p.read_bytes() if p.is_file() else b"")
@@ -96,7 +80,7 @@ class Episode:
     if proc is not None:
       assert proc.poll() is not None
     if info.get("uid") not in (None, os.getuid()):
-      assert _uid_processes(info["uid"]) == []
+      assert sandbox_lib.uid_processes(info["uid"]) == []
 
 
 @pytest.fixture
@@ -216,9 +200,9 @@ def test_background_processes_die_after_each_run(episode):
   if not info["pid_isolated"]:
     pytest.skip("no PID namespace here: stray processes die only at close")
   deadline = time.monotonic() + 2  # orphans are reaped by the init
-  while len(_uid_processes(info["uid"])) > 2 and time.monotonic() < deadline:
+  while len(sandbox_lib.uid_processes(info["uid"])) > 2 and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert len(_uid_processes(info["uid"])) == 2  # the init and the worker
+  assert len(sandbox_lib.uid_processes(info["uid"])) == 2  # the init and the worker
 
 
 def test_state_persists_within_an_episode_and_not_across():
@@ -417,3 +401,18 @@ def test_hostile_programs_in_a_rollout(run_dir):
   assert not psutil.Process().children(recursive=True)
   assert not {n for n in os.listdir(tempfile.gettempdir())
               if n.startswith("entropo-sandbox-")} - before
+
+
+@pytest.mark.skipif(not ROOT, reason="a fresh uid needs root")
+def test_fresh_uid_without_namespaces_kills_escaped_processes():
+  box = sandbox_lib.LocalSandbox(LIMITS, namespaces=False)
+  try:
+    out = box.run("import os, time\nfor _ in range(3):\n  if os.fork() == 0:"
+                  "\n    os.setsid(); time.sleep(600)\nprint('forked')")
+    assert out.stdout == "forked\n"
+    uid = box.info["uid"]
+    assert box.info["network_isolated"] is False and uid != os.getuid()
+    assert len(sandbox_lib.uid_processes(uid)) >= 5  # init, worker, 3 more
+  finally:
+    box.close()
+  assert sandbox_lib.uid_processes(uid) == []

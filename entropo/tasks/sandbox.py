@@ -202,6 +202,9 @@ class LocalSandbox(Sandbox):
     isolate: as root, run as a fresh uid in new network, PID and mount
       namespaces (recorded in `info`). False runs with the trainer's uid
       and no namespaces (for debugging only).
+    namespaces: with `isolate`, whether to use namespaces (False: the fresh
+      uid alone, as where the kernel refuses them; processes are then
+      found and killed by uid at close).
     hide: paths covered by an empty tmpfs in the sandbox's mount namespace
       (default `default_hidden()`); paths that contain the interpreter or
       the working directory are skipped.
@@ -211,11 +214,13 @@ class LocalSandbox(Sandbox):
   """
 
   def __init__(self, limits: Limits = Limits(), *, isolate: bool = True,
+               namespaces: bool = True,
                hide: tuple[str, ...] | None = None, python: str | None = None,
                max_message_bytes: int = 2**20):
     self.limits = limits
     self.drop_uid = isolate and os.geteuid() == 0
     self.isolate = isolate
+    self.namespaces = namespaces
     self.python = python or worker_python(self.drop_uid)
     self.hide = default_hidden() if hide is None else tuple(hide)
     self.max_message_bytes = max_message_bytes
@@ -250,7 +255,7 @@ class LocalSandbox(Sandbox):
     self._rfd, from_child_w = os.pipe()
     lim = self.limits
     cfg = {"rfd": to_child_r, "wfd": from_child_w, "uid": uid,
-           "isolate": self.isolate, "workdir": self._workdir, "hide": hide,
+           "isolate": self.isolate and self.namespaces, "workdir": self._workdir, "hide": hide,
            "tmp_bytes": lim.tmp_bytes, "output_bytes": 4 * lim.output_chars,
            "limits": {"file": lim.file_bytes, "open_files": lim.open_files,
                       "memory": lim.memory_bytes, "cpu": lim.cpu_seconds,
@@ -450,6 +455,25 @@ class LocalSandbox(Sandbox):
   def __del__(self):
     if not getattr(self, "_closed", True):
       self.close()
+
+
+def uid_processes(uid: int) -> list[int]:
+  """Pids of the processes whose real uid is `uid` (read from /proc)."""
+  pids = []
+  for entry in os.scandir("/proc"):
+    if not entry.name.isdigit():
+      continue
+    try:
+      with open(os.path.join(entry.path, "status"), "rb") as f:
+        status = f.read()
+    except OSError:
+      continue
+    for line in status.split(b"\n"):
+      if line.startswith(b"Uid:"):
+        if int(line.split()[1]) == uid:
+          pids.append(int(entry.name))
+        break
+  return pids
 
 
 def _describe_exit(code: int | None, why: str) -> str:

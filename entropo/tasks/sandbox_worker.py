@@ -43,12 +43,13 @@ import select
 import signal
 import struct
 import sys
+import time
 
 CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET = 0x00020000, 0x20000000, 0x40000000
 CLONE_NEWIPC = 0x08000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 1, 2, 4, 8
 MS_REC, MS_PRIVATE = 16384, 1 << 18
-PR_SET_PDEATHSIG, PR_SET_NO_NEW_PRIVS = 1, 38
+PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER, PR_SET_NO_NEW_PRIVS = 1, 36, 38
 LIBC = ctypes.CDLL(None, use_errno=True)
 
 
@@ -159,11 +160,22 @@ def keeper(cfg):
     isolate(cfg, facts)
   if cfg["uid"] is not None:
     facts["uid"] = cfg["uid"]
+  # Orphans of the sandbox (without a PID namespace) become the keeper's
+  # children, not PID 1's, so that it reaps them.
+  LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1)
   init_pid = os.fork()
   if init_pid == 0:
     init(cfg, facts)
   send(wfd, {"op": "init", "pid": init_pid})  # the parent waits on it
   os.close(wfd)
+  sweep = None if facts["pid_isolated"] else cfg["uid"]
+  watch(rfd, init_pid, sweep)
+
+
+def watch(rfd, init_pid, sweep_uid):
+  """Kills the init when the parent's end closes; once the init has exited,
+  kills what is left of `sweep_uid` (no PID namespace), reaps every child
+  and exits with the init's code."""
   poller = select.poll()
   poller.register(rfd, 0)  # POLLHUP only: the parent closed its end
   try:  # readable when the init exits (Linux 5.3+)
@@ -171,12 +183,44 @@ def keeper(cfg):
     wait_ms = 1000
   except (AttributeError, OSError):
     wait_ms = 20
+  code = None
   while True:
-    pid, status = os.waitpid(init_pid, os.WNOHANG)
+    try:
+      pid, status = os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:
+      os._exit(code or 0)
+    if pid == init_pid:
+      code = os.waitstatus_to_exitcode(status) % 256
     if pid:
-      os._exit(os.waitstatus_to_exitcode(status) % 256)
-    if any(fd == rfd for fd, _ in poller.poll(wait_ms)):
+      continue
+    if code is not None:
+      if sweep_uid is None:
+        os._exit(code)  # the trainer's uid: escaped processes are not ours
+      kill_uid(sweep_uid)
+      time.sleep(0.01)
+    elif any(fd == rfd for fd, _ in poller.poll(wait_ms)):
       os.kill(init_pid, signal.SIGKILL)
+
+
+def kill_uid(uid):
+  """Stops, then kills, every process of `uid` (read from /proc)."""
+  pids = []
+  for name in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{name}/status", "rb") as f:
+        for line in f:
+          if line.startswith(b"Uid:"):
+            if int(line.split()[1]) == uid:
+              pids.append(int(name))
+            break
+    except (OSError, ValueError):
+      continue
+  for sig in (signal.SIGSTOP, signal.SIGKILL):
+    for pid in pids:
+      try:
+        os.kill(pid, sig)
+      except OSError:
+        pass
 
 
 def init(cfg, facts):
