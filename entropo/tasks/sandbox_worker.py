@@ -155,14 +155,18 @@ def keeper(cfg):
            "mounts_private": False, "no_new_privs": False,
            "uid": os.getuid()}
   rfd, wfd = cfg["rfd"], cfg["wfd"]
-  set_limits(cfg["limits"])
-  if cfg["isolate"] and os.geteuid() == 0:
-    isolate(cfg, facts)
-  if cfg["uid"] is not None:
-    facts["uid"] = cfg["uid"]
-  # Orphans of the sandbox (without a PID namespace) become the keeper's
-  # children, not PID 1's, so that it reaps them.
-  LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1)
+  try:
+    set_limits(cfg["limits"])
+    if cfg["isolate"] and os.geteuid() == 0:
+      isolate(cfg, facts)
+    if cfg["uid"] is not None:
+      facts["uid"] = cfg["uid"]
+    # Orphans of the sandbox (without a PID namespace) become the keeper's
+    # children, not PID 1's, so that it reaps them.
+    LIBC.prctl(PR_SET_CHILD_SUBREAPER, 1)
+  except BaseException as e:  # pylint: disable=broad-except
+    send(wfd, {"op": "failed", "error": f"{type(e).__name__}: {e}"})
+    os._exit(70)
   init_pid = os.fork()
   if init_pid == 0:
     init(cfg, facts)
