@@ -416,3 +416,21 @@ def test_fresh_uid_without_namespaces_kills_escaped_processes():
   finally:
     box.close()
   assert sandbox_lib.uid_processes(uid) == []
+
+
+@pytest.mark.parametrize("name", ["calc_code", "apps_world"])
+def test_config_limits_fit_the_transcripts(name):
+  from experiments.configs import code_agents  # pylint: disable=g-import-not-at-top
+  c = code_agents.get_config(name)
+  task = tasks.get_task(c.task.name, **c.task.settings)
+  for record in task.records(seed=0, num=40):
+    problem = json.loads(record["problem"])
+    assert len(record["prompt"]) <= c.data.max_prompt_len
+    for transcript in task.transcripts(problem):
+      for segment in transcript:
+        limit = (c.agent.max_action_tokens if segment.by_model
+                 else c.agent.max_observation_tokens)
+        assert len(segment.text) <= limit, segment
+      total = len(record["prompt"]) + sum(len(s.text) for s in transcript)
+      assert total <= c.agent.max_context
+      assert len(transcript) <= 2 * c.agent.max_turns

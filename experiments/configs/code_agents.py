@@ -1,0 +1,57 @@
+"""The tiny model as an agent that runs code: calc_code and apps_world.
+
+Launch (CPU; the environment after the colon, then an optional algorithm):
+
+    python -m experiments.main --config=experiments/configs/code_agents.py:calc_code \\
+        --workdir=/tmp/entropo/calc_code
+    python -m experiments.main --config=experiments/configs/code_agents.py:apps_world \\
+        --workdir=/tmp/entropo/apps_world
+
+As experiments/configs/agents.py, but the policy's actions are Python run in
+a sandbox (entropo.tasks.sandbox, docs/sandbox.md), one fresh worker
+process per episode:
+
+* `calc_code`: `17*23+4=?`, the agent may `run: 17*23+4`, sees `395`, and
+  answers `answer: 395`; a sparse reward.
+* `apps_world`: `task: pay back bob`, the agent calls the apps' API
+  (`run: owe("bob")`, `run: pay("bob",7)`) and says `done`; the reward is
+  the fraction of checks on the final state that pass (dense), solved when
+  all pass.
+
+The limits below fit every scripted transcript (tests/test_sandbox.py
+checks it): prompt, actions and observations in characters = tokens.
+"""
+
+from entropo.training import config as config_lib
+
+# Per environment: its task settings, the agent limits, the prompt length.
+ENVIRONMENTS = {
+    "calc_code": dict(
+        settings=dict(max_value=99, max_turns=3),
+        agent=dict(max_turns=3, max_action_tokens=24,
+                   max_observation_tokens=8, max_context=64),
+        max_prompt_len=16),
+    "apps_world": dict(
+        settings=dict(num_people=3, max_amount=20, max_turns=4,
+                      observation_chars=24),
+        agent=dict(max_turns=4, max_action_tokens=40,
+                   max_observation_tokens=26, max_context=160),
+        max_prompt_len=32),
+}
+
+
+def get_config(arg: str = "calc_code"):
+  name, _, algorithm = (arg or "calc_code").partition(":")
+  if name not in ENVIRONMENTS:
+    raise ValueError(f"Unknown environment {name!r}; choose one of "
+                     f"{sorted(ENVIRONMENTS)}.")
+  env = ENVIRONMENTS[name]
+  c = config_lib.default_config(algorithm or "loop")
+  c.task.name = name
+  c.task.settings = dict(env["settings"])
+  c.agent.update(**env["agent"])
+  c.model.max_position_embeddings = 192
+  c.data.max_prompt_len = env["max_prompt_len"]
+  c.sampling.update(prompts_per_batch=8, group_size=8)
+  c.train.update(iterations=40, eval_every=10, checkpoint_every=10)
+  return c
