@@ -90,7 +90,7 @@ class CalcCode(env_lib.AgentTask):
   words: bool = False
   max_turns: int = 3
   wall_seconds: float = 2.0
-  observation_chars: int = 24
+  observation_chars: int = 12
 
   def __post_init__(self):
     if not 0 <= self.min_value <= self.max_value:

@@ -19,7 +19,10 @@ process per episode:
   all pass.
 
 The limits below fit every scripted transcript (tests/test_sandbox.py
-checks it): prompt, actions and observations in characters = tokens.
+checks it; characters are tokens), and every observation the task can
+make (`max_observation_tokens` = `observation_chars` + 1), so that a
+wrong program's error message does not end the episode as
+`observation_too_long`.
 """
 
 from entropo.training import config as config_lib
@@ -29,7 +32,7 @@ ENVIRONMENTS = {
     "calc_code": dict(
         settings=dict(max_value=99, max_turns=3),
         agent=dict(max_turns=3, max_action_tokens=24,
-                   max_observation_tokens=8, max_context=64),
+                   max_observation_tokens=13, max_context=64),
         max_prompt_len=16),
     "apps_world": dict(
         settings=dict(num_people=3, max_amount=20, max_turns=4,
