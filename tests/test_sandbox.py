@@ -434,5 +434,5 @@ def test_config_limits_fit_the_transcripts(name):
       total = len(record["prompt"]) + sum(len(s.text) for s in transcript)
       assert total <= c.agent.max_context
       assert len(transcript) <= 2 * c.agent.max_turns
-      agent = c.agent
-      assert agent.max_observation_tokens >= task.observation_chars + 1
+  # Any observation fits (an error message too), with its newline.
+  assert c.agent.max_observation_tokens >= task.observation_chars + 1
