@@ -436,3 +436,20 @@ def test_config_limits_fit_the_transcripts(name):
       assert len(transcript) <= 2 * c.agent.max_turns
   # Any observation fits (an error message too), with its newline.
   assert c.agent.max_observation_tokens >= task.observation_chars + 1
+
+
+@pytest.mark.parametrize("name", ["calc_code", "apps_world"])
+def test_every_observation_fits_observation_chars(name):
+  task = tasks.get_task(name)
+  problem = next(task.records(seed=0, num=1))["problem"]
+  env = task.environment()
+  try:
+    env.reset(json.loads(problem))
+    for action in ["hello\n", "run: 1/0\n", "run: print('x' * 500)\n",
+                   "run: undefined_name\n", "answer: 3\n"]:
+      turn = env.step(action)
+      assert len(turn.observation) <= task.observation_chars + 1, turn
+      if turn.done:
+        break
+  finally:
+    env.close()

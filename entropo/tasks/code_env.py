@@ -63,7 +63,11 @@ def observation(execution: sandbox_lib.Execution, chars: int) -> str:
     text = "timeout"
   elif execution.status == sandbox_lib.KILLED:
     text = "killed"
-  text = text or "ok"
+  return cut(text or "ok", chars)
+
+
+def cut(text: str, chars: int) -> str:
+  """`text` in at most `chars` characters (`...` marks a cut), then "\n"."""
   if len(text) > chars:
     text = text[:max(chars - 3, 0)] + "..."
   return text + "\n"
@@ -180,7 +184,7 @@ class CodeEnvironment(environment.Environment):
   def act(self, kind: str, payload: str) -> environment.Turn:
     """The turn of an `answer:`, `done` or other action."""
     del kind, payload
-    return environment.Turn("use run: or answer:\n",
+    return environment.Turn(cut("bad action", self.observation_chars),
                             info={"status": "bad_action"})
 
   def close(self) -> None:
