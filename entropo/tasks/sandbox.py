@@ -255,7 +255,8 @@ class LocalSandbox(Sandbox):
     self._rfd, from_child_w = os.pipe()
     lim = self.limits
     cfg = {"rfd": to_child_r, "wfd": from_child_w, "uid": uid,
-           "isolate": self.isolate and self.namespaces, "workdir": self._workdir, "hide": hide,
+           "isolate": self.isolate and self.namespaces,
+           "workdir": self._workdir, "hide": hide,
            "tmp_bytes": lim.tmp_bytes, "output_bytes": 4 * lim.output_chars,
            "limits": {"file": lim.file_bytes, "open_files": lim.open_files,
                       "memory": lim.memory_bytes, "cpu": lim.cpu_seconds,
