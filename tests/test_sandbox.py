@@ -200,9 +200,11 @@ def test_background_processes_die_after_each_run(episode):
   if not info["pid_isolated"]:
     pytest.skip("no PID namespace here: stray processes die only at close")
   deadline = time.monotonic() + 2  # orphans are reaped by the init
-  while len(sandbox_lib.uid_processes(info["uid"])) > 2 and time.monotonic() < deadline:
+  left = sandbox_lib.uid_processes(info["uid"])
+  while len(left) > 2 and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert len(sandbox_lib.uid_processes(info["uid"])) == 2  # the init and the worker
+    left = sandbox_lib.uid_processes(info["uid"])
+  assert len(left) == 2  # the init and the worker
 
 
 def test_state_persists_within_an_episode_and_not_across():
@@ -420,7 +422,8 @@ def test_fresh_uid_without_namespaces_kills_escaped_processes():
 
 @pytest.mark.parametrize("name", ["calc_code", "apps_world"])
 def test_config_limits_fit_the_transcripts(name):
-  from experiments.configs import code_agents  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from experiments.configs import code_agents
   c = code_agents.get_config(name)
   task = tasks.get_task(c.task.name, **c.task.settings)
   for record in task.records(seed=0, num=40):
