@@ -434,11 +434,18 @@ def test_config_limits_fit_the_transcripts(name):
         limit = (c.agent.max_action_tokens if segment.by_model
                  else c.agent.max_observation_tokens)
         assert len(segment.text) <= limit, segment
-      total = len(record["prompt"]) + sum(len(s.text) for s in transcript)
-      assert total <= c.agent.max_context
       assert len(transcript) <= 2 * c.agent.max_turns
   # Any observation fits (an error message too), with its newline.
   assert c.agent.max_observation_tokens >= task.observation_chars + 1
+  # The rollout's slots: the prompt, then max_turns actions of
+  # max_action_tokens with observation chunks (padded to the bucket).
+  # pylint: disable-next=g-import-not-at-top
+  from entropo.training.episodes import EpisodeLimits
+  bucket = EpisodeLimits().observation_bucket
+  chunk = -(-c.agent.max_observation_tokens // bucket) * bucket
+  turns = c.agent.max_turns
+  assert (c.data.max_prompt_len + turns * c.agent.max_action_tokens
+          + (turns - 1) * chunk) <= c.agent.max_context
 
 
 @pytest.mark.parametrize("name", ["calc_code", "apps_world"])

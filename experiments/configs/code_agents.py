@@ -18,11 +18,14 @@ process per episode:
   the fraction of checks on the final state that pass (dense), solved when
   all pass.
 
-The limits below fit every scripted transcript (tests/test_sandbox.py
-checks it; characters are tokens), and every observation the task can
-make (`max_observation_tokens` = `observation_chars` + 1), so that a
-wrong program's error message does not end the episode as
-`observation_too_long`.
+The limits below fit every scripted transcript and every observation the
+task can make (`max_observation_tokens` = `observation_chars` + 1), so
+that a wrong program's error message does not end the episode as
+`observation_too_long`; and `max_context` holds `max_turns` actions of
+`max_action_tokens` slots after the prompt's `max_prompt_len`, with
+observation chunks padded to `EpisodeLimits.observation_bucket` between
+them (the rollout's slot accounting: rows share slots), so that no episode
+ends `context_full` early. tests/test_sandbox.py checks all three.
 """
 
 from entropo.training import config as config_lib
@@ -32,13 +35,13 @@ ENVIRONMENTS = {
     "calc_code": dict(
         settings=dict(max_value=99, max_turns=3),
         agent=dict(max_turns=3, max_action_tokens=24,
-                   max_observation_tokens=13, max_context=64),
+                   max_observation_tokens=13, max_context=128),
         max_prompt_len=16),
     "apps_world": dict(
-        settings=dict(num_people=3, max_amount=20, max_turns=4,
-                      observation_chars=24),
-        agent=dict(max_turns=4, max_action_tokens=40,
-                   max_observation_tokens=26, max_context=160),
+        settings=dict(num_people=3, max_amount=20, max_turns=3,
+                      observation_chars=16),
+        agent=dict(max_turns=3, max_action_tokens=40,
+                   max_observation_tokens=17, max_context=192),
         max_prompt_len=32),
 }
 
