@@ -26,7 +26,7 @@ from entropo.tasks import environment as env_lib
 from entropo.tasks import sandbox as sandbox_lib
 
 WALL = 1.0
-SLACK = 1.5  # starting and killing a worker on a loaded 2-core machine
+SLACK = 3.0  # starting and killing a worker on a busy 2-core machine
 LIMITS = sandbox_lib.Limits(wall_seconds=WALL, cpu_seconds=3,
                             memory_bytes=256 * 2**20, processes=12,
                             file_bytes=2**20, output_chars=500,
@@ -247,7 +247,7 @@ def test_pool_is_not_held_back_by_a_hung_episode():
     pool.close_all(envs)
   assert turns[0].info["status"] == "timeout" and turns[0].done
   assert [t.observation for t in turns[1:]] == ["45\n"] * 3
-  assert all(t.info["seconds"] < 0.5 for t in turns[1:]), turns
+  assert all(t.info["seconds"] < WALL for t in turns[1:]), turns
   assert elapsed < WALL + SLACK
 
 
