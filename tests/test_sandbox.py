@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import shutil
 import socket
 import tempfile
 import time
@@ -361,11 +362,12 @@ class _ForcedTask(env_lib.AgentTask):
     return []
 
 
-def test_hostile_programs_in_a_rollout(run_dir, monkeypatch):
+def test_hostile_programs_in_a_rollout(run_dir, monkeypatch, request):
   """Hostile programs through `training.episodes.play` with a tiny model."""
   del run_dir  # checked untouched at teardown
   boxes = tempfile.mkdtemp(prefix="entropo-test-boxes-")  # their workdirs
   monkeypatch.setattr(tempfile, "tempdir", boxes)
+  request.addfinalizer(lambda: shutil.rmtree(boxes, ignore_errors=True))
   episodes_lib = pytest.importorskip("entropo.training.episodes")
   import jax  # pylint: disable=g-import-not-at-top
   import psutil  # pylint: disable=g-import-not-at-top
