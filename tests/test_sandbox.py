@@ -466,3 +466,16 @@ def test_every_observation_fits_observation_chars(name):
         break
   finally:
     env.close()
+
+
+def test_restart_is_said_when_the_episode_goes_on():
+  env = code_env.CodeEnvironment(code_env.local_sandbox(LIMITS), end_on=())
+  try:
+    env.reset({})
+    env.step("run: x = 1\n")
+    turn = env.step("run: import os; os._exit(3)\n")
+    assert not turn.done and turn.info["status"] == "killed"
+    assert env.step("run: 1+1\n").observation == "state lost: 2\n"
+    assert env.step("run: 2+2\n").observation == "4\n"
+  finally:
+    env.close()

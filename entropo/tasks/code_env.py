@@ -11,7 +11,8 @@ episode). Actions are single lines, friendly to a character-level model
 
 A fenced block (```python ... ```) is also run, for models that write
 them. A run's observation is its stdout, stderr and exception's last line
-(`ok` when there is none), cut to `observation_chars`, ending in "\\n". A
+(`ok` when there is none; `state lost: ...` on the first run after a
+restart), cut to `observation_chars`, ending in "\\n". A
 run whose status is in `end_on` (by default a time-out or a dead worker,
 after which the episode's state is gone) ends the episode as `FAILED`;
 `Turn.info["status"]` names what happened. Every step returns within the
@@ -22,6 +23,7 @@ machine; a hung episode holds back only itself, up to its wall limit.
 """
 
 import concurrent.futures
+import dataclasses
 import os
 import re
 import threading
@@ -63,7 +65,10 @@ def observation(execution: sandbox_lib.Execution, chars: int) -> str:
     text = "timeout"
   elif execution.status == sandbox_lib.KILLED:
     text = "killed"
-  return cut(text or "ok", chars)
+  text = text or "ok"
+  if execution.restarted:  # only when end_on lets an episode go on
+    text = "state lost: " + text
+  return cut(text, chars)
 
 
 def cut(text: str, chars: int) -> str:
@@ -152,12 +157,16 @@ class CodeEnvironment(environment.Environment):
     if self.sandbox is None:
       self.sandbox = self.make_sandbox()
     try:
+      restarted = False
       if self._needs_setup and self.setup_code:
         setup = self.sandbox.run(self.setup_code, self.api)
         if setup.status != sandbox_lib.OK:
           return setup
+        restarted = setup.restarted
       self._needs_setup = False
       result = self.sandbox.run(code, self.api)
+      if restarted:  # the setup's run saw the restart: say it here
+        result = dataclasses.replace(result, restarted=True)
       if result.status in sandbox_lib.STATE_LOST:
         self._needs_setup = True
       return result
