@@ -479,3 +479,16 @@ def test_restart_is_said_when_the_episode_goes_on():
     assert env.step("run: 2+2\n").observation == "4\n"
   finally:
     env.close()
+
+
+def test_apps_world_reward_needs_done():
+  task = tasks.get_task("apps_world", kinds=("pay",))
+  problem = task.generate_problem(np.random.default_rng(5))
+  env = task.environment()
+  try:
+    env.reset(problem)
+    env.step(f'run: pay("{problem["name"]}",{problem["amount"]})\n')
+    assert env.final_reward("turn_budget") < 1.0  # right state, no `done`
+    assert env.final_reward("solved") == 1.0
+  finally:
+    env.close()

@@ -8,7 +8,9 @@ never forge it. A task is stated in words; the episode ends when the agent
 writes `done` (or runs out of turns). The reward is computed from checks on
 the final state: dense, the fraction of checks that pass (`final_reward`,
 whatever the reason the episode ended), and a sparse success (`SOLVED`)
-when all pass. As in AppWorld, checks include "nothing else changed", so
+when all pass. One check is that the agent said `done`: without it, a
+policy trained on the dense reward learns to stop saying it (the state
+checks alone gave a truncated episode full reward). As in AppWorld, checks include "nothing else changed", so
 stray payments cost reward.
 
 The API in the sandbox:
@@ -163,10 +165,11 @@ class AppsEnvironment(code_env.CodeEnvironment):
     self.api = self.world
     return self.task.prompt(self.problem)
 
-  def score(self) -> float:
-    """The fraction of checks passing on the current state."""
+  def score(self, finished: bool = True) -> float:
+    """The fraction of checks passing on the current state, with one more
+    check: that the agent `finished` (said `done`)."""
     result = checks(self.problem, self.world.state)
-    return sum(ok for _, ok in result) / len(result)
+    return (sum(ok for _, ok in result) + finished) / (len(result) + 1)
 
   def act(self, kind, payload):
     if kind != code_env.DONE:
@@ -177,8 +180,8 @@ class AppsEnvironment(code_env.CodeEnvironment):
         info={"status": "done"})
 
   def final_reward(self, reason):
-    del reason
-    return self.score()
+    # The episode ended with `done` exactly when the environment named it.
+    return self.score(finished=reason in (env_lib.SOLVED, env_lib.FAILED))
 
 
 @dataclasses.dataclass(frozen=True)
