@@ -492,3 +492,22 @@ def test_apps_world_reward_needs_done():
     assert env.final_reward("solved") == 1.0
   finally:
     env.close()
+
+
+def test_no_descriptor_of_the_host_tree_and_cleanup_without_parent(tmp_path):
+  box = sandbox_lib.LocalSandbox(LIMITS)
+  try:
+    out = box.run("import os\nfor f in os.listdir('/proc/self/fd'):\n"
+                  "  try: print(os.readlink('/proc/self/fd/' + f))\n"
+                  "  except OSError: pass")
+    assert out.status == "ok" and "pipe:" in out.stdout, out
+    workdir = box._workdir  # pylint: disable=protected-access
+    assert "/tmp" not in out.stdout.replace(workdir, ""), out
+    # The trainer dies without closing: the keeper sees its pipe close,
+    # kills the namespace and removes the directory itself.
+    os.close(box._wfd)  # pylint: disable=protected-access
+    box._wfd = None  # pylint: disable=protected-access
+    box._proc.wait(timeout=5)  # pylint: disable=protected-access
+    assert not os.path.exists(workdir)
+  finally:
+    box.close()

@@ -120,6 +120,11 @@ class CodeEnvironment(environment.Environment):
     self.executions: list[sandbox_lib.Execution] = []
     self.seconds = 0.0  # time spent in the sandbox this episode
     self._needs_setup = True
+    # Guards the hand-over of the sandbox between a step (maybe one the
+    # rollout abandoned after its time limit) and close/start; `_episode`
+    # counts them, so a late step cannot keep a sandbox of a closed episode.
+    self._lock = threading.Lock()
+    self._episode = 0
 
   def start(self) -> None:
     """Forgets the previous episode's sandbox (a new one starts lazily)."""
@@ -128,7 +133,8 @@ class CodeEnvironment(environment.Environment):
     self.seconds = 0.0
     self._needs_setup = True
     if self.prestart:
-      self._pending = _starter().submit(self._started_sandbox)
+      with self._lock:
+        self._pending = _starter().submit(self._started_sandbox)
 
   def _started_sandbox(self) -> sandbox_lib.Sandbox:
     box = self.make_sandbox()
@@ -139,11 +145,24 @@ class CodeEnvironment(environment.Environment):
       raise
     return box
 
-  def _take_pending(self) -> None:
-    """Waits for a background start (its error is raised here)."""
-    pending, self._pending = self._pending, None
-    if pending is not None:
-      self.sandbox = pending.result()
+  def _box(self) -> sandbox_lib.Sandbox:
+    """The episode's sandbox: the one started in the background, or a new
+    one. Raises `SandboxError` when the episode was closed meanwhile."""
+    with self._lock:
+      episode = self._episode
+      pending, self._pending = self._pending, None
+    box = pending.result() if pending is not None else None  # may raise
+    with self._lock:
+      if box is not None:
+        self.sandbox = box
+      if self.sandbox is None:
+        self.sandbox = self.make_sandbox()
+      box = self.sandbox
+      if self._episode != episode:  # closed while this step waited
+        self.sandbox = None
+        box.close()
+        raise sandbox_lib.SandboxError("the episode was closed")
+    return box
 
   def reset(self, problem):
     self.start()
@@ -153,18 +172,16 @@ class CodeEnvironment(environment.Environment):
   def execute(self, code: str) -> sandbox_lib.Execution:
     """Runs `code` in the episode's sandbox (starting it when needed)."""
     start = time.monotonic()
-    self._take_pending()
-    if self.sandbox is None:
-      self.sandbox = self.make_sandbox()
     try:
+      box = self._box()
       restarted = False
       if self._needs_setup and self.setup_code:
-        setup = self.sandbox.run(self.setup_code, self.api)
+        setup = box.run(self.setup_code, self.api)
         if setup.status != sandbox_lib.OK:
           return setup
         restarted = setup.restarted
       self._needs_setup = False
-      result = self.sandbox.run(code, self.api)
+      result = box.run(code, self.api)
       if restarted:  # the setup's run saw the restart: say it here
         result = dataclasses.replace(result, restarted=True)
       if result.status in sandbox_lib.STATE_LOST:
@@ -197,13 +214,22 @@ class CodeEnvironment(environment.Environment):
                             info={"status": "bad_action"})
 
   def close(self) -> None:
-    try:
-      self._take_pending()
-    except Exception:  # pylint: disable=broad-except
-      pass  # it failed to start: nothing to close
-    if self.sandbox is not None:
-      sandbox, self.sandbox = self.sandbox, None
-      sandbox.close()
+    """Closes the episode's sandbox; never waits for a step in flight (a
+    sandbox in use closes when its run returns, within its wall limit)."""
+    with self._lock:
+      self._episode += 1
+      pending, self._pending = self._pending, None
+      box, self.sandbox = self.sandbox, None
+    if pending is not None:
+      pending.add_done_callback(_close_started)
+    if box is not None:
+      box.close()
+
+
+def _close_started(future: concurrent.futures.Future) -> None:
+  """Closes a sandbox whose background start finished after its episode."""
+  if not future.cancelled() and future.exception() is None:
+    future.result().close()
 
 
 _STARTER = None

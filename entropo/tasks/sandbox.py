@@ -44,6 +44,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -230,16 +231,22 @@ class LocalSandbox(Sandbox):
     self._info: dict[str, Any] = {"network_isolated": False}
     self._died = False
     self._closed = False
+    self._busy = threading.Lock()  # one run (or start) at a time
 
   @property
   def info(self):
     return dict(self._info)
 
   def start(self) -> None:
-    if self._closed:
-      raise SandboxError("start on a closed sandbox")
-    if self._proc is None:
-      self._start()
+    with self._busy:
+      try:
+        if self._closed:
+          raise SandboxError("start on a closed sandbox")
+        if self._proc is None:
+          self._start()
+      finally:
+        if self._closed:  # closed from another thread meanwhile
+          self._kill()
 
   def _start(self) -> None:
     """A fresh worker, workdir and uid; reads its `ready` message."""
@@ -343,6 +350,14 @@ class LocalSandbox(Sandbox):
     return True
 
   def run(self, code: str, api: Api | None = None) -> Execution:
+    with self._busy:
+      try:
+        return self._run(code, api)
+      finally:
+        if self._closed:  # closed from another thread meanwhile
+          self._kill()
+
+  def _run(self, code: str, api: Api | None) -> Execution:
     if self._closed:
       raise SandboxError("run on a closed sandbox")
     restarted = self._died
@@ -449,9 +464,17 @@ class LocalSandbox(Sandbox):
     return code
 
   def close(self) -> None:
-    if not self._closed:
-      self._closed = True
-      self._kill()
+    """Kills and cleans up now; during a `run` or `start` in another thread
+    (one a rollout abandoned), that thread does it when its call returns,
+    which the wall (or start) limit bounds."""
+    if self._closed:
+      return
+    self._closed = True
+    if self._busy.acquire(blocking=False):
+      try:
+        self._kill()
+      finally:
+        self._busy.release()
 
   def __del__(self):
     if not getattr(self, "_closed", True):

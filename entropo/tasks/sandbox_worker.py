@@ -155,6 +155,11 @@ def keeper(cfg):
            "mounts_private": False, "no_new_privs": False,
            "uid": os.getuid()}
   rfd, wfd = cfg["rfd"], cfg["wfd"]
+  # The working directory's parent as the host sees it, for `cleanup`. The
+  # init closes it first thing: a descriptor of the host's file tree would
+  # let the code walk past the private mounts.
+  parent = os.open(os.path.dirname(cfg["workdir"]), os.O_RDONLY)
+  cfg["host_fd"] = parent
   try:
     set_limits(cfg["limits"])
     if cfg["isolate"] and os.geteuid() == 0:
@@ -173,13 +178,26 @@ def keeper(cfg):
   send(wfd, {"op": "init", "pid": init_pid})  # the parent waits on it
   os.close(wfd)
   sweep = None if facts["pid_isolated"] else cfg["uid"]
-  watch(rfd, init_pid, sweep)
+  code = watch(rfd, init_pid, sweep)
+  cleanup(parent, os.path.basename(cfg["workdir"]))
+  os._exit(code)
+
+
+def cleanup(parent, name):
+  """Removes the working directory (the parent does too, unless it was
+  killed): through a descriptor opened before the mount namespace, so the
+  host's directory, not the private tmpfs."""
+  try:
+    import shutil  # pylint: disable=g-import-not-at-top (only at exit)
+    shutil.rmtree(name, dir_fd=parent)
+  except BaseException:  # pylint: disable=broad-except
+    pass
 
 
 def watch(rfd, init_pid, sweep_uid):
   """Kills the init when the parent's end closes; once the init has exited,
   kills what is left of `sweep_uid` (no PID namespace), reaps every child
-  and exits with the init's code."""
+  and returns the init's exit code."""
   poller = select.poll()
   poller.register(rfd, 0)  # POLLHUP only: the parent closed its end
   try:  # readable when the init exits (Linux 5.3+)
@@ -192,14 +210,14 @@ def watch(rfd, init_pid, sweep_uid):
     try:
       pid, status = os.waitpid(-1, os.WNOHANG)
     except ChildProcessError:
-      os._exit(code or 0)
+      return code or 0
     if pid == init_pid:
       code = os.waitstatus_to_exitcode(status) % 256
     if pid:
       continue
     if code is not None:
       if sweep_uid is None:
-        os._exit(code)  # the trainer's uid: escaped processes are not ours
+        return code  # the trainer's uid: escaped processes are not ours
       kill_uid(sweep_uid)
       time.sleep(0.01)
     elif any(fd == rfd for fd, _ in poller.poll(wait_ms)):
@@ -229,6 +247,7 @@ def kill_uid(uid):
 
 def init(cfg, facts):
   """PID 1 of the namespace: /proc, drop privileges, fork and reap."""
+  os.close(cfg["host_fd"])
   try:
     if facts["pid_isolated"]:
       mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, None)
