@@ -188,10 +188,15 @@ def cleanup(parent, name):
   killed): through a descriptor opened before the mount namespace, so the
   host's directory, not the private tmpfs."""
   try:
-    import shutil  # pylint: disable=g-import-not-at-top (only at exit)
-    shutil.rmtree(name, dir_fd=parent)
-  except BaseException:  # pylint: disable=broad-except
-    pass
+    os.rmdir(name, dir_fd=parent)  # empty: the files were in the tmpfs
+  except FileNotFoundError:
+    pass  # the parent removed it
+  except OSError:
+    try:  # no namespaces: the files are there
+      import shutil  # pylint: disable=g-import-not-at-top (rarely needed)
+      shutil.rmtree(name, dir_fd=parent)
+    except BaseException:  # pylint: disable=broad-except
+      pass
 
 
 def watch(rfd, init_pid, sweep_uid):
