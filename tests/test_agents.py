@@ -430,3 +430,20 @@ def test_transcripts_train_on_actions_only():
   learned = "".join(c for c, l in zip(text, loss) if l)
   assert learned == "calc:1+2\nans:1+2\n"
   assert not batch["mask"][0][len(text):].any()  # no EOS after a transcript
+
+
+def test_the_docs_example_is_the_example_file():
+  """docs/agents.md shows experiments/envs/guess_number.py whole, and the
+  file's environment plays its own transcripts to `solved`."""
+  root = __import__("pathlib").Path(__file__).resolve().parents[1]
+  doc = (root / "docs" / "agents.md").read_text()
+  source = (root / "experiments" / "envs" / "guess_number.py").read_text()
+  assert f"```python\n{source}```" in doc
+  task = tasks.get_task(f"{root}/experiments/envs/guess_number.py:"
+                        "GuessNumber")
+  for record in task.records(0, 10):
+    assert task.verify(record["problem"], record["solution"]).correct
+  with pytest.raises(ValueError, match="Cannot load task"):
+    tasks.get_task(f"{root}/experiments/envs/guess_number.py:Nope")
+  with pytest.raises(ValueError, match="Unknown task"):
+    tasks.get_task("guess_number")

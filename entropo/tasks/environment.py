@@ -165,6 +165,12 @@ class AgentTask(base.Task):
     the environment's observations, exactly as a rollout would produce them.
     """
 
+  @property
+  def config(self) -> dict[str, Any]:
+    """The task's settings (its dataclass fields): they name its dataset."""
+    fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+    return {"task": self.name, **fields}
+
   def _verify(self, problem, completion):
     """Replays a whole transcript's actions (`completion` = the policy's
     text of all turns joined, as `transcript_actions` splits it)."""

@@ -208,6 +208,6 @@ def config_changes(saved: dict, config: ConfigDict) -> list[str]:
 def make_task(task_config) -> tasks_lib.Task:
   """The task of the `task` config section (a file-backed one gets `path`)."""
   settings = dict(task_config.settings)
-  if tasks_lib.TASKS[task_config.name].file_backed:
+  if tasks_lib.task_class(task_config.name).file_backed:
     settings["path"] = task_config.path
   return tasks_lib.get_task(task_config.name, **settings)

@@ -33,16 +33,19 @@ from entropo.training.validation import fail
 class TaskSection:
   """What the policy is trained on."""
 
-  name: str = "countdown"  # a name of entropo.tasks.TASKS
+  # A name of entropo.tasks.TASKS, or your own task class as
+  # path/to/file.py:ClassName (or module:ClassName).
+  name: str = "countdown"
   # The task's own settings (its dataclass fields).
   settings: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
       num_count=3, max_value=12, max_target=50))
   path: str = ""  # file-backed tasks: the dir of train.jsonl and test.jsonl
 
   def __post_init__(self):
-    if self.name not in tasks_lib.TASKS:
-      fail("task.name", f"{self.name!r} is not one of "
-           f"{sorted(tasks_lib.TASKS)}")
+    try:
+      tasks_lib.task_class(self.name)
+    except ValueError as e:
+      fail("task.name", str(e))
     if self.file_backed and not self.path:
       fail("task.path", f"the {self.name} task reads local JSONL files; set "
            "--config.task.path=<dir with train.jsonl and test.jsonl>")
@@ -55,7 +58,7 @@ class TaskSection:
 
   @property
   def file_backed(self) -> bool:
-    return tasks_lib.TASKS[self.name].file_backed
+    return tasks_lib.task_class(self.name).file_backed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -384,7 +387,8 @@ class RunConfig:
       fail("model.init_from", "the tiny warm start is for the tasks "
            f"generated in code; start {sections['task'].name} from a "
            "Hugging Face checkpoint with --init_from=<dir>")
-    if issubclass(tasks_lib.TASKS[sections["task"].name], tasks_lib.AgentTask):
+    if issubclass(tasks_lib.task_class(sections["task"].name),
+                  tasks_lib.AgentTask):
       _check_agent(sections)
     else:
       _check_context(sections["data"], sections["sampling"],
