@@ -53,6 +53,33 @@ def _model():
   return _random_model()
 
 
+@pytest.fixture(scope="module", name="char_model")
+def _char_model():
+  """A model over the character tokenizer's vocabulary (episodes)."""
+  return _random_model(vocab=tasks.char_tokenizer().vocab_size)
+
+
+BATCH_MODES = ["raise", "hang", "flood", "not_a_turn", "solve", "bad_final",
+               "plain"]
+
+
+def _play(model, modes, **limits):
+  """Episodes of `_ScriptedTask` with one mode per row (shared shapes:
+  7 rows, 4 prompt slots, 64 context slots, actions of 6 tokens)."""
+  tok = tasks.char_tokenizer()
+  problems = [json.dumps({"mode": m}) for m in modes]
+  batch = pipeline.prompt_batch(
+      [{"id": i, "prompt": "go:", "problem": p}
+       for i, p in enumerate(problems)], tok, max_prompt_len=4)
+  limits = episodes_lib.EpisodeLimits(**{**dict(
+      max_turns=3, max_action_tokens=6, max_observation_tokens=8, context=64,
+      step_timeout=1.0), **limits})
+  return episodes_lib.play(model, _ScriptedTask(), tok, batch["prompt_tokens"],
+                           batch["prompt_mask"], problems,
+                           key=jax.random.key(0), limits=limits,
+                           stop_ids=episodes_lib.stop_token_ids(tok, ["\n"]))
+
+
 def _padded(rows, pad=0):
   width = max(len(r) for r in rows)
   tokens = np.full((len(rows), width), pad, np.int32)
@@ -275,23 +302,10 @@ class _ScriptedTask(env_lib.AgentTask):
     return []
 
 
-def test_bad_environments_end_their_own_episode(model):
-  tok = tasks.char_tokenizer()
-  big = _random_model(vocab=tok.vocab_size, context=96)
-  modes = ["raise", "hang", "flood", "not_a_turn", "solve", "bad_final",
-           "plain"]
-  problems = [json.dumps({"mode": m}) for m in modes]
-  batch = pipeline.prompt_batch(
-      [{"id": i, "prompt": "go:", "problem": p}
-       for i, p in enumerate(problems)], tok, max_prompt_len=4)
-  limits = episodes_lib.EpisodeLimits(max_turns=3, max_action_tokens=6,
-                                      max_observation_tokens=8, context=64,
-                                      step_timeout=1.0)
+def test_bad_environments_end_their_own_episode(char_model):
+  modes = BATCH_MODES
   t0 = time.perf_counter()
-  ep = episodes_lib.play(big, _ScriptedTask(), tok, batch["prompt_tokens"],
-                         batch["prompt_mask"], problems,
-                         key=jax.random.key(0), limits=limits,
-                         stop_ids=episodes_lib.stop_token_ids(tok, ["\n"]))
+  ep = _play(char_model, modes)
   took = time.perf_counter() - t0
   reasons = dict(zip(modes, ep.reasons))
   assert reasons["raise"] == env_lib.ENV_ERROR
@@ -312,7 +326,7 @@ def test_bad_environments_end_their_own_episode(model):
   # The hung episode's turn took no slot after it ended.
   hung = modes.index("hang")
   assert ep.turns[hung] == 1 and ep.action_mask[hung].sum() > 0
-  seq = ep.sequences(64, tok.pad_id)
+  seq = ep.sequences(64, tasks.char_tokenizer().pad_id)
   assert (seq["completion_mask"] <= seq["attention_mask"]).all()
   assert seq["completion_mask"].sum() == ep.action_mask.sum()
 
@@ -326,27 +340,16 @@ def test_call_all_returns_within_its_limit():
   assert out[2][0] == "error" and isinstance(out[2][1], ZeroDivisionError)
 
 
-def test_context_full_and_turn_budget_are_truncations():
-  tok = tasks.char_tokenizer()
-  model = _random_model(vocab=tok.vocab_size, context=96)
-  problems = [json.dumps({"mode": "plain"})] * 2
-  batch = pipeline.prompt_batch(
-      [{"id": 0, "prompt": "go:", "problem": p} for p in problems], tok,
-      max_prompt_len=4)
-  play = lambda **limits: episodes_lib.play(
-      model, _ScriptedTask(), tok, batch["prompt_tokens"],
-      batch["prompt_mask"], problems, key=jax.random.key(1),
-      limits=episodes_lib.EpisodeLimits(**limits), stop_ids=[tok.eos_id])
-  # No stop id but EOS: actions run to max_action_tokens unless EOS.
-  ep = play(max_turns=8, max_action_tokens=8, max_observation_tokens=4,
-            context=30)
+def test_context_full_and_turn_budget_are_truncations(char_model):
+  modes = ["plain"] * len(BATCH_MODES)
+  ep = _play(char_model, modes, max_turns=12, max_observation_tokens=4)
   assert set(ep.reasons) <= {env_lib.CONTEXT_FULL, env_lib.GAVE_UP}
-  assert ep.tokens.shape[1] <= 30
-  ep = play(max_turns=1, max_action_tokens=4, max_observation_tokens=4,
-            context=30)
+  assert env_lib.CONTEXT_FULL in ep.reasons
+  assert ep.tokens.shape[1] <= 64
+  assert ep.truncated.sum() == ep.reasons.count(env_lib.CONTEXT_FULL)
+  ep = _play(char_model, modes, max_turns=1)
   assert set(ep.reasons) <= {env_lib.TURN_BUDGET, env_lib.GAVE_UP}
-  assert ep.truncated.sum() == sum(r == env_lib.TURN_BUDGET
-                                   for r in ep.reasons)
+  assert ep.truncated.sum() == ep.reasons.count(env_lib.TURN_BUDGET)
 
 
 # -- the built-in environments

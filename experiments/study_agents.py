@@ -1,0 +1,194 @@
+"""The agents stage of the study: algorithms on a multi-turn environment.
+
+    python -m experiments.study_agents --workdir=workdir/agents
+    python -m experiments.study_agents --workdir=/tmp/agents --smoke
+
+Each of `--algorithms` x `--seeds` trains for `--iterations` on `--env`
+(experiments/configs/agents.py) from one shared warm start, with the same
+data and held-out set; the seed changes the prompt order and the sampling.
+As in the single-turn study, an iteration takes `--minibatches` optimizer
+steps, so the importance ratios leave 1 and the clip band (DAPO's
+clip-higher, ADAPO's controller) takes effect. Finished runs are skipped on
+a rerun. Then the report: `report/agents.md` (entropy change, pass@k,
+reward, turns, entropy of the first and last turn, per algorithm, mean ±
+s.e. over seeds) and plots `report/agents_entropy.png` (training entropy
+per algorithm) and `report/agents_entropy_by_turn.png` (entropy change by
+turn index).
+"""
+
+import json
+import pathlib
+import time
+
+import numpy as np
+from absl import app
+from absl import flags
+
+from experiments.study_report import summarize
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where the stage lives.")
+_ENV = flags.DEFINE_string("env", "quiz", "An environment of agents.py.")
+_ALGORITHMS = flags.DEFINE_list(
+    "algorithms", ["grpo", "loop", "dapo", "loop+repo_r", "adapo"],
+    "Algorithms compared.")
+_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every run.")
+_ITERATIONS = flags.DEFINE_integer("iterations", 40, "RL iterations.")
+_MINIBATCHES = flags.DEFINE_integer("minibatches", 4,
+                                    "Optimizer steps per iteration.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-scale settings.")
+PASS_K = (1, 4, 16)
+
+
+def config(algo: str, directory: pathlib.Path, seed: int):
+  from experiments.configs import agents  # pylint: disable=g-import-not-at-top
+  from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
+  c = agents.get_config(f"{_ENV.value}:{algo}")
+  c.seed = seed
+  c.model.init_from = str(directory / "warm_start")
+  c.data.update(data_dir=str(directory / "data"), eval_size=64)
+  c.algo.minibatches = _MINIBATCHES.value
+  iterations = _ITERATIONS.value
+  c.train.update(iterations=iterations, eval_every=max(1, iterations // 4),
+                 eval_samples=16, pass_k=PASS_K, checkpoint_every=iterations,
+                 max_checkpoints=1, progress=False, tensorboard=False,
+                 plots=False)
+  if _SMOKE.value:
+    tiny.shrink(c, warm_start_steps=20)
+    c.agent.max_context = 64
+    c.algo.minibatches = 2
+    c.train.update(eval_every=iterations, eval_samples=4, pass_k=(1, 4))
+  return c
+
+
+def warm_start(directory: pathlib.Path) -> None:
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start as warm_lib  # pylint: disable=g-import-not-at-top
+  c = config("loop", directory, 0)
+  warm_lib.warm_start(c, config_lib.make_task(c.task), tasks.char_tokenizer(),
+                      directory / "warm_start")
+
+
+def run_dir(directory, algo, seed) -> pathlib.Path:
+  return directory / "runs" / algo.replace("+", "_") / f"seed{seed}"
+
+
+def run_all(directory: pathlib.Path) -> None:
+  from entropo.training import train  # pylint: disable=g-import-not-at-top
+  timing_path = directory / "timing.json"
+  timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
+  jobs = [(a, int(s)) for a in _ALGORITHMS.value for s in _SEEDS.value]
+  for i, (algo, seed) in enumerate(jobs):
+    out = run_dir(directory, algo, seed)
+    key = str(out.relative_to(directory))
+    if key in timing:
+      continue
+    t = time.perf_counter()
+    train(config(algo, directory, seed), out)
+    timing[key] = round(time.perf_counter() - t, 1)
+    timing_path.write_text(json.dumps(timing, indent=2))
+    s = summarize(out)
+    print(f"[agents] ({i + 1}/{len(jobs)}) {algo} seed {seed}: "
+          f"{timing[key]:.0f} s, entropy {s['entropy_change_pct']:+.0f} %, "
+          f"pass@1 {s['final']['eval/pass@1']:.3f}", flush=True)
+
+
+def _mean_se(values) -> str:
+  values = np.asarray(values, np.float64)
+  se = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0
+  return f"{values.mean():.3f} ± {se:.3f}"
+
+
+def _turn_change(records, turn: int) -> float:
+  """% change of turn `turn`'s entropy: last 10 % vs first 10 % of
+  iterations (NaN if the turn never occurs)."""
+  key = f"entropy/turn{turn}"
+  values = [r[key] for r in records if key in r]
+  if len(values) < 2:
+    return float("nan")
+  n = max(1, len(values) // 10)
+  first, last = np.mean(values[:n]), np.mean(values[-n:])
+  return 100.0 * (last / first - 1)
+
+
+def report(directory: pathlib.Path) -> str:
+  """Writes report/agents.md and the plots; returns the Markdown."""
+  rows, curves, by_turn = [], {}, {}
+  for algo in _ALGORITHMS.value:
+    runs = [summarize(run_dir(directory, algo, int(s))) for s in _SEEDS.value
+            if (run_dir(directory, algo, int(s)) / "metrics.jsonl").is_file()]
+    if not runs:
+      continue
+    turns = max(int(k[len("entropy/turn"):]) for r in runs
+                for k in r["records"][0] if k.startswith("entropy/turn")) + 1
+    stat = lambda f: _mean_se([f(r) for r in runs])  # noqa: E731
+    rows.append([algo, str(len(runs)),
+                 stat(lambda r: r["baseline"]["eval/entropy"]),
+                 stat(lambda r: r["entropy_change_pct"]),
+                 stat(lambda r: r["reward_first"]),
+                 stat(lambda r: r["reward_last"]),
+                 stat(lambda r: r["final"]["eval/pass@1"]),
+                 stat(lambda r: r["final"][f"eval/pass@{r['max_k']}"]),
+                 stat(lambda r: np.mean([x["agent/turns"]
+                                         for x in r["records"][-5:]])),
+                 stat(lambda r: _turn_change(r["records"], 0)),
+                 stat(lambda r, t=turns: _turn_change(r["records"], t - 1))])
+    curves[algo] = np.mean([[x["entropy/mean"] for x in r["records"]]
+                            for r in runs], axis=0)
+    by_turn[algo] = [np.nanmean([_turn_change(r["records"], t)
+                                 for r in runs]) for t in range(turns)]
+  header = ["algorithm", "seeds", "entropy before", "entropy change %",
+            "reward (first 10 %)", "reward (last 10 %)", "pass@1",
+            "pass@k (largest k)", "turns", "turn 0 entropy change %",
+            "last turn entropy change %"]
+  lines = ["| " + " | ".join(header) + " |",
+           "|" + "---|" * len(header)]
+  lines += ["| " + " | ".join(r) + " |" for r in rows]
+  text = "\n".join(lines) + "\n"
+  out = directory / "report"
+  out.mkdir(parents=True, exist_ok=True)
+  (out / "agents.md").write_text(text)
+  _plots(out, curves, by_turn)
+  return text
+
+
+def _plots(out: pathlib.Path, curves: dict, by_turn: dict) -> None:
+  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for algo, values in curves.items():
+    ax.plot(np.arange(len(values)), values, label=algo)
+  ax.set(xlabel="RL iteration", ylabel="nats / token (mean over seeds)",
+         title=f"Entropy of the policy's tokens, {_ENV.value}")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(out / "agents_entropy.png", dpi=100)
+  fig = Figure(figsize=(6, 4))
+  ax = fig.subplots()
+  for algo, changes in by_turn.items():
+    ax.plot(np.arange(len(changes)), changes, marker="o", label=algo)
+  ax.axhline(0, color="k", lw=0.5)
+  ax.set(xlabel="turn of the episode",
+         ylabel="entropy change, last vs first 10 % (%)",
+         title=f"Where entropy falls, by turn ({_ENV.value})")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize="small")
+  fig.tight_layout()
+  fig.savefig(out / "agents_entropy_by_turn.png", dpi=100)
+
+
+def main(argv):
+  del argv
+  directory = pathlib.Path(_WORKDIR.value)
+  directory.mkdir(parents=True, exist_ok=True)
+  t = time.perf_counter()
+  warm_start(directory)
+  run_all(directory)
+  print(report(directory))
+  print(f"[agents] {time.perf_counter() - t:.0f} s")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
