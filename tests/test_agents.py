@@ -284,9 +284,15 @@ class _Scripted(env_lib.Environment):
     return env_lib.Turn(observation="ok\n")
 
   def final_reward(self, reason):
+    _Scripted.log.append(("final", self.mode))
     if self.mode == "bad_final":
       raise ValueError("no final reward")
     return 0.25
+
+  def close(self):
+    _Scripted.log.append(("close", self.mode))
+
+  log = []  # calls of final_reward and close, across episodes
 
 
 class _ScriptedTask(env_lib.AgentTask):
@@ -304,6 +310,7 @@ class _ScriptedTask(env_lib.AgentTask):
 
 def test_bad_environments_end_their_own_episode(char_model):
   modes = BATCH_MODES
+  _Scripted.log.clear()
   t0 = time.perf_counter()
   ep = _play(char_model, modes)
   took = time.perf_counter() - t0
@@ -326,6 +333,10 @@ def test_bad_environments_end_their_own_episode(char_model):
   # The hung episode's turn took no slot after it ended.
   hung = modes.index("hang")
   assert ep.turns[hung] == 1 and ep.action_mask[hung].sum() > 0
+  # Every environment is closed once; a timed-out one gets no final reward.
+  assert sorted(m for c, m in _Scripted.log if c == "close") == sorted(modes)
+  assert sorted(m for c, m in _Scripted.log if c == "final") == sorted(
+      m for m in modes if m != "hang")
   seq = ep.sequences(64, tasks.char_tokenizer().pad_id)
   assert (seq["completion_mask"] <= seq["attention_mask"]).all()
   assert seq["completion_mask"].sum() == ep.action_mask.sum()
