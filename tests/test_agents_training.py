@@ -109,3 +109,23 @@ def test_a_user_environment_file_trains_through_the_launcher(shared, tmp_path):
   config = json.loads((tmp_path / "config.json").read_text())
   assert config["task"]["name"] == env
   assert config["algo"]["name"] == "grpo"
+
+
+def test_a_misbehaving_environment_never_stops_the_run(tmp_path):
+  """Steps that raise, hang past the limit or flood the context end their
+  own episodes (named in end/*); the run trains on."""
+  c = _config("tests/flaky_env.py:Flaky", algo="grpo", iterations=2,
+              eval_every=2)
+  c.task.settings = {}
+  c.warm_start.steps = 0
+  c.sampling.update(prompts_per_batch=4, group_size=2)
+  c.agent.update(max_turns=2, step_timeout=0.5, max_action_tokens=4)
+  train(c, tmp_path)
+  records = _records(tmp_path)
+  assert len(records) == 2
+  ends = {k: sum(r[k] for r in records) for k in records[0]
+          if k.startswith("end/")}
+  for reason in ("env_error", "env_timeout", "observation_too_long"):
+    assert ends[f"end/{reason}"] > 0, ends
+  # Two slow steps (0.5 s limit) per iteration at most, not 5 s each.
+  assert all(r["time/env"] < 4 for r in records)
