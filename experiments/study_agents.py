@@ -23,6 +23,7 @@ import time
 import numpy as np
 from absl import app
 from absl import flags
+from absl import logging
 
 from experiments.study_report import summarize
 
@@ -54,7 +55,6 @@ def config(algo: str, directory: pathlib.Path, seed: int):
                  plots=False)
   if _SMOKE.value:
     tiny.shrink(c, warm_start_steps=20)
-    c.agent.max_context = 64
     c.algo.minibatches = 2
     c.train.update(eval_every=iterations, eval_samples=4, pass_k=(1, 4))
   return c
@@ -111,6 +111,16 @@ def _turn_change(records, turn: int) -> float:
   return 100.0 * (last / first - 1)
 
 
+def _turns_seen(runs) -> int:
+  """Turns present in at least half of the iterations of every run."""
+  def seen(records, t):
+    return sum(f"entropy/turn{t}" in r for r in records) >= len(records) / 2
+  turns = 1
+  while all(seen(r["records"], turns) for r in runs):
+    turns += 1
+  return turns
+
+
 def report(directory: pathlib.Path) -> str:
   """Writes report/agents.md and the plots; returns the Markdown."""
   rows, curves, by_turn = [], {}, {}
@@ -119,8 +129,7 @@ def report(directory: pathlib.Path) -> str:
             if (run_dir(directory, algo, int(s)) / "metrics.jsonl").is_file()]
     if not runs:
       continue
-    turns = max(int(k[len("entropy/turn"):]) for r in runs
-                for k in r["records"][0] if k.startswith("entropy/turn")) + 1
+    turns = _turns_seen(runs)
     stat = lambda f: _mean_se([f(r) for r in runs])  # noqa: E731
     rows.append([algo, str(len(runs)),
                  stat(lambda r: r["baseline"]["eval/entropy"]),
@@ -180,6 +189,8 @@ def _plots(out: pathlib.Path, curves: dict, by_turn: dict) -> None:
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines
   directory = pathlib.Path(_WORKDIR.value)
   directory.mkdir(parents=True, exist_ok=True)
   t = time.perf_counter()

@@ -74,8 +74,13 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   if isinstance(task, tasks_lib.AgentTask):
     # As wide as the longest transcript (within the episode context): most
     # are far shorter than the context an episode may use.
-    max_len = min(config.agent.max_context,
-                  -(-_longest(pairs, tokenizer) // 8) * 8)
+    longest = _longest(pairs, tokenizer)
+    if longest > config.agent.max_context:
+      raise ValueError(
+          f"agent.max_context={config.agent.max_context} is shorter than "
+          f"the longest scripted transcript of the warm start ({longest} "
+          f"tokens): the policy could not play that episode; raise it.")
+    max_len = min(config.agent.max_context, -(-longest // 8) * 8)
   else:
     max_len = config.data.max_prompt_len + config.sampling.max_new_tokens
   batches = iter(pipeline.sft_batches(
