@@ -16,55 +16,59 @@ per algorithm) and `report/agents_entropy_by_turn.png` (entropy change by
 turn index).
 """
 
+import argparse
+import dataclasses
 import json
 import pathlib
 import time
 
 import numpy as np
-from absl import app
-from absl import flags
 from absl import logging
 
 from experiments.study_report import summarize
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Where the stage lives.")
-_ENV = flags.DEFINE_string("env", "quiz", "An environment of agents.py.")
-_ALGORITHMS = flags.DEFINE_list(
-    "algorithms", ["grpo", "loop", "dapo", "loop+repo_r", "adapo"],
-    "Algorithms compared.")
-_SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of every run.")
-_ITERATIONS = flags.DEFINE_integer("iterations", 40, "RL iterations.")
-_MINIBATCHES = flags.DEFINE_integer("minibatches", 4,
-                                    "Optimizer steps per iteration.")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Seconds-scale settings.")
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The stage's settings (the command line's flags)."""
+
+  env: str = "quiz"  # an environment of experiments/configs/agents.py
+  algorithms: tuple[str, ...] = ("grpo", "loop", "dapo", "loop+repo_r",
+                                 "adapo")
+  seeds: tuple[int, ...] = (0, 1, 2)
+  iterations: int = 40
+  minibatches: int = 4  # optimizer steps per iteration
+  smoke: bool = False  # seconds-scale settings
+
+
 PASS_K = (1, 4, 16)
 
 
-def config(algo: str, directory: pathlib.Path, seed: int):
+def config(algo: str, directory: pathlib.Path, seed: int, s: Settings):
   from experiments.configs import agents  # pylint: disable=g-import-not-at-top
   from experiments.configs import tiny  # pylint: disable=g-import-not-at-top
-  c = agents.get_config(f"{_ENV.value}:{algo}")
+  c = agents.get_config(f"{s.env}:{algo}")
   c.seed = seed
   c.model.init_from = str(directory / "warm_start")
   c.data.update(data_dir=str(directory / "data"), eval_size=64)
-  c.algo.minibatches = _MINIBATCHES.value
-  iterations = _ITERATIONS.value
+  c.algo.minibatches = s.minibatches
+  iterations = s.iterations
   c.train.update(iterations=iterations, eval_every=max(1, iterations // 4),
                  eval_samples=16, pass_k=PASS_K, checkpoint_every=iterations,
                  max_checkpoints=1, progress=False, tensorboard=False,
                  plots=False)
-  if _SMOKE.value:
+  if s.smoke:
     tiny.shrink(c, warm_start_steps=20)
     c.algo.minibatches = 2
     c.train.update(eval_every=iterations, eval_samples=4, pass_k=(1, 4))
   return c
 
 
-def warm_start(directory: pathlib.Path) -> None:
+def warm_start(directory: pathlib.Path, s: Settings) -> None:
   from entropo import tasks  # pylint: disable=g-import-not-at-top
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from entropo.training import warm_start as warm_lib  # pylint: disable=g-import-not-at-top
-  c = config("loop", directory, 0)
+  c = config("loop", directory, 0, s)
   warm_lib.warm_start(c, config_lib.make_task(c.task), tasks.char_tokenizer(),
                       directory / "warm_start")
 
@@ -73,24 +77,24 @@ def run_dir(directory, algo, seed) -> pathlib.Path:
   return directory / "runs" / algo.replace("+", "_") / f"seed{seed}"
 
 
-def run_all(directory: pathlib.Path) -> None:
+def run_all(directory: pathlib.Path, s: Settings) -> None:
   from entropo.training import train  # pylint: disable=g-import-not-at-top
   timing_path = directory / "timing.json"
   timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-  jobs = [(a, int(s)) for a in _ALGORITHMS.value for s in _SEEDS.value]
+  jobs = [(a, seed) for a in s.algorithms for seed in s.seeds]
   for i, (algo, seed) in enumerate(jobs):
     out = run_dir(directory, algo, seed)
     key = str(out.relative_to(directory))
     if key in timing:
       continue
     t = time.perf_counter()
-    train(config(algo, directory, seed), out)
+    train(config(algo, directory, seed, s), out)
     timing[key] = round(time.perf_counter() - t, 1)
     timing_path.write_text(json.dumps(timing, indent=2))
-    s = summarize(out)
+    done = summarize(out)
     print(f"[agents] ({i + 1}/{len(jobs)}) {algo} seed {seed}: "
-          f"{timing[key]:.0f} s, entropy {s['entropy_change_pct']:+.0f} %, "
-          f"pass@1 {s['final']['eval/pass@1']:.3f}", flush=True)
+          f"{timing[key]:.0f} s, entropy {done['entropy_change_pct']:+.0f} "
+          f"%, pass@1 {done['final']['eval/pass@1']:.3f}", flush=True)
 
 
 def _mean_se(values) -> str:
@@ -121,12 +125,12 @@ def _turns_seen(runs) -> int:
   return turns
 
 
-def report(directory: pathlib.Path) -> str:
+def report(directory: pathlib.Path, s: Settings) -> str:
   """Writes report/agents.md and the plots; returns the Markdown."""
   rows, curves, by_turn = [], {}, {}
-  for algo in _ALGORITHMS.value:
-    runs = [summarize(run_dir(directory, algo, int(s))) for s in _SEEDS.value
-            if (run_dir(directory, algo, int(s)) / "metrics.jsonl").is_file()]
+  for algo in s.algorithms:
+    runs = [summarize(run_dir(directory, algo, seed)) for seed in s.seeds
+            if (run_dir(directory, algo, seed) / "metrics.jsonl").is_file()]
     if not runs:
       continue
     turns = _turns_seen(runs)
@@ -157,18 +161,19 @@ def report(directory: pathlib.Path) -> str:
   out = directory / "report"
   out.mkdir(parents=True, exist_ok=True)
   (out / "agents.md").write_text(text)
-  _plots(out, curves, by_turn)
+  _plots(out, curves, by_turn, s.env)
   return text
 
 
-def _plots(out: pathlib.Path, curves: dict, by_turn: dict) -> None:
+def _plots(out: pathlib.Path, curves: dict, by_turn: dict, env: str
+           ) -> None:
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=(6, 4))
   ax = fig.subplots()
   for algo, values in curves.items():
     ax.plot(np.arange(len(values)), values, label=algo)
   ax.set(xlabel="RL iteration", ylabel="nats / token (mean over seeds)",
-         title=f"Entropy of the policy's tokens, {_ENV.value}")
+         title=f"Entropy of the policy's tokens, {env}")
   ax.grid(alpha=0.3)
   ax.legend(fontsize="small")
   fig.tight_layout()
@@ -180,26 +185,39 @@ def _plots(out: pathlib.Path, curves: dict, by_turn: dict) -> None:
   ax.axhline(0, color="k", lw=0.5)
   ax.set(xlabel="turn of the episode",
          ylabel="entropy change, last vs first 10 % (%)",
-         title=f"Where entropy falls, by turn ({_ENV.value})")
+         title=f"Where entropy falls, by turn ({env})")
   ax.grid(alpha=0.3)
   ax.legend(fontsize="small")
   fig.tight_layout()
   fig.savefig(out / "agents_entropy_by_turn.png", dpi=100)
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines
-  directory = pathlib.Path(_WORKDIR.value)
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--env", default=Settings.env)
+  parser.add_argument("--algorithms", default=",".join(Settings.algorithms))
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--iterations", type=int, default=Settings.iterations)
+  parser.add_argument("--minibatches", type=int,
+                      default=Settings.minibatches)
+  parser.add_argument("--smoke", action="store_true")
+  parser.add_argument("--report_only", action="store_true")
+  args = parser.parse_args()
+  s = Settings(env=args.env, algorithms=tuple(args.algorithms.split(",")),
+               seeds=tuple(int(x) for x in args.seeds.split(",")),
+               iterations=args.iterations, minibatches=args.minibatches,
+               smoke=args.smoke)
+  logging.set_verbosity(logging.WARNING)  # Orbax's INFO lines
+  directory = pathlib.Path(args.workdir)
   directory.mkdir(parents=True, exist_ok=True)
   t = time.perf_counter()
-  warm_start(directory)
-  run_all(directory)
-  print(report(directory))
+  if not args.report_only:
+    warm_start(directory, s)
+    run_all(directory, s)
+  print(report(directory, s))
   print(f"[agents] {time.perf_counter() - t:.0f} s")
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("workdir")
-  app.run(main)
+  main()

@@ -129,3 +129,38 @@ def test_a_misbehaving_environment_never_stops_the_run(tmp_path):
     assert ends[f"end/{reason}"] > 0, ends
   # Two slow steps (0.5 s limit) per iteration at most, not 5 s each.
   assert all(r["time/env"] < 4 for r in records)
+
+
+def test_the_agents_study_report_on_fake_runs(tmp_path):
+  """report/agents.md has one row per algorithm with the entropy change of
+  the first and last turn; the plots are written."""
+  from experiments import study_agents  # pylint: disable=g-import-not-at-top
+  settings = study_agents.Settings(algorithms=("loop", "dapo"), seeds=(0, 1))
+  for algo, fall in (("loop", 0.5), ("dapo", 0.9)):
+    for seed in (0, 1):
+      out = study_agents.run_dir(tmp_path, algo, seed)
+      out.mkdir(parents=True)
+      (out / "baseline.json").write_text(json.dumps(
+          {"eval/entropy": 1.0, "eval/pass@1": 0.1, "eval/pass@16": 0.5}))
+      records = []
+      for i in range(10):
+        h = 1.0 - fall * i / 9
+        records.append({
+            "iteration": i, "entropy/mean": h, "entropy/change_pct":
+            100 * (h - 1), "entropy/cumulative": 0.0, "reward/mean": 0.1,
+            "agent/turns": 2.0, "entropy/turn0": h, "entropy/turn1": 1.0,
+            "mismatch/ratio_bias": 0.0, "mismatch/phantom_clipfrac_low": 0.0,
+            "mismatch/phantom_clipfrac_high": 0.0,
+            "mismatch/max_abs_diff": 0.0,
+            **({"eval/pass@1": 0.2, "eval/pass@16": 0.6, "eval/entropy": h}
+               if i == 9 else {})})
+      (out / "metrics.jsonl").write_text(
+          "".join(json.dumps(r) + "\n" for r in records))
+  text = study_agents.report(tmp_path, settings)
+  rows = {line.split(" | ")[0][2:]: line.split(" | ")
+          for line in text.splitlines()[2:]}
+  assert set(rows) == {"loop", "dapo"}
+  assert rows["loop"][9].startswith("-50.000")  # turn 0's entropy change
+  assert rows["dapo"][10].startswith("0.000")  # turn 1 did not move
+  for name in ("agents.md", "agents_entropy.png", "agents_entropy_by_turn.png"):
+    assert (tmp_path / "report" / name).is_file()
