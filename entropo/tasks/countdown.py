@@ -238,6 +238,11 @@ class Countdown(base.Task):
   def config(self) -> dict[str, Any]:
     return {"task": self.name, **dataclasses.asdict(self)}
 
+  def longest_prompt(self) -> str:
+    """Every number and the target at their most digits."""
+    return self.prompt({"numbers": [self.max_value] * self.num_count,
+                        "target": self.max_target})
+
   def prompt(self, problem: Mapping[str, Any]) -> str:
     numbers = " ".join(str(int(x)) for x in problem["numbers"])
     return f"{numbers}>{int(problem['target'])}:"

@@ -133,6 +133,7 @@ class Algorithm:
     """The algorithm of an `algo` config section; raises naming a field."""
     for field in ("dual_clip", "tis_cap", "norm"):
       _check_number(field, algo[field], allow_zero=True)
+    _check_ranges(algo)
     _check_choice("entropy_control", algo.entropy_control, ENTROPY_CONTROL)
     _check_choice("zeta_law", algo.zeta_law,
                   controllers_lib.ZetaController.LAWS)
@@ -247,6 +248,35 @@ class Algorithm:
       loss = loss + kl
       metrics.update(kl_metrics)
     return loss, metrics
+
+
+# Fields of `algo` checked by `_check_ranges` alone: (low, high, open at
+# low); None is unbounded.
+_RANGES = {
+    "clip_cov_ratio": (0, 1, True), "kl_cov_ratio": (0, 1, True),
+    "kl_cov_coef": (0, None, False), "target_scale": (0, None, True),
+    "zeta_kp": (0, None, False), "zeta_ki": (0, None, False),
+    "clip_high_kp": (0, None, False), "clip_high_ki": (0, None, False),
+    "clip_high_factor": (1, None, True), "entropy_coef_max": (0, None, False),
+    "entropy_coef_delta": (0, None, True),
+    "entropy_coef_law_lr": (0, None, True),
+    # Checked here even when their controller is off (the controllers check
+    # how they order when on).
+    "zeta_init": (None, None, False), "zeta_min": (0, None, True),
+    "zeta_max": (0, None, True), "clip_high_min": (0, None, False),
+    "clip_high_max": (0, None, True),
+}
+_BOOLS = ("dynamic_sampling", "repo_positive_only", "repo_sign_clamp",
+          "adapo", "zeta_sign_flip")
+
+
+def _check_ranges(algo) -> None:
+  """The booleans and the numeric fields of `_RANGES`, naming the field."""
+  for field in _BOOLS:
+    validation.check_bool(f"algo.{field}", algo[field])
+  for field, (low, high, low_open) in _RANGES.items():
+    validation.check_range(f"algo.{field}", algo[field], low, high,
+                           low_open=low_open)
 
 
 def _controllers(algo) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import ml_collections
 
 from entropo import tasks as tasks_lib
 from entropo.training import sections as sections_lib
+from entropo.training import validation
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -159,7 +160,23 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
 
 def validate(config: ConfigDict) -> sections_lib.RunConfig:
   """The typed config; raises ValueError naming the first invalid field."""
+  _check_known(config, {"seed", "precision", "algo",
+                        *sections_lib.SECTIONS}, "")
+  _check_known(config.algo, _algo_defaults(), "algo.")
+  try:
+    algorithm(config.algo.name)
+  except ValueError as e:
+    validation.fail("algo.name", str(e))
   return sections_lib.RunConfig.from_config(config)
+
+
+def _check_known(values, known, prefix: str) -> None:
+  """Every key of `values` is one of `known` (else: did you mean)."""
+  unknown = sorted(set(values.keys()) - set(known))
+  if unknown:
+    validation.fail(f"{prefix}{unknown[0]}", f"no such field"
+                    f"{validation.did_you_mean(unknown[0], known)}; the "
+                    f"fields are {sorted(known)}")
 
 
 # The fields a run resumed in its workdir may change without
