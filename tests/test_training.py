@@ -699,6 +699,53 @@ def test_skip_non_finite_skips_and_counts(resumed, monkeypatch):
   assert Trainer(c, workdir).meta["skipped_minibatches"] == 1
 
 
+def _adam_with_b2_one(trainer):
+  """Gives `trainer` AdamW with b2 = 1: finite losses and gradients, but
+  NaN updates (the bias correction divides 0 by 1 - b2^t = 0)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  c = trainer.config
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(1e-4, b1=0.9, b2=1.0))
+  trainer.learner = step_lib.Learner(
+      trainer.graphdef, trainer.algorithm, optimizer,
+      max_new_tokens=c.sampling.max_new_tokens,
+      group_size=c.sampling.group_size)
+
+
+def test_a_non_finite_update_is_caught_before_it_is_applied(resumed):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  _adam_with_b2_one(trainer)
+  with pytest.raises(NonFiniteError, match="Non-finite update: the "
+                     "parameters or optimizer state after the update of "
+                     "iteration 4 \\(epoch 0, minibatch 0\\) are "
+                     "non-finite, with a finite loss and gradient norm.*not "
+                     "applied; stopping. The latest checkpoint, iteration 4 "
+                     "in .*checkpoints, is good"):
+    trainer.run()
+  assert all(np.isfinite(x).all()
+             for x in jax.tree.leaves(trainer.state["params"]))
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_a_non_finite_update_before_any_checkpoint_says_so(
+    init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  trainer = Trainer(c, tmp_path)
+  _adam_with_b2_one(trainer)
+  with pytest.raises(NonFiniteError, match="iteration 0 .*No checkpoint was "
+                     "written yet \\(the first is at iteration 2"):
+    trainer.run()
+  c.train.skip_non_finite = True
+  trainer = Trainer(c, tmp_path)
+  _adam_with_b2_one(trainer)
+  with pytest.warns(UserWarning, match="skipping the update: the parameters "
+                    "or optimizer state after the update of iteration 0"):
+    trainer.run()
+  assert _records(tmp_path)[-1]["train/skipped_minibatches_total"] == 2
+
+
 def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
   from entropo import tasks  # pylint: disable=g-import-not-at-top
   from entropo.models import from_pretrained  # pylint: disable=g-import-not-at-top

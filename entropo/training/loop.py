@@ -160,7 +160,7 @@ class Trainer:
     NaN/inf parameter or optimizer moment."""
     guards.check_finite_state(
         {k: self.state[k] for k in ("params", "opt_state", "controllers")},
-        self.meta["iteration"] - 1, self.checkpointer.directory)
+        self.meta["iteration"] - 1, self.checkpoint_note)
     self.meta["data_state"] = self.data_iter.get_state()
     self.checkpointer.save(self.meta["iteration"], self.state,
                            json.loads(json.dumps(self.meta)))
@@ -216,8 +216,13 @@ class Trainer:
             self.state["params"], self.state["opt_state"], mb, hyper, sub,
             self.frozen)
         metrics = {k: float(v) for k, v in metrics.items()}
+        state_finite = metrics.pop(step_lib.STATE_FINITE, 1.0) == 1.0
         where = f"epoch {epoch}, minibatch {m}"
-        if self._non_finite(metrics, ("loss", "grad_norm"), where):
+        if self._non_finite(metrics, ("loss", "grad_norm"), where) or (
+            not state_finite and guards.non_finite_update(
+                iteration=self.meta["iteration"], where=where,
+                skip=self.config.train.skip_non_finite,
+                checkpoints=self.checkpoint_note)):
           skipped += 1  # the update is not applied
           continue
         self.state["params"], self.state["opt_state"] = params, opt_state
@@ -238,7 +243,13 @@ class Trainer:
     return guards.non_finite(
         metrics, names, iteration=self.meta["iteration"], where=where,
         skip=self.config.train.skip_non_finite,
-        checkpoints=self.checkpointer.directory)
+        checkpoints=self.checkpoint_note)
+
+  def checkpoint_note(self) -> str:
+    """What a rerun would resume from (for the guards' messages)."""
+    return guards.checkpoint_note(self.checkpointer.directory,
+                                  self.checkpointer.latest_step(),
+                                  self.config.train.checkpoint_every)
 
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
