@@ -484,6 +484,30 @@ def test_lora_resume_equals_an_uninterrupted_run(init_from, data_dir,
   merged = entropo.models.from_pretrained(tmp_path / "merged")
   np.testing.assert_allclose(np.asarray(merged.logits(tokens)), want,
                              rtol=1e-5, atol=1e-5)
+  _check_load_policy_reads_the_run(c, tmp_path, tokens, want)
+
+
+def _check_load_policy_reads_the_run(c, tmp_path, tokens, want):
+  """`load_policy(workdir)` uses the run's config.json; a config that
+  differs from it is refused naming each field, before any work."""
+  policy, _ = load_policy(tmp_path / "split")
+  np.testing.assert_array_equal(np.asarray(policy.logits(tokens)), want)
+  # The same folder spelt relative to the working directory is no change.
+  relative = c.copy_and_resolve_references()
+  relative.model.init_from = os.path.relpath(c.model.init_from)
+  load_policy(relative, tmp_path / "split")
+  for field, value, change in [
+      ("lora_alpha", 32.0, "model.lora_alpha: 8.0 -> 32.0"),
+      ("lora_rank", 0, "model.lora_rank: 4 -> 0"),
+      ("init_from", "", "model.init_from: '.*' -> ''")]:
+    wrong = c.copy_and_resolve_references()
+    wrong.model[field] = value
+    with pytest.raises(ValueError, match=f"differs from the run's in .*"
+                       f"config.json \\(run's -> given\\):\n  {change}"):
+      load_policy(wrong, tmp_path / "split")
+  assert not (tmp_path / "split" / "warm_start").exists()  # nothing trained
+  with pytest.raises(ValueError, match="holds no run: no config.json"):
+    load_policy(tmp_path / "adapter")
 
 
 def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):

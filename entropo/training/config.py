@@ -10,6 +10,7 @@ resumed run may change; `config_changes` finds the others.
 """
 
 import json
+import os
 
 import ml_collections
 
@@ -219,7 +220,20 @@ def config_changes(saved: dict, config: ConfigDict) -> list[str]:
   new = _flatten(json.loads(config.to_json_best_effort()))
   return [f"{field}: {old[field]!r} -> {new[field]!r}"
           for field in sorted(old.keys() & new.keys())
-          if field not in RESUMABLE and old[field] != new[field]]
+          if field not in RESUMABLE and _differ(field, old[field],
+                                                new[field])]
+
+
+# Fields that hold a path: a relative and an absolute spelling of one
+# folder are the same value.
+_PATHS = ("model.init_from", "data.data_dir", "task.path")
+
+
+def _differ(field: str, old, new) -> bool:
+  if field in _PATHS and old and new and isinstance(old, str) and (
+      isinstance(new, str)):
+    return os.path.realpath(old) != os.path.realpath(new)
+  return old != new
 
 
 def make_task(task_config) -> tasks_lib.Task:
