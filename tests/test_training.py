@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+import textwrap
 import time
 
 import jax
@@ -508,6 +509,23 @@ def _check_load_policy_reads_the_run(c, tmp_path, tokens, want):
   assert not (tmp_path / "split" / "warm_start").exists()  # nothing trained
   with pytest.raises(ValueError, match="holds no run: no config.json"):
     load_policy(tmp_path / "adapter")
+  # docs/training.md's hand-off runs as written, outside the repository.
+  doc = (ROOT / "docs" / "training.md").read_text().split("## LoRA")[1]
+  code = textwrap.dedent(re.search(r"```python\n(.*?)```", doc,
+                                   re.S).group(1))
+  code = code.replace("/tmp/entropo/gsm8k_lora", str(tmp_path / "split"))
+  for name in ("adapter", "merged"):
+    code = code.replace(f"/tmp/{name}", f"{tmp_path}/doc_{name}")
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    exec(compile(code, "docs/training.md", "exec"), {})  # pylint: disable=exec-used
+  finally:
+    os.chdir(cwd)
+  for name in ("doc_adapter/adapter_model.safetensors",
+               "doc_merged/model.safetensors", "doc_merged/tokenizer.json"):
+    mode = (tmp_path / name).stat().st_mode & 0o777
+    assert mode & 0o044 == 0o044, (name, oct(mode))  # not private
 
 
 def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
