@@ -5,6 +5,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -786,6 +787,76 @@ def test_a_non_finite_update_before_any_checkpoint_says_so(
                     "or optimizer state after the update of iteration 0"):
     trainer.run()
   assert _records(tmp_path)[-1]["train/skipped_minibatches_total"] == 2
+
+
+def test_ctrl_c_during_a_save_finishes_it_and_says_so(init_from, data_dir,
+                                                     tmp_path, monkeypatch,
+                                                     capsys):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  trainer = Trainer(c, tmp_path)
+  save = trainer.checkpointer.save
+
+  def interrupted_save(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the save starts
+    save(*args)
+
+  monkeypatch.setattr(trainer.checkpointer, "save", interrupted_save)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.run()
+  assert ("interrupted while saving the checkpoint of iteration 2; finished "
+          "the save first" in capsys.readouterr().out)
+  assert Trainer(c, tmp_path).meta["iteration"] == 2
+
+
+def test_ctrl_c_during_an_iteration_saves_the_state_before_it(
+    resumed, monkeypatch, capsys):
+  c, workdir = resumed  # checkpoints at 2 and 4, continuing to 6
+  for calls, line in [(2, "interrupted in iteration 5; saved the state "
+                       "before it"),
+                      (1, "interrupted in iteration 5; the checkpoint of the "
+                       "state before it exists already")]:
+    trainer = Trainer(c, workdir)
+    iteration, count = trainer.iteration, []
+
+    def interrupted(iteration=iteration, count=count, calls=calls):
+      count.append(1)
+      if len(count) == calls:
+        raise KeyboardInterrupt
+      return iteration()
+
+    monkeypatch.setattr(trainer, "iteration", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+      trainer.run()
+    assert line in capsys.readouterr().out
+    assert Trainer(c, workdir).meta["iteration"] == 5
+
+
+def test_ctrl_c_in_the_warm_start_says_it_starts_over(tmp_path, monkeypatch,
+                                                       capsys):
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
+  stale = tmp_path / "warm_start.tmp-999999999"  # a killed process's
+  stale.mkdir()
+  c = tiny_config()
+  calls = []
+
+  def step(*args):
+    calls.append(1)
+    if len(calls) == 3:
+      raise KeyboardInterrupt
+    return sft_step(*args)
+
+  sft_step = step_lib.sft_step
+  monkeypatch.setattr(step_lib, "sft_step", step)
+  with pytest.raises(KeyboardInterrupt):
+    warm_start.warm_start(c, config_lib.make_task(c.task),
+                          tasks.char_tokenizer(), tmp_path / "warm_start")
+  out = capsys.readouterr().out
+  assert f"removing {stale}" in out and not stale.exists()
+  assert "interrupted in the warm start at step 2 of 40; it is not " in out
+  assert not (tmp_path / "warm_start").exists()
 
 
 def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):

@@ -12,10 +12,15 @@ configs on resume.
   moments or controller states.
 * `check_resume` refuses to continue a run with another config, listing
   each changed field (docs/training.md, "When things go wrong").
+* `held_interrupts` holds a Ctrl-C during a checkpoint save, so the save
+  completes before the run stops.
 """
 
+import contextlib
 import json
 import pathlib
+import signal
+import threading
 
 import numpy as np
 
@@ -131,3 +136,20 @@ def check_resume(config, workdir) -> None:
       f"another --workdir, or resume with the new values with "
       f"--allow_config_change (--config.train.allow_config_change=True). "
       f"These may change on resume: {', '.join(config_lib.RESUMABLE)}.")
+
+
+@contextlib.contextmanager
+def held_interrupts():
+  """Holds a Ctrl-C (SIGINT) that arrives inside the block: yields a list
+  that gets an entry per interrupt held, so the caller can finish what it
+  is doing (a checkpoint save) and then stop, saying so. Outside the main
+  thread (where signals cannot be handled) it holds nothing."""
+  held: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield held
+    return
+  previous = signal.signal(signal.SIGINT, lambda *_: held.append(1))
+  try:
+    yield held
+  finally:
+    signal.signal(signal.SIGINT, previous)

@@ -358,7 +358,7 @@ class Trainer:
           metrics["time/eval"] = time.perf_counter() - t
         logger.write(it, metrics)
         if (it + 1) % c.train.checkpoint_every == 0 or last:
-          self.save()
+          self._save_through_interrupt()
     finally:
       self.checkpointer.close()
       logger.close()
@@ -369,6 +369,22 @@ class Trainer:
       logger_lib.log(f"plots: {', '.join(str(f) for f in files)}")
     return metrics
 
+  def _save_through_interrupt(self) -> None:
+    """`save()`, finishing the checkpoint when a Ctrl-C arrives during it;
+    then stops (KeyboardInterrupt), saying the checkpoint is complete."""
+    with guards.held_interrupts() as held:
+      self.save()
+      if held:
+        self.checkpointer.wait()
+    if held:
+      self.checkpointer.wait()
+      logger_lib.log(
+          f"interrupted while saving the checkpoint of iteration "
+          f"{self.meta['iteration']}; finished the save first "
+          f"({self.checkpointer.directory / str(self.meta['iteration'])}), "
+          f"so a rerun resumes from it")
+      raise KeyboardInterrupt
+
   def _guarded_iteration(self) -> dict[str, float]:
     """`iteration()`; on KeyboardInterrupt, saves the state before it."""
     snapshot = (dict(self.state), dict(self.meta), self.data_iter.get_state())
@@ -377,9 +393,16 @@ class Trainer:
     except KeyboardInterrupt:
       self.state, self.meta = snapshot[0], snapshot[1]
       self.data_iter.set_state(snapshot[2])
-      self.save()
-      logger_lib.log(f"interrupted in iteration {self.meta['iteration']}; "
-                     f"saved the state before it")
+      it = self.meta["iteration"]
+      if self.checkpointer.latest_step() == it:
+        logger_lib.log(f"interrupted in iteration {it}; the checkpoint of "
+                       f"the state before it exists already")
+        raise
+      with guards.held_interrupts():
+        self.save()
+        self.checkpointer.wait()
+      logger_lib.log(f"interrupted in iteration {it}; saved the state "
+                     f"before it ({self.checkpointer.directory / str(it)})")
       raise
 
 

@@ -57,6 +57,7 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   version, or damaged: `incomplete_reason`) is rebuilt with a warning.
   """
   directory = pathlib.Path(directory)
+  _remove_stale_temporaries(directory)
   if directory.exists():
     why = incomplete_reason(directory)
     if why is None:
@@ -81,14 +82,21 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   losses = []
   bar = tqdm.tqdm(range(ws.steps), desc="warm start", unit="step",
                   disable=jax.process_index() != 0, dynamic_ncols=True)
-  for i in bar:
-    b = next(batches)
-    params, opt_state, loss = step_lib.sft_step(
-        graphdef, optimizer, params, opt_state, jnp.asarray(b["tokens"]),
-        jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
-    losses.append(float(loss))
-    if i % 20 == 0:
-      bar.set_postfix(loss=f"{losses[-1]:.3f}")
+  try:
+    for i in bar:
+      b = next(batches)
+      params, opt_state, loss = step_lib.sft_step(
+          graphdef, optimizer, params, opt_state, jnp.asarray(b["tokens"]),
+          jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
+      losses.append(float(loss))
+      if i % 20 == 0:
+        bar.set_postfix(loss=f"{losses[-1]:.3f}")
+  except KeyboardInterrupt:
+    bar.close()
+    logger_lib.log(f"interrupted in the warm start at step {len(losses)} of "
+                   f"{ws.steps}; it is not checkpointed (it takes about a "
+                   f"minute), so a rerun trains it again from step 0")
+    raise
   nnx.update(model, params)
   tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
@@ -104,6 +112,26 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   final = f", final loss {losses[-1]:.4f}" if losses else ""
   logger_lib.log(f"warm start: {ws.steps} steps{final} -> {directory}")
   return directory
+
+
+def _remove_stale_temporaries(directory: pathlib.Path) -> None:
+  """Removes `<directory>.tmp-<pid>` folders of processes that are gone (a
+  kill between writing the warm start and renaming it leaves one)."""
+  for tmp in directory.parent.glob(f"{directory.name}.tmp-*"):
+    pid = tmp.name.rsplit("-", 1)[1]
+    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+      logger_lib.log(f"removing {tmp}, left by an interrupted warm start")
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's process
+  return True
 
 
 def incomplete_reason(directory) -> str | None:
