@@ -1,5 +1,6 @@
 """The RL trainer: presets, controllers, resume, sharding, failures."""
 
+import importlib
 import json
 import os
 import pathlib
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -1169,3 +1171,40 @@ def test_gsm8k_config_names_what_is_missing(tmp_path):
     (tmp_path / name).write_text("{}")
   validate(c)
   assert c.precision == "bf16_fp32_head" and c.algo.repo == "repo_r"
+
+
+@pytest.mark.parametrize("algo,inert", [
+    ("adapo", "ADAPO's adapted epsilon_high"), ("dapo", "asymmetric band"),
+    ("gspo", "gspo's band"), ("grpo", None), ("rloo", None)])
+def test_a_band_that_cannot_bind_is_reported(algo, inert):
+  # (entropo.training.algorithm is also the name of a config function.)
+  algorithm_lib = importlib.import_module("entropo.training.algorithm")
+  c = tiny_config(algo)
+  message = algorithm_lib.inert_band(
+      algorithm_lib.Algorithm.from_config(c.algo))
+  if inert is None:
+    assert message is None
+    return
+  assert inert in message and "every importance ratio is 1" in message
+  c.algo.minibatches = 4  # several optax steps per batch: the band binds
+  assert algorithm_lib.inert_band(
+      algorithm_lib.Algorithm.from_config(c.algo)) is None
+
+
+def test_a_band_that_never_clipped_is_reported():
+  # (entropo.training.algorithm is also the name of a config function.)
+  algorithm_lib = importlib.import_module("entropo.training.algorithm")
+  c = tiny_config("dapo")
+  c.algo.minibatches = 4
+  trainer = Trainer.__new__(Trainer)  # only the counters are needed
+  trainer.algorithm = algorithm_lib.Algorithm.from_config(c.algo)
+  trainer.clipping = {"iterations": 0, "clipped": False}
+  for _ in range(10):
+    trainer._count_clipping({"pg/clipfrac_high": 0.0,  # pylint: disable=protected-access
+                             "pg/clipfrac_low": 0.0})
+  with pytest.warns(UserWarning, match="clipped no token in 10 iterations"):
+    trainer._warn_if_never_clipped()  # pylint: disable=protected-access
+  trainer._count_clipping({"pg/clipfrac_high": 0.01})  # pylint: disable=protected-access
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    trainer._warn_if_never_clipped()  # pylint: disable=protected-access

@@ -317,3 +317,44 @@ def _controllers(algo) -> dict[str, Any]:
   except ValueError as e:
     _fail("entropy_coef_max", str(e))
   return out
+
+
+# Objectives whose ratio band (`clip_low` / `clip_high`) shapes the update.
+CLIPPED_OBJECTIVES = ("ppo", "gspo", "gspo_token")
+
+
+def on_policy_single_step(algorithm: Algorithm) -> bool:
+  """One optax step per batch (epochs = minibatches = 1) with the old
+  log-probs recomputed by the trainer: pi_old is the policy being updated,
+  so every importance ratio is exactly 1 and no band ever clips."""
+  return (algorithm.epochs * algorithm.minibatches == 1
+          and algorithm.old_logps == "trainer")
+
+
+def inert_band(algorithm: Algorithm) -> str | None:
+  """Why `algorithm`'s distinguishing band never binds, or None.
+
+  Only for bands that make a preset what it is (an asymmetric clip-higher
+  such as DAPO's, ADAPO's adapted epsilon_high, GSPO's narrow band, a dual
+  clip): under `on_policy_single_step` they change nothing, and presets
+  that differ only there train the same run. GRPO's symmetric clip, inert
+  in the same way, is the usual one-step GRPO and is not reported.
+  """
+  if (algorithm.objective not in CLIPPED_OBJECTIVES
+      or not on_policy_single_step(algorithm)):
+    return None
+  if "clip_high" in algorithm.controllers:
+    what = "ADAPO's adapted epsilon_high"
+  elif algorithm.objective != "ppo":
+    what = f"{algorithm.objective}'s band"
+  elif algorithm.initial["clip_high"] != algorithm.clip_low:
+    what = "the asymmetric band (clip_high != clip_low)"
+  elif algorithm.dual_clip is not None:
+    what = "the dual clip"
+  else:
+    return None
+  return (f"algo {algorithm.name!r}: with algo.epochs = algo.minibatches = 1 "
+          f"and old log-probs from the trainer every importance ratio is 1, "
+          f"so {what} never clips and changes nothing (countdown.py:adapo "
+          f"and :dapo train the same run); for a band that binds take "
+          f"several optax steps per batch, e.g. --config.algo.minibatches=4")

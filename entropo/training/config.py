@@ -61,6 +61,10 @@ ALGORITHMS = {
     "loop": dict(advantage="rloo", clip_low=0.1, clip_high=0.1,
                  band="reciprocal", agg="token_mean"),
     # DAPO (Yu et al.): clip-higher, token-level loss, dynamic sampling.
+    # Its band, like ADAPO's and GSPO's, binds only with several optax steps
+    # per batch (algo.epochs or algo.minibatches > 1): at the defaults (one
+    # step) every ratio is 1 and the band changes nothing, so dapo and adapo
+    # train the same run; the trainer warns (algorithm.inert_band).
     "dapo": dict(clip_high=0.28, agg="token_mean", dynamic_sampling=True),
     # GSPO (Zheng et al.): sequence-level ratio, very narrow band.
     "gspo": dict(objective="gspo", clip_low=3e-4, clip_high=4e-4),

@@ -46,6 +46,11 @@ from flax import nnx
 from entropo import sharding
 from entropo.models import Transformer
 from entropo.tasks import pipeline
+# (Not `from entropo.training import algorithm`: the package exports the
+# config's `algorithm` function under that name.)
+from entropo.training.algorithm import CLIPPED_OBJECTIVES
+from entropo.training.algorithm import inert_band
+from entropo.training.algorithm import on_policy_single_step
 from entropo.training import checkpoint as checkpoint_lib
 from entropo.training import config as config_lib
 from entropo.training import datasets
@@ -116,6 +121,8 @@ class Trainer:
         self.workdir / "checkpoints",
         max_to_keep=config.train.max_checkpoints)
     self._restore()
+    # Iterations of this launch, and whether any clipped a token.
+    self.clipping = {"iterations": 0, "clipped": False}
 
   # -- setup
 
@@ -332,6 +339,9 @@ class Trainer:
     returns the metrics of its last logged iteration.
     """
     c = self.config
+    inert = inert_band(self.algorithm)
+    if inert:
+      logger_lib.warn(inert)
     logger = logger_lib.MetricLogger(
         self.workdir, total=c.train.iterations, start=self.meta["iteration"],
         tensorboard=c.train.tensorboard, progress=c.train.progress,
@@ -357,17 +367,39 @@ class Trainer:
           metrics.update(self.evaluate())
           metrics["time/eval"] = time.perf_counter() - t
         logger.write(it, metrics)
+        self._count_clipping(metrics)
         if (it + 1) % c.train.checkpoint_every == 0 or last:
           self._save_through_interrupt()
     finally:
       self.checkpointer.close()
       logger.close()
+    self._warn_if_never_clipped()
     if c.train.plots and jax.process_index() == 0:
       files = logger_lib.plot_run(self.workdir / "metrics.jsonl",
                                   self.workdir / "plots",
                                   baseline=self.meta.get("baseline"))
       logger_lib.log(f"plots: {', '.join(str(f) for f in files)}")
     return metrics
+
+  def _count_clipping(self, metrics: dict) -> None:
+    self.clipping["iterations"] += 1
+    self.clipping["clipped"] |= any(
+        metrics.get(k, 0.0) > 0 for k in ("pg/clipfrac_high",
+                                          "pg/clipfrac_low"))
+
+  def _warn_if_never_clipped(self, at_least: int = 10) -> None:
+    """A clip-based method that clipped no token in `at_least` iterations
+    or more of this launch (when not on-policy, where that is certain and
+    `inert_band` says so at the start) had a band with no effect."""
+    a = self.algorithm
+    if (a.objective in CLIPPED_OBJECTIVES
+        and not on_policy_single_step(a)
+        and self.clipping["iterations"] >= at_least
+        and not self.clipping["clipped"]):
+      logger_lib.warn(
+          f"algo {a.name!r} clipped no token in {self.clipping['iterations']}"
+          f" iterations (pg/clipfrac_high and pg/clipfrac_low were 0): its "
+          f"band [1 - clip_low, 1 + clip_high] had no effect on this run")
 
   def _save_through_interrupt(self) -> None:
     """`save()`, finishing the checkpoint when a Ctrl-C arrives during it;
