@@ -277,6 +277,14 @@ def test_plots_have_axis_labels_and_overlay_runs(tmp_path, monkeypatch):
                                    "REPO: pass@1", "REPO: pass@4"]
   with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
     logger_lib.plot_runs([tmp_path / "one"], tmp_path / "cmp3")
+  # Workdirs that share a name keep one curve each.
+  for seed in (0, 1):
+    shutil.copytree(tmp_path / "grpo", tmp_path / f"seed{seed}" / "grpo")
+  logger_lib.plot_runs([tmp_path / "seed0/grpo", tmp_path / "seed1/grpo"],
+                       tmp_path / "cmp4")
+  assert drawn["pass_at_k"][3] == ["seed0/grpo: pass@1", "seed0/grpo: pass@4",
+                                   "seed1/grpo: pass@1", "seed1/grpo: pass@4"]
+  assert logger_lib.run_labels(["a/grpo", "b/repo"]) == ["grpo", "repo"]
 
 
 def test_sampling_steps_per_check_reaches_the_sampler(init_from, data_dir,
