@@ -230,6 +230,40 @@ def test_tensorboard_tags_spell_pass_at_k(tmp_path):
       "eval/pass_at_4", "entropy/mean"}
 
 
+def _tensorboard_steps(directory) -> list[tuple[str, int]]:
+  """`(tag, step)` of every scalar TensorBoard shows: events read file by
+  file, a SessionLog START at step s hiding the earlier events at s or
+  later (its purge rule)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  shown = []
+  for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(
+          data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        shown = [(t, s) for t, s in shown if s < event.step]
+      shown += [(v.tag, event.step) for v in event.summary.value]
+  return shown
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+  logger = logger_lib.MetricLogger(tmp_path, total=4, progress=False)
+  for i in range(4):  # a launch killed after logging 4 iterations ...
+    logger.write(i, {"reward/mean": float(i)})
+  logger.close()
+  time.sleep(1.1)  # event file names hold the second they were made
+  logger = logger_lib.MetricLogger(tmp_path, total=4, start=2,
+                                   progress=False)  # ... resumed from 2
+  for i in range(2, 4):
+    logger.write(i, {"reward/mean": 10.0 + i})
+  logger.close()
+  steps = _tensorboard_steps(tmp_path / "tensorboard")
+  assert sorted(steps) == [("reward/mean", i) for i in range(4)]
+
+
 def _write_run(workdir, entropies, pass_at_1):
   workdir.mkdir()
   logger = logger_lib.MetricLogger(workdir, total=len(entropies),

@@ -239,7 +239,11 @@ class MetricLogger:
     write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
+      # A resumed run purges the steps it writes again (those logged after
+      # its checkpoint by the launch before): TensorBoard hides events at
+      # or after `purge_step` from earlier files, so no step shows twice.
+      self._tb = tensorboardX.SummaryWriter(
+          str(self.workdir / "tensorboard"), purge_step=start or None)
     if progress:
       import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total, initial=start, desc="RL",
