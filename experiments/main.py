@@ -151,7 +151,8 @@ def main(argv):
     metrics = train(config, _WORKDIR.value)
   except KeyboardInterrupt:
     # The loop has said what it saved (or discarded); no traceback.
-    _die("[entropo] interrupted; rerun the same command to resume", 130)
+    _die("[entropo] interrupted; rerun the same command to resume from the "
+         "latest checkpoint", 130)
   summary = {k: v for k, v in metrics.items()
              if k.startswith(("eval/", "reward/mean", "entropy/change_pct"))}
   print("final:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())

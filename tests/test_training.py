@@ -1190,6 +1190,32 @@ def test_launcher_runs_a_tiny_experiment(init_from, tmp_path):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_launcher_ends_a_ctrl_c_with_one_line(init_from, tmp_path):
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
+       f"--init_from={init_from}", "--config.train.iterations=100000",
+       "--config.train.progress=False", "--config.train.plots=False"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out = []
+  for line in proc.stdout:  # wait until RL has started
+    out.append(line)
+    if "before RL" in line:
+      break
+  time.sleep(3)  # a few iterations in
+  proc.send_signal(signal.SIGINT)
+  rest, err = proc.communicate(timeout=120)
+  out = "".join(out) + rest
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+      "[entropo] interrupted; rerun the same command to resume from the "
+      "latest checkpoint")
+  assert re.search(r"interrupted (in iteration \d+|while saving)", out), out
+  assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
 def test_gsm8k_config_names_what_is_missing(tmp_path):
   from experiments.configs import gsm8k_hf  # pylint: disable=g-import-not-at-top
   c = gsm8k_hf.get_config("dapo+repo_r")
