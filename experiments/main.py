@@ -116,9 +116,11 @@ def _parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     # A misspelt --config.<field> surfaces as an AttributeError or KeyError
     # from ml_collections; say which field, and the closest one.
-    message = _unknown_override(argv) or str(e).strip().strip("'\"")
-    _die(message.replace("\\n", " ").splitlines()[0] if "Invalid config"
-         not in message else message)
+    message = _unknown_override(argv)
+    if message is None:  # absl's own message, its first line
+      message = str(e).strip().strip("'\"").replace("\\n", " ")
+      message = message.splitlines()[0]
+    _die(message)
 
 
 def main(argv):

@@ -6,8 +6,8 @@
 draws `entropy.png`, `reward.png`, `entropy_eval.png` and `pass_at_k.png`
 under `--out`, one curve per run and metric, labelled by the workdir's
 name (or its last path parts where names repeat: `seed0/grpo`,
-`seed1/grpo`); `label=<workdir>` sets a label (`GRPO=/tmp/entropo/grpo`). Each run's
-own plots are in `<workdir>/plots`.
+`seed1/grpo`); `label=<workdir>` sets a label (`GRPO=/tmp/entropo/grpo`).
+Each run's own plots are in `<workdir>/plots`.
 """
 
 from absl import app
