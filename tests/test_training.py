@@ -1203,7 +1203,7 @@ def test_launcher_ends_a_ctrl_c_with_one_line(init_from, tmp_path):
     out.append(line)
     if "before RL" in line:
       break
-  time.sleep(3)  # a few iterations in
+  time.sleep(1)  # into the first iterations
   proc.send_signal(signal.SIGINT)
   rest, err = proc.communicate(timeout=120)
   out = "".join(out) + rest
