@@ -876,31 +876,42 @@ def test_ctrl_c_during_an_iteration_saves_the_state_before_it(
     assert Trainer(c, workdir).meta["iteration"] == 5
 
 
-def test_ctrl_c_in_the_warm_start_says_it_starts_over(tmp_path, monkeypatch,
-                                                       capsys):
+def test_ctrl_c_in_the_warm_start_keeps_its_progress(tmp_path, monkeypatch,
+                                                     capsys):
+  """A warm start interrupted at step 10 (a Ctrl-C: SIGINT) or 25 (an
+  interrupt raised in the step), then rerun, equals one never interrupted:
+  the same losses and the same weights."""
   from entropo import tasks  # pylint: disable=g-import-not-at-top
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
-  stale = tmp_path / "warm_start.tmp-999999999"  # a killed process's
+  stale = tmp_path / "split.tmp-999999999"  # a killed process's
   stale.mkdir()
   c = tiny_config()
-  calls = []
+  task, tok = config_lib.make_task(c.task), tasks.char_tokenizer()
+  whole = warm_start.warm_start(c, task, tok, tmp_path / "whole")
+  sft_step, calls = step_lib.sft_step, []
 
   def step(*args):
     calls.append(1)
-    if len(calls) == 3:
+    if len(calls) == 10:
+      os.kill(os.getpid(), signal.SIGINT)  # held until this step is done
+    if len(calls) == 10 + 16:
       raise KeyboardInterrupt
     return sft_step(*args)
 
-  sft_step = step_lib.sft_step
   monkeypatch.setattr(step_lib, "sft_step", step)
-  with pytest.raises(KeyboardInterrupt):
-    warm_start.warm_start(c, config_lib.make_task(c.task),
-                          tasks.char_tokenizer(), tmp_path / "warm_start")
-  out = capsys.readouterr().out
-  assert f"removing {stale}" in out and not stale.exists()
-  assert "interrupted in the warm start at step 2 of 40; it is not " in out
-  assert not (tmp_path / "warm_start").exists()
+  for stopped_at in (10, 25):
+    with pytest.raises(KeyboardInterrupt):
+      warm_start.warm_start(c, task, tok, tmp_path / "split")
+    out = capsys.readouterr().out
+    assert (f"interrupted in the warm start at step {stopped_at} of 40; "
+            f"saved its progress to {tmp_path}/split.partial.npz") in out
+    assert not (tmp_path / "split").exists() and not stale.exists()
+  split = warm_start.warm_start(c, task, tok, tmp_path / "split")
+  assert "continuing from step 25" in capsys.readouterr().out
+  assert not (tmp_path / "split.partial.npz").exists()
+  for name in ("warm_start_loss.json", "model.safetensors"):
+    assert (whole / name).read_bytes() == (split / name).read_bytes(), name
 
 
 def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
