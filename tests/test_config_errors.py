@@ -111,6 +111,18 @@ def test_a_bad_value_fails_naming_its_field(field):
   assert "\n" not in message
 
 
+@pytest.mark.parametrize("field,value", [
+    ("optim.learning_rate", float("inf")), ("sampling.temperature",
+                                            float("nan")),
+    ("algo.kl_coef", float("inf")), ("optim.max_grad_norm", float("nan"))])
+def test_nan_and_inf_are_out_of_range(field, value):
+  c = tiny_config()
+  section, _, name = field.rpartition(".")
+  c[section][name] = value
+  with pytest.raises(ValueError, match=f"Invalid config: {field}: must be"):
+    validate(c)
+
+
 @pytest.mark.parametrize("typo,field,suggestion", [
     ("algo.clip_lo", "algo.clip_lo", "algo.clip_low"),
     ("sampling.top_p", "sampling.top_p", None),

@@ -6,6 +6,7 @@ values.
 """
 
 import difflib
+import math
 
 
 class ConfigError(ValueError):
@@ -42,10 +43,10 @@ def check_bool(field: str, value) -> None:
 
 def check_number(field: str, value, *, allow_zero: bool = False,
                  integer: bool = False) -> None:
-  """`value` is a number (an int with `integer`) > 0 (>= 0 with
+  """`value` is a finite number (an int with `integer`) > 0 (>= 0 with
   `allow_zero`); bools are not numbers here."""
   ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-  if not ok or isinstance(value, bool) or not value >= 0 or (
+  if not ok or isinstance(value, bool) or not 0 <= value < math.inf or (
       value == 0 and not allow_zero):
     kind = "an int" if integer else "a number"
     sign = ">= 0" if allow_zero else "> 0"
@@ -56,7 +57,7 @@ def check_range(field: str, value, low, high, *, low_open: bool = False,
                 high_open: bool = False, integer: bool = False) -> None:
   """`value` is a number (an int with `integer`) in the interval from `low`
   to `high` (None: unbounded), open at an end with `low_open`/`high_open`.
-  NaN is never in range."""
+  NaN and infinities are never in range."""
   kind = "an int" if integer else "a number"
   ok = isinstance(value, int) if integer else isinstance(value, (int, float))
   ok = ok and not isinstance(value, bool)
@@ -64,7 +65,7 @@ def check_range(field: str, value, low, high, *, low_open: bool = False,
     ok = value > low if low_open else value >= low
   if ok and high is not None:
     ok = value < high if high_open else value <= high
-  if ok and value != value:  # NaN
+  if ok and not math.isfinite(value):  # NaN and inf are never in range
     ok = False
   if not ok:
     left = "(" if low_open or low is None else "["
