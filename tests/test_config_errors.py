@@ -111,6 +111,23 @@ def test_a_bad_value_fails_naming_its_field(field):
   assert "\n" not in message
 
 
+def test_the_warm_start_examples_must_fit():
+  """Countdown's longest example, '12 12 12>50:' + '(11-10)*12' + EOS, is
+  23 tokens: 16 + 6 is refused before any work (the warm start failed on
+  'Example 6227' after 18 s), 16 + 7 is not."""
+  c = tiny_config()
+  c.sampling.max_new_tokens = 6
+  with pytest.raises(ValueError, match="Invalid config: "
+                     "sampling.max_new_tokens: the warm start trains on "
+                     "whole examples: .* take 23 tokens"):
+    validate(c)
+  c.sampling.max_new_tokens = 7
+  validate(c)
+  c.sampling.max_new_tokens = 6
+  c.warm_start.steps = 0  # no example is trained on
+  validate(c)
+
+
 @pytest.mark.parametrize("field,value", [
     ("optim.learning_rate", float("inf")), ("sampling.temperature",
                                             float("nan")),

@@ -116,6 +116,11 @@ class Task(abc.ABC):
     work."""
     return None
 
+  def longest_solution(self) -> int | None:
+    """An upper bound on a solution's length in characters, if known (the
+    warm start trains on whole solutions, so they must fit)."""
+    return None
+
   @property
   def config(self) -> dict[str, Any]:
     """The task's settings (recorded in dataset descriptions)."""

@@ -430,7 +430,8 @@ class RunConfig:
            f"generated in code; start {sections['task'].name} from a "
            "Hugging Face checkpoint with --init_from=<dir>")
     _check_context(sections["data"], sections["sampling"], sections["model"])
-    _check_prompts(sections["task"], sections["data"], sections["model"])
+    _check_prompts(sections["task"], sections["data"], sections["model"],
+                   sections["sampling"], sections["warm_start"])
     _check_attention(sections["model"].attention, precision,
                      config.precision)
     return cls(seed=config.seed, precision=precision, algorithm=algorithm,
@@ -466,16 +467,28 @@ def _check_attention(attention: str, precision, preset: str) -> None:
 
 
 def _check_prompts(task: TaskSection, data: DataSection,
-                   model: ModelSection) -> None:
-  """The task's longest prompt fits in `data.max_prompt_len` (tasks
-  generated in code on the character tokenizer, where it is known)."""
+                   model: ModelSection, sampling: SamplingSection,
+                   warm_start: WarmStartSection) -> None:
+  """The task's longest prompt fits in `data.max_prompt_len`, and the warm
+  start's longest example (prompt, solution, EOS) in the sequence (tasks
+  generated in code on the character tokenizer, where both are known)."""
   if model.init_from or task.file_backed:
     return
-  longest = task.make().longest_prompt()
+  made = task.make()
+  longest = made.longest_prompt()
   if longest is not None and len(longest) > data.max_prompt_len:
     fail("data.max_prompt_len", f"{data.max_prompt_len} characters do not "
          f"hold the {task.name} task's longest prompt, {longest!r} "
          f"({len(longest)} characters)")
+  solution = made.longest_solution()
+  width = data.max_prompt_len + sampling.max_new_tokens
+  if (longest is not None and solution is not None and warm_start.steps
+      and len(longest) + solution + 1 > width):
+    fail("sampling.max_new_tokens", f"the warm start trains on whole "
+         f"examples: the longest prompt ({len(longest)}), solution "
+         f"({solution}) and EOS take {len(longest) + solution + 1} tokens, "
+         f"more than data.max_prompt_len + sampling.max_new_tokens = "
+         f"{data.max_prompt_len} + {sampling.max_new_tokens}")
 
 
 def _check_batch(sampling: SamplingSection, mesh: MeshSection,
