@@ -340,7 +340,7 @@ class Trainer:
     """
     c = self.config
     inert = inert_band(self.algorithm)
-    if inert:
+    if inert and jax.process_index() == 0:
       logger_lib.warn(inert)
     logger = logger_lib.MetricLogger(
         self.workdir, total=c.train.iterations, start=self.meta["iteration"],
@@ -395,7 +395,7 @@ class Trainer:
     if (a.objective in CLIPPED_OBJECTIVES
         and not on_policy_single_step(a)
         and self.clipping["iterations"] >= at_least
-        and not self.clipping["clipped"]):
+        and not self.clipping["clipped"] and jax.process_index() == 0):
       logger_lib.warn(
           f"algo {a.name!r} clipped no token in {self.clipping['iterations']}"
           f" iterations (pg/clipfrac_high and pg/clipfrac_low were 0): its "
