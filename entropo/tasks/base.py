@@ -110,6 +110,17 @@ class Task(abc.ABC):
     raise NotImplementedError(
         f"Task {self.name!r} has no solution generator for warm starts.")
 
+  def longest_prompt(self) -> str | None:
+    """The longest prompt the task can generate, if known (None: unknown);
+    the trainer checks that it fits in `data.max_prompt_len` before any
+    work."""
+    return None
+
+  def longest_solution(self) -> int | None:
+    """An upper bound on a solution's length in characters, if known (the
+    warm start trains on whole solutions, so they must fit)."""
+    return None
+
   @property
   def config(self) -> dict[str, Any]:
     """The task's settings (recorded in dataset descriptions)."""

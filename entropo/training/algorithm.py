@@ -133,6 +133,7 @@ class Algorithm:
     """The algorithm of an `algo` config section; raises naming a field."""
     for field in ("dual_clip", "tis_cap", "norm"):
       _check_number(field, algo[field], allow_zero=True)
+    _check_ranges(algo)
     _check_choice("entropy_control", algo.entropy_control, ENTROPY_CONTROL)
     _check_choice("zeta_law", algo.zeta_law,
                   controllers_lib.ZetaController.LAWS)
@@ -249,6 +250,35 @@ class Algorithm:
     return loss, metrics
 
 
+# Fields of `algo` checked by `_check_ranges` alone: (low, high, open at
+# low); None is unbounded.
+_RANGES = {
+    "clip_cov_ratio": (0, 1, True), "kl_cov_ratio": (0, 1, True),
+    "kl_cov_coef": (0, None, False), "target_scale": (0, None, True),
+    "zeta_kp": (0, None, False), "zeta_ki": (0, None, False),
+    "clip_high_kp": (0, None, False), "clip_high_ki": (0, None, False),
+    "clip_high_factor": (1, None, True), "entropy_coef_max": (0, None, False),
+    "entropy_coef_delta": (0, None, True),
+    "entropy_coef_law_lr": (0, None, True),
+    # Checked here even when their controller is off (the controllers check
+    # how they order when on).
+    "zeta_init": (None, None, False), "zeta_min": (0, None, True),
+    "zeta_max": (0, None, True), "clip_high_min": (0, None, False),
+    "clip_high_max": (0, None, True),
+}
+_BOOLS = ("dynamic_sampling", "repo_positive_only", "repo_sign_clamp",
+          "adapo", "zeta_sign_flip")
+
+
+def _check_ranges(algo) -> None:
+  """The booleans and the numeric fields of `_RANGES`, naming the field."""
+  for field in _BOOLS:
+    validation.check_bool(f"algo.{field}", algo[field])
+  for field, (low, high, low_open) in _RANGES.items():
+    validation.check_range(f"algo.{field}", algo[field], low, high,
+                           low_open=low_open)
+
+
 def _controllers(algo) -> dict[str, Any]:
   """`{hyperparameter: controller}` of the controllers `algo` enables.
 
@@ -287,3 +317,44 @@ def _controllers(algo) -> dict[str, Any]:
   except ValueError as e:
     _fail("entropy_coef_max", str(e))
   return out
+
+
+# Objectives whose ratio band (`clip_low` / `clip_high`) shapes the update.
+CLIPPED_OBJECTIVES = ("ppo", "gspo", "gspo_token")
+
+
+def on_policy_single_step(algorithm: Algorithm) -> bool:
+  """One optax step per batch (epochs = minibatches = 1) with the old
+  log-probs recomputed by the trainer: pi_old is the policy being updated,
+  so every importance ratio is exactly 1 and no band ever clips."""
+  return (algorithm.epochs * algorithm.minibatches == 1
+          and algorithm.old_logps == "trainer")
+
+
+def inert_band(algorithm: Algorithm) -> str | None:
+  """Why `algorithm`'s distinguishing band never binds, or None.
+
+  Only for bands that make a preset what it is (an asymmetric clip-higher
+  such as DAPO's, ADAPO's adapted epsilon_high, GSPO's narrow band, a dual
+  clip): under `on_policy_single_step` they change nothing, and presets
+  that differ only there train the same run. GRPO's symmetric clip, inert
+  in the same way, is the usual one-step GRPO and is not reported.
+  """
+  if (algorithm.objective not in CLIPPED_OBJECTIVES
+      or not on_policy_single_step(algorithm)):
+    return None
+  if "clip_high" in algorithm.controllers:
+    what = "ADAPO's adapted epsilon_high"
+  elif algorithm.objective != "ppo":
+    what = f"{algorithm.objective}'s band"
+  elif algorithm.initial["clip_high"] != algorithm.clip_low:
+    what = "the asymmetric band (clip_high != clip_low)"
+  elif algorithm.dual_clip is not None:
+    what = "the dual clip"
+  else:
+    return None
+  return (f"algo {algorithm.name!r}: with algo.epochs = algo.minibatches = 1 "
+          f"and old log-probs from the trainer every importance ratio is 1, "
+          f"so {what} never clips and changes nothing (countdown.py:adapo "
+          f"and :dapo train the same run); for a band that binds take "
+          f"several optax steps per batch, e.g. --config.algo.minibatches=4")

@@ -10,11 +10,13 @@ resumed run may change; `config_changes` finds the others.
 """
 
 import json
+import os
 
 import ml_collections
 
 from entropo import tasks as tasks_lib
 from entropo.training import sections as sections_lib
+from entropo.training import validation
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -59,6 +61,10 @@ ALGORITHMS = {
     "loop": dict(advantage="rloo", clip_low=0.1, clip_high=0.1,
                  band="reciprocal", agg="token_mean"),
     # DAPO (Yu et al.): clip-higher, token-level loss, dynamic sampling.
+    # Its band, like ADAPO's and GSPO's, binds only with several optax steps
+    # per batch (algo.epochs or algo.minibatches > 1): at the defaults (one
+    # step) every ratio is 1 and the band changes nothing, so dapo and adapo
+    # train the same run; the trainer warns (algorithm.inert_band).
     "dapo": dict(clip_high=0.28, agg="token_mean", dynamic_sampling=True),
     # GSPO (Zheng et al.): sequence-level ratio, very narrow band.
     "gspo": dict(objective="gspo", clip_low=3e-4, clip_high=4e-4),
@@ -159,7 +165,23 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
 
 def validate(config: ConfigDict) -> sections_lib.RunConfig:
   """The typed config; raises ValueError naming the first invalid field."""
+  _check_known(config, {"seed", "precision", "algo",
+                        *sections_lib.SECTIONS}, "")
+  _check_known(config.algo, _algo_defaults(), "algo.")
+  try:
+    algorithm(config.algo.name)
+  except ValueError as e:
+    validation.fail("algo.name", str(e))
   return sections_lib.RunConfig.from_config(config)
+
+
+def _check_known(values, known, prefix: str) -> None:
+  """Every key of `values` is one of `known` (else: did you mean)."""
+  unknown = sorted(set(values.keys()) - set(known))
+  if unknown:
+    validation.fail(f"{prefix}{unknown[0]}", f"no such field"
+                    f"{validation.did_you_mean(unknown[0], known)}; the "
+                    f"fields are {sorted(known)}")
 
 
 # The fields a run resumed in its workdir may change without
@@ -202,7 +224,20 @@ def config_changes(saved: dict, config: ConfigDict) -> list[str]:
   new = _flatten(json.loads(config.to_json_best_effort()))
   return [f"{field}: {old[field]!r} -> {new[field]!r}"
           for field in sorted(old.keys() & new.keys())
-          if field not in RESUMABLE and old[field] != new[field]]
+          if field not in RESUMABLE and _differ(field, old[field],
+                                                new[field])]
+
+
+# Fields that hold a path: a relative and an absolute spelling of one
+# folder are the same value.
+_PATHS = ("model.init_from", "data.data_dir", "task.path")
+
+
+def _differ(field: str, old, new) -> bool:
+  if field in _PATHS and old and new and isinstance(old, str) and (
+      isinstance(new, str)):
+    return os.path.realpath(old) != os.path.realpath(new)
+  return old != new
 
 
 def make_task(task_config) -> tasks_lib.Task:

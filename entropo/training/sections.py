@@ -24,8 +24,11 @@ from entropo.models import tokenizer as tokenizer_lib
 from entropo.models import transformer as transformer_lib
 from entropo.tasks import data as data_lib
 from entropo.training import algorithm as algorithm_lib
+from entropo.training.validation import check_bool
 from entropo.training.validation import check_choice
 from entropo.training.validation import check_number
+from entropo.training.validation import check_range
+from entropo.training.validation import did_you_mean
 from entropo.training.validation import fail
 
 
@@ -55,6 +58,36 @@ class TaskSection:
       if missing:
         fail("task.path", f"{self.path} has no {' or '.join(missing)} (the "
              f"{self.name} task reads one JSONL file per split)")
+    else:
+      self.make()  # the task's own checks of its settings
+
+  def make(self) -> "tasks_lib.Task":
+    """The task; a bad setting fails naming `task.settings.<field>`."""
+    settings = self.settings
+    if hasattr(settings, "to_dict"):  # a ConfigDict
+      settings = settings.to_dict()
+    if not isinstance(settings, dict):
+      fail("task.settings", f"must be a dict of the {self.name} task's "
+           f"fields; got {settings!r}")
+    settings = dict(settings)
+    if self.file_backed:
+      settings["path"] = self.path
+    cls = tasks_lib.task_class(self.name)
+    fields = {f.name for f in dataclasses.fields(cls)
+              } if dataclasses.is_dataclass(cls) else ()
+    for key in settings:
+      if fields and key not in fields:
+        fail(f"task.settings.{key}", f"no such setting of the {self.name} "
+             f"task{did_you_mean(key, fields)}; its settings are "
+             f"{sorted(fields)}")
+    try:
+      return tasks_lib.get_task(self.name, **settings)
+    except (ValueError, TypeError) as e:
+      message = str(e)
+      named = [k for k in settings if message.startswith(k + " ")
+               or f" {k}=" in message or f"{k} must" in message]
+      fail(f"task.settings.{named[0]}" if named else "task.settings",
+           message)
 
   @property
   def file_backed(self) -> bool:
@@ -98,9 +131,7 @@ class ModelSection:
     if self.init_from:
       _check_model_dir(self.init_from)
     else:
-      for field in ("hidden_size", "intermediate_size", "num_layers",
-                    "num_heads", "num_kv_heads", "max_position_embeddings"):
-        check_number(f"model.{field}", getattr(self, field), integer=True)
+      self._check_shape()
     check_choice("model.attention", self.attention,
                  attention_lib.IMPLEMENTATIONS)
     check_number("model.attention_chunk_size", self.attention_chunk_size,
@@ -109,7 +140,7 @@ class ModelSection:
     check_choice("model.scan_layers", self.scan_layers, (False, True))
     check_number("model.lora_rank", self.lora_rank, allow_zero=True,
                  integer=True)
-    check_number("model.lora_alpha", self.lora_alpha)
+    check_range("model.lora_alpha", self.lora_alpha, 0, None, low_open=True)
     try:
       targets = lora_lib.parse_targets(self.lora_targets)
     except ValueError as e:
@@ -120,6 +151,23 @@ class ModelSection:
     if self.lora_base_dtype != "param" and not self.lora_rank:
       fail("model.lora_base_dtype", "applies to LoRA runs only "
            "(model.lora_rank > 0): trained weights keep param_dtype")
+
+  def _check_shape(self) -> None:
+    """The tiny model's shape: positive sizes, heads that divide the width
+    and each other, an even head dimension (RoPE)."""
+    for field in ("hidden_size", "intermediate_size", "num_layers",
+                  "num_heads", "num_kv_heads", "max_position_embeddings"):
+      check_number(f"model.{field}", getattr(self, field), integer=True)
+    check_range("model.rope_theta", self.rope_theta, 0, None, low_open=True)
+    if self.hidden_size % self.num_heads:
+      fail("model.num_heads", f"{self.num_heads} does not divide "
+           f"model.hidden_size={self.hidden_size}")
+    if self.num_heads % self.num_kv_heads:
+      fail("model.num_kv_heads", f"{self.num_kv_heads} does not divide "
+           f"model.num_heads={self.num_heads}")
+    if (self.hidden_size // self.num_heads) % 2:
+      fail("model.num_heads", f"the head dimension hidden_size / num_heads "
+           f"= {self.hidden_size // self.num_heads} must be even (RoPE)")
 
   def context_length(self) -> int:
     """The policy's `max_position_embeddings`: the tiny model's field, or
@@ -174,8 +222,12 @@ class WarmStartSection:
   def __post_init__(self):
     check_number("warm_start.steps", self.steps, allow_zero=True,
                  integer=True)
-    if not 0 <= self.spread <= 1:
-      fail("warm_start.spread", f"must be in [0, 1]; got {self.spread}")
+    for field in ("batch_size", "num_problems", "samples_per_problem"):
+      check_number(f"warm_start.{field}", getattr(self, field), integer=True)
+    check_range("warm_start.learning_rate", self.learning_rate, 0, None,
+                low_open=True)
+    check_range("warm_start.spread", self.spread, 0, 1)
+    check_number("warm_start.seed", self.seed, allow_zero=True, integer=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -197,6 +249,9 @@ class DataSection:
     for field in ("train_size", "eval_size", "max_prompt_len"):
       check_number(f"data.{field}", getattr(self, field), integer=True)
     check_number("data.seed", self.seed, allow_zero=True, integer=True)
+    if not isinstance(self.data_dir, str):
+      fail("data.data_dir", f"must be a path (a string); got "
+           f"{self.data_dir!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -217,7 +272,8 @@ class SamplingSection:
     for field in ("prompts_per_batch", "group_size", "max_new_tokens",
                   "steps_per_check"):
       check_number(f"sampling.{field}", getattr(self, field), integer=True)
-    check_number("sampling.temperature", self.temperature)
+    check_range("sampling.temperature", self.temperature, 0, None,
+                low_open=True)
     if self.group_size < 2:
       fail("sampling.group_size", f"group-relative advantages need >= 2 "
            f"completions per prompt; got {self.group_size}")
@@ -262,7 +318,13 @@ class OptimSection:
   max_grad_norm: float = 1.0
 
   def __post_init__(self):
-    check_number("optim.learning_rate", self.learning_rate)
+    check_range("optim.learning_rate", self.learning_rate, 0, None,
+                low_open=True)
+    check_range("optim.b1", self.b1, 0, 1, high_open=True)
+    check_range("optim.b2", self.b2, 0, 1, high_open=True)
+    check_range("optim.weight_decay", self.weight_decay, 0, None)
+    check_range("optim.max_grad_norm", self.max_grad_norm, 0, None,
+                low_open=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -292,6 +354,14 @@ class TrainSection:
     for field in ("iterations", "eval_every", "eval_samples",
                   "checkpoint_every", "log_every"):
       check_number(f"train.{field}", getattr(self, field), integer=True)
+    # 0 would keep no checkpoint: a rerun would silently start over.
+    check_number("train.max_checkpoints", self.max_checkpoints, integer=True)
+    for field in ("tensorboard", "plots", "progress", "allow_config_change",
+                  "skip_non_finite"):
+      check_bool(f"train.{field}", getattr(self, field))
+    if not isinstance(self.pass_k, (tuple, list)) or not self.pass_k or any(
+        not isinstance(k, int) or isinstance(k, bool) for k in self.pass_k):
+      fail("train.pass_k", f"must be a tuple of ints; got {self.pass_k!r}")
     if any(k > self.eval_samples or k < 1 for k in self.pass_k):
       fail("train.pass_k", f"every k must be in [1, eval_samples="
            f"{self.eval_samples}]; got {tuple(self.pass_k)}")
@@ -346,7 +416,8 @@ def _section(cls, name: str, values):
   known = {f.name for f in dataclasses.fields(cls)}
   unknown = sorted(set(values) - known)
   if unknown:
-    fail(f"{name}.{unknown[0]}", f"no such field; the fields are "
+    fail(f"{name}.{unknown[0]}", f"no such field"
+         f"{did_you_mean(unknown[0], known)}; the fields are "
          f"{sorted(known)}")
   return cls(**values)
 
@@ -371,6 +442,7 @@ class RunConfig:
   @classmethod
   def from_config(cls, config) -> "RunConfig":
     """The typed form of a `ConfigDict`; raises naming the first bad field."""
+    check_number("seed", config.seed, allow_zero=True, integer=True)
     try:
       precision = precision_lib.get_precision(config.precision)
     except ValueError as e:
@@ -393,11 +465,10 @@ class RunConfig:
     else:
       _check_context(sections["data"], sections["sampling"],
                      sections["model"])
-    try:
-      attention_lib.check_compute_dtype(sections["model"].attention,
-                                        precision.compute_dtype)
-    except ValueError as e:
-      fail("model.attention", f"{e} (precision {config.precision!r})")
+      _check_prompts(sections["task"], sections["data"], sections["model"],
+                     sections["sampling"], sections["warm_start"])
+    _check_attention(sections["model"].attention, precision,
+                     config.precision)
     return cls(seed=config.seed, precision=precision, algorithm=algorithm,
                **sections)
 
@@ -432,6 +503,45 @@ def _check_agent(sections: dict) -> None:
     fail("task.name", f"{sections['task'].name} is a multi-turn "
          "environment; its episodes are driven from one process (multi-"
          "process runs are for single-turn tasks)")
+
+
+def _check_attention(attention: str, precision, preset: str) -> None:
+  """A fused kernel runs the preset's compute dtype on this backend."""
+  try:
+    attention_lib.check_compute_dtype(attention, precision.compute_dtype)
+  except ValueError as e:
+    fail("model.attention", f"{e} (precision {preset!r})")
+  backend = jax.default_backend()
+  needs = {"cudnn": ("gpu", "cuda"), "pallas": ("tpu",)}.get(attention)
+  if needs and backend not in needs:
+    fail("model.attention", f"{attention!r} runs on {needs[0].upper()}s "
+         f"only; this process's backend is {backend!r} (use 'auto' or "
+         f"'blockwise')")
+
+
+def _check_prompts(task: TaskSection, data: DataSection,
+                   model: ModelSection, sampling: SamplingSection,
+                   warm_start: WarmStartSection) -> None:
+  """The task's longest prompt fits in `data.max_prompt_len`, and the warm
+  start's longest example (prompt, solution, EOS) in the sequence (tasks
+  generated in code on the character tokenizer, where both are known)."""
+  if model.init_from or task.file_backed:
+    return
+  made = task.make()
+  longest = made.longest_prompt()
+  if longest is not None and len(longest) > data.max_prompt_len:
+    fail("data.max_prompt_len", f"{data.max_prompt_len} characters do not "
+         f"hold the {task.name} task's longest prompt, {longest!r} "
+         f"({len(longest)} characters)")
+  solution = made.longest_solution()
+  width = data.max_prompt_len + sampling.max_new_tokens
+  if (longest is not None and solution is not None and warm_start.steps
+      and len(longest) + solution + 1 > width):
+    fail("sampling.max_new_tokens", f"the warm start trains on whole "
+         f"examples: the longest prompt ({len(longest)}), solution "
+         f"({solution}) and EOS take {len(longest) + solution + 1} tokens, "
+         f"more than data.max_prompt_len + sampling.max_new_tokens = "
+         f"{data.max_prompt_len} + {sampling.max_new_tokens}")
 
 
 def _check_batch(sampling: SamplingSection, mesh: MeshSection,

@@ -37,6 +37,11 @@ from entropo.models import lora as lora_lib
 # `attention_mask` are [B, L]).
 BATCH_KEYS = ("tokens", "attention_mask", "mask", "advantages", "old_logps",
               "ref_logps", "importance_weights")
+# The update's metric that says whether every parameter and optimizer-state
+# array after the step is finite (1) or not (0); the loop's guard reads it
+# (a finite loss and gradient can still give a NaN update, e.g. Adam's
+# bias correction with b2 = 1), and it is not logged.
+STATE_FINITE = "state_finite"
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
@@ -163,6 +168,9 @@ class Learner:
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    metrics[STATE_FINITE] = jnp.all(jnp.stack([
+        jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, opt_state))
+        if jnp.issubdtype(x.dtype, jnp.inexact)]))
     return params, opt_state, masking.scalar_metrics(metrics)
 
 
