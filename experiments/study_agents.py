@@ -36,7 +36,7 @@ class Settings:
   algorithms: tuple[str, ...] = ("grpo", "loop", "dapo", "loop+repo_r",
                                  "adapo")
   seeds: tuple[int, ...] = (0, 1, 2)
-  iterations: int = 40
+  iterations: int = 20
   minibatches: int = 4  # optimizer steps per iteration
   smoke: bool = False  # seconds-scale settings
 
@@ -50,10 +50,10 @@ def config(algo: str, directory: pathlib.Path, seed: int, s: Settings):
   c = agents.get_config(f"{s.env}:{algo}")
   c.seed = seed
   c.model.init_from = str(directory / "warm_start")
-  c.data.update(data_dir=str(directory / "data"), eval_size=64)
+  c.data.update(data_dir=str(directory / "data"), eval_size=32)
   c.algo.minibatches = s.minibatches
   iterations = s.iterations
-  c.train.update(iterations=iterations, eval_every=max(1, iterations // 4),
+  c.train.update(iterations=iterations, eval_every=max(1, iterations // 2),
                  eval_samples=16, pass_k=PASS_K, checkpoint_every=iterations,
                  max_checkpoints=1, progress=False, tensorboard=False,
                  plots=False)
