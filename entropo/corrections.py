@@ -75,7 +75,8 @@ MODES = ("none", "truncate", "mask", "reject")
 CORRECTION_LEVELS, CORRECTION_MODES = LEVELS, MODES
 
 
-def _check_settings(*, level, mode, low, high, veto, max_kl):
+def check_settings(*, level, mode, low, high, veto, max_kl) -> None:
+  """Raises ValueError naming a bad setting of `mismatch_correction`."""
   _checks.check_choice("level", level, LEVELS)
   _checks.check_choice("mode", mode, MODES)
   if mode == "truncate" and not high >= 1:
@@ -168,7 +169,7 @@ def mismatch_correction(
   _checks.check_rank("old_logps", old_logps, 2)
   _checks.check_same_shape(old_logps=old_logps, sampler_logps=sampler_logps)
   _checks.check_mask(mask, old_logps.shape)
-  _check_settings(level=level, mode=mode, low=low, high=high, veto=veto,
+  check_settings(level=level, mode=mode, low=low, high=high, veto=veto,
                   max_kl=max_kl)
   old = jax.lax.stop_gradient(old_logps.astype(jnp.float32))
   sampler = jax.lax.stop_gradient(sampler_logps.astype(jnp.float32))

@@ -209,11 +209,22 @@ class SamplingSection:
   # syncs with the host once a block, not once a token; the tokens do not
   # depend on it.
   steps_per_check: int = 16
+  # The sampler's own precision preset (entropo.PRESETS): "" samples under
+  # the trainer's `precision`. A different one samples the same weights
+  # under another recipe (entropo.models.with_precision), as a bf16 vLLM
+  # beside an fp32 trainer: the mismatch the corrections (algo.correction)
+  # and the `mismatch/*` metrics are about.
+  precision: str = ""
 
   def __post_init__(self):
     for field in ("prompts_per_batch", "group_size", "max_new_tokens",
                   "steps_per_check"):
       check_number(f"sampling.{field}", getattr(self, field), integer=True)
+    if self.precision:
+      try:
+        precision_lib.get_precision(self.precision)
+      except ValueError as e:
+        fail("sampling.precision", f"{e} (or \"\": the trainer's)")
     check_number("sampling.temperature", self.temperature)
     if self.group_size < 2:
       fail("sampling.group_size", f"group-relative advantages need >= 2 "
@@ -329,6 +340,8 @@ class RunConfig:
 
   seed: int  # shuffles the data, drives sampling
   precision: precision_lib.Precision
+  # The sampler's: `sampling.precision`, or the trainer's when "".
+  sampler_precision: precision_lib.Precision
   algorithm: algorithm_lib.Algorithm
   task: TaskSection
   model: ModelSection
@@ -359,13 +372,17 @@ class RunConfig:
            f"generated in code; start {sections['task'].name} from a "
            "Hugging Face checkpoint with --init_from=<dir>")
     _check_context(sections["data"], sections["sampling"], sections["model"])
-    try:
-      attention_lib.check_compute_dtype(sections["model"].attention,
-                                        precision.compute_dtype)
-    except ValueError as e:
-      fail("model.attention", f"{e} (precision {config.precision!r})")
-    return cls(seed=config.seed, precision=precision, algorithm=algorithm,
-               **sections)
+    sampler = precision_lib.get_precision(sections["sampling"].precision
+                                          or precision)
+    for name, policy in (("precision", precision),
+                         ("sampling.precision", sampler)):
+      try:
+        attention_lib.check_compute_dtype(sections["model"].attention,
+                                          policy.compute_dtype)
+      except ValueError as e:
+        fail("model.attention", f"{e} ({name} {policy.name!r})")
+    return cls(seed=config.seed, precision=precision,
+               sampler_precision=sampler, algorithm=algorithm, **sections)
 
 
 def _check_context(data: DataSection, sampling: SamplingSection,
