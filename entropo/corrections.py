@@ -208,8 +208,9 @@ def _correction_metrics(weights, mask, *, truncated, masked, rejected,
   w_mean = mean(weights)
   return masking.scalar_metrics({
       "corr/weight_mean": w_mean,
-      "corr/ess": masking.safe_divide(jnp.square(w_mean),
-                                      mean(jnp.square(weights))),
+      # <= 1 by Cauchy-Schwarz; the min only removes float32 rounding.
+      "corr/ess": jnp.minimum(masking.safe_divide(
+          jnp.square(w_mean), mean(jnp.square(weights))), 1.0),
       "corr/truncated_frac": mean(truncated),
       "corr/masked_frac": mean(masked & ~rejected),
       "corr/rejected_frac": mean(rejected),
