@@ -73,6 +73,14 @@ def mismatch(study, *, algorithm=ALGORITHM, correction="icepop",
               f"{sampler} {corr} seed {seed}")
 
 
+def _sci(values) -> str:
+  """mean ± sd over seeds in scientific notation (the KLs are ~1e-6)."""
+  values = np.asarray(values, float)
+  if len(values) == 1:
+    return f"{values[0]:.2e}"
+  return f"{values.mean():.2e} ± {values.std(ddof=1):.1e}"
+
+
 def _series(summary, key):
   return np.array([r[key] for r in summary["records"]], float)
 
@@ -111,12 +119,12 @@ def write_report(study_dir) -> list[pathlib.Path]:
     v = lambda k, seeds=seeds: [x[k] for x in seeds.values()]  # noqa
     masked = v("masked_frac")
     rows.append([name, len(seeds)] + [
-        _pm(v(k), 3) if k != "mismatch/prob_corr" else _pm(v(k), 6)
-        for k in ("mismatch/kl_token", "mismatch/kl_seq",
-                  "mismatch/chi2_token", "mismatch/log_ppl_abs_diff",
-                  "mismatch/ratio_bias")] + [
+        _sci(v(k)) for k in ("mismatch/kl_token", "mismatch/kl_seq",
+                             "mismatch/chi2_token",
+                             "mismatch/log_ppl_abs_diff",
+                             "mismatch/ratio_bias")] + [
         _pm(v("mismatch/prob_corr"), 6),
-        "—" if masked[0] is None else _pm(masked, 5),
+        "—" if masked[0] is None else _sci(masked),
         _pm(v("entropy_change_pct"), 3, pct=True), _pm(v("pass1"), 3),
         _pm(v("corr_kl_entropy"), 2), f"{np.mean(v('seconds')):.0f}"])
   text = "\n".join(["# Sampler/trainer mismatch", "",
