@@ -58,10 +58,11 @@ def cell(trainer: str, sampler: str) -> str:
 
 def mismatch(study, *, algorithm=ALGORITHM, correction="icepop",
              trainers=TRAINERS, samplers=SAMPLERS) -> None:
-  """Runs every (trainer, sampler, correction in {none, correction}, seed)."""
+  """Runs every (trainer, sampler, correction in {none, correction}, seed),
+  seed by seed, so that an interrupted stage has whole grids."""
   corrections = ("none",) if correction == "none" else ("none", correction)
-  jobs = [(t, s, c, seed) for t in trainers for s in samplers
-          for c in corrections for seed in study.seeds]
+  jobs = [(t, s, c, seed) for seed in study.seeds for t in trainers
+          for s in samplers for c in corrections]
   for i, (trainer, sampler, corr, seed) in enumerate(jobs):
     c = study.config(algorithm, seed=seed)
     c.precision = trainer
