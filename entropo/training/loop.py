@@ -400,6 +400,6 @@ def train(config, workdir) -> dict[str, float]:
   trainer = Trainer(config, workdir)
   logger_lib.write_run_metadata(workdir, config, logger_lib.launch_record(
       iteration=trainer.meta["iteration"], precision=trainer.precision,
-      sampler_precision=trainer.sampler_precision, model=trainer.model, model_section=trainer.config.model,
-      lora=trainer.lora))
+      sampler_precision=trainer.sampler_precision, model=trainer.model,
+      model_section=trainer.config.model, lora=trainer.lora))
   return trainer.run()
