@@ -1287,3 +1287,66 @@ def test_a_band_that_never_clipped_is_reported():
   with warnings.catch_warnings():
     warnings.simplefilter("error")
     trainer._warn_if_never_clipped()  # pylint: disable=protected-access
+
+
+# -- the sampler's own precision and the mismatch corrections
+
+
+def _mismatch_run(init_from, data_dir, workdir, algo="grpo", **sections):
+  """The stable metrics of a one-iteration run."""
+  c = _config(init_from, data_dir, algo, train=dict(iterations=1,
+                                                    eval_every=1),
+              **sections)
+  train(c, workdir)
+  return [_stable(r) for r in _records(workdir)]
+
+
+def test_equal_sampler_precision_is_bit_identical(init_from, data_dir,
+                                                  tmp_path):
+  """Naming the trainer's preset as the sampler's changes nothing at all."""
+  default = _mismatch_run(init_from, data_dir, tmp_path / "default")
+  named = _mismatch_run(init_from, data_dir, tmp_path / "named",
+                        sampling=dict(precision="fp32"))
+  assert default == named
+  for r in default:
+    # Same precision, two codes (sampler head vs fused head): rounding only.
+    assert r["mismatch/kl_token"] < 1e-9
+    assert r["mismatch/prob_corr"] == pytest.approx(1.0, abs=1e-6)
+  launch = json.loads((tmp_path / "named" / "run.json").read_text())[
+      "launches"][0]
+  assert launch["precision"]["preset"] == launch["sampler_precision"][
+      "preset"] == "fp32"
+
+
+def test_bf16_sampler_fp32_trainer_with_icepop(init_from, data_dir,
+                                               tmp_path):
+  records = _mismatch_run(init_from, data_dir, tmp_path, "grpo+icepop",
+                          sampling=dict(precision="bf16"))
+  for r in records:
+    assert r["mismatch/kl_token"] > 0 and r["mismatch/max_abs_diff"] > 1e-4
+    assert r["mismatch/prob_corr"] < 1.0
+    assert 0 < r["corr/ess"] <= 1.0
+    assert 0 <= r["corr/masked_frac"] <= 1.0
+    assert np.isfinite(r["loss"])
+  launch = json.loads((tmp_path / "run.json").read_text())["launches"][0]
+  assert launch["precision"]["preset"] == "fp32"
+  assert launch["sampler_precision"]["preset"] == "bf16"
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(sampling=dict(precision="fp8")), "sampling.precision"),
+    (dict(algo=dict(correction="clip")), "algo.correction"),
+    (dict(algo=dict(correction_level="seq")), "algo.correction_level"),
+    (dict(algo=dict(correction="mask", correction_low=1.5)),
+     "algo.correction.*low <= 1 <= high"),
+    (dict(algo=dict(correction="truncate", tis_cap=2.0)), "algo.tis_cap"),
+    (dict(algo=dict(correction="mask", old_logps="sampler")),
+     "algo.old_logps"),
+    (dict(algo=dict(correction_veto=-1.0)), "algo.correction_veto"),
+])
+def test_bad_mismatch_configs_name_the_field(fields, match):
+  c = tiny_config()
+  for section, values in fields.items():
+    c[section].update(values)
+  with pytest.raises(ValueError, match=match):
+    validate(c)

@@ -30,9 +30,9 @@ import numpy as np
 
 from entropo import advantages as advantages_lib
 from entropo import controllers as controllers_lib
+from entropo import corrections as corrections_lib
 from entropo import masking
 from entropo import objectives
-from entropo import precision as precision_lib
 from entropo import regularizers
 from entropo import repo as repo_lib
 from entropo.training import validation
@@ -41,6 +41,10 @@ ADVANTAGES = ("rloo", "grpo", "dr_grpo")
 REPO_VARIANTS = ("none", "repo", "repo_r", "repo_d")
 ENTROPY_CONTROL = ("none", "step", "dual")
 OLD_LOGPS = ("trainer", "sampler")
+# The sampler/trainer mismatch correction's fields (entropo.corrections).
+CORRECTION_FIELDS = ("correction", "correction_level", "correction_low",
+                     "correction_high", "correction_veto",
+                     "correction_max_kl")
 # The hyperparameters controllers may move, each with the config field that
 # holds its value when no controller does.
 HYPERPARAMETERS = {"zeta": "zeta_init", "clip_high": "clip_high",
@@ -65,8 +69,10 @@ class Algorithm:
 
   Build it with `Algorithm.from_config(config.algo)`; the fields are those
   of the `algo` config section (documented in config.py), with "off"
-  spelled one way: `repo=None`, `dual_clip=None`, `tis_cap=None`, and a
-  controller is on when its name is in `controllers`.
+  spelled one way: `repo=None`, `dual_clip=None`, `tis_cap=None`,
+  `correction_veto=None`, `correction_max_kl=None`, and a controller is on
+  when its name is in `controllers`. `tis_cap = c` is the correction
+  `truncate` at the token level with `correction_high = c` (one code path).
   """
 
   name: str
@@ -89,6 +95,14 @@ class Algorithm:
   entropy_bonus: bool
   old_logps: str
   tis_cap: float | None
+  # The sampler/trainer mismatch correction (entropo.mismatch_correction):
+  # mode, level, band and the two sequence rejections.
+  correction: str = "none"
+  correction_level: str = "token"
+  correction_low: float = 0.0
+  correction_high: float = 2.0
+  correction_veto: float | None = None
+  correction_max_kl: float | None = None
   # {hyperparameter: controller}, only the enabled ones.
   controllers: Mapping[str, Any]
   # Every hyperparameter of HYPERPARAMETERS at its configured value.
@@ -123,15 +137,51 @@ class Algorithm:
       _fail("dual_clip", f"must be > 1 (or 0: off); got {self.dual_clip}")
     if self.tis_cap is not None and not self.tis_cap >= 1:
       _fail("tis_cap", f"must be >= 1 (or 0: off); got {self.tis_cap}")
+    self._check_correction()
     for field in ("epochs", "minibatches"):
       _check_number(field, getattr(self, field), integer=True)
     _check_number("max_resample", self.max_resample, allow_zero=True,
                   integer=True)
 
+  def _check_correction(self):
+    _check_choice("correction", self.correction, corrections_lib.MODES)
+    _check_choice("correction_level", self.correction_level,
+                  corrections_lib.LEVELS)
+    if self.tis_cap is not None and self.correction != "none":
+      _fail("tis_cap", f"is the correction 'truncate' at the token level; "
+            f"set it or algo.correction, not both (correction="
+            f"{self.correction!r})")
+    corrected = self.corrected
+    if corrected and self.old_logps == "sampler":
+      _fail("old_logps", "is 'sampler', so the PPO ratio already divides by "
+            "the sampler's probabilities; a mismatch correction would count "
+            "the mismatch twice: use old_logps='trainer'")
+    try:
+      corrections_lib.check_settings(**self.correction_settings())
+    except ValueError as e:
+      _fail("correction", str(e))
+
+  @property
+  def corrected(self) -> bool:
+    """Whether a sampler/trainer mismatch correction is on (TIS too)."""
+    return (self.tis_cap is not None or self.correction != "none"
+            or self.correction_veto is not None
+            or self.correction_max_kl is not None)
+
+  def correction_settings(self) -> dict:
+    """The keyword arguments of `entropo.mismatch_correction`."""
+    if self.tis_cap is not None:
+      return dict(level="token", mode="truncate", low=0.0,
+                  high=self.tis_cap, veto=None, max_kl=None)
+    return dict(level=self.correction_level, mode=self.correction,
+                low=self.correction_low, high=self.correction_high,
+                veto=self.correction_veto, max_kl=self.correction_max_kl)
+
   @classmethod
   def from_config(cls, algo) -> "Algorithm":
     """The algorithm of an `algo` config section; raises naming a field."""
-    for field in ("dual_clip", "tis_cap", "norm"):
+    for field in ("dual_clip", "tis_cap", "norm", "correction_low",
+                  "correction_high", "correction_veto", "correction_max_kl"):
       _check_number(field, algo[field], allow_zero=True)
     _check_ranges(algo)
     _check_choice("entropy_control", algo.entropy_control, ENTROPY_CONTROL)
@@ -152,6 +202,11 @@ class Algorithm:
         entropy_bonus=(algo.entropy_coef > 0
                        or algo.entropy_control != "none"),
         old_logps=algo.old_logps, tis_cap=algo.tis_cap or None,
+        correction=algo.correction, correction_level=algo.correction_level,
+        correction_low=algo.correction_low,
+        correction_high=algo.correction_high,
+        correction_veto=algo.correction_veto or None,
+        correction_max_kl=algo.correction_max_kl or None,
         controllers={},
         initial={k: algo[v] for k, v in HYPERPARAMETERS.items()},
         target_entropy=algo.target_entropy, target_scale=algo.target_scale,
@@ -210,12 +265,20 @@ class Algorithm:
       adv = repo_lib.repo_d_advantages(adv, logps, entropy, mask, zeta=zeta)
     return adv
 
-  def importance_weights(self, logps, sampler_logps) -> jax.Array:
-    """Truncated trainer / sampler ratios, `[B, T]` (ones when off)."""
-    if self.tis_cap is None:
-      return jnp.ones_like(logps)
-    return jnp.minimum(jnp.exp(precision_lib.clamp_log_ratio(
-        logps - sampler_logps)), self.tis_cap)
+  def importance_weights(self, logps, sampler_logps, mask
+                         ) -> tuple[jax.Array, dict]:
+    """The mismatch correction's `[B, T]` weights and its metrics.
+
+    `logps` are the trainer's log-probs at the iteration's parameters
+    (pi_old), so the weights correct the behaviour-to-old ratio
+    `pi_old / pi_sampler`; the loss multiplies the objective's per-token
+    term (and so its clipped ratio `pi_theta / pi_old`) by them. Ones and
+    no metrics when no correction is on.
+    """
+    if not self.corrected:
+      return jnp.ones_like(logps), {}
+    return corrections_lib.mismatch_correction(
+        logps, sampler_logps, mask, **self.correction_settings())
 
   def loss(self, logps, entropy, batch: dict, hyper: dict, key, *,
            norm: float, precision) -> tuple[jax.Array, dict]:

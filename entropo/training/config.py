@@ -87,6 +87,20 @@ MODIFIERS = {
                    zeta_max=0.05),
     "repo_d": dict(repo="repo_d", zeta_init=1e-1, zeta_min=1e-3,
                    zeta_max=10.0),
+    # Sampler/trainer mismatch corrections (docs/api.md, "Corrections"):
+    # token TIS with cap 2 (Yao et al. 2025), IcePop's token masking to
+    # [0.5, 5] (arXiv:2510.18855), sequence-level MIS with cap 2 (Liu, Li
+    # et al. 2025), geometric-mean rejection to [0.999, 1.001] with the
+    # 1e-4 token veto (verl's rollout_rs="geometric" recipe).
+    "tis": dict(correction="truncate", correction_level="token",
+                correction_high=2.0),
+    "icepop": dict(correction="mask", correction_level="token",
+                   correction_low=0.5, correction_high=5.0),
+    "seq_mis": dict(correction="mask", correction_level="sequence",
+                    correction_low=0.0, correction_high=2.0),
+    "geo_rs": dict(correction="reject", correction_level="geometric",
+                   correction_low=0.999, correction_high=1.001,
+                   correction_veto=1e-4),
 }
 
 
@@ -117,8 +131,24 @@ def _algo_defaults() -> dict:
       entropy_coef_delta=1e-3, entropy_coef_law_lr=0.01,
       # Where the importance ratio's denominator comes from (trainer or
       # sampler), and truncated importance weights between trainer and
-      # sampler (a cap >= 1; 0: off).
+      # sampler (a cap >= 1; 0: off; the same as correction="truncate"
+      # with correction_high=tis_cap at the token level).
       old_logps="trainer", tis_cap=0.0,
+      # Sampler/trainer mismatch correction (entropo.mismatch_correction,
+      # docs/api.md): a stop-gradient weight of r = pi_old / pi_sampler on
+      # each token's term. Mode: none, truncate (min(R, high): TIS),
+      # mask (R inside [low, high], else 0: IcePop, MIS) or reject (1
+      # inside, else 0).
+      correction="none",
+      # The ratio R the mode acts on: token (r_t), sequence (prod_t r_t)
+      # or geometric (exp mean_t log r_t).
+      correction_level="token",
+      # The band [low, high] (truncate uses high only).
+      correction_low=0.0, correction_high=2.0,
+      # Reject a whole sequence if one of its tokens has r_t < veto (0: off)
+      # or its mean per-token KL(sampler || trainer) exceeds max_kl nats
+      # (0: off).
+      correction_veto=0.0, correction_max_kl=0.0,
       # Target entropy of the controllers: 0 means "the entropy measured
       # before RL starts", times `target_scale`.
       target_entropy=0.0, target_scale=1.0,

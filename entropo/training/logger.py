@@ -106,11 +106,12 @@ def read_json(path, *, default=None):
 
 
 def launch_record(*, iteration: int, precision, model, model_section,
-                  lora: bool = False) -> dict:
+                  lora: bool = False, sampler_precision=None) -> dict:
   """How this launch computes, for the `launches` of `run.json`.
 
   The precision policy's `describe()` (preset, backend, the dot algorithm
   of each operand dtype and whether it runs natively or emulated), the
+  sampler's (`sampler_precision`: the trainer's when None), the
   attention implementation `auto` resolved to, remat and the layer scan,
   LoRA (rank, alpha, targets, the base projections' dtype; None for full
   fine-tuning), versions and
@@ -127,6 +128,7 @@ def launch_record(*, iteration: int, precision, model, model_section,
       "devices": {"count": len(devices), "kind": devices[0].device_kind,
                   "processes": jax.process_count()},
       "precision": precision.describe(),
+      "sampler_precision": (sampler_precision or precision).describe(),
       "attention": model.attention_implementation(),
       "attention_chunk_size": model.config.attention_chunk_size,
       "remat": model_section.remat,

@@ -46,6 +46,7 @@ from flax import nnx
 from entropo import sharding
 from entropo import tasks as tasks_lib
 from entropo.models import Transformer
+from entropo.models import with_precision
 from entropo.tasks import pipeline
 # (Not `from entropo.training import algorithm`: the package exports the
 # config's `algorithm` function under that name.)
@@ -81,6 +82,8 @@ class Trainer:
     # A multi-turn environment: rows are episodes (rollouts.AgentRollouts).
     self.agent = isinstance(self.task, tasks_lib.AgentTask)
     self.precision = config.precision
+    # The sampler's preset (`sampling.precision`); the trainer's by default.
+    self.sampler_precision = config.sampler_precision
     self._init_model()
     m = config.mesh
     self.mesh = sharding.make_mesh(
@@ -204,9 +207,14 @@ class Trainer:
     return self.algorithm.hyperparameters(self.state["controllers"],
                                           self.fixed_hyper)
 
+  def sampler(self) -> Transformer:
+    """pi_theta under the sampler's precision (`sampling.precision`): the
+    policy itself when it equals the trainer's."""
+    return with_precision(self.policy(), self.sampler_precision)
+
   def collect(self, key) -> tuple[rollouts_lib.Rollout, dict]:
     """A full, scored batch of rollouts (see `Rollouts.collect`)."""
-    return self.rollouts.collect(self.policy(), self.data_iter, key)
+    return self.rollouts.collect(self.sampler(), self.data_iter, key)
 
   def pre_update(self, roll: rollouts_lib.Rollout) -> tuple[dict, dict]:
     """Trainer log-probs, advantages and REPO: the batch for the updates."""
@@ -319,12 +327,13 @@ class Trainer:
   # -- evaluation
 
   def evaluate(self) -> dict[str, float]:
-    """pass@k, reward and entropy on the held-out prompts (evaluation.py)."""
+    """pass@k, reward and entropy on the held-out prompts (evaluation.py),
+    sampled like the rollouts, under the sampler's precision."""
     c = self.config
     key = jax.random.fold_in(jax.random.key(c.seed + 1),
                              self.meta["iteration"])
     return evaluation.evaluate(
-        self.policy(), self.eval_records, self.rollouts, key,
+        self.sampler(), self.eval_records, self.rollouts, key,
         samples=c.train.eval_samples, pass_k=c.train.pass_k,
         max_prompt_len=c.data.max_prompt_len,
         temperature=c.sampling.temperature)
@@ -502,6 +511,6 @@ def train(config, workdir) -> dict[str, float]:
   trainer = Trainer(config, workdir)
   logger_lib.write_run_metadata(workdir, config, logger_lib.launch_record(
       iteration=trainer.meta["iteration"], precision=trainer.precision,
-      model=trainer.model, model_section=trainer.config.model,
-      lora=trainer.lora))
+      sampler_precision=trainer.sampler_precision, model=trainer.model,
+      model_section=trainer.config.model, lora=trainer.lora))
   return trainer.run()

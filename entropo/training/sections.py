@@ -267,11 +267,22 @@ class SamplingSection:
   # syncs with the host once a block, not once a token; the tokens do not
   # depend on it.
   steps_per_check: int = 16
+  # The sampler's own precision preset (entropo.PRESETS): "" samples under
+  # the trainer's `precision`. A different one samples the same weights
+  # under another recipe (entropo.models.with_precision), as a bf16 vLLM
+  # beside an fp32 trainer: the mismatch the corrections (algo.correction)
+  # and the `mismatch/*` metrics are about.
+  precision: str = ""
 
   def __post_init__(self):
     for field in ("prompts_per_batch", "group_size", "max_new_tokens",
                   "steps_per_check"):
       check_number(f"sampling.{field}", getattr(self, field), integer=True)
+    if self.precision:
+      try:
+        precision_lib.get_precision(self.precision)
+      except ValueError as e:
+        fail("sampling.precision", f"{e} (or \"\": the trainer's)")
     check_range("sampling.temperature", self.temperature, 0, None,
                 low_open=True)
     if self.group_size < 2:
@@ -428,6 +439,8 @@ class RunConfig:
 
   seed: int  # shuffles the data, drives sampling
   precision: precision_lib.Precision
+  # The sampler's: `sampling.precision`, or the trainer's when "".
+  sampler_precision: precision_lib.Precision
   algorithm: algorithm_lib.Algorithm
   task: TaskSection
   model: ModelSection
@@ -467,10 +480,14 @@ class RunConfig:
                      sections["model"])
       _check_prompts(sections["task"], sections["data"], sections["model"],
                      sections["sampling"], sections["warm_start"])
-    _check_attention(sections["model"].attention, precision,
-                     config.precision)
-    return cls(seed=config.seed, precision=precision, algorithm=algorithm,
-               **sections)
+    sampler = precision_lib.get_precision(sections["sampling"].precision
+                                          or precision)
+    for name, policy in (("precision", precision),
+                         ("sampling.precision", sampler)):
+      _check_attention(sections["model"].attention, policy,
+                       f"{name} {policy.name!r}")
+    return cls(seed=config.seed, precision=precision,
+               sampler_precision=sampler, algorithm=algorithm, **sections)
 
 
 def _check_context(data: DataSection, sampling: SamplingSection,
@@ -505,12 +522,13 @@ def _check_agent(sections: dict) -> None:
          "process runs are for single-turn tasks)")
 
 
-def _check_attention(attention: str, precision, preset: str) -> None:
-  """A fused kernel runs the preset's compute dtype on this backend."""
+def _check_attention(attention: str, precision, which: str) -> None:
+  """A fused kernel runs the preset's compute dtype on this backend;
+  `which` names the preset in the message (`precision 'bf16'`)."""
   try:
     attention_lib.check_compute_dtype(attention, precision.compute_dtype)
   except ValueError as e:
-    fail("model.attention", f"{e} (precision {preset!r})")
+    fail("model.attention", f"{e} ({which})")
   backend = jax.default_backend()
   needs = {"cudnn": ("gpu", "cuda"), "pallas": ("tpu",)}.get(attention)
   if needs and backend not in needs:

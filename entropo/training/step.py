@@ -134,18 +134,21 @@ class Learner:
                                       attention_mask, frozen)
     if ref_logps is None:
       ref_logps = logps
+    weights, correction_metrics = a.importance_weights(logps, sampler_logps,
+                                                      mask)
     batch = dict(
         tokens=tokens, attention_mask=attention_mask, mask=mask,
-        advantages=adv, ref_logps=ref_logps,
-        importance_weights=a.importance_weights(logps, sampler_logps),
+        advantages=adv, ref_logps=ref_logps, importance_weights=weights,
         old_logps=sampler_logps if a.old_logps == "sampler" else logps)
     metrics = diagnostics.entropy_dynamics(logps, adv, mask, entropy=entropy)
     # rho = pi_trainer / pi_sampler: the ratio of the first update when the
     # old log-probs come from the sampler (identical parameters, so any
-    # deviation from 1 is numerical).
+    # deviation from 1 is numerical: the two precisions, or the two codes).
     metrics.update(diagnostics.precision_mismatch(
         logps, sampler_logps, mask, clip_low=a.clip_low,
         clip_high=hyper["clip_high"]))
+    metrics.update(diagnostics.sampler_mismatch(logps, sampler_logps, mask))
+    metrics.update(correction_metrics)
     return batch, metrics
 
   def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],
