@@ -15,6 +15,7 @@ import os
 import ml_collections
 
 from entropo import tasks as tasks_lib
+from entropo.training import run_config as run_config_lib
 from entropo.training import sections as sections_lib
 from entropo.training import validation
 
@@ -193,7 +194,7 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
   return c
 
 
-def validate(config: ConfigDict) -> sections_lib.RunConfig:
+def validate(config: ConfigDict) -> run_config_lib.RunConfig:
   """The typed config; raises ValueError naming the first invalid field."""
   _check_known(config, {"seed", "precision", "algo",
                         *sections_lib.SECTIONS}, "")
@@ -202,7 +203,7 @@ def validate(config: ConfigDict) -> sections_lib.RunConfig:
     algorithm(config.algo.name)
   except ValueError as e:
     validation.fail("algo.name", str(e))
-  return sections_lib.RunConfig.from_config(config)
+  return run_config_lib.RunConfig.from_config(config)
 
 
 def _check_known(values, known, prefix: str) -> None:

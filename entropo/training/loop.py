@@ -73,7 +73,7 @@ class Trainer:
   """Holds the model, data, state and compiled steps of one run."""
 
   def __init__(self, config, workdir):
-    # The typed, validated form of the ConfigDict (sections.py).
+    # The typed, validated form of the ConfigDict (run_config.py).
     self.config = config = config_lib.validate(config)
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
