@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 PIP_QUIET ?= --quiet
 
 .PHONY: install install-runtime install-py312 test test-py311 test-py312 \
-  test-fast demo study bench clean
+  test-fast demo study study-agents bench clean
 
 # pytest exits 5 when it collected nothing: a leg that ran no test has failed,
 # and says so. $(1): the python, $(2): the leg's name, $(3): pytest options.
@@ -62,7 +62,7 @@ test-py311: .venv/.installed
 	$(call run_pytest,.venv/bin/python,test-py311 (.venv))
 
 # The second leg checks entropo on the newer Python and jax: the numeric
-# core, the model, attention and sampler, the dot-precision walk, the
+# core, the model, attention, sampler and multi-turn sampler, the dot-precision walk, the
 # install, and the trainer's exact resume (full and LoRA), model options
 # and config errors. The first leg runs every test; running all of them
 # twice took CI past an hour on 2 cores.
@@ -70,8 +70,8 @@ PY312_TESTS := tests/test_precision.py tests/test_dot_precision.py \
   tests/test_logprobs.py tests/test_fused.py tests/test_objectives.py \
   tests/test_advantages.py tests/test_repo.py tests/test_diagnostics.py \
   tests/test_models_transformer.py tests/test_attention.py \
-  tests/test_sampler.py tests/test_install.py tests/test_training.py \
-  -m "not slow" -k "not test_training.py or resume_equals or model_section \
+  tests/test_sampler.py tests/test_agents.py tests/test_install.py \
+  tests/test_training.py -m "not slow" -k "not test_training.py or resume_equals or model_section \
   or bad_configs"
 
 test-py312: .venv312/.installed
@@ -121,6 +121,10 @@ STUDY_DIR ?= workdir/study
 
 study: install-runtime
 	$(VENV_PY) -m experiments.study --workdir=$(STUDY_DIR)
+
+# The agents stage (docs/results.md): algorithms on a multi-turn environment.
+study-agents: install-runtime
+	$(VENV_PY) -m experiments.study_agents --workdir=workdir/agents
 
 bench: install
 	$(VENV_PY) benchmarks/fused_head.py

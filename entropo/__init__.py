@@ -14,10 +14,14 @@ from entropo.controllers import EntropyCoefController
 from entropo.controllers import EntropyCoefState
 from entropo.controllers import ZetaController
 from entropo.controllers import ZetaState
+from entropo.corrections import CORRECTION_LEVELS
+from entropo.corrections import CORRECTION_MODES
+from entropo.corrections import mismatch_correction
 from entropo.covariance import token_covariance
 from entropo.diagnostics import entropy_dynamics
 from entropo.diagnostics import pass_at_k
 from entropo.diagnostics import precision_mismatch
+from entropo.diagnostics import sampler_mismatch
 from entropo.fused import fused_logprobs_entropy
 from entropo.logprobs import token_entropy
 from entropo.logprobs import token_logprobs

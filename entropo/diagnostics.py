@@ -7,6 +7,10 @@
   (e.g. bf16 vs float32, sampler vs trainer) disagree, in the units that
   matter for clipping: the ratio bias and the tokens a PPO band would clip
   although the true ratio is 1 ("phantom" clips).
+* `sampler_mismatch`: the distances between the sampler's and the trainer's
+  distributions that the mismatch literature reports (KL per token and per
+  sequence, chi-square, log-perplexity difference, probability
+  correlation), estimated from the sampler's own tokens.
 * `pass_at_k`: the unbiased estimator `1 - C(n-c, k) / C(n, k)`.
 """
 
@@ -149,6 +153,81 @@ def precision_mismatch(
       "mismatch/phantom_clipfrac_high": mean(ratio > 1.0 + clip_high),
       # k3 estimate of KL(pi_b || pi_a) with samples from pi_b: non-negative.
       "mismatch/kl_k3": mean(_k3(diff_c)),
+  }
+  return masking.scalar_metrics(out)
+
+
+def sampler_mismatch(
+    trainer_logps: jax.Array,
+    sampler_logps: jax.Array,
+    mask: jax.Array,
+    *,
+    axis_name=None,
+) -> dict[str, jax.Array]:
+  """Sampler-vs-trainer distances, estimated on the sampler's tokens.
+
+  With `d_t = log pi_trainer(a_t) - log pi_sampler(a_t)` and
+  `r_t = exp(d_t)` (clamped to `|d| <= 20`), tokens drawn from the sampler:
+
+  * `mismatch/kl_token`: `mean_t (r_t - 1 - d_t)`, the k3 estimate of
+    `KL(pi_sampler || pi_trainer)` per token (non-negative, unbiased);
+  * `mismatch/kl_token_k1`: `mean_t (-d_t)`, its k1 estimate;
+  * `mismatch/kl_seq`: the k3 sum over a sequence's tokens, averaged over
+    sequences (the sequence-level KL);
+  * `mismatch/chi2_token`: `mean_t r_t^2 - 1`, the chi-square divergence
+    `chi^2(pi_trainer || pi_sampler)` per token; `mismatch/chi2_seq` the
+    same of the sequence ratio `prod_t r_t` (verl's `rollout_corr/chi2_*`);
+  * `mismatch/log_ppl_diff`: per sequence, `log PPL_trainer - log
+    PPL_sampler = mean_t (-d_t)`, averaged over sequences, and
+    `mismatch/log_ppl_abs_diff` the mean of its absolute value;
+  * `mismatch/prob_corr`: the Pearson correlation of `pi_trainer(a_t)` and
+    `pi_sampler(a_t)` over valid tokens (1 when they agree).
+
+  Token statistics are means over the valid tokens of the global batch,
+  sequence statistics over sequences with a valid token; every reduction
+  is a global sum over `axis_name`, so sharding changes nothing.
+
+  Args:
+    trainer_logps: `[B, T]` float, the trainer's log-probs.
+    sampler_logps: `[B, T]` float, the sampler's log-probs.
+    mask: `[B, T]` bool.
+    axis_name: optional mesh axis the batch is split over.
+
+  Returns:
+    Flat dict of float32 scalars (the keys above).
+  """
+  _checks.check_float("trainer_logps", trainer_logps)
+  _checks.check_float("sampler_logps", sampler_logps)
+  _checks.check_rank("trainer_logps", trainer_logps, 2)
+  _checks.check_same_shape(trainer_logps=trainer_logps,
+                           sampler_logps=sampler_logps)
+  _checks.check_mask(mask, trainer_logps.shape)
+  tr = jnp.where(mask, trainer_logps.astype(jnp.float32), 0.0)
+  sa = jnp.where(mask, sampler_logps.astype(jnp.float32), 0.0)
+  diff = tr - sa  # [B, T]
+  d = precision_lib.clamp_log_ratio(diff)
+  k3 = _k3(-d)  # [B, T] r - 1 - d, series-accurate near d = 0
+  mean = lambda x: masking.masked_mean(x, mask, axis_name=axis_name)
+  rows = jnp.any(mask, axis=-1)  # [B]
+  row_mean = lambda x: masking.masked_mean(x, rows, axis_name=axis_name)
+  count = jnp.sum(mask, axis=-1, dtype=jnp.float32)  # [B]
+  row_sum = lambda x: jnp.sum(jnp.where(mask, x, 0.0), axis=-1)  # [B]
+  ppl_diff = masking.safe_divide(-row_sum(diff), count)  # [B]
+  seq_log_ratio = precision_lib.clamp_log_ratio(row_sum(diff))  # [B]
+  p_t, p_s = jnp.exp(tr), jnp.exp(sa)
+  p_t_c, p_s_c = p_t - mean(p_t), p_s - mean(p_s)
+  cov = mean(p_t_c * p_s_c)
+  var = mean(jnp.square(p_t_c)) * mean(jnp.square(p_s_c))
+  out = {
+      "mismatch/kl_token": mean(k3),
+      "mismatch/kl_token_k1": mean(-diff),
+      "mismatch/kl_seq": row_mean(row_sum(k3)),
+      # r^2 - 1 = expm1(2d): exact near r = 1, where the bias lives.
+      "mismatch/chi2_token": mean(jnp.expm1(2.0 * d)),
+      "mismatch/chi2_seq": row_mean(jnp.expm1(2.0 * seq_log_ratio)),
+      "mismatch/log_ppl_diff": row_mean(ppl_diff),
+      "mismatch/log_ppl_abs_diff": row_mean(jnp.abs(ppl_diff)),
+      "mismatch/prob_corr": masking.safe_divide(cov, jnp.sqrt(var)),
   }
   return masking.scalar_metrics(out)
 

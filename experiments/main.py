@@ -23,15 +23,16 @@ process with the same flags and the environment variables of
 the workdir must be on a filesystem all processes share.
 """
 
+import difflib
+import importlib.util
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", "experiments/configs/countdown.py",
-    "Path of a config file, optionally followed by :<algorithm>.",
-    lock_config=True)
+_DEFAULT_CONFIG = "experiments/configs/countdown.py"
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Directory for checkpoints, metrics and plots.")
 _INIT_FROM = flags.DEFINE_string(
@@ -44,9 +45,87 @@ _ALLOW_CONFIG_CHANGE = flags.DEFINE_bool(
 flags.mark_flag_as_required("workdir")
 
 
+def _die(message: str, code: int = 2):
+  """Ends the launcher with `message` on one line of stderr: no usage text,
+  no traceback."""
+  sys.stderr.write(f"{message.rstrip()}\n")
+  sys.exit(code)
+
+
+def _config_arg(argv) -> str:
+  value = _DEFAULT_CONFIG
+  for i, arg in enumerate(argv):
+    if arg.startswith("--config="):
+      value = arg.split("=", 1)[1]
+    elif arg == "--config" and i + 1 < len(argv):
+      value = argv[i + 1]
+  return value
+
+
+def _unknown_override(argv) -> str | None:
+  """The message for the first `--config.<path>` whose path is not a field
+  of the config file's config (with a "did you mean"), or None."""
+  path, _, arg = _config_arg(argv).partition(":")
+  try:
+    spec = importlib.util.spec_from_file_location("_entropo_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config(arg) if arg else module.get_config()
+  except Exception:  # pylint: disable=broad-except
+    return None  # the flag parser's own message says what is wrong
+  for a in argv:
+    if not a.startswith("--config."):
+      continue
+    names = a[len("--config."):].split("=", 1)[0].split(".")
+    node = config
+    for depth, name in enumerate(names):
+      keys = list(node.keys()) if hasattr(node, "keys") else []
+      if name not in keys:
+        field = ".".join(names[:depth + 1])
+        close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
+        hint = (f" (did you mean {'.'.join(names[:depth] + close)!r}?)"
+                if close else "")
+        where = ".".join(names[:depth]) or "the config"
+        return (f"Invalid config: {field}: no such field{hint}; the fields "
+                f"of {where} are {sorted(keys)}")
+      node = node[name]
+  return None
+
+
+try:
+  # ml_collections reads the --config.<field> overrides from sys.argv here,
+  # when the flag is defined, so a misspelt field fails at this point.
+  _CONFIG = config_flags.DEFINE_config_file(
+      "config", _DEFAULT_CONFIG,
+      "Path of a config file, optionally followed by :<algorithm>.",
+      lock_config=True)
+except Exception as error:  # pylint: disable=broad-except
+  _die(_unknown_override(sys.argv) or str(error).splitlines()[0])
+
+
+def _parse_flags(argv):
+  """absl's flag parsing, with each error as one line (no usage text)."""
+  for a in argv:
+    if a.startswith("--config.algo.name"):
+      _die("Invalid config: algo.name: is the label of the algorithm the "
+           "config was built for, and setting it changes no other field; "
+           "choose the algorithm after the config file's colon instead: "
+           "--config=experiments/configs/countdown.py:dapo")
+  try:
+    return flags.FLAGS(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    # A misspelt --config.<field> surfaces as an AttributeError or KeyError
+    # from ml_collections; say which field, and the closest one.
+    message = _unknown_override(argv)
+    if message is None:  # absl's own message, its first line
+      message = str(e).strip().strip("'\"").replace("\\n", " ")
+      message = message.splitlines()[0]
+    _die(message)
+
+
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    _die(f"Unexpected arguments: {argv[1:]} (flags are --name=value)")
   if not flags.FLAGS["verbosity"].present:
     # absl's INFO lines (Orbax, TFDS, XLA: dozens per checkpoint) bury the
     # run's own log; --verbosity=0 brings them back.
@@ -55,7 +134,7 @@ def main(argv):
   try:
     distributed.initialize_from_env()
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
+    _die(str(e))
   from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
   from entropo.training import check_resume  # pylint: disable=g-import-not-at-top
   from entropo.training import train  # pylint: disable=g-import-not-at-top
@@ -69,8 +148,13 @@ def main(argv):
     config_lib.validate(config)
     check_resume(config, _WORKDIR.value)
   except ValueError as e:
-    raise app.UsageError(str(e)) from None
-  metrics = train(config, _WORKDIR.value)
+    _die(str(e))
+  try:
+    metrics = train(config, _WORKDIR.value)
+  except KeyboardInterrupt:
+    # The loop has said what it saved (or discarded); no traceback.
+    _die("[entropo] interrupted; rerun the same command to resume from the "
+         "latest checkpoint", 130)
   summary = {k: v for k, v in metrics.items()
              if k.startswith(("eval/", "reward/mean", "entropy/change_pct"))}
   print("final:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())
@@ -78,4 +162,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -32,6 +32,10 @@ so an interrupted study continues where it stopped):
   learning rate, the starting entropy, REPO variants, precision where the
   clip band binds (`--band_regime`), and LoRA adapters
   (`experiments/study_regimes.py`).
+* `mismatch`: the sampler's own precision (`sampling.precision`) crossed
+  with the trainer's, without and with a mismatch correction
+  (`--mismatch_correction`), on `--mismatch_algorithm`; writes
+  `report/mismatch.md` and its plots (`experiments/study_mismatch.py`).
 * `report`: tables (`report/summary.md`, `report/summary.json`) and plots
   (`report/*.png`) from everything above.
 
@@ -55,12 +59,14 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import study_mismatch
 from experiments import study_regimes
 from experiments import study_report
 from experiments.study_report import summarize
 
 STAGES = ("warm_start", "algorithms", "sequential", "precision", "ratio_bias",
-          "bounds", *study_regimes.REGIME_STAGES, "report")
+          "bounds", *study_regimes.REGIME_STAGES, study_mismatch.STAGE,
+          "report")
 # The controllers' bounds, varied one at a time (the `bounds` stage): REPO-R's
 # zeta_max (the algorithms stage uses 1, the paper 0.05) and ADAPO's
 # clip_high_max (the algorithms stage uses 0.4).
@@ -101,6 +107,12 @@ _BAND_REGIME = flags.DEFINE_string(
 _BAND_PRESETS = flags.DEFINE_list(
     "band_presets", list(study_regimes.BAND_PRESETS),
     "Precision presets of the precision_band stage.")
+_MISMATCH_CORRECTION = flags.DEFINE_enum(
+    "mismatch_correction", "icepop", list(study_mismatch.CORRECTIONS),
+    "The correction the mismatch stage compares with none.")
+_MISMATCH_ALGORITHM = flags.DEFINE_string(
+    "mismatch_algorithm", study_mismatch.ALGORITHM,
+    "The algorithm of the mismatch stage.")
 _SMOKE = flags.DEFINE_bool(
     "smoke", False, "Tiny model and settings (seconds per run): checks the "
     "pipeline end to end, measures nothing.")
@@ -428,7 +440,7 @@ def _check_flags() -> None:
   for name in (_ALGORITHMS.value + _PRECISION_ALGORITHMS.value
                + [study_regimes.base_algorithm(a)
                   for a in _OFFPOLICY_ALGORITHMS.value]
-               + [_SEQ_ALGORITHM.value]):
+               + [_SEQ_ALGORITHM.value, _MISMATCH_ALGORITHM.value]):
     try:
       config_lib.algorithm(name)
     except ValueError as e:
@@ -474,6 +486,11 @@ def main(argv):
       "precision_band": lambda: study_regimes.precision_band(
           study, _BAND_REGIME.value, _BAND_PRESETS.value),
       "lora": lambda: study_regimes.lora(study),
+      "mismatch": lambda: (study_mismatch.mismatch(
+          study, algorithm=_MISMATCH_ALGORITHM.value,
+          correction=_MISMATCH_CORRECTION.value), _log(
+              "mismatch report: " + ", ".join(
+                  str(f) for f in study_mismatch.write_report(study.dir)))),
       "report": lambda: _log("report: " + ", ".join(
           str(f) for f in study_report.write_report(study.dir))),
   }

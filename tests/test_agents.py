@@ -53,6 +53,33 @@ def _model():
   return _random_model()
 
 
+@pytest.fixture(scope="module", name="char_model")
+def _char_model():
+  """A model over the character tokenizer's vocabulary (episodes)."""
+  return _random_model(vocab=tasks.char_tokenizer().vocab_size)
+
+
+BATCH_MODES = ["raise", "hang", "flood", "not_a_turn", "solve", "bad_final",
+               "plain"]
+
+
+def _play(model, modes, **limits):
+  """Episodes of `_ScriptedTask` with one mode per row (shared shapes:
+  7 rows, 4 prompt slots, 64 context slots, actions of 6 tokens)."""
+  tok = tasks.char_tokenizer()
+  problems = [json.dumps({"mode": m}) for m in modes]
+  batch = pipeline.prompt_batch(
+      [{"id": i, "prompt": "go:", "problem": p}
+       for i, p in enumerate(problems)], tok, max_prompt_len=4)
+  limits = episodes_lib.EpisodeLimits(**{**dict(
+      max_turns=3, max_action_tokens=6, max_observation_tokens=8, context=64,
+      step_timeout=1.0), **limits})
+  return episodes_lib.play(model, _ScriptedTask(), tok, batch["prompt_tokens"],
+                           batch["prompt_mask"], problems,
+                           key=jax.random.key(0), limits=limits,
+                           stop_ids=episodes_lib.stop_token_ids(tok, ["\n"]))
+
+
 def _padded(rows, pad=0):
   width = max(len(r) for r in rows)
   tokens = np.full((len(rows), width), pad, np.int32)
@@ -257,9 +284,15 @@ class _Scripted(env_lib.Environment):
     return env_lib.Turn(observation="ok\n")
 
   def final_reward(self, reason):
+    _Scripted.log.append(("final", self.mode))
     if self.mode == "bad_final":
       raise ValueError("no final reward")
     return 0.25
+
+  def close(self):
+    _Scripted.log.append(("close", self.mode))
+
+  log = []  # calls of final_reward and close, across episodes
 
 
 class _ScriptedTask(env_lib.AgentTask):
@@ -275,23 +308,11 @@ class _ScriptedTask(env_lib.AgentTask):
     return []
 
 
-def test_bad_environments_end_their_own_episode(model):
-  tok = tasks.char_tokenizer()
-  big = _random_model(vocab=tok.vocab_size, context=96)
-  modes = ["raise", "hang", "flood", "not_a_turn", "solve", "bad_final",
-           "plain"]
-  problems = [json.dumps({"mode": m}) for m in modes]
-  batch = pipeline.prompt_batch(
-      [{"id": i, "prompt": "go:", "problem": p}
-       for i, p in enumerate(problems)], tok, max_prompt_len=4)
-  limits = episodes_lib.EpisodeLimits(max_turns=3, max_action_tokens=6,
-                                      max_observation_tokens=8, context=64,
-                                      step_timeout=1.0)
+def test_bad_environments_end_their_own_episode(char_model):
+  modes = BATCH_MODES
+  _Scripted.log.clear()
   t0 = time.perf_counter()
-  ep = episodes_lib.play(big, _ScriptedTask(), tok, batch["prompt_tokens"],
-                         batch["prompt_mask"], problems,
-                         key=jax.random.key(0), limits=limits,
-                         stop_ids=episodes_lib.stop_token_ids(tok, ["\n"]))
+  ep = _play(char_model, modes)
   took = time.perf_counter() - t0
   reasons = dict(zip(modes, ep.reasons))
   assert reasons["raise"] == env_lib.ENV_ERROR
@@ -312,7 +333,11 @@ def test_bad_environments_end_their_own_episode(model):
   # The hung episode's turn took no slot after it ended.
   hung = modes.index("hang")
   assert ep.turns[hung] == 1 and ep.action_mask[hung].sum() > 0
-  seq = ep.sequences(64, tok.pad_id)
+  # Every environment is closed once; a timed-out one gets no final reward.
+  assert sorted(m for c, m in _Scripted.log if c == "close") == sorted(modes)
+  assert sorted(m for c, m in _Scripted.log if c == "final") == sorted(
+      m for m in modes if m != "hang")
+  seq = ep.sequences(64, tasks.char_tokenizer().pad_id)
   assert (seq["completion_mask"] <= seq["attention_mask"]).all()
   assert seq["completion_mask"].sum() == ep.action_mask.sum()
 
@@ -326,27 +351,16 @@ def test_call_all_returns_within_its_limit():
   assert out[2][0] == "error" and isinstance(out[2][1], ZeroDivisionError)
 
 
-def test_context_full_and_turn_budget_are_truncations():
-  tok = tasks.char_tokenizer()
-  model = _random_model(vocab=tok.vocab_size, context=96)
-  problems = [json.dumps({"mode": "plain"})] * 2
-  batch = pipeline.prompt_batch(
-      [{"id": 0, "prompt": "go:", "problem": p} for p in problems], tok,
-      max_prompt_len=4)
-  play = lambda **limits: episodes_lib.play(
-      model, _ScriptedTask(), tok, batch["prompt_tokens"],
-      batch["prompt_mask"], problems, key=jax.random.key(1),
-      limits=episodes_lib.EpisodeLimits(**limits), stop_ids=[tok.eos_id])
-  # No stop id but EOS: actions run to max_action_tokens unless EOS.
-  ep = play(max_turns=8, max_action_tokens=8, max_observation_tokens=4,
-            context=30)
+def test_context_full_and_turn_budget_are_truncations(char_model):
+  modes = ["plain"] * len(BATCH_MODES)
+  ep = _play(char_model, modes, max_turns=12, max_observation_tokens=4)
   assert set(ep.reasons) <= {env_lib.CONTEXT_FULL, env_lib.GAVE_UP}
-  assert ep.tokens.shape[1] <= 30
-  ep = play(max_turns=1, max_action_tokens=4, max_observation_tokens=4,
-            context=30)
+  assert env_lib.CONTEXT_FULL in ep.reasons
+  assert ep.tokens.shape[1] <= 64
+  assert ep.truncated.sum() == ep.reasons.count(env_lib.CONTEXT_FULL)
+  ep = _play(char_model, modes, max_turns=1)
   assert set(ep.reasons) <= {env_lib.TURN_BUDGET, env_lib.GAVE_UP}
-  assert ep.truncated.sum() == sum(r == env_lib.TURN_BUDGET
-                                   for r in ep.reasons)
+  assert ep.truncated.sum() == ep.reasons.count(env_lib.TURN_BUDGET)
 
 
 # -- the built-in environments
@@ -430,3 +444,20 @@ def test_transcripts_train_on_actions_only():
   learned = "".join(c for c, l in zip(text, loss) if l)
   assert learned == "calc:1+2\nans:1+2\n"
   assert not batch["mask"][0][len(text):].any()  # no EOS after a transcript
+
+
+def test_the_docs_example_is_the_example_file():
+  """docs/agents.md shows experiments/envs/guess_number.py whole, and the
+  file's environment plays its own transcripts to `solved`."""
+  root = __import__("pathlib").Path(__file__).resolve().parents[1]
+  doc = (root / "docs" / "agents.md").read_text()
+  source = (root / "experiments" / "envs" / "guess_number.py").read_text()
+  assert f"```python\n{source}```" in doc
+  task = tasks.get_task(f"{root}/experiments/envs/guess_number.py:"
+                        "GuessNumber")
+  for record in task.records(0, 10):
+    assert task.verify(record["problem"], record["solution"]).correct
+  with pytest.raises(ValueError, match="Cannot load task"):
+    tasks.get_task(f"{root}/experiments/envs/guess_number.py:Nope")
+  with pytest.raises(ValueError, match="Unknown task"):
+    tasks.get_task("guess_number")

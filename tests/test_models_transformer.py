@@ -213,6 +213,19 @@ def test_bf16_preset_is_close_to_fp32():
       jnp.float32))
 
 
+def test_with_precision_is_the_same_weights_under_another_policy():
+  fp32 = _model("qwen3")
+  bf16 = entropo.models.with_precision(fp32, "bf16")
+  assert entropo.models.with_precision(fp32, "fp32") is fp32
+  assert fp32.policy.name == "fp32"  # the original is unchanged
+  assert {m.policy.name for _, m in nnx.iter_modules(bf16)
+          if hasattr(m, "policy")} == {"bf16"}
+  assert bf16.embed_tokens[...] is fp32.embed_tokens[...]  # no copy
+  tokens = _tokens((3, 12))
+  built = _model("qwen3", precision="bf16")  # same weights, built as bf16
+  np.testing.assert_array_equal(bf16.logits(tokens), built.logits(tokens))
+
+
 def test_default_positions_count_valid_tokens():
   mask = jnp.asarray([[1, 1, 1, 1, 0, 0],
                       [0, 0, 1, 1, 1, 1],

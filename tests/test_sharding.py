@@ -416,6 +416,25 @@ def test_diagnostics_and_quantiles_sharded_equal_unsharded():
   assert 0 < want["mismatch/phantom_clipfrac_low"] < 1
 
 
+def _mismatch_and_correction(logps, sampler, mask, axis_name=None):
+  weights, metrics = entropo.mismatch_correction(
+      logps, sampler, mask, level="geometric", mode="mask", low=0.9,
+      high=1.1, veto=0.8, axis_name=axis_name)
+  return weights, {**metrics, **entropo.sampler_mismatch(
+      logps, sampler, mask, axis_name=axis_name)}
+
+
+def test_sampler_mismatch_and_corrections_sharded_equal_unsharded():
+  sampler = BATCH["logps"] + 0.2 * BATCH["adv"]
+  args = (BATCH["logps"], sampler, BATCH["mask"])
+  want = jax.jit(_mismatch_and_correction)(*args)
+  got = _shard(functools.partial(_mismatch_and_correction, axis_name=AXIS),
+               (P(AXIS),) * 3, (P(AXIS), P()))(*args)
+  _assert_trees_close(got, want)
+  assert 0 < want[1]["corr/masked_frac"] < 1
+  assert 0 < want[1]["corr/seq_rejected_frac"] < 1
+
+
 def test_masked_quantiles_all_masked_shards():
   # Only device 3 holds valid values: the others contribute nothing.
   mask = np.zeros((B, T), bool)

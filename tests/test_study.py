@@ -296,3 +296,50 @@ def test_bad_flags_fail_before_compute(tmp_path, args, message):
   assert proc.returncode != 0
   assert message in proc.stderr, proc.stderr
   assert not (tmp_path / "timing.json").exists()
+
+
+def test_mismatch_stage_configs_and_report(tmp_path, rng):
+  """The mismatch stage's jobs (without training) and its report."""
+  from entropo.training import validate  # pylint: disable=g-import-not-at-top
+  from experiments import study_mismatch  # pylint: disable=g-import-not-at-top
+  study = study_lib.Study(tmp_path, seeds=[0, 1], iterations=4, smoke=True)
+  jobs = []
+  study.run = lambda c, directory, label: jobs.append((c, directory))
+  study_mismatch.mismatch(study, correction="icepop")
+  assert len(jobs) == 3 * 2 * 2 * 2  # samplers x trainers x corr x seeds
+  for c, directory in jobs:
+    c.model.init_from = ""  # no warm start written here
+    typed = validate(c)
+    name = directory.parent.parent.name  # train_<t>_sample_<s>
+    assert name == study_mismatch.cell(typed.precision.name,
+                                       typed.sampler_precision.name)
+    corrected = directory.parent.name == "icepop"
+    assert (typed.algorithm.correction == "mask") == corrected
+  # The report on fake runs that carry the mismatch metrics.
+  timing = {}
+  for corr in ("none", "icepop"):
+    for seed in (0, 1):
+      key = f"runs/mismatch/dapo/train_fp32_sample_bf16/{corr}/seed{seed}"
+      records, _ = _fake_run(tmp_path / key, rng)
+      for r in records:
+        for k in study_mismatch.KEYS:
+          r[k] = float(rng.uniform(0, 1e-3))
+        if corr != "none":
+          r["corr/masked_frac"] = 0.0
+      with open(tmp_path / key / "metrics.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+      timing[key] = 1.0
+  (tmp_path / "timing.json").write_text(json.dumps(timing))
+  files = study_mismatch.write_report(tmp_path)
+  numbers = json.loads((tmp_path / "report" / "mismatch.json").read_text())
+  run = numbers["dapo/train_fp32_sample_bf16/none"]["0"]
+  records = logger.read_jsonl(
+      tmp_path / "runs/mismatch/dapo/train_fp32_sample_bf16/none/seed0"
+      / "metrics.jsonl")
+  kl = [r["mismatch/kl_token"] for r in records]
+  np.testing.assert_allclose(run["mismatch/kl_token"], np.mean(kl))
+  np.testing.assert_allclose(
+      run["corr_kl_entropy"],
+      np.corrcoef(kl, [r["entropy/mean"] for r in records])[0, 1])
+  for f in files:
+    assert f.stat().st_size > 0, f

@@ -233,3 +233,24 @@ def test_gsm8k_errors(tmp_path):
   with pytest.raises(ValueError, match="train.jsonl:1: missing"):
     data.prepare(Gsm8k(), tmp_path / "data", manual_dir=tmp_path / "bad",
                  splits=["train"])
+
+
+def test_the_trainer_writes_its_data_set_quietly(tmp_path, capsys, caplog):
+  """No TFDS bar, print or warning between the run's own lines."""
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import datasets  # pylint: disable=g-import-not-at-top
+  from tests.training_setup import tiny_config  # pylint: disable=g-import-not-at-top
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.WARNING)  # the launcher's default
+  try:
+    c = tiny_config()
+    task = config_lib.make_task(c.task)
+    builder = datasets.write_dataset(c, task, tmp_path)
+    datasets.load_split(task, tmp_path, builder, "train")
+  finally:
+    logging.set_verbosity(verbosity)
+  captured = capsys.readouterr()
+  assert captured.out.splitlines() == [f"[entropo] data: {builder.data_path}"]
+  assert "%|" not in captured.err  # no progress bar
+  assert not [r for r in caplog.records if r.levelno < 40], caplog.records

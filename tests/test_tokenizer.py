@@ -164,3 +164,28 @@ def test_missing_file(tmp_path):
     load_tokenizer(tmp_path)
   with pytest.raises(FileNotFoundError, match="other.json not found"):
     load_tokenizer(tmp_path / "other.json")
+
+
+def test_char_tokenizer_round_trips_through_auto_tokenizer(tmp_path):
+  """A warm start's (or an export's) folder: `transformers.AutoTokenizer`
+  next to a qwen3 config.json encodes and decodes as entropo does (it
+  loaded a Qwen2Tokenizer that dropped every space before
+  `tokenizer_class` was written)."""
+  transformers = pytest.importorskip("transformers")
+  from flax import nnx  # pylint: disable=g-import-not-at-top
+  from entropo import models as models_lib  # pylint: disable=g-import-not-at-top
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  tok = tasks.char_tokenizer()
+  config = models_lib.ModelConfig(
+      vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32,
+      num_layers=1, num_heads=2, num_kv_heads=1, qk_norm=True,
+      tie_word_embeddings=True, family="qwen3", max_position_embeddings=32)
+  models_lib.save_pretrained(
+      models_lib.Transformer(config, rngs=nnx.Rngs(0)), tmp_path)
+  tasks.save_tokenizer(tok, tmp_path)
+  auto = transformers.AutoTokenizer.from_pretrained(tmp_path)
+  for text in ("3 7 25>46:", "(25+3)*7 / 4", "  two  spaces\n"):
+    ids = auto.encode(text, add_special_tokens=False)
+    assert ids == tok.encode(text, add_special_tokens=False), text
+    assert auto.decode(ids) == text
+  assert (auto.eos_token_id, auto.pad_token_id) == (tok.eos_id, tok.pad_id)

@@ -1,13 +1,17 @@
 """The RL trainer: presets, controllers, resume, sharding, failures."""
 
+import importlib
 import json
 import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import textwrap
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -226,6 +230,40 @@ def test_tensorboard_tags_spell_pass_at_k(tmp_path):
       "eval/pass_at_4", "entropy/mean"}
 
 
+def _tensorboard_steps(directory) -> list[tuple[str, int]]:
+  """`(tag, step)` of every scalar TensorBoard shows: events read file by
+  file, a SessionLog START at step s hiding the earlier events at s or
+  later (its purge rule)."""
+  from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top
+  shown = []
+  for path in sorted(pathlib.Path(directory).glob("events.out.tfevents.*")):
+    data, offset = path.read_bytes(), 0
+    while offset < len(data):
+      length = int.from_bytes(data[offset:offset + 8], "little")
+      event = event_pb2.Event.FromString(
+          data[offset + 12:offset + 12 + length])
+      offset += 16 + length
+      if event.session_log.status == event_pb2.SessionLog.START:
+        shown = [(t, s) for t, s in shown if s < event.step]
+      shown += [(v.tag, event.step) for v in event.summary.value]
+  return shown
+
+
+def test_tensorboard_shows_each_step_once_after_a_resume(tmp_path):
+  logger = logger_lib.MetricLogger(tmp_path, total=4, progress=False)
+  for i in range(4):  # a launch killed after logging 4 iterations ...
+    logger.write(i, {"reward/mean": float(i)})
+  logger.close()
+  time.sleep(1.1)  # event file names hold the second they were made
+  logger = logger_lib.MetricLogger(tmp_path, total=4, start=2,
+                                   progress=False)  # ... resumed from 2
+  for i in range(2, 4):
+    logger.write(i, {"reward/mean": 10.0 + i})
+  logger.close()
+  steps = _tensorboard_steps(tmp_path / "tensorboard")
+  assert sorted(steps) == [("reward/mean", i) for i in range(4)]
+
+
 def _write_run(workdir, entropies, pass_at_1):
   workdir.mkdir()
   logger = logger_lib.MetricLogger(workdir, total=len(entropies),
@@ -273,6 +311,14 @@ def test_plots_have_axis_labels_and_overlay_runs(tmp_path, monkeypatch):
                                    "REPO: pass@1", "REPO: pass@4"]
   with pytest.raises(FileNotFoundError, match="no metrics.jsonl"):
     logger_lib.plot_runs([tmp_path / "one"], tmp_path / "cmp3")
+  # Workdirs that share a name keep one curve each.
+  for seed in (0, 1):
+    shutil.copytree(tmp_path / "grpo", tmp_path / f"seed{seed}" / "grpo")
+  logger_lib.plot_runs([tmp_path / "seed0/grpo", tmp_path / "seed1/grpo"],
+                       tmp_path / "cmp4")
+  assert drawn["pass_at_k"][3] == ["seed0/grpo: pass@1", "seed0/grpo: pass@4",
+                                   "seed1/grpo: pass@1", "seed1/grpo: pass@4"]
+  assert logger_lib.run_labels(["a/grpo", "b/repo"]) == ["grpo", "repo"]
 
 
 def test_sampling_steps_per_check_reaches_the_sampler(init_from, data_dir,
@@ -484,6 +530,47 @@ def test_lora_resume_equals_an_uninterrupted_run(init_from, data_dir,
   merged = entropo.models.from_pretrained(tmp_path / "merged")
   np.testing.assert_allclose(np.asarray(merged.logits(tokens)), want,
                              rtol=1e-5, atol=1e-5)
+  _check_load_policy_reads_the_run(c, tmp_path, tokens, want)
+
+
+def _check_load_policy_reads_the_run(c, tmp_path, tokens, want):
+  """`load_policy(workdir)` uses the run's config.json; a config that
+  differs from it is refused naming each field, before any work."""
+  policy, _ = load_policy(tmp_path / "split")
+  np.testing.assert_array_equal(np.asarray(policy.logits(tokens)), want)
+  # The same folder spelt relative to the working directory is no change.
+  relative = c.copy_and_resolve_references()
+  relative.model.init_from = os.path.relpath(c.model.init_from)
+  load_policy(relative, tmp_path / "split")
+  for field, value, change in [
+      ("lora_alpha", 32.0, "model.lora_alpha: 8.0 -> 32.0"),
+      ("lora_rank", 0, "model.lora_rank: 4 -> 0"),
+      ("init_from", "", "model.init_from: '.*' -> ''")]:
+    wrong = c.copy_and_resolve_references()
+    wrong.model[field] = value
+    with pytest.raises(ValueError, match=f"differs from the run's in .*"
+                       f"config.json \\(run's -> given\\):\n  {change}"):
+      load_policy(wrong, tmp_path / "split")
+  assert not (tmp_path / "split" / "warm_start").exists()  # nothing trained
+  with pytest.raises(ValueError, match="holds no run: no config.json"):
+    load_policy(tmp_path / "adapter")
+  # docs/training.md's hand-off runs as written, outside the repository.
+  doc = (ROOT / "docs" / "training.md").read_text().split("## LoRA")[1]
+  code = textwrap.dedent(re.search(r"```python\n(.*?)```", doc,
+                                   re.S).group(1))
+  code = code.replace("/tmp/entropo/gsm8k_lora", str(tmp_path / "split"))
+  for name in ("adapter", "merged"):
+    code = code.replace(f"/tmp/{name}", f"{tmp_path}/doc_{name}")
+  cwd = os.getcwd()
+  os.chdir(tmp_path)
+  try:
+    exec(compile(code, "docs/training.md", "exec"), {})  # pylint: disable=exec-used
+  finally:
+    os.chdir(cwd)
+  for name in ("doc_adapter/adapter_model.safetensors",
+               "doc_merged/model.safetensors", "doc_merged/tokenizer.json"):
+    mode = (tmp_path / name).stat().st_mode & 0o777
+    assert mode & 0o044 == 0o044, (name, oct(mode))  # not private
 
 
 def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
@@ -697,6 +784,134 @@ def test_skip_non_finite_skips_and_counts(resumed, monkeypatch):
   assert [r["train/skipped_minibatches_total"] for r in records] == [1, 1]
   assert "loss" not in records[0] and np.isfinite(records[1]["loss"])
   assert Trainer(c, workdir).meta["skipped_minibatches"] == 1
+
+
+def _adam_with_b2_one(trainer):
+  """Gives `trainer` AdamW with b2 = 1: finite losses and gradients, but
+  NaN updates (the bias correction divides 0 by 1 - b2^t = 0)."""
+  import optax  # pylint: disable=g-import-not-at-top
+  c = trainer.config
+  optimizer = optax.chain(optax.clip_by_global_norm(1.0),
+                          optax.adamw(1e-4, b1=0.9, b2=1.0))
+  trainer.learner = step_lib.Learner(
+      trainer.graphdef, trainer.algorithm, optimizer,
+      max_new_tokens=c.sampling.max_new_tokens,
+      group_size=c.sampling.group_size)
+
+
+def test_a_non_finite_update_is_caught_before_it_is_applied(resumed):
+  c, workdir = resumed
+  trainer = Trainer(c, workdir)
+  _adam_with_b2_one(trainer)
+  with pytest.raises(NonFiniteError, match="Non-finite update: the "
+                     "parameters or optimizer state after the update of "
+                     "iteration 4 \\(epoch 0, minibatch 0\\) are "
+                     "non-finite, with a finite loss and gradient norm.*not "
+                     "applied; stopping. The latest checkpoint, iteration 4 "
+                     "in .*checkpoints, is good"):
+    trainer.run()
+  assert all(np.isfinite(x).all()
+             for x in jax.tree.leaves(trainer.state["params"]))
+  assert Trainer(c, workdir).meta["iteration"] == 4
+
+
+def test_a_non_finite_update_before_any_checkpoint_says_so(
+    init_from, data_dir, tmp_path):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  trainer = Trainer(c, tmp_path)
+  _adam_with_b2_one(trainer)
+  with pytest.raises(NonFiniteError, match="iteration 0 .*No checkpoint was "
+                     "written yet \\(the first is at iteration 2"):
+    trainer.run()
+  c.train.skip_non_finite = True
+  trainer = Trainer(c, tmp_path)
+  _adam_with_b2_one(trainer)
+  with pytest.warns(UserWarning, match="skipping the update: the parameters "
+                    "or optimizer state after the update of iteration 0"):
+    trainer.run()
+  assert _records(tmp_path)[-1]["train/skipped_minibatches_total"] == 2
+
+
+def test_ctrl_c_during_a_save_finishes_it_and_says_so(init_from, data_dir,
+                                                     tmp_path, monkeypatch,
+                                                     capsys):
+  c = _config(init_from, data_dir, train=dict(iterations=2,
+                                              checkpoint_every=2))
+  trainer = Trainer(c, tmp_path)
+  save = trainer.checkpointer.save
+
+  def interrupted_save(*args):
+    os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C as the save starts
+    save(*args)
+
+  monkeypatch.setattr(trainer.checkpointer, "save", interrupted_save)
+  with pytest.raises(KeyboardInterrupt):
+    trainer.run()
+  assert ("interrupted while saving the checkpoint of iteration 2; finished "
+          "the save first" in capsys.readouterr().out)
+  assert Trainer(c, tmp_path).meta["iteration"] == 2
+
+
+def test_ctrl_c_during_an_iteration_saves_the_state_before_it(
+    resumed, monkeypatch, capsys):
+  c, workdir = resumed  # checkpoints at 2 and 4, continuing to 6
+  for calls, line in [(2, "interrupted in iteration 5; saved the state "
+                       "before it"),
+                      (1, "interrupted in iteration 5; the checkpoint of the "
+                       "state before it exists already")]:
+    trainer = Trainer(c, workdir)
+    iteration, count = trainer.iteration, []
+
+    def interrupted(iteration=iteration, count=count, calls=calls):
+      count.append(1)
+      if len(count) == calls:
+        raise KeyboardInterrupt
+      return iteration()
+
+    monkeypatch.setattr(trainer, "iteration", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+      trainer.run()
+    assert line in capsys.readouterr().out
+    assert Trainer(c, workdir).meta["iteration"] == 5
+
+
+def test_ctrl_c_in_the_warm_start_keeps_its_progress(tmp_path, monkeypatch,
+                                                     capsys):
+  """A warm start interrupted at step 10 (a Ctrl-C: SIGINT) or 25 (an
+  interrupt raised in the step), then rerun, equals one never interrupted:
+  the same losses and the same weights."""
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
+  stale = tmp_path / "split.tmp-999999999"  # a killed process's
+  stale.mkdir()
+  c = tiny_config()
+  task, tok = config_lib.make_task(c.task), tasks.char_tokenizer()
+  whole = warm_start.warm_start(c, task, tok, tmp_path / "whole")
+  sft_step, calls = step_lib.sft_step, []
+
+  def step(*args):
+    calls.append(1)
+    if len(calls) == 10:
+      os.kill(os.getpid(), signal.SIGINT)  # held until this step is done
+    if len(calls) == 10 + 16:
+      raise KeyboardInterrupt
+    return sft_step(*args)
+
+  monkeypatch.setattr(step_lib, "sft_step", step)
+  for stopped_at in (10, 25):
+    with pytest.raises(KeyboardInterrupt):
+      warm_start.warm_start(c, task, tok, tmp_path / "split")
+    out = capsys.readouterr().out
+    assert (f"interrupted in the warm start at step {stopped_at} of 40; "
+            f"saved its progress to {tmp_path}/split.partial.npz") in out
+    assert not (tmp_path / "split").exists() and not stale.exists()
+  split = warm_start.warm_start(c, task, tok, tmp_path / "split")
+  assert "continuing from step 25" in capsys.readouterr().out
+  assert not (tmp_path / "split.partial.npz").exists()
+  for name in ("warm_start_loss.json", "model.safetensors"):
+    assert (whole / name).read_bytes() == (split / name).read_bytes(), name
 
 
 def test_warm_start_of_zero_steps_saves_the_initial_model(tmp_path):
@@ -986,6 +1201,32 @@ def test_launcher_runs_a_tiny_experiment(init_from, tmp_path):
     assert (tmp_path / "plots" / f"{name}.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_launcher_ends_a_ctrl_c_with_one_line(init_from, tmp_path):
+  proc = subprocess.Popen(
+      [sys.executable, "-m", "experiments.main",
+       "--config=experiments/configs/tiny.py", f"--workdir={tmp_path}",
+       f"--init_from={init_from}", "--config.train.iterations=100000",
+       "--config.train.progress=False", "--config.train.plots=False"],
+      cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  out = []
+  for line in proc.stdout:  # wait until RL has started
+    out.append(line)
+    if "before RL" in line:
+      break
+  time.sleep(1)  # into the first iterations
+  proc.send_signal(signal.SIGINT)
+  rest, err = proc.communicate(timeout=120)
+  out = "".join(out) + rest
+  assert proc.returncode == 130, err[-3000:]
+  assert "Traceback" not in err, err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+      "[entropo] interrupted; rerun the same command to resume from the "
+      "latest checkpoint")
+  assert re.search(r"interrupted (in iteration \d+|while saving)", out), out
+  assert any(p.name.isdigit() for p in (tmp_path / "checkpoints").iterdir())
+
+
 def test_gsm8k_config_names_what_is_missing(tmp_path):
   from experiments.configs import gsm8k_hf  # pylint: disable=g-import-not-at-top
   c = gsm8k_hf.get_config("dapo+repo_r")
@@ -1009,3 +1250,103 @@ def test_gsm8k_config_names_what_is_missing(tmp_path):
     (tmp_path / name).write_text("{}")
   validate(c)
   assert c.precision == "bf16_fp32_head" and c.algo.repo == "repo_r"
+
+
+@pytest.mark.parametrize("algo,inert", [
+    ("adapo", "ADAPO's adapted epsilon_high"), ("dapo", "asymmetric band"),
+    ("gspo", "gspo's band"), ("grpo", None), ("rloo", None)])
+def test_a_band_that_cannot_bind_is_reported(algo, inert):
+  # (entropo.training.algorithm is also the name of a config function.)
+  algorithm_lib = importlib.import_module("entropo.training.algorithm")
+  c = tiny_config(algo)
+  message = algorithm_lib.inert_band(
+      algorithm_lib.Algorithm.from_config(c.algo))
+  if inert is None:
+    assert message is None
+    return
+  assert inert in message and "every importance ratio is 1" in message
+  c.algo.minibatches = 4  # several optax steps per batch: the band binds
+  assert algorithm_lib.inert_band(
+      algorithm_lib.Algorithm.from_config(c.algo)) is None
+
+
+def test_a_band_that_never_clipped_is_reported():
+  # (entropo.training.algorithm is also the name of a config function.)
+  algorithm_lib = importlib.import_module("entropo.training.algorithm")
+  c = tiny_config("dapo")
+  c.algo.minibatches = 4
+  trainer = Trainer.__new__(Trainer)  # only the counters are needed
+  trainer.algorithm = algorithm_lib.Algorithm.from_config(c.algo)
+  trainer.clipping = {"iterations": 0, "clipped": False}
+  for _ in range(10):
+    trainer._count_clipping({"pg/clipfrac_high": 0.0,  # pylint: disable=protected-access
+                             "pg/clipfrac_low": 0.0})
+  with pytest.warns(UserWarning, match="clipped no token in 10 iterations"):
+    trainer._warn_if_never_clipped()  # pylint: disable=protected-access
+  trainer._count_clipping({"pg/clipfrac_high": 0.01})  # pylint: disable=protected-access
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    trainer._warn_if_never_clipped()  # pylint: disable=protected-access
+
+
+# -- the sampler's own precision and the mismatch corrections
+
+
+def _mismatch_run(init_from, data_dir, workdir, algo="grpo", **sections):
+  """The stable metrics of a one-iteration run."""
+  c = _config(init_from, data_dir, algo, train=dict(iterations=1,
+                                                    eval_every=1),
+              **sections)
+  train(c, workdir)
+  return [_stable(r) for r in _records(workdir)]
+
+
+def test_equal_sampler_precision_is_bit_identical(init_from, data_dir,
+                                                  tmp_path):
+  """Naming the trainer's preset as the sampler's changes nothing at all."""
+  default = _mismatch_run(init_from, data_dir, tmp_path / "default")
+  named = _mismatch_run(init_from, data_dir, tmp_path / "named",
+                        sampling=dict(precision="fp32"))
+  assert default == named
+  for r in default:
+    # Same precision, two codes (sampler head vs fused head): rounding only.
+    assert r["mismatch/kl_token"] < 1e-9
+    assert r["mismatch/prob_corr"] == pytest.approx(1.0, abs=1e-6)
+  launch = json.loads((tmp_path / "named" / "run.json").read_text())[
+      "launches"][0]
+  assert launch["precision"]["preset"] == launch["sampler_precision"][
+      "preset"] == "fp32"
+
+
+def test_bf16_sampler_fp32_trainer_with_icepop(init_from, data_dir,
+                                               tmp_path):
+  records = _mismatch_run(init_from, data_dir, tmp_path, "grpo+icepop",
+                          sampling=dict(precision="bf16"))
+  for r in records:
+    assert r["mismatch/kl_token"] > 0 and r["mismatch/max_abs_diff"] > 1e-4
+    assert r["mismatch/prob_corr"] < 1.0
+    assert 0 < r["corr/ess"] <= 1.0
+    assert 0 <= r["corr/masked_frac"] <= 1.0
+    assert np.isfinite(r["loss"])
+  launch = json.loads((tmp_path / "run.json").read_text())["launches"][0]
+  assert launch["precision"]["preset"] == "fp32"
+  assert launch["sampler_precision"]["preset"] == "bf16"
+
+
+@pytest.mark.parametrize("fields,match", [
+    (dict(sampling=dict(precision="fp8")), "sampling.precision"),
+    (dict(algo=dict(correction="clip")), "algo.correction"),
+    (dict(algo=dict(correction_level="seq")), "algo.correction_level"),
+    (dict(algo=dict(correction="mask", correction_low=1.5)),
+     "algo.correction.*low <= 1 <= high"),
+    (dict(algo=dict(correction="truncate", tis_cap=2.0)), "algo.tis_cap"),
+    (dict(algo=dict(correction="mask", old_logps="sampler")),
+     "algo.old_logps"),
+    (dict(algo=dict(correction_veto=-1.0)), "algo.correction_veto"),
+])
+def test_bad_mismatch_configs_name_the_field(fields, match):
+  c = tiny_config()
+  for section, values in fields.items():
+    c[section].update(values)
+  with pytest.raises(ValueError, match=match):
+    validate(c)

@@ -2,6 +2,7 @@
 
 from entropo.models.config import ModelConfig
 from entropo.models.transformer import Transformer
+from entropo.models.transformer import with_precision
 from entropo.models.sampler import SampleResult
 from entropo.models.sampler import sample
 from entropo.models.hf import from_pretrained

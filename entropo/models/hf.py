@@ -31,7 +31,6 @@ import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 import safetensors
-import safetensors.numpy
 from flax import nnx
 
 from entropo import precision as precision_lib
@@ -406,13 +405,13 @@ def save_pretrained(model: Transformer, path, *, dtype=None,
   metadata = {"format": "pt"}
   shards = _shard(tensors, max_shard_bytes)
   if len(shards) == 1:
-    safetensors.numpy.save_file(shards[0], directory / WEIGHTS_NAME,
-                                metadata=metadata)
+    lora_lib.write_safetensors(shards[0], directory / WEIGHTS_NAME,
+                               metadata)
     return
   weight_map = {}
   for i, shard in enumerate(shards):
     file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    safetensors.numpy.save_file(shard, directory / file, metadata=metadata)
+    lora_lib.write_safetensors(shard, directory / file, metadata)
     weight_map.update({name: file for name in shard})
   index = {
       "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},

@@ -41,6 +41,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import pathlib
 import string
 
@@ -397,8 +398,17 @@ def save_lora(model, path, *, base_model_name_or_path: str | None = None
   }
   with open(directory / ADAPTER_CONFIG_NAME, "w") as f:
     json.dump(adapter_config, f, indent=2)
-  safetensors.numpy.save_file(tensors, directory / ADAPTER_WEIGHTS_NAME,
-                              metadata={"format": "pt"})
+  write_safetensors(tensors, directory / ADAPTER_WEIGHTS_NAME)
+
+
+def write_safetensors(tensors, path, metadata=None) -> None:
+  """`safetensors.numpy.save_file` (PyTorch's layout, `format: pt`), with
+  the permissions of any new file (it writes 0600, private to its owner)."""
+  safetensors.numpy.save_file(tensors, path,
+                              metadata=metadata or {"format": "pt"})
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
 
 
 def _read_adapter_config(directory: pathlib.Path) -> LoRAConfig:

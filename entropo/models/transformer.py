@@ -373,3 +373,32 @@ def _block_apply(remat: str):
   if remat == "none":
     return _apply_block
   return nnx.remat(_apply_block, policy=_REMAT_POLICIES[remat])
+
+
+def with_precision(model: Transformer, precision) -> Transformer:
+  """The same model (the same parameter arrays) under another precision.
+
+  Every module's policy is replaced by `precision`'s, on a new module graph
+  over the same variables' values, so `model` itself is unchanged and no
+  weight is copied. This is the sampler of a run whose sampling precision
+  differs from the trainer's (`sampling.precision`): bf16 sampling of an
+  fp32-trained policy, as vLLM or SGLang beside an fp32 trainer. Returns
+  `model` itself when the policies are equal. The parameters' storage
+  dtype must agree (every preset keeps float32 master weights).
+  """
+  policy = precision_lib.get_precision(precision)
+  if policy == model.policy:
+    return model
+  if jnp.dtype(policy.param_dtype) != jnp.dtype(model.policy.param_dtype):
+    raise ValueError(
+        f"with_precision keeps the weights as they are: the precision "
+        f"{policy.name!r} stores parameters in {policy.param_dtype}, the "
+        f"model's {model.policy.name!r} in {model.policy.param_dtype}.")
+  attention_lib.check_compute_dtype(model.config.attention,
+                                    policy.compute_dtype)
+  graphdef, state = nnx.split(model)
+  clone = nnx.merge(graphdef, state)
+  for _, module in nnx.iter_modules(clone):
+    if hasattr(module, "policy"):
+      module.policy = policy
+  return clone

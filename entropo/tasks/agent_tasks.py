@@ -121,10 +121,6 @@ class CountdownCalc(env_lib.AgentTask):
         max_value=self.max_value, max_target=self.max_target, ops=self.ops,
         min_used=self.min_used)
 
-  @property
-  def config(self) -> dict[str, Any]:
-    return {"task": self.name, **dataclasses.asdict(self)}
-
   def environment(self):
     return CountdownCalcEnv(self)
 
@@ -214,10 +210,6 @@ class Quiz(env_lib.AgentTask):
     if self.max_turns < self.num_questions:
       raise ValueError(f"max_turns={self.max_turns} leaves no turn for some "
                        f"of the {self.num_questions} questions.")
-
-  @property
-  def config(self) -> dict[str, Any]:
-    return {"task": self.name, **dataclasses.asdict(self)}
 
   def environment(self):
     return QuizEnv(self)

@@ -110,6 +110,17 @@ class Task(abc.ABC):
     raise NotImplementedError(
         f"Task {self.name!r} has no solution generator for warm starts.")
 
+  def longest_prompt(self) -> str | None:
+    """The longest prompt the task can generate, if known (None: unknown);
+    the trainer checks that it fits in `data.max_prompt_len` before any
+    work."""
+    return None
+
+  def longest_solution(self) -> int | None:
+    """An upper bound on a solution's length in characters, if known (the
+    warm start trains on whole solutions, so they must fit)."""
+    return None
+
   @property
   def config(self) -> dict[str, Any]:
     """The task's settings (recorded in dataset descriptions)."""
@@ -142,13 +153,18 @@ class Task(abc.ABC):
     """
     if not 0.0 <= spread <= 1.0:
       raise ValueError(f"spread must be in [0, 1]; got {spread}.")
-    solutions = self.solutions(problem)
+    solutions = self.warm_start_options(problem)
     if not solutions:
       raise ValueError(f"Problem {problem} of task {self.name!r} has no "
                        f"solution.")
     if rng.random() >= spread:
       return solutions[0]
     return solutions[int(rng.integers(len(solutions)))]
+
+  def warm_start_options(self, problem: Mapping[str, Any]) -> list:
+    """What `warm_start_completion` draws from, canonical first: the
+    solutions (an agent task's transcripts)."""
+    return self.solutions(problem)
 
 
 def warm_start_examples(task: Task, *, seed: int, num_problems: int,

@@ -238,6 +238,17 @@ class Countdown(base.Task):
   def config(self) -> dict[str, Any]:
     return {"task": self.name, **dataclasses.asdict(self)}
 
+  def longest_prompt(self) -> str:
+    """Every number and the target at their most digits."""
+    return self.prompt({"numbers": [self.max_value] * self.num_count,
+                        "target": self.max_target})
+
+  def longest_solution(self) -> int:
+    """Every number at its most digits, an operator between each two and a
+    pair of parentheses around each operation but the outermost."""
+    n = self.num_count
+    return n * len(str(self.max_value)) + (n - 1) + 2 * max(n - 2, 0)
+
   def prompt(self, problem: Mapping[str, Any]) -> str:
     numbers = " ".join(str(int(x)) for x in problem["numbers"])
     return f"{numbers}>{int(problem['target'])}:"

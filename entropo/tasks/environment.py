@@ -165,6 +165,12 @@ class AgentTask(base.Task):
     the environment's observations, exactly as a rollout would produce them.
     """
 
+  @property
+  def config(self) -> dict[str, Any]:
+    """The task's settings (its dataclass fields): they name its dataset."""
+    fields = dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}
+    return {"task": self.name, **fields}
+
   def _verify(self, problem, completion):
     """Replays a whole transcript's actions (`completion` = the policy's
     text of all turns joined, as `transcript_actions` splits it)."""
@@ -202,19 +208,10 @@ class AgentTask(base.Task):
     return ["".join(s.text for s in t if s.by_model)
             for t in self.transcripts(problem)]
 
-  def warm_start_completion(self, problem, rng, spread: float
-                            ) -> list[Segment]:
-    """A transcript for the warm start (`warm_start_examples` pairs it with
-    the prompt); `spread` as in `Task.warm_start_completion`."""
-    if not 0.0 <= spread <= 1.0:
-      raise ValueError(f"spread must be in [0, 1]; got {spread}.")
-    options = self.transcripts(problem)
-    if not options:
-      raise ValueError(f"Problem {problem} of task {self.name!r} has no "
-                       f"transcript.")
-    if rng.random() >= spread:
-      return options[0]
-    return options[int(rng.integers(len(options)))]
+  def warm_start_options(self, problem):
+    """The transcripts: `warm_start_completion` draws one for the warm start
+    (`warm_start_examples` pairs it with the prompt)."""
+    return self.transcripts(problem)
 
 
 def problem_dict(problem: Mapping[str, Any] | str) -> dict[str, Any]:

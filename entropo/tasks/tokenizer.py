@@ -48,12 +48,19 @@ def save_tokenizer(tok: tokenizer_lib.Tokenizer, directory) -> pathlib.Path:
   """Writes `tokenizer.json` and `tokenizer_config.json` into `directory`.
 
   The config names the EOS and PAD tokens, so `load_tokenizer(directory)`
-  gives back the same special ids.
+  gives back the same special ids, and the tokenizer class, so that
+  `transformers.AutoTokenizer.from_pretrained(directory)` encodes and
+  decodes exactly as entropo does.
   """
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
   tok.tokenizer.save(str(directory / tokenizer_lib.TOKENIZER_NAME))
-  config = {"eos_token": tok.id_to_token(tok.eos_id),
+  # `tokenizer_class`: without it `AutoTokenizer` picks the class of the
+  # model's family (a Qwen2Tokenizer next to a qwen3 config.json), whose
+  # own pre-tokenizer drops every space; the generic fast class reads
+  # tokenizer.json as it is.
+  config = {"tokenizer_class": "PreTrainedTokenizerFast",
+            "eos_token": tok.id_to_token(tok.eos_id),
             "pad_token": tok.id_to_token(tok.pad_id)}
   if tok.bos_id is not None:
     config["bos_token"] = tok.id_to_token(tok.bos_id)

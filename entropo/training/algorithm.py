@@ -30,9 +30,9 @@ import numpy as np
 
 from entropo import advantages as advantages_lib
 from entropo import controllers as controllers_lib
+from entropo import corrections as corrections_lib
 from entropo import masking
 from entropo import objectives
-from entropo import precision as precision_lib
 from entropo import regularizers
 from entropo import repo as repo_lib
 from entropo.training import validation
@@ -41,6 +41,10 @@ ADVANTAGES = ("rloo", "grpo", "dr_grpo")
 REPO_VARIANTS = ("none", "repo", "repo_r", "repo_d")
 ENTROPY_CONTROL = ("none", "step", "dual")
 OLD_LOGPS = ("trainer", "sampler")
+# The sampler/trainer mismatch correction's fields (entropo.corrections).
+CORRECTION_FIELDS = ("correction", "correction_level", "correction_low",
+                     "correction_high", "correction_veto",
+                     "correction_max_kl")
 # The hyperparameters controllers may move, each with the config field that
 # holds its value when no controller does.
 HYPERPARAMETERS = {"zeta": "zeta_init", "clip_high": "clip_high",
@@ -65,8 +69,10 @@ class Algorithm:
 
   Build it with `Algorithm.from_config(config.algo)`; the fields are those
   of the `algo` config section (documented in config.py), with "off"
-  spelled one way: `repo=None`, `dual_clip=None`, `tis_cap=None`, and a
-  controller is on when its name is in `controllers`.
+  spelled one way: `repo=None`, `dual_clip=None`, `tis_cap=None`,
+  `correction_veto=None`, `correction_max_kl=None`, and a controller is on
+  when its name is in `controllers`. `tis_cap = c` is the correction
+  `truncate` at the token level with `correction_high = c` (one code path).
   """
 
   name: str
@@ -89,6 +95,14 @@ class Algorithm:
   entropy_bonus: bool
   old_logps: str
   tis_cap: float | None
+  # The sampler/trainer mismatch correction (entropo.mismatch_correction):
+  # mode, level, band and the two sequence rejections.
+  correction: str = "none"
+  correction_level: str = "token"
+  correction_low: float = 0.0
+  correction_high: float = 2.0
+  correction_veto: float | None = None
+  correction_max_kl: float | None = None
   # {hyperparameter: controller}, only the enabled ones.
   controllers: Mapping[str, Any]
   # Every hyperparameter of HYPERPARAMETERS at its configured value.
@@ -123,16 +137,53 @@ class Algorithm:
       _fail("dual_clip", f"must be > 1 (or 0: off); got {self.dual_clip}")
     if self.tis_cap is not None and not self.tis_cap >= 1:
       _fail("tis_cap", f"must be >= 1 (or 0: off); got {self.tis_cap}")
+    self._check_correction()
     for field in ("epochs", "minibatches"):
       _check_number(field, getattr(self, field), integer=True)
     _check_number("max_resample", self.max_resample, allow_zero=True,
                   integer=True)
 
+  def _check_correction(self):
+    _check_choice("correction", self.correction, corrections_lib.MODES)
+    _check_choice("correction_level", self.correction_level,
+                  corrections_lib.LEVELS)
+    if self.tis_cap is not None and self.correction != "none":
+      _fail("tis_cap", f"is the correction 'truncate' at the token level; "
+            f"set it or algo.correction, not both (correction="
+            f"{self.correction!r})")
+    corrected = self.corrected
+    if corrected and self.old_logps == "sampler":
+      _fail("old_logps", "is 'sampler', so the PPO ratio already divides by "
+            "the sampler's probabilities; a mismatch correction would count "
+            "the mismatch twice: use old_logps='trainer'")
+    try:
+      corrections_lib.check_settings(**self.correction_settings())
+    except ValueError as e:
+      _fail("correction", str(e))
+
+  @property
+  def corrected(self) -> bool:
+    """Whether a sampler/trainer mismatch correction is on (TIS too)."""
+    return (self.tis_cap is not None or self.correction != "none"
+            or self.correction_veto is not None
+            or self.correction_max_kl is not None)
+
+  def correction_settings(self) -> dict:
+    """The keyword arguments of `entropo.mismatch_correction`."""
+    if self.tis_cap is not None:
+      return dict(level="token", mode="truncate", low=0.0,
+                  high=self.tis_cap, veto=None, max_kl=None)
+    return dict(level=self.correction_level, mode=self.correction,
+                low=self.correction_low, high=self.correction_high,
+                veto=self.correction_veto, max_kl=self.correction_max_kl)
+
   @classmethod
   def from_config(cls, algo) -> "Algorithm":
     """The algorithm of an `algo` config section; raises naming a field."""
-    for field in ("dual_clip", "tis_cap", "norm"):
+    for field in ("dual_clip", "tis_cap", "norm", "correction_low",
+                  "correction_high", "correction_veto", "correction_max_kl"):
       _check_number(field, algo[field], allow_zero=True)
+    _check_ranges(algo)
     _check_choice("entropy_control", algo.entropy_control, ENTROPY_CONTROL)
     _check_choice("zeta_law", algo.zeta_law,
                   controllers_lib.ZetaController.LAWS)
@@ -151,6 +202,11 @@ class Algorithm:
         entropy_bonus=(algo.entropy_coef > 0
                        or algo.entropy_control != "none"),
         old_logps=algo.old_logps, tis_cap=algo.tis_cap or None,
+        correction=algo.correction, correction_level=algo.correction_level,
+        correction_low=algo.correction_low,
+        correction_high=algo.correction_high,
+        correction_veto=algo.correction_veto or None,
+        correction_max_kl=algo.correction_max_kl or None,
         controllers={},
         initial={k: algo[v] for k, v in HYPERPARAMETERS.items()},
         target_entropy=algo.target_entropy, target_scale=algo.target_scale,
@@ -209,12 +265,20 @@ class Algorithm:
       adv = repo_lib.repo_d_advantages(adv, logps, entropy, mask, zeta=zeta)
     return adv
 
-  def importance_weights(self, logps, sampler_logps) -> jax.Array:
-    """Truncated trainer / sampler ratios, `[B, T]` (ones when off)."""
-    if self.tis_cap is None:
-      return jnp.ones_like(logps)
-    return jnp.minimum(jnp.exp(precision_lib.clamp_log_ratio(
-        logps - sampler_logps)), self.tis_cap)
+  def importance_weights(self, logps, sampler_logps, mask
+                         ) -> tuple[jax.Array, dict]:
+    """The mismatch correction's `[B, T]` weights and its metrics.
+
+    `logps` are the trainer's log-probs at the iteration's parameters
+    (pi_old), so the weights correct the behaviour-to-old ratio
+    `pi_old / pi_sampler`; the loss multiplies the objective's per-token
+    term (and so its clipped ratio `pi_theta / pi_old`) by them. Ones and
+    no metrics when no correction is on.
+    """
+    if not self.corrected:
+      return jnp.ones_like(logps), {}
+    return corrections_lib.mismatch_correction(
+        logps, sampler_logps, mask, **self.correction_settings())
 
   def loss(self, logps, entropy, batch: dict, hyper: dict, key, *,
            norm: float, precision) -> tuple[jax.Array, dict]:
@@ -247,6 +311,35 @@ class Algorithm:
       loss = loss + kl
       metrics.update(kl_metrics)
     return loss, metrics
+
+
+# Fields of `algo` checked by `_check_ranges` alone: (low, high, open at
+# low); None is unbounded.
+_RANGES = {
+    "clip_cov_ratio": (0, 1, True), "kl_cov_ratio": (0, 1, True),
+    "kl_cov_coef": (0, None, False), "target_scale": (0, None, True),
+    "zeta_kp": (0, None, False), "zeta_ki": (0, None, False),
+    "clip_high_kp": (0, None, False), "clip_high_ki": (0, None, False),
+    "clip_high_factor": (1, None, True), "entropy_coef_max": (0, None, False),
+    "entropy_coef_delta": (0, None, True),
+    "entropy_coef_law_lr": (0, None, True),
+    # Checked here even when their controller is off (the controllers check
+    # how they order when on).
+    "zeta_init": (None, None, False), "zeta_min": (0, None, True),
+    "zeta_max": (0, None, True), "clip_high_min": (0, None, False),
+    "clip_high_max": (0, None, True),
+}
+_BOOLS = ("dynamic_sampling", "repo_positive_only", "repo_sign_clamp",
+          "adapo", "zeta_sign_flip")
+
+
+def _check_ranges(algo) -> None:
+  """The booleans and the numeric fields of `_RANGES`, naming the field."""
+  for field in _BOOLS:
+    validation.check_bool(f"algo.{field}", algo[field])
+  for field, (low, high, low_open) in _RANGES.items():
+    validation.check_range(f"algo.{field}", algo[field], low, high,
+                           low_open=low_open)
 
 
 def _controllers(algo) -> dict[str, Any]:
@@ -287,3 +380,44 @@ def _controllers(algo) -> dict[str, Any]:
   except ValueError as e:
     _fail("entropy_coef_max", str(e))
   return out
+
+
+# Objectives whose ratio band (`clip_low` / `clip_high`) shapes the update.
+CLIPPED_OBJECTIVES = ("ppo", "gspo", "gspo_token")
+
+
+def on_policy_single_step(algorithm: Algorithm) -> bool:
+  """One optax step per batch (epochs = minibatches = 1) with the old
+  log-probs recomputed by the trainer: pi_old is the policy being updated,
+  so every importance ratio is exactly 1 and no band ever clips."""
+  return (algorithm.epochs * algorithm.minibatches == 1
+          and algorithm.old_logps == "trainer")
+
+
+def inert_band(algorithm: Algorithm) -> str | None:
+  """Why `algorithm`'s distinguishing band never binds, or None.
+
+  Only for bands that make a preset what it is (an asymmetric clip-higher
+  such as DAPO's, ADAPO's adapted epsilon_high, GSPO's narrow band, a dual
+  clip): under `on_policy_single_step` they change nothing, and presets
+  that differ only there train the same run. GRPO's symmetric clip, inert
+  in the same way, is the usual one-step GRPO and is not reported.
+  """
+  if (algorithm.objective not in CLIPPED_OBJECTIVES
+      or not on_policy_single_step(algorithm)):
+    return None
+  if "clip_high" in algorithm.controllers:
+    what = "ADAPO's adapted epsilon_high"
+  elif algorithm.objective != "ppo":
+    what = f"{algorithm.objective}'s band"
+  elif algorithm.initial["clip_high"] != algorithm.clip_low:
+    what = "the asymmetric band (clip_high != clip_low)"
+  elif algorithm.dual_clip is not None:
+    what = "the dual clip"
+  else:
+    return None
+  return (f"algo {algorithm.name!r}: with algo.epochs = algo.minibatches = 1 "
+          f"and old log-probs from the trainer every importance ratio is 1, "
+          f"so {what} never clips and changes nothing (countdown.py:adapo "
+          f"and :dapo train the same run); for a band that binds take "
+          f"several optax steps per batch, e.g. --config.algo.minibatches=4")

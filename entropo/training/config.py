@@ -10,11 +10,14 @@ resumed run may change; `config_changes` finds the others.
 """
 
 import json
+import os
 
 import ml_collections
 
 from entropo import tasks as tasks_lib
+from entropo.training import run_config as run_config_lib
 from entropo.training import sections as sections_lib
+from entropo.training import validation
 
 ConfigDict = ml_collections.ConfigDict
 
@@ -59,6 +62,10 @@ ALGORITHMS = {
     "loop": dict(advantage="rloo", clip_low=0.1, clip_high=0.1,
                  band="reciprocal", agg="token_mean"),
     # DAPO (Yu et al.): clip-higher, token-level loss, dynamic sampling.
+    # Its band, like ADAPO's and GSPO's, binds only with several optax steps
+    # per batch (algo.epochs or algo.minibatches > 1): at the defaults (one
+    # step) every ratio is 1 and the band changes nothing, so dapo and adapo
+    # train the same run; the trainer warns (algorithm.inert_band).
     "dapo": dict(clip_high=0.28, agg="token_mean", dynamic_sampling=True),
     # GSPO (Zheng et al.): sequence-level ratio, very narrow band.
     "gspo": dict(objective="gspo", clip_low=3e-4, clip_high=4e-4),
@@ -81,6 +88,20 @@ MODIFIERS = {
                    zeta_max=0.05),
     "repo_d": dict(repo="repo_d", zeta_init=1e-1, zeta_min=1e-3,
                    zeta_max=10.0),
+    # Sampler/trainer mismatch corrections (docs/api.md, "Corrections"):
+    # token TIS with cap 2 (Yao et al. 2025), IcePop's token masking to
+    # [0.5, 5] (arXiv:2510.18855), sequence-level MIS with cap 2 (Liu, Li
+    # et al. 2025), geometric-mean rejection to [0.999, 1.001] with the
+    # 1e-4 token veto (verl's rollout_rs="geometric" recipe).
+    "tis": dict(correction="truncate", correction_level="token",
+                correction_high=2.0),
+    "icepop": dict(correction="mask", correction_level="token",
+                   correction_low=0.5, correction_high=5.0),
+    "seq_mis": dict(correction="mask", correction_level="sequence",
+                    correction_low=0.0, correction_high=2.0),
+    "geo_rs": dict(correction="reject", correction_level="geometric",
+                   correction_low=0.999, correction_high=1.001,
+                   correction_veto=1e-4),
 }
 
 
@@ -111,8 +132,24 @@ def _algo_defaults() -> dict:
       entropy_coef_delta=1e-3, entropy_coef_law_lr=0.01,
       # Where the importance ratio's denominator comes from (trainer or
       # sampler), and truncated importance weights between trainer and
-      # sampler (a cap >= 1; 0: off).
+      # sampler (a cap >= 1; 0: off; the same as correction="truncate"
+      # with correction_high=tis_cap at the token level).
       old_logps="trainer", tis_cap=0.0,
+      # Sampler/trainer mismatch correction (entropo.mismatch_correction,
+      # docs/api.md): a stop-gradient weight of r = pi_old / pi_sampler on
+      # each token's term. Mode: none, truncate (min(R, high): TIS),
+      # mask (R inside [low, high], else 0: IcePop, MIS) or reject (1
+      # inside, else 0).
+      correction="none",
+      # The ratio R the mode acts on: token (r_t), sequence (prod_t r_t)
+      # or geometric (exp mean_t log r_t).
+      correction_level="token",
+      # The band [low, high] (truncate uses high only).
+      correction_low=0.0, correction_high=2.0,
+      # Reject a whole sequence if one of its tokens has r_t < veto (0: off)
+      # or its mean per-token KL(sampler || trainer) exceeds max_kl nats
+      # (0: off).
+      correction_veto=0.0, correction_max_kl=0.0,
       # Target entropy of the controllers: 0 means "the entropy measured
       # before RL starts", times `target_scale`.
       target_entropy=0.0, target_scale=1.0,
@@ -157,9 +194,25 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
   return c
 
 
-def validate(config: ConfigDict) -> sections_lib.RunConfig:
+def validate(config: ConfigDict) -> run_config_lib.RunConfig:
   """The typed config; raises ValueError naming the first invalid field."""
-  return sections_lib.RunConfig.from_config(config)
+  _check_known(config, {"seed", "precision", "algo",
+                        *sections_lib.SECTIONS}, "")
+  _check_known(config.algo, _algo_defaults(), "algo.")
+  try:
+    algorithm(config.algo.name)
+  except ValueError as e:
+    validation.fail("algo.name", str(e))
+  return run_config_lib.RunConfig.from_config(config)
+
+
+def _check_known(values, known, prefix: str) -> None:
+  """Every key of `values` is one of `known` (else: did you mean)."""
+  unknown = sorted(set(values.keys()) - set(known))
+  if unknown:
+    validation.fail(f"{prefix}{unknown[0]}", f"no such field"
+                    f"{validation.did_you_mean(unknown[0], known)}; the "
+                    f"fields are {sorted(known)}")
 
 
 # The fields a run resumed in its workdir may change without
@@ -202,12 +255,25 @@ def config_changes(saved: dict, config: ConfigDict) -> list[str]:
   new = _flatten(json.loads(config.to_json_best_effort()))
   return [f"{field}: {old[field]!r} -> {new[field]!r}"
           for field in sorted(old.keys() & new.keys())
-          if field not in RESUMABLE and old[field] != new[field]]
+          if field not in RESUMABLE and _differ(field, old[field],
+                                                new[field])]
+
+
+# Fields that hold a path: a relative and an absolute spelling of one
+# folder are the same value.
+_PATHS = ("model.init_from", "data.data_dir", "task.path")
+
+
+def _differ(field: str, old, new) -> bool:
+  if field in _PATHS and old and new and isinstance(old, str) and (
+      isinstance(new, str)):
+    return os.path.realpath(old) != os.path.realpath(new)
+  return old != new
 
 
 def make_task(task_config) -> tasks_lib.Task:
   """The task of the `task` config section (a file-backed one gets `path`)."""
   settings = dict(task_config.settings)
-  if tasks_lib.TASKS[task_config.name].file_backed:
+  if tasks_lib.task_class(task_config.name).file_backed:
     settings["path"] = task_config.path
   return tasks_lib.get_task(task_config.name, **settings)

@@ -201,14 +201,19 @@ class _Book:
     return results
 
   def finish(self) -> None:
-    """`final_reward` and `close` of every environment, once. A final
-    reward that fails (or is not a finite number) makes the episode's end
-    `env_error`: its return is unknown."""
+    """`final_reward` and `close` of every environment, once.
+
+    A final reward that fails (or is not a finite number) makes the
+    episode's end `env_error`: its return is unknown. An episode that timed
+    out gets no final reward (its environment may still be busy) but is
+    closed, which is where an environment kills what it runs.
+    """
     rows = [r for r, env in enumerate(self.envs) if env is not None]
+    scored = [r for r in rows if self.reasons[r] != env_lib.ENV_TIMEOUT]
     t = time.perf_counter()
     finals = call_all([lambda r=r: self.envs[r].final_reward(self.reasons[r])
-                       for r in rows], self.limits.step_timeout)
-    for row, (status, value) in zip(rows, finals):
+                       for r in scored], self.limits.step_timeout)
+    for row, (status, value) in zip(scored, finals):
       if status == "ok" and _is_number(value):
         self.returns[row] += float(value)
       else:

@@ -1,18 +1,26 @@
 """What stops a run before it does damage: non-finite numbers, changed
 configs on resume.
 
-* `non_finite` checks an update's or rollout's metrics: with
+* `non_finite` checks an update's or rollout's metrics, and
+  `non_finite_update` the parameters and optimizer state an update would
+  leave (the loss and gradient can be finite when they are not): with
   `train.skip_non_finite` a bad minibatch is skipped (and counted by the
   loop), otherwise `NonFiniteError` names the iteration and the first
-  non-finite metric.
+  non-finite metric, and says whether a checkpoint exists to resume from
+  (`checkpoint_note`).
 * `check_finite_state` refuses to checkpoint NaN/inf parameters, optimizer
   moments or controller states.
 * `check_resume` refuses to continue a run with another config, listing
   each changed field (docs/training.md, "When things go wrong").
+* `held_interrupts` holds a Ctrl-C during a checkpoint save, so the save
+  completes before the run stops.
 """
 
+import contextlib
 import json
 import pathlib
+import signal
+import threading
 
 import numpy as np
 
@@ -22,8 +30,23 @@ from entropo.training import step as step_lib
 
 
 class NonFiniteError(FloatingPointError):
-  """A loss, gradient, entropy or parameter became NaN/inf; the last good
-  checkpoint is kept (nothing non-finite is ever saved)."""
+  """A loss, gradient, update, entropy or parameter became NaN/inf; nothing
+  non-finite is ever saved, so the latest checkpoint (if any) is good."""
+
+
+def checkpoint_note(directory, latest: int | None, every: int) -> str:
+  """What a rerun resumes from: the latest checkpoint, or none yet."""
+  if latest is None:
+    return (f"No checkpoint was written yet (the first is at iteration "
+            f"{every}, train.checkpoint_every), so a rerun starts over.")
+  return (f"The latest checkpoint, iteration {latest} in {directory}, is "
+          f"good (nothing non-finite is saved); a rerun resumes from it.")
+
+
+def _note(checkpoints) -> str:
+  """`checkpoints`, a note or a function that returns it (called only when
+  a message needs it)."""
+  return checkpoints() if callable(checkpoints) else str(checkpoints)
 
 
 def non_finite(metrics: dict, names, *, iteration: int, where: str,
@@ -32,7 +55,8 @@ def non_finite(metrics: dict, names, *, iteration: int, where: str,
 
   Returns False when all are finite, True when one is not and `skip` (and
   a `where`, the minibatch) allows skipping; raises NonFiniteError naming
-  the iteration, the first non-finite metric and the others otherwise.
+  the iteration, the first non-finite metric and the others otherwise,
+  ending with `checkpoints` (`checkpoint_note`).
   """
   bad = [k for k in names if not np.isfinite(metrics[k])]
   if not bad:
@@ -49,8 +73,24 @@ def non_finite(metrics: dict, names, *, iteration: int, where: str,
     return True
   raise NonFiniteError(
       f"Non-finite {bad[0]}={metrics[bad[0]]} at iteration {iteration}"
-      f"{f' ({where})' if where else ''}{detail}; stopping. The last good "
-      f"checkpoint in {checkpoints} is kept.")
+      f"{f' ({where})' if where else ''}{detail}; stopping. "
+      f"{_note(checkpoints)}")
+
+
+def non_finite_update(*, iteration: int, where: str, skip: bool,
+                      checkpoints) -> bool:
+  """An update whose loss and gradient norm were finite but whose new
+  parameters or optimizer state are not: True (skip it) with `skip`,
+  else raises NonFiniteError. Either way it is not applied."""
+  what = (f"the parameters or optimizer state after the update of iteration "
+          f"{iteration} ({where}) are non-finite, with a finite loss and "
+          f"gradient norm (the optimizer's step itself overflowed or divided "
+          f"by zero: check the optim section)")
+  if skip:
+    logger_lib.warn(f"skipping the update: {what}")
+    return True
+  raise NonFiniteError(f"Non-finite update: {what}; it was not applied; "
+                       f"stopping. {_note(checkpoints)}")
 
 
 def check_finite_state(state, iteration: int, checkpoints) -> None:
@@ -60,8 +100,7 @@ def check_finite_state(state, iteration: int, checkpoints) -> None:
   if bad:
     raise NonFiniteError(
         f"Non-finite state{bad[0]} after iteration {iteration} ({len(bad)} "
-        f"arrays in all); not saving it. The last good checkpoint in "
-        f"{checkpoints} is kept.")
+        f"arrays in all); not saving it. {_note(checkpoints)}")
 
 
 def check_resume(config, workdir) -> None:
@@ -97,3 +136,20 @@ def check_resume(config, workdir) -> None:
       f"another --workdir, or resume with the new values with "
       f"--allow_config_change (--config.train.allow_config_change=True). "
       f"These may change on resume: {', '.join(config_lib.RESUMABLE)}.")
+
+
+@contextlib.contextmanager
+def held_interrupts():
+  """Holds a Ctrl-C (SIGINT) that arrives inside the block: yields a list
+  that gets an entry per interrupt held, so the caller can finish what it
+  is doing (a checkpoint save) and then stop, saying so. Outside the main
+  thread (where signals cannot be handled) it holds nothing."""
+  held: list[int] = []
+  if threading.current_thread() is not threading.main_thread():
+    yield held
+    return
+  previous = signal.signal(signal.SIGINT, lambda *_: held.append(1))
+  try:
+    yield held
+  finally:
+    signal.signal(signal.SIGINT, previous)

@@ -106,11 +106,12 @@ def read_json(path, *, default=None):
 
 
 def launch_record(*, iteration: int, precision, model, model_section,
-                  lora: bool = False) -> dict:
+                  lora: bool = False, sampler_precision=None) -> dict:
   """How this launch computes, for the `launches` of `run.json`.
 
   The precision policy's `describe()` (preset, backend, the dot algorithm
   of each operand dtype and whether it runs natively or emulated), the
+  sampler's (`sampler_precision`: the trainer's when None), the
   attention implementation `auto` resolved to, remat and the layer scan,
   LoRA (rank, alpha, targets, the base projections' dtype; None for full
   fine-tuning), versions and
@@ -127,6 +128,7 @@ def launch_record(*, iteration: int, precision, model, model_section,
       "devices": {"count": len(devices), "kind": devices[0].device_kind,
                   "processes": jax.process_count()},
       "precision": precision.describe(),
+      "sampler_precision": (sampler_precision or precision).describe(),
       "attention": model.attention_implementation(),
       "attention_chunk_size": model.config.attention_chunk_size,
       "remat": model_section.remat,
@@ -262,7 +264,11 @@ class MetricLogger:
     write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
     if tensorboard:
       import tensorboardX  # pylint: disable=g-import-not-at-top
-      self._tb = tensorboardX.SummaryWriter(str(self.workdir / "tensorboard"))
+      # A resumed run purges the steps it writes again (those logged after
+      # its checkpoint by the launch before): TensorBoard hides events at
+      # or after `purge_step` from earlier files, so no step shows twice.
+      self._tb = tensorboardX.SummaryWriter(
+          str(self.workdir / "tensorboard"), purge_step=start or None)
     if progress:
       import tqdm  # pylint: disable=g-import-not-at-top
       self._bar = tqdm.tqdm(total=total, initial=start, desc="RL",
@@ -394,6 +400,17 @@ def plot_run(metrics_path, out_dir, *, baseline=None) -> list[pathlib.Path]:
   return _draw({"": (read_jsonl(metrics_path), baseline)}, out_dir)
 
 
+def run_labels(workdirs) -> list[str]:
+  """A legend label per workdir: its name, or as many of its last path
+  parts as tell the runs apart (`seed0/grpo`, `seed1/grpo`)."""
+  parts = [pathlib.Path(w).absolute().parts for w in workdirs]
+  for n in range(1, max((len(p) for p in parts), default=0) + 1):
+    labels = ["/".join(p[-n:]) for p in parts]
+    if len(set(labels)) == len(labels):
+      return labels
+  return [f"{w} ({i})" for i, w in enumerate(workdirs)]  # one dir twice
+
+
 def plot_runs(workdirs, out_dir) -> list[pathlib.Path]:
   """Overlays several runs' curves, one PNG per panel; returns the files.
 
@@ -402,7 +419,7 @@ def plot_runs(workdirs, out_dir) -> list[pathlib.Path]:
   `python -m experiments.plot` runs this from the command line.
   """
   if not isinstance(workdirs, dict):
-    workdirs = {pathlib.Path(w).name: w for w in workdirs}
+    workdirs = dict(zip(run_labels(workdirs), workdirs))
   runs = {}
   for label, workdir in workdirs.items():
     workdir = pathlib.Path(workdir)

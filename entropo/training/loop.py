@@ -46,7 +46,13 @@ from flax import nnx
 from entropo import sharding
 from entropo import tasks as tasks_lib
 from entropo.models import Transformer
+from entropo.models import with_precision
 from entropo.tasks import pipeline
+# (Not `from entropo.training import algorithm`: the package exports the
+# config's `algorithm` function under that name.)
+from entropo.training.algorithm import CLIPPED_OBJECTIVES
+from entropo.training.algorithm import inert_band
+from entropo.training.algorithm import on_policy_single_step
 from entropo.training import checkpoint as checkpoint_lib
 from entropo.training import config as config_lib
 from entropo.training import datasets
@@ -67,7 +73,7 @@ class Trainer:
   """Holds the model, data, state and compiled steps of one run."""
 
   def __init__(self, config, workdir):
-    # The typed, validated form of the ConfigDict (sections.py).
+    # The typed, validated form of the ConfigDict (run_config.py).
     self.config = config = config_lib.validate(config)
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
@@ -76,6 +82,8 @@ class Trainer:
     # A multi-turn environment: rows are episodes (rollouts.AgentRollouts).
     self.agent = isinstance(self.task, tasks_lib.AgentTask)
     self.precision = config.precision
+    # The sampler's preset (`sampling.precision`); the trainer's by default.
+    self.sampler_precision = config.sampler_precision
     self._init_model()
     m = config.mesh
     self.mesh = sharding.make_mesh(
@@ -123,6 +131,8 @@ class Trainer:
         self.workdir / "checkpoints",
         max_to_keep=config.train.max_checkpoints)
     self._restore()
+    # Iterations of this launch, and whether any clipped a token.
+    self.clipping = {"iterations": 0, "clipped": False}
 
   # -- setup
 
@@ -175,7 +185,7 @@ class Trainer:
     NaN/inf parameter or optimizer moment."""
     guards.check_finite_state(
         {k: self.state[k] for k in ("params", "opt_state", "controllers")},
-        self.meta["iteration"] - 1, self.checkpointer.directory)
+        self.meta["iteration"] - 1, self.checkpoint_note)
     self.meta["data_state"] = self.data_iter.get_state()
     self.checkpointer.save(self.meta["iteration"], self.state,
                            json.loads(json.dumps(self.meta)))
@@ -197,9 +207,14 @@ class Trainer:
     return self.algorithm.hyperparameters(self.state["controllers"],
                                           self.fixed_hyper)
 
+  def sampler(self) -> Transformer:
+    """pi_theta under the sampler's precision (`sampling.precision`): the
+    policy itself when it equals the trainer's."""
+    return with_precision(self.policy(), self.sampler_precision)
+
   def collect(self, key) -> tuple[rollouts_lib.Rollout, dict]:
     """A full, scored batch of rollouts (see `Rollouts.collect`)."""
-    return self.rollouts.collect(self.policy(), self.data_iter, key)
+    return self.rollouts.collect(self.sampler(), self.data_iter, key)
 
   def pre_update(self, roll: rollouts_lib.Rollout) -> tuple[dict, dict]:
     """Trainer log-probs, advantages and REPO: the batch for the updates."""
@@ -231,8 +246,13 @@ class Trainer:
             self.state["params"], self.state["opt_state"], mb, hyper, sub,
             self.frozen)
         metrics = {k: float(v) for k, v in metrics.items()}
+        state_finite = metrics.pop(step_lib.STATE_FINITE, 1.0) == 1.0
         where = f"epoch {epoch}, minibatch {m}"
-        if self._non_finite(metrics, ("loss", "grad_norm"), where):
+        if self._non_finite(metrics, ("loss", "grad_norm"), where) or (
+            not state_finite and guards.non_finite_update(
+                iteration=self.meta["iteration"], where=where,
+                skip=self.config.train.skip_non_finite,
+                checkpoints=self.checkpoint_note)):
           skipped += 1  # the update is not applied
           continue
         self.state["params"], self.state["opt_state"] = params, opt_state
@@ -253,7 +273,13 @@ class Trainer:
     return guards.non_finite(
         metrics, names, iteration=self.meta["iteration"], where=where,
         skip=self.config.train.skip_non_finite,
-        checkpoints=self.checkpointer.directory)
+        checkpoints=self.checkpoint_note)
+
+  def checkpoint_note(self) -> str:
+    """What a rerun would resume from (for the guards' messages)."""
+    return guards.checkpoint_note(self.checkpointer.directory,
+                                  self.checkpointer.latest_step(),
+                                  self.config.train.checkpoint_every)
 
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
@@ -301,12 +327,13 @@ class Trainer:
   # -- evaluation
 
   def evaluate(self) -> dict[str, float]:
-    """pass@k, reward and entropy on the held-out prompts (evaluation.py)."""
+    """pass@k, reward and entropy on the held-out prompts (evaluation.py),
+    sampled like the rollouts, under the sampler's precision."""
     c = self.config
     key = jax.random.fold_in(jax.random.key(c.seed + 1),
                              self.meta["iteration"])
     return evaluation.evaluate(
-        self.policy(), self.eval_records, self.rollouts, key,
+        self.sampler(), self.eval_records, self.rollouts, key,
         samples=c.train.eval_samples, pass_k=c.train.pass_k,
         max_prompt_len=c.data.max_prompt_len,
         temperature=c.sampling.temperature)
@@ -336,6 +363,9 @@ class Trainer:
     returns the metrics of its last logged iteration.
     """
     c = self.config
+    inert = inert_band(self.algorithm)
+    if inert and jax.process_index() == 0:
+      logger_lib.warn(inert)
     logger = logger_lib.MetricLogger(
         self.workdir, total=c.train.iterations, start=self.meta["iteration"],
         tensorboard=c.train.tensorboard, progress=c.train.progress,
@@ -361,17 +391,55 @@ class Trainer:
           metrics.update(self.evaluate())
           metrics["time/eval"] = time.perf_counter() - t
         logger.write(it, metrics)
+        self._count_clipping(metrics)
         if (it + 1) % c.train.checkpoint_every == 0 or last:
-          self.save()
+          self._save_through_interrupt()
     finally:
       self.checkpointer.close()
       logger.close()
+    self._warn_if_never_clipped()
     if c.train.plots and jax.process_index() == 0:
       files = logger_lib.plot_run(self.workdir / "metrics.jsonl",
                                   self.workdir / "plots",
                                   baseline=self.meta.get("baseline"))
       logger_lib.log(f"plots: {', '.join(str(f) for f in files)}")
     return metrics
+
+  def _count_clipping(self, metrics: dict) -> None:
+    self.clipping["iterations"] += 1
+    self.clipping["clipped"] |= any(
+        metrics.get(k, 0.0) > 0 for k in ("pg/clipfrac_high",
+                                          "pg/clipfrac_low"))
+
+  def _warn_if_never_clipped(self, at_least: int = 10) -> None:
+    """A clip-based method that clipped no token in `at_least` iterations
+    or more of this launch (when not on-policy, where that is certain and
+    `inert_band` says so at the start) had a band with no effect."""
+    a = self.algorithm
+    if (a.objective in CLIPPED_OBJECTIVES
+        and not on_policy_single_step(a)
+        and self.clipping["iterations"] >= at_least
+        and not self.clipping["clipped"] and jax.process_index() == 0):
+      logger_lib.warn(
+          f"algo {a.name!r} clipped no token in {self.clipping['iterations']}"
+          f" iterations (pg/clipfrac_high and pg/clipfrac_low were 0): its "
+          f"band [1 - clip_low, 1 + clip_high] had no effect on this run")
+
+  def _save_through_interrupt(self) -> None:
+    """`save()`, finishing the checkpoint when a Ctrl-C arrives during it;
+    then stops (KeyboardInterrupt), saying the checkpoint is complete."""
+    with guards.held_interrupts() as held:
+      self.save()
+      if held:
+        self.checkpointer.wait()
+    if held:
+      self.checkpointer.wait()
+      logger_lib.log(
+          f"interrupted while saving the checkpoint of iteration "
+          f"{self.meta['iteration']}; finished the save first "
+          f"({self.checkpointer.directory / str(self.meta['iteration'])}), "
+          f"so a rerun resumes from it")
+      raise KeyboardInterrupt
 
   def _guarded_iteration(self) -> dict[str, float]:
     """`iteration()`; on KeyboardInterrupt, saves the state before it."""
@@ -381,14 +449,51 @@ class Trainer:
     except KeyboardInterrupt:
       self.state, self.meta = snapshot[0], snapshot[1]
       self.data_iter.set_state(snapshot[2])
-      self.save()
-      logger_lib.log(f"interrupted in iteration {self.meta['iteration']}; "
-                     f"saved the state before it")
+      it = self.meta["iteration"]
+      if self.checkpointer.latest_step() == it:
+        logger_lib.log(f"interrupted in iteration {it}; the checkpoint of "
+                       f"the state before it exists already")
+        raise
+      with guards.held_interrupts():
+        self.save()
+        self.checkpointer.wait()
+      logger_lib.log(f"interrupted in iteration {it}; saved the state "
+                     f"before it ({self.checkpointer.directory / str(it)})")
       raise
 
 
-def load_policy(config, workdir) -> tuple[Transformer, object]:
-  """The policy of the latest checkpoint in `workdir`, and its tokenizer."""
+def load_policy(config, workdir=None) -> tuple[Transformer, object]:
+  """The policy of the latest checkpoint in a run's workdir, and its
+  tokenizer: `load_policy(workdir)` (the run's own `config.json`) or
+  `load_policy(config, workdir)`.
+
+  A given `config` must be the run's (the fields outside `RESUMABLE`); a
+  mismatch (a LoRA rank or alpha, `init_from`, ...) raises ValueError
+  naming each field as `field: run's -> given`, before anything is built,
+  as does a workdir without `config.json` or a checkpoint. Nothing is
+  trained: with the run's config the warm start is the run's own.
+  """
+  if workdir is None:
+    config, workdir = None, config
+  workdir = pathlib.Path(workdir)
+  saved_path = workdir / "config.json"
+  if not saved_path.is_file():
+    raise ValueError(f"{workdir} holds no run: no config.json (load_policy "
+                     f"reads the workdir a run trained in)")
+  saved = json.loads(saved_path.read_text())
+  if not any(p.name.isdigit() for p in (workdir / "checkpoints").glob("*")):
+    raise ValueError(f"{workdir} holds no checkpoint to load (the run saves "
+                     f"one every train.checkpoint_every iterations and at "
+                     f"the end)")
+  if config is None:
+    config = config_lib.ConfigDict(saved)
+  else:
+    changes = config_lib.config_changes(saved, config)
+    if changes:
+      raise ValueError(
+          f"the config given to load_policy differs from the run's in "
+          f"{saved_path} (run's -> given):\n  " + "\n  ".join(changes)
+          + f"\nCall load_policy({str(workdir)!r}) to use the run's own.")
   trainer = Trainer(config, workdir)
   trainer.checkpointer.close()
   return trainer.policy(), trainer.tokenizer
@@ -406,6 +511,6 @@ def train(config, workdir) -> dict[str, float]:
   trainer = Trainer(config, workdir)
   logger_lib.write_run_metadata(workdir, config, logger_lib.launch_record(
       iteration=trainer.meta["iteration"], precision=trainer.precision,
-      model=trainer.model, model_section=trainer.config.model,
-      lora=trainer.lora))
+      sampler_precision=trainer.sampler_precision, model=trainer.model,
+      model_section=trainer.config.model, lora=trainer.lora))
   return trainer.run()

@@ -1,11 +1,11 @@
 """The typed sections of a run's config, each validated where it is defined.
 
 A run is described at the boundary by an `ml_collections.ConfigDict`
-(config.py); `RunConfig.from_config` converts it once into these frozen,
-keyword-only dataclasses, whose `__post_init__` rejects a bad value naming
-the field. Each field's default is the main job's (`make demo`) and its
-comment says what it holds. The `algo` section is the `Algorithm`
-(algorithm.py).
+(config.py); `RunConfig.from_config` (run_config.py) converts it once into
+these frozen, keyword-only dataclasses, whose `__post_init__` rejects a bad
+value naming the field, and then checks what spans sections. Each field's
+default is the main job's (`make demo`) and its comment says what it
+holds. The `algo` section is the `Algorithm` (algorithm.py).
 """
 
 import dataclasses
@@ -23,9 +23,11 @@ from entropo.models import lora as lora_lib
 from entropo.models import tokenizer as tokenizer_lib
 from entropo.models import transformer as transformer_lib
 from entropo.tasks import data as data_lib
-from entropo.training import algorithm as algorithm_lib
+from entropo.training.validation import check_bool
 from entropo.training.validation import check_choice
 from entropo.training.validation import check_number
+from entropo.training.validation import check_range
+from entropo.training.validation import did_you_mean
 from entropo.training.validation import fail
 
 
@@ -33,16 +35,19 @@ from entropo.training.validation import fail
 class TaskSection:
   """What the policy is trained on."""
 
-  name: str = "countdown"  # a name of entropo.tasks.TASKS
+  # A name of entropo.tasks.TASKS, or your own task class as
+  # path/to/file.py:ClassName (or module:ClassName).
+  name: str = "countdown"
   # The task's own settings (its dataclass fields).
   settings: dict[str, Any] = dataclasses.field(default_factory=lambda: dict(
       num_count=3, max_value=12, max_target=50))
   path: str = ""  # file-backed tasks: the dir of train.jsonl and test.jsonl
 
   def __post_init__(self):
-    if self.name not in tasks_lib.TASKS:
-      fail("task.name", f"{self.name!r} is not one of "
-           f"{sorted(tasks_lib.TASKS)}")
+    try:
+      tasks_lib.task_class(self.name)
+    except ValueError as e:
+      fail("task.name", str(e))
     if self.file_backed and not self.path:
       fail("task.path", f"the {self.name} task reads local JSONL files; set "
            "--config.task.path=<dir with train.jsonl and test.jsonl>")
@@ -52,10 +57,40 @@ class TaskSection:
       if missing:
         fail("task.path", f"{self.path} has no {' or '.join(missing)} (the "
              f"{self.name} task reads one JSONL file per split)")
+    else:
+      self.make()  # the task's own checks of its settings
+
+  def make(self) -> "tasks_lib.Task":
+    """The task; a bad setting fails naming `task.settings.<field>`."""
+    settings = self.settings
+    if hasattr(settings, "to_dict"):  # a ConfigDict
+      settings = settings.to_dict()
+    if not isinstance(settings, dict):
+      fail("task.settings", f"must be a dict of the {self.name} task's "
+           f"fields; got {settings!r}")
+    settings = dict(settings)
+    if self.file_backed:
+      settings["path"] = self.path
+    cls = tasks_lib.task_class(self.name)
+    fields = {f.name for f in dataclasses.fields(cls)
+              } if dataclasses.is_dataclass(cls) else ()
+    for key in settings:
+      if fields and key not in fields:
+        fail(f"task.settings.{key}", f"no such setting of the {self.name} "
+             f"task{did_you_mean(key, fields)}; its settings are "
+             f"{sorted(fields)}")
+    try:
+      return tasks_lib.get_task(self.name, **settings)
+    except (ValueError, TypeError) as e:
+      message = str(e)
+      named = [k for k in settings if message.startswith(k + " ")
+               or f" {k}=" in message or f"{k} must" in message]
+      fail(f"task.settings.{named[0]}" if named else "task.settings",
+           message)
 
   @property
   def file_backed(self) -> bool:
-    return tasks_lib.TASKS[self.name].file_backed
+    return tasks_lib.task_class(self.name).file_backed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -95,9 +130,7 @@ class ModelSection:
     if self.init_from:
       _check_model_dir(self.init_from)
     else:
-      for field in ("hidden_size", "intermediate_size", "num_layers",
-                    "num_heads", "num_kv_heads", "max_position_embeddings"):
-        check_number(f"model.{field}", getattr(self, field), integer=True)
+      self._check_shape()
     check_choice("model.attention", self.attention,
                  attention_lib.IMPLEMENTATIONS)
     check_number("model.attention_chunk_size", self.attention_chunk_size,
@@ -106,7 +139,7 @@ class ModelSection:
     check_choice("model.scan_layers", self.scan_layers, (False, True))
     check_number("model.lora_rank", self.lora_rank, allow_zero=True,
                  integer=True)
-    check_number("model.lora_alpha", self.lora_alpha)
+    check_range("model.lora_alpha", self.lora_alpha, 0, None, low_open=True)
     try:
       targets = lora_lib.parse_targets(self.lora_targets)
     except ValueError as e:
@@ -117,6 +150,23 @@ class ModelSection:
     if self.lora_base_dtype != "param" and not self.lora_rank:
       fail("model.lora_base_dtype", "applies to LoRA runs only "
            "(model.lora_rank > 0): trained weights keep param_dtype")
+
+  def _check_shape(self) -> None:
+    """The tiny model's shape: positive sizes, heads that divide the width
+    and each other, an even head dimension (RoPE)."""
+    for field in ("hidden_size", "intermediate_size", "num_layers",
+                  "num_heads", "num_kv_heads", "max_position_embeddings"):
+      check_number(f"model.{field}", getattr(self, field), integer=True)
+    check_range("model.rope_theta", self.rope_theta, 0, None, low_open=True)
+    if self.hidden_size % self.num_heads:
+      fail("model.num_heads", f"{self.num_heads} does not divide "
+           f"model.hidden_size={self.hidden_size}")
+    if self.num_heads % self.num_kv_heads:
+      fail("model.num_kv_heads", f"{self.num_kv_heads} does not divide "
+           f"model.num_heads={self.num_heads}")
+    if (self.hidden_size // self.num_heads) % 2:
+      fail("model.num_heads", f"the head dimension hidden_size / num_heads "
+           f"= {self.hidden_size // self.num_heads} must be even (RoPE)")
 
   def context_length(self) -> int:
     """The policy's `max_position_embeddings`: the tiny model's field, or
@@ -171,8 +221,12 @@ class WarmStartSection:
   def __post_init__(self):
     check_number("warm_start.steps", self.steps, allow_zero=True,
                  integer=True)
-    if not 0 <= self.spread <= 1:
-      fail("warm_start.spread", f"must be in [0, 1]; got {self.spread}")
+    for field in ("batch_size", "num_problems", "samples_per_problem"):
+      check_number(f"warm_start.{field}", getattr(self, field), integer=True)
+    check_range("warm_start.learning_rate", self.learning_rate, 0, None,
+                low_open=True)
+    check_range("warm_start.spread", self.spread, 0, 1)
+    check_number("warm_start.seed", self.seed, allow_zero=True, integer=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -194,6 +248,9 @@ class DataSection:
     for field in ("train_size", "eval_size", "max_prompt_len"):
       check_number(f"data.{field}", getattr(self, field), integer=True)
     check_number("data.seed", self.seed, allow_zero=True, integer=True)
+    if not isinstance(self.data_dir, str):
+      fail("data.data_dir", f"must be a path (a string); got "
+           f"{self.data_dir!r}")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -209,12 +266,24 @@ class SamplingSection:
   # syncs with the host once a block, not once a token; the tokens do not
   # depend on it.
   steps_per_check: int = 16
+  # The sampler's own precision preset (entropo.PRESETS): "" samples under
+  # the trainer's `precision`. A different one samples the same weights
+  # under another recipe (entropo.models.with_precision), as a bf16 vLLM
+  # beside an fp32 trainer: the mismatch the corrections (algo.correction)
+  # and the `mismatch/*` metrics are about.
+  precision: str = ""
 
   def __post_init__(self):
     for field in ("prompts_per_batch", "group_size", "max_new_tokens",
                   "steps_per_check"):
       check_number(f"sampling.{field}", getattr(self, field), integer=True)
-    check_number("sampling.temperature", self.temperature)
+    if self.precision:
+      try:
+        precision_lib.get_precision(self.precision)
+      except ValueError as e:
+        fail("sampling.precision", f"{e} (or \"\": the trainer's)")
+    check_range("sampling.temperature", self.temperature, 0, None,
+                low_open=True)
     if self.group_size < 2:
       fail("sampling.group_size", f"group-relative advantages need >= 2 "
            f"completions per prompt; got {self.group_size}")
@@ -259,7 +328,13 @@ class OptimSection:
   max_grad_norm: float = 1.0
 
   def __post_init__(self):
-    check_number("optim.learning_rate", self.learning_rate)
+    check_range("optim.learning_rate", self.learning_rate, 0, None,
+                low_open=True)
+    check_range("optim.b1", self.b1, 0, 1, high_open=True)
+    check_range("optim.b2", self.b2, 0, 1, high_open=True)
+    check_range("optim.weight_decay", self.weight_decay, 0, None)
+    check_range("optim.max_grad_norm", self.max_grad_norm, 0, None,
+                low_open=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -289,6 +364,14 @@ class TrainSection:
     for field in ("iterations", "eval_every", "eval_samples",
                   "checkpoint_every", "log_every"):
       check_number(f"train.{field}", getattr(self, field), integer=True)
+    # 0 would keep no checkpoint: a rerun would silently start over.
+    check_number("train.max_checkpoints", self.max_checkpoints, integer=True)
+    for field in ("tensorboard", "plots", "progress", "allow_config_change",
+                  "skip_non_finite"):
+      check_bool(f"train.{field}", getattr(self, field))
+    if not isinstance(self.pass_k, (tuple, list)) or not self.pass_k or any(
+        not isinstance(k, int) or isinstance(k, bool) for k in self.pass_k):
+      fail("train.pass_k", f"must be a tuple of ints; got {self.pass_k!r}")
     if any(k > self.eval_samples or k < 1 for k in self.pass_k):
       fail("train.pass_k", f"every k must be in [1, eval_samples="
            f"{self.eval_samples}]; got {tuple(self.pass_k)}")
@@ -336,113 +419,3 @@ def defaults(cls) -> dict[str, Any]:
   checks depend on the devices of the process that runs the config)."""
   return {f.name: f.default if f.default is not dataclasses.MISSING
           else f.default_factory() for f in dataclasses.fields(cls)}
-
-
-def _section(cls, name: str, values):
-  values = dict(values)
-  known = {f.name for f in dataclasses.fields(cls)}
-  unknown = sorted(set(values) - known)
-  if unknown:
-    fail(f"{name}.{unknown[0]}", f"no such field; the fields are "
-         f"{sorted(known)}")
-  return cls(**values)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class RunConfig:
-  """A whole run's configuration, typed and validated (see config.py)."""
-
-  seed: int  # shuffles the data, drives sampling
-  precision: precision_lib.Precision
-  algorithm: algorithm_lib.Algorithm
-  task: TaskSection
-  model: ModelSection
-  warm_start: WarmStartSection
-  data: DataSection
-  sampling: SamplingSection
-  agent: AgentSection
-  optim: OptimSection
-  train: TrainSection
-  mesh: MeshSection
-
-  @classmethod
-  def from_config(cls, config) -> "RunConfig":
-    """The typed form of a `ConfigDict`; raises naming the first bad field."""
-    try:
-      precision = precision_lib.get_precision(config.precision)
-    except ValueError as e:
-      fail("precision", str(e))
-    algorithm = algorithm_lib.Algorithm.from_config(config.algo)
-    sections = {}
-    for name in ("sampling", "mesh"):  # the batch's checks come first
-      sections[name] = _section(SECTIONS[name], name, config[name])
-    _check_batch(sections["sampling"], sections["mesh"], algorithm)
-    for name, section_cls in SECTIONS.items():
-      if name not in sections:
-        sections[name] = _section(section_cls, name, config[name])
-    if sections["task"].file_backed and not sections["model"].init_from:
-      fail("model.init_from", "the tiny warm start is for the tasks "
-           f"generated in code; start {sections['task'].name} from a "
-           "Hugging Face checkpoint with --init_from=<dir>")
-    if issubclass(tasks_lib.TASKS[sections["task"].name], tasks_lib.AgentTask):
-      _check_agent(sections)
-    else:
-      _check_context(sections["data"], sections["sampling"],
-                     sections["model"])
-    try:
-      attention_lib.check_compute_dtype(sections["model"].attention,
-                                        precision.compute_dtype)
-    except ValueError as e:
-      fail("model.attention", f"{e} (precision {config.precision!r})")
-    return cls(seed=config.seed, precision=precision, algorithm=algorithm,
-               **sections)
-
-
-def _check_context(data: DataSection, sampling: SamplingSection,
-                   model: ModelSection) -> None:
-  """A prompt and its completion fit in the model's context."""
-  length = data.max_prompt_len + sampling.max_new_tokens
-  context = model.context_length()
-  if length > context:
-    where = (f"{model.init_from}/config.json" if model.init_from
-             else "model.max_position_embeddings")
-    fail("data.max_prompt_len + sampling.max_new_tokens",
-         f"{data.max_prompt_len} + {sampling.max_new_tokens} = {length} "
-         f"tokens exceed the model's context of {context} "
-         f"(max_position_embeddings, {where})")
-
-
-def _check_agent(sections: dict) -> None:
-  """An episode's context fits the model; one process drives episodes."""
-  agent, model, data = sections["agent"], sections["model"], sections["data"]
-  context = model.context_length()
-  if agent.max_context > context:
-    fail("agent.max_context", f"{agent.max_context} slots exceed the "
-         f"model's context of {context} (max_position_embeddings)")
-  need = data.max_prompt_len + agent.max_action_tokens
-  if need > agent.max_context:
-    fail("agent.max_context", f"{agent.max_context} slots cannot hold a "
-         f"prompt and one action: data.max_prompt_len + "
-         f"agent.max_action_tokens = {need}")
-  if jax.process_count() > 1:
-    fail("task.name", f"{sections['task'].name} is a multi-turn "
-         "environment; its episodes are driven from one process (multi-"
-         "process runs are for single-turn tasks)")
-
-
-def _check_batch(sampling: SamplingSection, mesh: MeshSection,
-                 algorithm) -> None:
-  """The batch splits into minibatches, over devices and processes."""
-  batch, minibatches = sampling.batch_size, algorithm.minibatches
-  if batch % minibatches:
-    fail("algo.minibatches", f"{minibatches} does not divide the batch "
-         f"of {batch} sequences (prompts_per_batch x group_size)")
-  if (batch // minibatches) % mesh.batch_shards:
-    fail("mesh.data", f"the minibatch of {batch // minibatches} "
-         f"sequences does not split over data x fsdp = "
-         f"{mesh.batch_shards} devices")
-  processes = jax.process_count()
-  if sampling.prompts_per_batch % processes:
-    fail("sampling.prompts_per_batch", f"{sampling.prompts_per_batch} "
-         f"prompts do not split over {processes} processes (each loads an "
-         f"equal slice of every batch, whole groups)")

@@ -37,6 +37,11 @@ from entropo.models import lora as lora_lib
 # `attention_mask` are [B, L]).
 BATCH_KEYS = ("tokens", "attention_mask", "mask", "advantages", "old_logps",
               "ref_logps", "importance_weights")
+# The update's metric that says whether every parameter and optimizer-state
+# array after the step is finite (1) or not (0); the loop's guard reads it
+# (a finite loss and gradient can still give a NaN update, e.g. Adam's
+# bias correction with b2 = 1), and it is not logged.
+STATE_FINITE = "state_finite"
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
@@ -129,18 +134,21 @@ class Learner:
                                       attention_mask, frozen)
     if ref_logps is None:
       ref_logps = logps
+    weights, correction_metrics = a.importance_weights(logps, sampler_logps,
+                                                      mask)
     batch = dict(
         tokens=tokens, attention_mask=attention_mask, mask=mask,
-        advantages=adv, ref_logps=ref_logps,
-        importance_weights=a.importance_weights(logps, sampler_logps),
+        advantages=adv, ref_logps=ref_logps, importance_weights=weights,
         old_logps=sampler_logps if a.old_logps == "sampler" else logps)
     metrics = diagnostics.entropy_dynamics(logps, adv, mask, entropy=entropy)
     # rho = pi_trainer / pi_sampler: the ratio of the first update when the
     # old log-probs come from the sampler (identical parameters, so any
-    # deviation from 1 is numerical).
+    # deviation from 1 is numerical: the two precisions, or the two codes).
     metrics.update(diagnostics.precision_mismatch(
         logps, sampler_logps, mask, clip_low=a.clip_low,
         clip_high=hyper["clip_high"]))
+    metrics.update(diagnostics.sampler_mismatch(logps, sampler_logps, mask))
+    metrics.update(correction_metrics)
     return batch, metrics
 
   def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],
@@ -163,6 +171,9 @@ class Learner:
     metrics["grad_norm"] = optax.tree.norm(grads)
     updates, opt_state = self.optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
+    metrics[STATE_FINITE] = jnp.all(jnp.stack([
+        jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, opt_state))
+        if jnp.issubdtype(x.dtype, jnp.inexact)]))
     return params, opt_state, masking.scalar_metrics(metrics)
 
 

@@ -8,6 +8,7 @@ import shutil
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import safetensors
 import tqdm
 from flax import nnx
@@ -24,6 +25,7 @@ from entropo.models import hf as hf_lib
 from entropo.models import tokenizer as tokenizer_lib
 from entropo.tasks import pipeline
 from entropo.training import distributed
+from entropo.training import guards
 from entropo.training import logger as logger_lib
 from entropo.training import step as step_lib
 
@@ -55,8 +57,13 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   complete, so a kill while saving never leaves a half-written model at
   `directory`. One that is incomplete all the same (written by an older
   version, or damaged: `incomplete_reason`) is rebuilt with a warning.
+
+  A Ctrl-C lets the step in progress finish, saves the progress to
+  `<directory>.partial.npz` and raises KeyboardInterrupt; the next call
+  with the same settings continues from there, exactly.
   """
   directory = pathlib.Path(directory)
+  _remove_stale_temporaries(directory)
   if directory.exists():
     why = incomplete_reason(directory)
     if why is None:
@@ -66,16 +73,22 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
                     f"rebuilding it")
     shutil.rmtree(directory)
   ws = config.warm_start
-  model = Transformer(tiny_model_config(config.model, tokenizer.vocab_size),
-                      precision="fp32", rngs=nnx.Rngs(config.seed))
+  model_config = tiny_model_config(config.model, tokenizer.vocab_size)
+  model = Transformer(model_config, precision="fp32",
+                      rngs=nnx.Rngs(config.seed))
   pairs = tasks_lib.warm_start_examples(
       task, seed=ws.seed, num_problems=ws.num_problems,
       samples_per_problem=ws.samples_per_problem, spread=ws.spread)
   if isinstance(task, tasks_lib.AgentTask):
     # As wide as the longest transcript (within the episode context): most
     # are far shorter than the context an episode may use.
-    max_len = min(config.agent.max_context,
-                  -(-_longest(pairs, tokenizer) // 8) * 8)
+    longest = _longest(pairs, tokenizer)
+    if longest > config.agent.max_context:
+      raise ValueError(
+          f"agent.max_context={config.agent.max_context} is shorter than "
+          f"the longest scripted transcript of the warm start ({longest} "
+          f"tokens): the policy could not play that episode; raise it.")
+    max_len = min(config.agent.max_context, -(-longest // 8) * 8)
   else:
     max_len = config.data.max_prompt_len + config.sampling.max_new_tokens
   batches = iter(pipeline.sft_batches(
@@ -83,18 +96,27 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
       max_len=max_len))
   optimizer = step_lib.warm_start_optimizer(ws.learning_rate, ws.steps)
   graphdef, params = nnx.split(model)
-  opt_state = optimizer.init(params)
+  state = (params, optimizer.init(params))
+  partial = directory.with_name(f"{directory.name}.partial.npz")
+  fingerprint = json.dumps(
+      {"warm_start": _settings(ws), "model": dataclasses.asdict(model_config),
+       "seed": config.seed, "max_len": max_len}, sort_keys=True, default=str)
   losses = []
-  bar = tqdm.tqdm(range(ws.steps), desc="warm start", unit="step",
-                  disable=jax.process_index() != 0, dynamic_ncols=True)
-  for i in bar:
-    b = next(batches)
-    params, opt_state, loss = step_lib.sft_step(
-        graphdef, optimizer, params, opt_state, jnp.asarray(b["tokens"]),
-        jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
-    losses.append(float(loss))
-    if i % 20 == 0:
-      bar.set_postfix(loss=f"{losses[-1]:.3f}")
+  found = _load_partial(partial, fingerprint, state)
+  if found is not None:
+    state, losses, data_state = found
+    batches.set_state(data_state)
+    logger_lib.log(f"warm start: continuing from step {len(losses)} "
+                   f"({partial})")
+  state, stopped, position = _train(graphdef, optimizer, state, batches,
+                                    losses, ws.steps)
+  if stopped:
+    _save_partial(partial, fingerprint, state, losses, position)
+    logger_lib.log(f"interrupted in the warm start at step {len(losses)} of "
+                   f"{ws.steps}; saved its progress to {partial}, so a "
+                   f"rerun continues from there")
+    raise KeyboardInterrupt
+  params = state[0]
   nnx.update(model, params)
   tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
   shutil.rmtree(tmp, ignore_errors=True)
@@ -102,11 +124,10 @@ def warm_start(config, task, tokenizer, directory) -> pathlib.Path:
   tasks_lib.save_tokenizer(tokenizer, tmp)
   (tmp / "warm_start_loss.json").write_text(json.dumps(losses))
   # What made this policy (the spread sets its starting entropy).
-  settings = (dataclasses.asdict(ws) if dataclasses.is_dataclass(ws)
-              else ws.to_dict())  # typed section or ConfigDict
   (tmp / "warm_start.json").write_text(json.dumps(
-      {**settings, "model_seed": config.seed}, indent=2))
+      {**_settings(ws), "model_seed": config.seed}, indent=2))
   os.replace(tmp, directory)
+  partial.unlink(missing_ok=True)
   final = f", final loss {losses[-1]:.4f}" if losses else ""
   logger_lib.log(f"warm start: {ws.steps} steps{final} -> {directory}")
   return directory
@@ -117,6 +138,96 @@ def _longest(pairs, tokenizer) -> int:
   return max(len(tokenizer.encode(p)) + sum(
       len(tokenizer.encode(s.text, add_special_tokens=False)) for s in t)
              for p, t in pairs)
+
+
+def _settings(ws) -> dict:
+  """The warm_start section's fields (a typed section or a ConfigDict)."""
+  return dataclasses.asdict(ws) if dataclasses.is_dataclass(ws) else (
+      ws.to_dict())
+
+
+def _train(graphdef, optimizer, state, batches, losses: list, steps: int):
+  """SFT steps from `len(losses)` to `steps`; `(state, interrupted, the
+  data position after the last step done)`.
+
+  A Ctrl-C is held until the step in progress is complete, so the state,
+  the losses and the data iterator always agree.
+  """
+  bar = tqdm.tqdm(range(len(losses), steps), desc="warm start", unit="step",
+                  initial=len(losses), total=steps, dynamic_ncols=True,
+                  disable=jax.process_index() != 0)
+  position = batches.get_state()  # of the next batch to train on
+  with guards.held_interrupts() as held:
+    try:
+      for i in bar:
+        if held:
+          break
+        position = batches.get_state()
+        b = next(batches)
+        *state, loss = step_lib.sft_step(
+            graphdef, optimizer, *state, jnp.asarray(b["tokens"]),
+            jnp.asarray(b["mask"]), jnp.asarray(b["loss_mask"]))
+        losses.append(float(loss))
+        position = batches.get_state()
+        if i % 20 == 0:
+          bar.set_postfix(loss=f"{losses[-1]:.3f}")
+    except KeyboardInterrupt:  # raised by the step itself, not applied
+      held.append(1)
+    finally:
+      bar.close()
+  return tuple(state), bool(held), position
+
+
+def _save_partial(path, fingerprint: str, state, losses, data_state) -> None:
+  """The warm start's progress (arrays, losses, data position), atomically."""
+  meta = json.dumps({"fingerprint": fingerprint, "losses": losses,
+                     "data_state": data_state}, default=str)
+  tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}.npz")
+  np.savez(tmp, np.asarray(meta), *[np.asarray(x)
+                                    for x in jax.tree.leaves(state)])
+  os.replace(tmp, path)
+
+
+def _load_partial(path, fingerprint: str, like):
+  """`(state, losses, data_state)` saved by `_save_partial` for these
+  settings, or None (a file for other settings is removed, with a note)."""
+  if not path.is_file():
+    return None
+  treedef = jax.tree.structure(like)
+  try:
+    with np.load(path) as f:
+      meta = json.loads(str(f["arr_0"]))
+      leaves = [f[f"arr_{i + 1}"] for i in range(treedef.num_leaves)]
+  except Exception as e:  # pylint: disable=broad-except
+    logger_lib.warn(f"cannot read {path} ({e}); the warm start starts over")
+    path.unlink()
+    return None
+  if meta["fingerprint"] != fingerprint:
+    logger_lib.log(f"{path} is another warm start's progress; starting over")
+    path.unlink()
+    return None
+  state = jax.tree.unflatten(treedef, [jnp.asarray(x) for x in leaves])
+  return state, meta["losses"], meta["data_state"]
+
+
+def _remove_stale_temporaries(directory: pathlib.Path) -> None:
+  """Removes `<directory>.tmp-<pid>` folders of processes that are gone (a
+  kill between writing the warm start and renaming it leaves one)."""
+  for tmp in directory.parent.glob(f"{directory.name}.tmp-*"):
+    pid = tmp.name.rsplit("-", 1)[1]
+    if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+      logger_lib.log(f"removing {tmp}, left by an interrupted warm start")
+      shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True  # another user's process
+  return True
 
 
 def incomplete_reason(directory) -> str | None:

@@ -21,6 +21,9 @@ metrics (turns, end reasons, entropy by turn) and lists measured results.
   the final `ans:` is right).
 * `quiz`: three arithmetic questions in turn; a dense reward (the fraction
   answered right, checked at the end).
+* `path/to/file.py:ClassName`: an environment of your own (an
+  `entropo.tasks.AgentTask` in one file, docs/agents.md), e.g.
+  `--config=experiments/configs/agents.py:my_env.py:MyEnv:dapo`.
 """
 
 from entropo.training import config as config_lib
@@ -39,11 +42,13 @@ ENVIRONMENTS = {
 
 
 def get_config(arg: str = "countdown_calc"):
-  name, _, algorithm = (arg or "countdown_calc").partition(":")
-  if name not in ENVIRONMENTS:
-    raise ValueError(f"Unknown environment {name!r}; choose one of "
-                     f"{sorted(ENVIRONMENTS)}.")
-  env = ENVIRONMENTS[name]
+  """`ENV[:ALGORITHM]`: ENV a key of `ENVIRONMENTS` or your own
+  environment as `path/to/file.py:ClassName` (its default settings, the
+  agent section's default limits)."""
+  parts = (arg or "countdown_calc").split(":")
+  count = 1 if parts[0] in ENVIRONMENTS else 2
+  name, algorithm = ":".join(parts[:count]), ":".join(parts[count:])
+  env = ENVIRONMENTS.get(name, dict(settings={}, agent={}))
   c = config_lib.default_config(algorithm or "loop")
   c.task.name = name
   c.task.settings = dict(env["settings"])

@@ -12,7 +12,9 @@ from scratch on correct countdown solutions (the warm start, about 1 to 2
 minutes), then runs 60 RL iterations of GRPO with REPO-R advantages (16
 prompts x 8 completions each). The algorithm is the part after a colon:
 `countdown.py:dapo`, `countdown.py:grpo`, `countdown.py:adapo`, ... (see
-`entropo.training.config.ALGORITHMS`).
+`entropo.training.config.ALGORITHMS`). With one optax step per batch (the
+default) no ratio band binds, so `:dapo` and `:adapo` train the same run
+(the trainer warns); `--config.algo.minibatches=4` makes the bands matter.
 
 Expected result (measured on 2 CPU cores, docs/training.md): about 3
 minutes in all; the warm-started policy has pass@1 ~0.09, pass@16 ~0.5 and
