@@ -461,3 +461,32 @@ def test_the_docs_example_is_the_example_file():
     tasks.get_task(f"{root}/experiments/envs/guess_number.py:Nope")
   with pytest.raises(ValueError, match="Unknown task"):
     tasks.get_task("guess_number")
+
+
+def test_evaluation_plays_at_most_eval_rows_episodes_at_once():
+  """An agent task's `max_concurrent_episodes` bounds each evaluation call
+  (sandboxed environments start a process per episode)."""
+  from entropo.training import evaluation  # pylint: disable=g-import-not-at-top
+  from entropo.training import rollouts as rollouts_lib  # pylint: disable=g-import-not-at-top
+  sizes = []
+
+  class Fake:
+    tokenizer = tasks.char_tokenizer()
+    placement = type("P", (), {"shards": 1})()
+
+    def evaluate_rows(self, model, batch, key, temperature):
+      rows = len(batch["problem"])
+      sizes.append(rows)
+      return (np.ones(rows, bool), np.ones((rows, 3)),
+              np.ones((rows, 3), bool))
+
+  task = tasks.get_task("calc_code")
+  records = list(task.records(0, 20))
+  fake = Fake()
+  fake.eval_rows = task.max_concurrent_episodes
+  out = evaluation.evaluate(None, records, fake, jax.random.key(0),
+                            samples=16, pass_k=(1,), max_prompt_len=32,
+                            temperature=1.0)
+  assert max(sizes) <= 64 and sum(sizes) == 20 * 16
+  assert out["eval/pass@1"] == 1.0
+  assert rollouts_lib.Rollouts.eval_rows == 512

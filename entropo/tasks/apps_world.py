@@ -198,6 +198,9 @@ class AppsWorld(env_lib.AgentTask):
   """
 
   name: ClassVar[str] = "apps_world"
+  # Each episode starts a sandbox: 512 at once ran a third of their first
+  # steps past a 10 s limit on 2 cores (docs/sandbox.md).
+  max_concurrent_episodes: ClassVar[int] = 64
   stop: ClassVar[tuple[str, ...]] = ("\n",)
   num_people: int = 3
   max_amount: int = 20

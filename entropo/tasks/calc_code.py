@@ -83,6 +83,9 @@ class CalcCode(env_lib.AgentTask):
   """
 
   name: ClassVar[str] = "calc_code"
+  # Each episode starts a sandbox: 512 at once ran a third of their first
+  # steps past a 10 s limit on 2 cores (docs/sandbox.md).
+  max_concurrent_episodes: ClassVar[int] = 64
   stop: ClassVar[tuple[str, ...]] = ("\n",)
   min_value: int = 2
   max_value: int = 99

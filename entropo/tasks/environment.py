@@ -146,11 +146,15 @@ class AgentTask(base.Task):
   `transcripts` (scripted episodes for the warm start). `stop` strings end
   an action (the rollout cuts the action after the first one it finds);
   EOS always ends the episode (`GAVE_UP` unless the environment says
-  otherwise). `max_turns` bounds the actions per episode.
+  otherwise). `max_turns` bounds the actions per episode;
+  `max_concurrent_episodes` the episodes an evaluation plays at once.
   """
 
   stop: Sequence[str] = ("\n",)
   max_turns: int = 4
+  # Episodes an evaluation plays at once, at most (None: as the single-turn
+  # sampler, 512 rows). Environments that start processes set fewer.
+  max_concurrent_episodes: int | None = None
 
   @abc.abstractmethod
   def environment(self) -> Environment:

@@ -35,7 +35,7 @@ def evaluate(model, records, rollouts, key, *, samples: int,
   placement, n = rollouts.placement, samples
   correct = np.zeros(len(records), np.int64)
   entropies, lengths = [], []
-  chunk = max(1, 512 // n)  # prompts per sampler call
+  chunk = max(1, rollouts.eval_rows // n)  # prompts per sampler call
   for start in range(0, len(records), chunk):
     part = records[start:start + chunk]
     rows = np.repeat(np.arange(start, start + len(part)), n)

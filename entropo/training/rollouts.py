@@ -62,8 +62,10 @@ class Rollouts:
   """Samples and scores completions of one task for one run.
 
   `timing` accumulates the seconds spent sampling and scoring since it was
-  last reset.
+  last reset. An evaluation samples at most `eval_rows` rows per call.
   """
+
+  eval_rows = 512
 
   def __init__(self, task, tokenizer, placement, sampling, *,
                dynamic_sampling: bool, max_resample: int):
@@ -194,6 +196,7 @@ class AgentRollouts(Rollouts):
         max_observation_tokens=agent.max_observation_tokens,
         context=agent.max_context, step_timeout=agent.step_timeout)
     self.stop_ids = episodes_lib.stop_token_ids(tokenizer, task.stop)
+    self.eval_rows = task.max_concurrent_episodes or Rollouts.eval_rows
 
   def reset_timing(self):
     self.timing = {"time/sample": 0.0, "time/score": 0.0, "time/env": 0.0}
