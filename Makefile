@@ -64,15 +64,16 @@ test-py311: .venv/.installed
 # The second leg checks entropo on the newer Python and jax: the numeric
 # core, the model, attention, sampler and multi-turn sampler, the code
 # sandbox, the dot-precision walk, the install, and the trainer's exact
-# resume (full and LoRA), model options and config errors. The first leg runs every test; running all of them
-# twice took CI past an hour on 2 cores.
+# resume (full and LoRA), model options and config errors. The first leg
+# runs every test; running all of them twice took CI past an hour on 2
+# cores.
 PY312_TESTS := tests/test_precision.py tests/test_dot_precision.py \
   tests/test_logprobs.py tests/test_fused.py tests/test_objectives.py \
   tests/test_advantages.py tests/test_repo.py tests/test_diagnostics.py \
   tests/test_models_transformer.py tests/test_attention.py \
   tests/test_sampler.py tests/test_agents.py tests/test_sandbox.py \
-  tests/test_install.py tests/test_training.py -m "not slow" -k "not test_training.py or resume_equals or model_section \
-  or bad_configs"
+  tests/test_install.py tests/test_training.py -m "not slow" \
+  -k "not test_training.py or resume_equals or model_section or bad_configs"
 
 test-py312: .venv312/.installed
 	$(call run_pytest,.venv312/bin/python,test-py312 (.venv312),$(PY312_TESTS))
