@@ -222,10 +222,6 @@ class AppsWorld(env_lib.AgentTask):
     if self.max_turns < 2:
       raise ValueError(f"max_turns must be >= 2; got {self.max_turns}.")
 
-  @property
-  def config(self) -> dict[str, Any]:
-    return {"task": self.name, **dataclasses.asdict(self)}
-
   def environment(self) -> AppsEnvironment:
     return AppsEnvironment(self)
 

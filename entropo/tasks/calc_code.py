@@ -106,10 +106,6 @@ class CalcCode(env_lib.AgentTask):
     if self.max_turns < 1:
       raise ValueError(f"max_turns must be >= 1; got {self.max_turns}.")
 
-  @property
-  def config(self) -> dict[str, Any]:
-    return {"task": self.name, **dataclasses.asdict(self)}
-
   def environment(self) -> CalcEnvironment:
     return CalcEnvironment(self)
 
