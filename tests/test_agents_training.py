@@ -88,7 +88,7 @@ def test_resume_equals_an_uninterrupted_run(shared, tmp_path):
 
 def test_a_user_environment_file_trains_through_the_launcher(shared, tmp_path):
   env = "experiments/envs/guess_number.py:GuessNumber"
-  flags = [f"--config=experiments/configs/agents.py:{env}:dapo",
+  flags = [f"--config=experiments/configs/agents.py:{env}:grpo",
            f"--workdir={tmp_path}", "--config.train.iterations=2",
            "--config.train.eval_every=2", "--config.train.eval_samples=2",
            "--config.train.pass_k=(1,)", "--config.train.progress=False",
