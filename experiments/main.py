@@ -25,6 +25,7 @@ the workdir must be on a filesystem all processes share.
 
 import difflib
 import importlib.util
+import os
 import sys
 
 from absl import app
@@ -152,9 +153,17 @@ def main(argv):
   try:
     metrics = train(config, _WORKDIR.value)
   except KeyboardInterrupt:
-    # The loop has said what it saved (or discarded); no traceback.
-    _die("[entropo] interrupted; rerun the same command to resume from the "
-         "latest checkpoint", 130)
+    # The loop has said what it saved (or discarded) and closed its
+    # checkpointer and logs; no traceback. Exit at once: an interrupt that
+    # lands while a library starts a worker thread (grain's prefetch pool)
+    # can leave a non-daemon thread that the interpreter's shutdown would
+    # wait on for ever (seen in 1 of 3 runs of the Ctrl-C launcher test on
+    # a loaded machine: the line printed, then a hang in threading._shutdown).
+    sys.stderr.write("[entropo] interrupted; rerun the same command to "
+                     "resume from the latest checkpoint\n")
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(130)  # pylint: disable=protected-access
   summary = {k: v for k, v in metrics.items()
              if k.startswith(("eval/", "reward/mean", "entropy/change_pct"))}
   print("final:", ", ".join(f"{k}={v:.4g}" for k, v in sorted(summary.items())
