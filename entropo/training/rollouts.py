@@ -199,7 +199,7 @@ class AgentRollouts(Rollouts):
     self.eval_rows = task.max_concurrent_episodes or Rollouts.eval_rows
 
   def reset_timing(self):
-    self.timing = {"time/sample": 0.0, "time/score": 0.0, "time/env": 0.0}
+    super().reset_timing()["time/env"] = 0.0
     return self.timing
 
   def play(self, model, batch: dict, key, temperature: float):
@@ -232,7 +232,6 @@ def episode_info(episodes, max_turns: int) -> dict[str, np.ndarray]:
   return {
       "turns": episodes.turns.astype(np.float32),
       "truncated": episodes.truncated.astype(np.float32),
-      "solved": episodes.solved.astype(np.float32),
       "model_tokens": model_tokens.astype(np.float32),
       "env_tokens": (episodes.valid.sum(1) - model_tokens).astype(np.float32),
       "turn_tokens": by_turn.sum(2).astype(np.float32),  # [B, turns]
