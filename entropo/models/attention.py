@@ -8,8 +8,12 @@ heads share each of the KV key/value heads) and keys and values
 
 where key `s` is allowed for query `t` when `key_valid[b, s]` and
 `s <= query_slots[t]` (the causal mask: `query_slots` is the cache slot of
-each query, `arange(T)` without a cache). Scores and the softmax are
-float32; every contraction goes through the model's `Precision` policy.
+each query, `arange(T)` without a cache) and, for packed rows (several
+sequences in one row, `entropo.packing`), when the query and the key are in
+the same segment: `query_segments[b, t] == key_segments[b, s]` (optional
+`[B, T]` and `[B, S]` ints, both or neither; None is one segment per row).
+Scores and the softmax are float32; every contraction goes through the
+model's `Precision` policy.
 
 Keys and values are head-major, the layout of the KV cache: the products
 with the keys and values batch over `(B, KV)`, which XLA wants outermost, so
@@ -94,7 +98,8 @@ def check_compute_dtype(implementation: str, compute_dtype) -> None:
 
 
 def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
-           chunk_size=DEFAULT_CHUNK_SIZE):
+           chunk_size=DEFAULT_CHUNK_SIZE, query_segments=None,
+           key_segments=None):
   """Masked grouped-query attention (see the module docstring).
 
   Args:
@@ -105,21 +110,50 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
     policy: the model's `Precision`.
     implementation: one of `IMPLEMENTATIONS`.
     chunk_size: keys per chunk (`blockwise`).
+    query_segments: optional `[B, T]` int, the segment of each query;
+      key_segments: optional `[B, S]` int, the segment of each key. A query
+      attends only to keys of its own segment (packed rows).
 
   Returns:
     `[B, T, KV, G, hd]` in q's dtype.
   """
   implementation = resolve(implementation, q.dtype)
   check_compute_dtype(implementation, q.dtype)  # decode calls too
+  segments = _check_segments(query_segments, key_segments, q, k)
   if implementation == "reference":
-    return reference(q, k, v, key_valid, query_slots, policy=policy)
+    return reference(q, k, v, key_valid, query_slots, policy=policy,
+                     segments=segments)
   fills_cache = q.shape[1] == k.shape[2]  # training, a whole prefill
   if implementation == "cudnn" and fills_cache:
-    return _cudnn(q, k, v, key_valid, query_slots, policy=policy)
+    return _cudnn(q, k, v, key_valid, query_slots, policy=policy,
+                  segments=segments)
   if implementation == "pallas" and fills_cache:
-    return _pallas_tpu(q, k, v, key_valid, policy=policy)
+    return _pallas_tpu(q, k, v, key_valid, policy=policy, segments=segments)
   return blockwise(q, k, v, key_valid, query_slots, policy=policy,
-                   chunk_size=chunk_size)
+                   chunk_size=chunk_size, segments=segments)
+
+
+def _check_segments(query_segments, key_segments, q, k):
+  """`(query_segments, key_segments)` as int32, or None for no segments."""
+  if query_segments is None and key_segments is None:
+    return None
+  if query_segments is None or key_segments is None:
+    raise ValueError("query_segments and key_segments go together; got one.")
+  b, t, s = q.shape[0], q.shape[1], k.shape[2]
+  if query_segments.shape != (b, t) or key_segments.shape != (b, s):
+    raise ValueError(
+        f"query_segments must be [B, T] = {(b, t)} and key_segments "
+        f"[B, S] = {(b, s)}; got {query_segments.shape} and "
+        f"{key_segments.shape}.")
+  return query_segments.astype(jnp.int32), key_segments.astype(jnp.int32)
+
+
+def _same_segment(segments, key_segments_c):
+  """`[B, T, C]` bool: the key is in the query's segment (all True
+  without segments). `key_segments_c` is the chunk's `[B, C]`."""
+  if segments is None:
+    return True
+  return segments[0][:, :, None] == key_segments_c[:, None, :]
 
 
 def _allowed(key_valid, key_slots, query_slots):
@@ -135,10 +169,15 @@ def _scores(q, k, policy):
   return scores / math.sqrt(q.shape[-1])
 
 
-def reference(q, k, v, key_valid, query_slots, *, policy):
-  """The materialised softmax: `[B, KV, G, T, S]` float32 scores."""
+def reference(q, k, v, key_valid, query_slots, *, policy, segments=None):
+  """The materialised softmax: `[B, KV, G, T, S]` float32 scores.
+
+  `segments`: None or `(query_segments [B, T], key_segments [B, S])`.
+  """
   scores = _scores(q, k, policy)
   allowed = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)
+  if segments is not None:
+    allowed = allowed & _same_segment(segments, segments[1])
   scores = jnp.where(allowed[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
   out = policy.einsum("bkgts,bksh->btkgh", probs, v.astype(probs.dtype))
@@ -146,13 +185,16 @@ def reference(q, k, v, key_valid, query_slots, *, policy):
 
 
 def blockwise(q, k, v, key_valid, query_slots, *, policy,
-              chunk_size=DEFAULT_CHUNK_SIZE):
-  """Online-softmax attention over key chunks (see the module docstring)."""
+              chunk_size=DEFAULT_CHUNK_SIZE, segments=None):
+  """Online-softmax attention over key chunks (see the module docstring).
+
+  `segments`: None or `(query_segments [B, T], key_segments [B, S])`.
+  """
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
   chunk = min(chunk_size, k.shape[2])
   return _blockwise(q, k.astype(q.dtype), v.astype(q.dtype), key_valid,
-                    query_slots, chunk, policy)
+                    query_slots, chunk, policy, segments)
 
 
 def _split(x, chunk, fill, axis):
@@ -167,13 +209,15 @@ def _split(x, chunk, fill, axis):
   return jnp.moveaxis(x, axis, 0)
 
 
-def _chunks(k, v, key_valid, chunk):
+def _chunks(k, v, key_valid, chunk, segments=None):
   """Keys and values `[n, B, KV, C, hd]`, validity `[n, B, C]`, slots and
-  existence `[n, C]`."""
+  existence `[n, C]`, key segments `[n, B, C]` (None without segments)."""
   s = k.shape[2]
   slots = jnp.arange(-(-s // chunk) * chunk).reshape(-1, chunk)  # [n, C]
+  key_segments = None if segments is None else _split(segments[1], chunk,
+                                                      -1, 1)
   return (_split(k, chunk, 0, 2), _split(v, chunk, 0, 2),
-          _split(key_valid, chunk, False, 1), slots, slots < s)
+          _split(key_valid, chunk, False, 1), slots, slots < s, key_segments)
 
 
 def _scan(body, init, xs):
@@ -189,7 +233,8 @@ def _scan(body, init, xs):
   return carry, jax.tree.map(lambda y: y[None], ys)
 
 
-def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy):
+def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy,
+                   segments=None, key_segments_c=None):
   """A chunk's scores, masked as the reference masks them.
 
   Masked keys score the most negative float32, as in `reference` (so a
@@ -198,7 +243,10 @@ def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy):
   Returns the scores `[B, KV, G, T, C]` and `allowed` `[B, 1, 1, T, C]`.
   """
   scores = _scores(q, k_c, policy)
-  allowed = _allowed(valid_c, slots_c, query_slots)[:, None, None]
+  allowed = _allowed(valid_c, slots_c, query_slots)
+  if segments is not None:
+    allowed = allowed & _same_segment(segments, key_segments_c)
+  allowed = allowed[:, None, None]
   scores = jnp.where(allowed, scores, _NEG)
   return jnp.where(exists_c, scores, -jnp.inf), allowed
 
@@ -235,20 +283,20 @@ def _decode_loop(body, init, k, v, key_valid, query_slots, chunk):
     cut = lambda x, axis: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis)
     slots = start + jnp.arange(chunk)
     return body(carry, (cut(k, 2), cut(v, 2), cut(key_valid, 1), slots,
-                        slots >= i * chunk))[0]
+                        slots >= i * chunk, None))[0]
 
   return jax.lax.fori_loop(0, used, step, init)
 
 
-def _forward(q, k, v, key_valid, query_slots, chunk, policy):
+def _forward(q, k, v, key_valid, query_slots, chunk, policy, segments):
   b, t, kv, g, hd = q.shape
   stat = jnp.full((b, kv, g, t), -jnp.inf, jnp.float32)
 
   def body(carry, xs):
     m, l, acc = carry  # [B, KV, G, T] twice, [B, KV, G, T, hd] float32
-    k_c, v_c, valid_c, slots_c, exists_c = xs
+    k_c, v_c, valid_c, slots_c, exists_c, seg_c = xs
     s, _ = _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots,
-                          policy)
+                          policy, segments, seg_c)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     alpha = jnp.exp(m - m_new)  # 0 on the first chunk (m = -inf)
     p = jnp.exp(s - m_new[..., None])  # [B, KV, G, T, C]
@@ -259,28 +307,34 @@ def _forward(q, k, v, key_valid, query_slots, chunk, policy):
 
   init = (stat, jnp.zeros_like(stat),
           jnp.zeros((b, kv, g, t, hd), jnp.float32))
-  if t == 1 and chunk < k.shape[2] and not _loop_checks_on_host():
+  if (t == 1 and chunk < k.shape[2] and segments is None
+      and not _loop_checks_on_host()):
     m, l, acc = _decode_loop(body, init, k, v, key_valid, query_slots, chunk)
   else:
-    (m, l, acc), _ = _scan(body, init, _chunks(k, v, key_valid, chunk))
+    (m, l, acc), _ = _scan(body, init,
+                           _chunks(k, v, key_valid, chunk, segments))
   out = jnp.moveaxis(acc / l[..., None], 3, 1).astype(q.dtype)
   # The row statistics stay apart: in a row with no allowed key m is the
   # most negative float32, and m + log(l) would round back to m.
   return out, (m, l)  # [B, T, KV, G, hd], [B, KV, G, T] twice
 
 
+# `segments` (None or two int arrays) comes last, so that the positions
+# of the other arguments stay as they were.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise(q, k, v, key_valid, query_slots, chunk, policy):
-  return _forward(q, k, v, key_valid, query_slots, chunk, policy)[0]
+def _blockwise(q, k, v, key_valid, query_slots, chunk, policy, segments):
+  return _forward(q, k, v, key_valid, query_slots, chunk, policy,
+                  segments)[0]
 
 
-def _blockwise_fwd(q, k, v, key_valid, query_slots, chunk, policy):
-  out, stats = _forward(q, k, v, key_valid, query_slots, chunk, policy)
-  return out, (q, k, v, key_valid, query_slots, out, stats)
+def _blockwise_fwd(q, k, v, key_valid, query_slots, chunk, policy, segments):
+  out, stats = _forward(q, k, v, key_valid, query_slots, chunk, policy,
+                        segments)
+  return out, (q, k, v, key_valid, query_slots, segments, out, stats)
 
 
 def _blockwise_bwd(chunk, policy, residuals, d_out):
-  q, k, v, key_valid, query_slots, out, (m, l) = residuals
+  q, k, v, key_valid, query_slots, segments, out, (m, l) = residuals
   s_len, dt = k.shape[2], q.dtype
   scale = 1.0 / math.sqrt(q.shape[-1])
   # delta = rowsum(dO * O) = sum_s p_s dp_s, the softmax Jacobian's term.
@@ -295,9 +349,9 @@ def _blockwise_bwd(chunk, policy, residuals, d_out):
       (jnp.moveaxis(q, 1, 3), jnp.moveaxis(d_out, 1, 3)))  # [B, KV, G, T, hd]
 
   def body(dq, xs):
-    k_c, v_c, valid_c, slots_c, exists_c = xs
+    k_c, v_c, valid_c, slots_c, exists_c, seg_c = xs
     s, allowed = _masked_scores(q, k_c, valid_c, slots_c, exists_c,
-                                query_slots, policy)
+                                query_slots, policy, segments, seg_c)
     p = jnp.exp(s - m[..., None]) / l[..., None]  # [B, KV, G, T, C]
     dp = policy.einsum("btkgh,bksh->bkgts", d_out, v_c,
                        preferred_element_type=jnp.float32)
@@ -314,7 +368,7 @@ def _blockwise_bwd(chunk, policy, residuals, d_out):
                             preferred_element_type=jnp.float32)
     return dq, (dk_c, dv_c)
 
-  xs = _chunks(k, v, key_valid, chunk)
+  xs = _chunks(k, v, key_valid, chunk, segments)
   dq, (dk, dv) = _scan(body, jnp.zeros(q_t.shape, jnp.float32), xs)
   dq = jnp.moveaxis(dq, 3, 1)  # [B, T, KV, G, hd]
   def unsplit(x):  # [n, B, KV, C, hd] -> [B, KV, S, hd]
@@ -322,13 +376,15 @@ def _blockwise_bwd(chunk, policy, residuals, d_out):
     return x.reshape(*x.shape[:2], -1, x.shape[-1])[:, :, :s_len]
 
   dq, dk, dv = jax.lax.optimization_barrier((dq, unsplit(dk), unsplit(dv)))
-  return (dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), None, None)
+  no_segments = None if segments is None else (None, None)
+  return (dq.astype(dt), dk.astype(k.dtype), dv.astype(v.dtype), None, None,
+          no_segments)
 
 
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _cudnn(q, k, v, key_valid, query_slots, *, policy):
+def _cudnn(q, k, v, key_valid, query_slots, *, policy, segments=None):
   """`jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU only).
 
   The API takes no `precision`: cuDNN's flash-attention kernel multiplies
@@ -341,14 +397,18 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
   compute dtype that each layer saves for the backward (quadratic in the
   length, though one array per layer rather than float32 scores per head;
   `entropo.planning` counts it). Keys and values are transposed to the
-  API's `[B, S, N, hd]`. Its test against the float64 reference
+  API's `[B, S, N, hd]`. Segments (packed rows) are one more term of the
+  bool mask. Its test against the float64 reference
   (`tests/test_attention.py::test_cudnn_kernel_matches_float64_reference`)
   runs on GPUs only (`benchmarks/gpu.sh`); no GPU has run it yet.
   """
   dt = jnp.dtype(q.dtype)
   del policy  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
-  mask = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)[:, None]
+  mask = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)
+  if segments is not None:
+    mask = mask & _same_segment(segments, segments[1])
+  mask = mask[:, None]
   keys_first = lambda x: jnp.swapaxes(x.astype(dt), 1, 2)  # the API's BTNH  # noqa
   out = jax.nn.dot_product_attention(
       q.reshape(b, t, kv * g, hd), keys_first(k), keys_first(v), mask=mask,
@@ -359,13 +419,16 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy):
 PALLAS_BLOCK = 128  # the kernel's default block; lengths are padded to it
 
 
-def _pallas_tpu(q, k, v, key_valid, *, policy):
+def _pallas_tpu(q, k, v, key_valid, *, policy, segments=None):
   """jax's Pallas flash-attention kernel for TPUs, for T == S.
 
   With as many queries as keys, the query slots are `arange(T)` and the
   kernel's causal mask is ours; padding becomes segment ids (queries in
   segment 1, keys in 1 if valid, else 0), and the length is padded to a
-  multiple of `PALLAS_BLOCK` with keys in segment 0. Grouped-query heads
+  multiple of `PALLAS_BLOCK` with keys in segment 0. Packed rows
+  (`segments`) shift their segment ids up by one, so that 0 stays the
+  padding: queries `query_segments + 1`, valid keys `key_segments + 1`.
+  Grouped-query heads
   repeat each key/value head G times (memory stays linear in the length);
   the repeat's transpose sums the key and value gradients over the group.
 
@@ -387,9 +450,12 @@ def _pallas_tpu(q, k, v, key_valid, *, policy):
   pad_keys = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa
   heads = lambda x: pad_keys(x.reshape(b, t, kv * g, hd).transpose(0, 2, 1, 3))  # noqa
   kv_heads = lambda x: pad_keys(jnp.repeat(x.astype(dt), g, axis=1))  # noqa
-  segments = fa.SegmentIds(
-      q=jnp.ones((b, t + pad), jnp.int32),
-      kv=jnp.pad(key_valid.astype(jnp.int32), ((0, 0), (0, pad))))
+  q_seg = jnp.ones((b, t), jnp.int32)
+  kv_seg = key_valid.astype(jnp.int32)
+  if segments is not None:
+    q_seg, kv_seg = segments[0] + 1, jnp.where(key_valid, segments[1] + 1, 0)
+  pad_ids = lambda x: jnp.pad(x, ((0, 0), (0, pad)))  # noqa
+  segments = fa.SegmentIds(q=pad_ids(q_seg), kv=pad_ids(kv_seg))
   out = fa.flash_attention(heads(q), kv_heads(k), kv_heads(v),
                            segment_ids=segments, causal=True,
                            sm_scale=1.0 / math.sqrt(hd))

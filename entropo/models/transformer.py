@@ -135,8 +135,9 @@ class Attention(nnx.Module):
     self.policy = policy
 
   def __call__(self, x, cos, sin, key_valid, query_slots, cache=None,
-               cache_index=None):
-    """x: `[B, T, D]`; key_valid: `[B, S]`; query_slots: `[T]` int.
+               cache_index=None, segment_ids=None):
+    """x: `[B, T, D]`; key_valid: `[B, S]`; query_slots: `[T]` int;
+    segment_ids: optional `[B, T]` int of packed rows (no cache; T == S).
 
     Returns `(out [B, T, D], (k, v))` where `(k, v)` are the keys/values
     attended over (`[B, KV, S, hd]`, the updated cache when given).
@@ -165,7 +166,9 @@ class Attention(nnx.Module):
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
     out = attention_lib.attend(q, k, v, key_valid, query_slots, policy=policy,
                                implementation=cfg.attention,
-                               chunk_size=cfg.attention_chunk_size)
+                               chunk_size=cfg.attention_chunk_size,
+                               query_segments=segment_ids,
+                               key_segments=segment_ids)
     out = out.reshape(b, t, cfg.num_heads, cfg.head_dim).astype(x.dtype)
     out = self._project("o_proj", "bthk,hkd->btd", out)
     return out, (k, v)
@@ -217,9 +220,9 @@ class Block(nnx.Module):
     self.mlp = MLP(config, policy, rngs=rngs)
 
   def __call__(self, x, cos, sin, key_valid, query_slots, cache=None,
-               cache_index=None):
+               cache_index=None, segment_ids=None):
     attn, kv = self.attn(self.input_layernorm(x), cos, sin, key_valid,
-                         query_slots, cache, cache_index)
+                         query_slots, cache, cache_index, segment_ids)
     x = x + attn
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, kv
@@ -232,6 +235,23 @@ def default_positions(attention_mask):
   """
   return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1,
                      0)
+
+
+def segment_positions(segment_ids):
+  """`[B, T]` int32 positions that restart at 0 where each segment starts.
+
+  For packed rows (`entropo.packing`): a segment is a run of equal ids, so
+  each sequence gets the positions it has alone in a row of its own
+  (`default_positions` of its tokens). Padding (id 0) counts on from its
+  start like any run; it attends to nothing that matters.
+  """
+  t = segment_ids.shape[-1]
+  index = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), segment_ids.shape)
+  starts = jnp.concatenate(
+      [jnp.ones_like(segment_ids[:, :1], bool),
+       segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [B, T]
+  first = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [B, T]
+  return index - first
 
 
 class Transformer(nnx.Module):
@@ -283,7 +303,7 @@ class Transformer(nnx.Module):
     }
 
   def __call__(self, tokens, *, attention_mask=None, positions=None,
-               cache=None, cache_index=None):
+               cache=None, cache_index=None, segment_ids=None):
     """Final hidden states `[B, T, D]` (compute dtype).
 
     Args:
@@ -294,6 +314,12 @@ class Transformer(nnx.Module):
       cache: optional KV cache from `init_cache`; then `cache_index` (int
         scalar, may be traced) is the slot of `tokens[:, 0]`, and the call
         returns `(hidden, new_cache)`.
+      segment_ids: optional `[B, T]` int of packed rows (`entropo.packing`,
+        no cache): several sequences per row, ids 1, 2, ... and 0 for
+        padding. Attention stays within a segment, `attention_mask`
+        defaults to `segment_ids > 0` and `positions` restart per segment
+        (`segment_positions`), so each sequence's hidden states are those
+        it gets in a row of its own.
 
     Returns:
       `hidden`, or `(hidden, new_cache)` when `cache` is given.
@@ -305,6 +331,13 @@ class Transformer(nnx.Module):
       )
     cfg, policy = self.config, self.policy
     b, t = tokens.shape
+    if segment_ids is not None:
+      if cache is not None:
+        raise ValueError("segment_ids (packed rows) take no cache.")
+      if attention_mask is None:
+        attention_mask = segment_ids > 0
+      if positions is None:
+        positions = segment_positions(segment_ids)
     if attention_mask is None:
       attention_mask = jnp.ones((b, t), bool)
     if positions is None:
@@ -321,12 +354,12 @@ class Transformer(nnx.Module):
       query_slots = cache_index + jnp.arange(t)
     if cache is None and self.scan_layers:
       x = _scan_blocks(self.layers, self.remat, x, cos, sin, key_valid,
-                       query_slots)
+                       query_slots, segment_ids)
       return self.norm(x)
     if cache is None:
       apply = _block_apply(self.remat)
       for layer in self.layers:
-        x = apply(layer, x, cos, sin, key_valid, query_slots)
+        x = apply(layer, x, cos, sin, key_valid, query_slots, segment_ids)
       return self.norm(x)
     new_k, new_v = [], []
     for i, layer in enumerate(self.layers):
@@ -342,15 +375,19 @@ class Transformer(nnx.Module):
     return attention_lib.resolve(self.config.attention,
                                  self.policy.compute_dtype)
 
-  def logits(self, tokens, *, attention_mask=None, positions=None):
+  def logits(self, tokens, *, attention_mask=None, positions=None,
+             segment_ids=None):
     """`[B, T, V]` float32 logits through the precision policy's head."""
-    hidden = self(tokens, attention_mask=attention_mask, positions=positions)
+    hidden = self(tokens, attention_mask=attention_mask, positions=positions,
+                  segment_ids=segment_ids)
     logits = self.policy.head_product(hidden, self.lm_head_matrix())
     return self.policy.round_logits(logits)
 
 
-def _apply_block(block, x, cos, sin, key_valid, query_slots):
-  return block(x, cos, sin, key_valid, query_slots)[0]
+def _apply_block(block, x, cos, sin, key_valid, query_slots,
+                 segment_ids=None):
+  return block(x, cos, sin, key_valid, query_slots,
+               segment_ids=segment_ids)[0]
 
 
 def _scan_blocks(layers, remat, x, *inputs):

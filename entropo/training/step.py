@@ -31,12 +31,16 @@ from flax import nnx
 from entropo import diagnostics
 from entropo import fused
 from entropo import masking
+from entropo import packing as packing_lib
 from entropo.models import lora as lora_lib
 
 # Per-token arrays of a training batch, all [B, L - 1] (`tokens` and
 # `attention_mask` are [B, L]).
 BATCH_KEYS = ("tokens", "attention_mask", "mask", "advantages", "old_logps",
               "ref_logps", "importance_weights")
+# The index arrays of a packed minibatch (`entropo.packing.PackPlan.arrays`);
+# a batch that holds them runs the update's forward on packed rows.
+PACK_KEYS = ("pack_source", "segment_ids", "unpack_index")
 # The update's metric that says whether every parameter and optimizer-state
 # array after the step is finite (1) or not (0); the loop's guard reads it
 # (a finite loss and gradient can still give a NaN update, e.g. Adam's
@@ -61,18 +65,36 @@ def warm_start_optimizer(learning_rate: float, steps: int
   return optax.adamw(schedule, weight_decay=0.0)
 
 
-def sequence_logps(model, tokens, attention_mask, *, head_grad=True):
+def sequence_logps(model, tokens, attention_mask, *, head_grad=True,
+                   packing=None):
   """`(logps, entropy)` of `tokens[:, 1:]`, each `[B, L - 1]` float32.
 
   Through the fused head (no `[B, L, V]` logits) under the model's precision
   policy: the trainer's own computation of log-probs. `head_grad=False`
   (a frozen head, as with LoRA) skips the head's gradient in the backward
-  pass.
+  pass. `packing` (the `PACK_KEYS` arrays of an `entropo.packing` plan)
+  runs the model and the head on packed rows and unpacks the result to the
+  same `[B, L - 1]` layout (0 where the packed rows compute nothing: no
+  valid loss position).
   """
+  if packing is not None:
+    return _packed_sequence_logps(model, tokens, packing,
+                                  head_grad=head_grad)
   hidden = model(tokens, attention_mask=attention_mask)
   return fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
       precision=model.policy, head_grad=head_grad)
+
+
+def _packed_sequence_logps(model, tokens, packing, *, head_grad):
+  """`sequence_logps` through packed rows `[R, W]` (see entropo.packing)."""
+  packed = packing_lib.pack_tokens(tokens, packing["pack_source"])  # [R, W]
+  hidden = model(packed, segment_ids=packing["segment_ids"])
+  logps, entropy = fused.fused_logprobs_entropy(
+      hidden[:, :-1], model.lm_head_matrix(), packed[:, 1:],
+      precision=model.policy, head_grad=head_grad)  # [R, W - 1] each
+  index = packing["unpack_index"]
+  return packing_lib.unpack(logps, index), packing_lib.unpack(entropy, index)
 
 
 class Learner:
@@ -156,9 +178,13 @@ class Learner:
     """The total loss of a (mini)batch and its metrics."""
     model = self._model(params, frozen)
     # With frozen weights (LoRA) the head is frozen: no head gradient.
+    # A packed minibatch (PACK_KEYS) runs the forward on packed rows; the
+    # loss below sees the same [B, L - 1] layout either way.
+    packing = ({k: batch[k] for k in PACK_KEYS}
+               if PACK_KEYS[0] in batch else None)
     logps, entropy = sequence_logps(model, batch["tokens"],
                                     batch["attention_mask"],
-                                    head_grad=frozen is None)
+                                    head_grad=frozen is None, packing=packing)
     loss, metrics = self.algorithm.loss(logps, entropy, batch, hyper, key,
                                         norm=self.norm,
                                         precision=model.policy)

@@ -11,8 +11,12 @@ import math
 import numpy as np
 
 
-def attention(q, k, v, key_valid, query_slots):
-  """q: [B, T, KV, G, hd]; k, v: [B, KV, S, hd] -> [B, T, KV, G, hd] f64."""
+def attention(q, k, v, key_valid, query_slots, segments=None):
+  """q: [B, T, KV, G, hd]; k, v: [B, KV, S, hd] -> [B, T, KV, G, hd] f64.
+
+  `segments`: optional `(query_segments [B, T], key_segments [B, S])`: a
+  query's allowed keys are then only those of its own segment too.
+  """
   q, k, v = (np.asarray(x).astype(np.float64) for x in (q, k, v))
   key_valid = np.asarray(key_valid)
   b_size, t_size, kv_size, g_size, hd = q.shape
@@ -21,7 +25,9 @@ def attention(q, k, v, key_valid, query_slots):
   for b in range(b_size):
     for t in range(t_size):
       keys = [s for s in range(s_size)
-              if key_valid[b, s] and s <= int(query_slots[t])]
+              if key_valid[b, s] and s <= int(query_slots[t])
+              and (segments is None
+                   or int(segments[0][b, t]) == int(segments[1][b, s]))]
       for h in range(kv_size):
         for g in range(g_size):
           if not keys:
