@@ -455,3 +455,162 @@ def test_cudnn_serves_only_calls_whose_queries_fill_the_keys(rng,
   q, k, v, valid = _inputs(rng, dtype=jnp.bfloat16)
   _attend("cudnn", policy=bf16)(q, k, v, valid, jnp.arange(9))
   assert calls == [q.shape]
+
+
+# -- packed rows: segments (entropo.packing)
+
+# Row 0: three segments and a padding slot; row 1: two segments and two
+# padding slots; row 2: one segment with a hole (a key that does not exist).
+_SEGMENTS = np.array([[1, 1, 1, 2, 2, 2, 2, 3, 0],
+                      [1, 1, 1, 1, 1, 2, 2, 0, 0],
+                      [1, 1, 1, 1, 1, 1, 1, 1, 1]], np.int32)
+
+
+def _segment_case(rng, dtype=jnp.float32, **kwargs):
+  q, k, v, _ = _inputs(rng, dtype=dtype, **kwargs)
+  seg = jnp.asarray(_SEGMENTS)
+  valid = np.asarray(_SEGMENTS > 0)
+  valid[2, 4] = False
+  return q, k, v, jnp.asarray(valid), seg
+
+
+def _attend_segments(implementation, chunk_size=4, policy=FP32):
+  def f(q, k, v, valid, seg):
+    return attention_lib.attend(q, k, v, valid, jnp.arange(q.shape[1]),
+                                policy=policy, implementation=implementation,
+                                chunk_size=chunk_size, query_segments=seg,
+                                key_segments=seg)
+  return f
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 9])
+def test_segments_match_float64_reference(rng, chunk_size):
+  q, k, v, valid, seg = _segment_case(rng)
+  want = ref_attention.attention(q, k, v, valid, np.arange(9), (seg, seg))
+  for impl in ("reference", "blockwise"):
+    got = jax.jit(_attend_segments(impl, chunk_size))(q, k, v, valid, seg)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6,
+                               err_msg=impl)
+
+
+def test_segment_gradients_blockwise_equal_reference(rng):
+  q, k, v, valid, seg = _segment_case(rng)
+  cot = jnp.asarray(rng.normal(size=q.shape), jnp.float32)
+
+  def grads(impl):
+    f = _attend_segments(impl, chunk_size=4)
+    loss = lambda q, k, v: jnp.sum(f(q, k, v, valid, seg) * cot)  # noqa
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+  for name, a, b in zip("qkv", grads("blockwise"), grads("reference")):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+def test_one_segment_per_row_is_the_unsegmented_attention(rng):
+  q, k, v, valid = _inputs(rng)
+  ones = jnp.ones(valid.shape, jnp.int32)
+  for impl in ("reference", "blockwise"):
+    got = jax.jit(_attend_segments(impl))(q, k, v, valid, ones)
+    want = jax.jit(_attend(impl))(q, k, v, valid, jnp.arange(9))
+    np.testing.assert_array_equal(got, want, err_msg=impl)
+
+
+def test_segments_go_together():
+  q, k, v, valid = _inputs(np.random.default_rng(0))
+  seg = jnp.ones(valid.shape, jnp.int32)
+  with pytest.raises(ValueError, match="go together"):
+    attention_lib.attend(q, k, v, valid, jnp.arange(9), policy=FP32,
+                         implementation="blockwise", query_segments=seg)
+  with pytest.raises(ValueError, match=r"query_segments must be \[B, T\]"):
+    attention_lib.attend(q, k, v, valid, jnp.arange(9), policy=FP32,
+                         implementation="blockwise", query_segments=seg[:, 1:],
+                         key_segments=seg)
+
+
+def test_pallas_segments_match_float64_reference(rng):
+  """The TPU kernel's path with packed rows, in TPU interpret mode (float32
+  operands: exact dots on CPU): the segments go into its segment ids.
+  Queries with no allowed key are padding (segment 0) and left out."""
+  q, k, v, valid, seg = _segment_case(rng)
+  live = np.asarray(valid)
+  cot = jnp.asarray(rng.normal(size=q.shape) * live[:, :, None, None, None],
+                    jnp.float32)
+
+  def pallas(q, k, v):
+    return attention_lib._pallas_tpu(q, k, v, valid, policy=FP32,  # pylint: disable=protected-access
+                                     segments=(seg, seg))
+
+  got = _pallas_interpret(pallas, q, k, v)
+  want = ref_attention.attention(q, k, v, valid, np.arange(9), (seg, seg))
+  np.testing.assert_allclose(np.asarray(got)[live], want[live], rtol=1e-5,
+                             atol=2e-6)
+  grads = lambda f: jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cot),  # noqa
+                             argnums=(0, 1, 2))
+  got = _pallas_interpret(grads(pallas), q, k, v)
+  ref = jax.jit(grads(lambda q, k, v: _attend_segments("reference")(
+      q, k, v, valid, seg)))(q, k, v)
+  for name, a, b in zip("qkv", got, ref):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=2e-6, err_msg=name)
+
+
+def test_cudnn_gets_the_segment_mask(rng, monkeypatch):
+  """cuDNN's path (no GPU here): the bool mask it hands to
+  `jax.nn.dot_product_attention` is the reference's allowed set, segments
+  included; an XLA stand-in for the kernel then gives the float64 values."""
+  seen, xla = [], jax.nn.dot_product_attention
+
+  def xla_kernel(q, k, v, *, mask, implementation):
+    assert implementation == "cudnn"
+    seen.append(np.asarray(mask))
+    return xla(q, k, v, mask=mask)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
+  q, k, v, valid, seg = _segment_case(rng)
+  got = attention_lib._cudnn(q, k, v, valid, jnp.arange(9), policy=FP32,  # pylint: disable=protected-access
+                             segments=(seg, seg))
+  segs = np.asarray(seg)
+  want_mask = (np.tril(np.ones((9, 9), bool))[None]
+               & np.asarray(valid)[:, None, :]
+               & (segs[:, :, None] == segs[:, None, :]))
+  np.testing.assert_array_equal(seen[0], want_mask[:, None])
+  want = ref_attention.attention(q, k, v, valid, np.arange(9), (seg, seg))
+  live = np.asarray(valid)
+  np.testing.assert_allclose(np.asarray(got)[live], want[live], rtol=1e-5,
+                             atol=1e-6)
+
+
+@pytest.mark.parametrize("attention, scan", [("reference", False),
+                                             ("blockwise", False),
+                                             ("blockwise", True)])
+def test_packed_rows_equal_rows_of_their_own(rng, attention, scan):
+  """A model's hidden states for sequences packed into rows (segments,
+  positions restarting per segment) equal those of each sequence alone in
+  a left-padded row of its own."""
+  model = _model(attention)
+  model.scan_layers = scan
+  lengths = [5, 3, 4, 2]
+  seqs = [rng.integers(0, CONFIG.vocab_size, n) for n in lengths]
+  packed = np.zeros((2, 8), np.int32)
+  seg = np.zeros((2, 8), np.int32)
+  packed[0, :5], packed[0, 5:8] = seqs[0], seqs[1]
+  seg[0, :5], seg[0, 5:8] = 1, 2
+  packed[1, :4], packed[1, 4:6] = seqs[2], seqs[3]
+  seg[1, :4], seg[1, 4:6] = 1, 2
+  got = jax.jit(lambda t, s: model(t, segment_ids=s))(packed, seg)
+  alone = np.zeros((4, 6), np.int32)
+  mask = np.zeros((4, 6), bool)
+  for i, s in enumerate(seqs):
+    alone[i, 6 - len(s):], mask[i, 6 - len(s):] = s, True
+  want = jax.jit(lambda t, m: model(t, attention_mask=m))(alone, mask)
+  spans = [(0, 0, 5), (0, 5, 8), (1, 0, 4), (1, 4, 6)]
+  for i, (row, a, b) in enumerate(spans):
+    np.testing.assert_allclose(got[row, a:b], want[i, 6 - (b - a):],
+                               rtol=1e-5, atol=1e-5, err_msg=str(i))
+
+
+def test_segment_positions_restart_per_segment():
+  from entropo.models import transformer  # pylint: disable=g-import-not-at-top
+  got = transformer.segment_positions(jnp.asarray(_SEGMENTS))
+  want = [[0, 1, 2, 0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 0, 1, 0, 1],
+          list(range(9))]
+  np.testing.assert_array_equal(got, want)
