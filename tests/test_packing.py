@@ -1,0 +1,243 @@
+"""Packing (entropo.packing): the plan, pack/unpack, and packed = padded.
+
+The plan and the gathers are checked against the loop-style reference
+(tests/reference/packing.py); the update's loss, every metric and the
+gradients on packed rows must equal the padded computation to float32
+rounding, for every aggregation mode and the objectives whose reductions
+are per sequence (GSPO) or over the whole batch (Clip-Cov, KL-Cov), under
+jit as the trainer runs them.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import entropo
+from entropo import packing
+from entropo.models import ModelConfig
+from entropo.models import Transformer
+from entropo.training import step as step_lib
+from entropo.training.algorithm import Algorithm
+from tests import training_setup
+from tests.reference import packing as ref_packing
+
+CONFIG = ModelConfig(vocab_size=61, hidden_size=32, intermediate_size=48,
+                     num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                     qk_norm=True, family="qwen3", attention="blockwise",
+                     attention_chunk_size=8)
+PROMPT, LENGTH = 5, 20  # prompt slots (left-padded), whole row
+
+
+def _rollout(rng, b=8):
+  """A padded batch as the rollouts make it: left-padded prompts of 2-5
+  tokens, right-padded completions of 0-15 tokens (row 3: none), the loss
+  mask on completion targets."""
+  prompt_len = rng.integers(2, PROMPT + 1, b)
+  completion = np.minimum(rng.lognormal(np.log(4), 0.8, b).astype(int),
+                          LENGTH - PROMPT)
+  completion[3] = 0
+  completion[5] = LENGTH - PROMPT  # one row to the limit
+  attention_mask = np.zeros((b, LENGTH), bool)
+  mask = np.zeros((b, LENGTH - 1), bool)
+  for i in range(b):
+    attention_mask[i, PROMPT - prompt_len[i]:PROMPT + completion[i]] = True
+    mask[i, PROMPT - 1:PROMPT - 1 + completion[i]] = True
+  tokens = rng.integers(1, CONFIG.vocab_size, (b, LENGTH)) * attention_mask
+  return tokens.astype(np.int32), attention_mask, mask
+
+
+def test_first_fit_decreasing():
+  bins = packing.first_fit_decreasing([4, 7, 2, 5, 0, 3, 3], 10)
+  assert bins == [[1, 5], [3, 0], [6, 2]]  # 7+3, 5+4, 3+2; the 0 nowhere
+  for capacity in (10, 16):
+    lengths = np.random.default_rng(1).integers(0, 10, 50)
+    bins = packing.first_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(
+        np.flatnonzero(lengths))
+    assert all(lengths[b].sum() <= capacity for b in bins)
+    # Every bin but one is more than half full (first fit's invariant).
+    assert sum(lengths[b].sum() <= capacity / 2 for b in bins) <= 1
+  with pytest.raises(ValueError, match="does not fit a row of 4"):
+    packing.first_fit_decreasing([5], 4)
+
+
+def test_plan_pack_and_unpack_match_the_reference(rng):
+  tokens, attention_mask, mask = _rollout(rng)
+  attention_mask[7, PROMPT + 1] = False  # a hole: its targets are lost
+  mask[7] &= attention_mask[7, :-1] & attention_mask[7, 1:]
+  plan = packing.plan(attention_mask, row_tokens=LENGTH, loss_mask=mask)
+  bins = packing.first_fit_decreasing(attention_mask.sum(1), LENGTH)
+  targets = rng.normal(size=mask.shape)
+  want_tokens, want_segments, want_targets = ref_packing.pack(
+      attention_mask, tokens, targets, bins, LENGTH, plan.rows)
+  np.testing.assert_array_equal(plan.segment_ids, want_segments)
+  np.testing.assert_array_equal(
+      packing.pack_tokens(jnp.asarray(tokens), plan.source), want_tokens)
+  got = packing.pack_targets(jnp.asarray(targets), plan.unpack_index,
+                             plan.rows, LENGTH, fill=np.nan)
+  np.testing.assert_array_equal(got, want_targets.astype(np.float32))
+  back = packing.unpack(jnp.asarray(want_targets, jnp.float32),
+                        plan.unpack_index, fill=np.nan)
+  want_back = ref_packing.unpack(want_targets, attention_mask, bins, LENGTH)
+  np.testing.assert_array_equal(back, want_back.astype(np.float32))
+  # Every loss position survives the round trip.
+  np.testing.assert_array_equal(np.asarray(back)[mask],
+                                targets[mask].astype(np.float32))
+  rewards = jnp.arange(8.0)
+  seq = packing.pack_sequence_values(rewards, plan.source, LENGTH, fill=-1)
+  for r, members in enumerate(bins):
+    for s, b in enumerate(sorted(members), start=1):
+      assert np.all(np.asarray(seq)[r][plan.segment_ids[r] == s] == b)
+
+
+def test_plan_checks():
+  _, attention_mask, mask = _rollout(np.random.default_rng(0))
+  with pytest.raises(ValueError, match="needs .* rows of 20 tokens; rows=1"):
+    packing.plan(attention_mask, row_tokens=LENGTH, rows=1)
+  attention_mask[0, PROMPT + 1] = False  # a hole under the loss mask
+  mask[0, PROMPT:PROMPT + 2] = True
+  with pytest.raises(ValueError, match=r"loss_mask\[0, 5\]"):
+    packing.plan(attention_mask, row_tokens=LENGTH, loss_mask=mask)
+  plan = packing.plan(attention_mask, row_tokens=LENGTH)
+  padded = packing.with_rows(plan, plan.rows + 2)
+  assert padded.rows == plan.rows + 2
+  assert not padded.segment_ids[-2:].any() and (padded.source[-2:] < 0).all()
+
+
+def test_rows_bucket_and_token_budget_batches():
+  assert packing.rows_bucket(3, max_rows=64) == 8
+  assert packing.rows_bucket(9, max_rows=64) == 16
+  assert packing.rows_bucket(10, max_rows=64, multiple=3) == 18
+  assert {packing.rows_bucket(n, max_rows=64) for n in range(1, 65)} == {
+      8, 16, 24, 32, 40, 48, 56, 64}
+  lengths = np.asarray([5, 9, 2, 2, 7, 1, 8])
+  order = np.asarray([6, 0, 1, 2, 3, 4, 5])
+  batches = packing.token_budget_batches(lengths, tokens_per_batch=12,
+                                         order=order)
+  assert [list(b) for b in batches] == [[6], [0], [1, 2], [3, 4, 5]]
+  assert all(lengths[b].sum() <= 12 for b in batches)
+  np.testing.assert_array_equal(np.concatenate(batches), order)
+  with pytest.raises(ValueError, match="exceeds tokens_per_batch=8"):
+    packing.token_budget_batches(lengths, tokens_per_batch=8)
+
+
+# -- packed = padded: the update's loss, metrics and gradients
+
+
+@functools.cache
+def _model_state():
+  model = Transformer(CONFIG, precision="fp32", rngs=nnx.Rngs(0))
+  return nnx.split(model)
+
+
+def _batch(rng):
+  """A training batch (the pre-update's layout) and its packed form."""
+  tokens, attention_mask, mask = _rollout(rng)
+  graphdef, params = _model_state()
+  logps, _ = jax.jit(lambda p, t, m: step_lib.sequence_logps(
+      nnx.merge(graphdef, p), t, m))(params, tokens, attention_mask)
+  # Old log-probs off by up to 0.3 nats: ratios clip on both sides.
+  old = jnp.where(mask, logps + rng.uniform(-0.3, 0.3, mask.shape), 0.0)
+  batch = dict(
+      tokens=jnp.asarray(tokens), attention_mask=jnp.asarray(attention_mask),
+      mask=jnp.asarray(mask), old_logps=old.astype(jnp.float32),
+      ref_logps=(old + 0.1).astype(jnp.float32),
+      advantages=jnp.asarray(rng.normal(size=mask.shape), jnp.float32),
+      importance_weights=jnp.asarray(rng.uniform(0.5, 1.5, mask.shape),
+                                     jnp.float32))
+  plan = packing.plan(attention_mask, row_tokens=LENGTH, loss_mask=mask)
+  assert plan.rows < 8  # the case packs
+  plan = packing.with_rows(plan, packing.rows_bucket(plan.rows, max_rows=8))
+  packed = {**batch, **{k: jnp.asarray(v) for k, v in plan.arrays().items()}}
+  return params, batch, packed
+
+
+def _learner(algo, agg):
+  c = training_setup.tiny_config(algo)
+  c.algo.update(agg=agg, kl_coef=0.1, entropy_coef=0.01)
+  algorithm = Algorithm.from_config(c.algo)
+  graphdef, _ = _model_state()
+  learner = step_lib.Learner(graphdef, algorithm,
+                             step_lib.make_optimizer(c.optim),
+                             max_new_tokens=LENGTH - PROMPT, group_size=4)
+  hyper = algorithm.hyperparameters(algorithm.init_controllers(),
+                                    algorithm.fixed_hyperparameters())
+  return learner, hyper
+
+
+def _close(got, want, err_msg, scale=None):
+  scale = np.max(np.abs(want)) if scale is None else scale
+  np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6 * max(scale, 1),
+                             err_msg=err_msg)
+
+
+@functools.cache
+def _forward_and_pullback():
+  """Jitted `(logps, entropy)` of a batch (padded or packed) and the
+  pullback of cotangents on them to the parameters: the Learner's loss is
+  `algorithm.loss(sequence_logps(...))`, so its gradient is this pullback
+  of the loss's gradient in `(logps, entropy)`. Compiled once per layout
+  and shared by every objective and aggregation mode."""
+  graphdef, _ = _model_state()
+
+  def forward(params, batch):
+    keys = step_lib.PACK_KEYS
+    packed = {k: batch[k] for k in keys} if keys[0] in batch else None
+    return step_lib.sequence_logps(nnx.merge(graphdef, params),
+                                   batch["tokens"], batch["attention_mask"],
+                                   packing=packed)
+
+  def pullback(params, batch, cotangents):
+    _, vjp = jax.vjp(lambda p: forward(p, batch), params)
+    return vjp(cotangents)[0]
+
+  return jax.jit(forward), jax.jit(pullback)
+
+
+@pytest.mark.parametrize("agg", entropo.AGGREGATION_MODES)
+@pytest.mark.parametrize("algo", ["grpo", "gspo", "kl_cov", "clip_cov"])
+def test_packed_loss_metrics_and_gradients_equal_padded(rng, algo, agg):
+  params, batch, packed = _batch(rng)
+  learner, hyper = _learner(algo, agg)
+  forward, pullback = _forward_and_pullback()
+  key = jax.random.key(4)
+
+  def loss(logps, entropy, batch):
+    return learner.algorithm.loss(logps, entropy, batch, hyper, key,
+                                  norm=learner.norm, precision="fp32")
+
+  loss_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  results = []
+  for b in (batch, packed):
+    logps, entropy = forward(params, b)
+    (value, metrics), cotangents = loss_fn(logps, entropy, b)
+    results.append((value, metrics, pullback(params, b, cotangents)))
+  (loss, metrics, grads), (p_loss, p_metrics, p_grads) = results
+  assert float(loss) != 0.0
+  _close(p_loss, loss, "loss")
+  assert p_metrics.keys() == metrics.keys()
+  for name in metrics:
+    _close(p_metrics[name], metrics[name], name)
+  flat, p_flat = (jax.tree_util.tree_leaves_with_path(g)
+                  for g in (grads, p_grads))
+  for (path, want), (_, got) in zip(flat, p_flat):
+    _close(got, want, jax.tree_util.keystr(path))
+
+
+def test_packed_update_equals_padded_update(rng):
+  """One optax step of the Learner end to end (its loss picks the packed
+  forward from the batch's keys): the same parameters after it."""
+  params, batch, packed = _batch(rng)
+  learner, hyper = _learner("dapo", "token_mean")
+  opt_state = learner.optimizer.init(params)
+  key = jax.random.key(0)
+  new, _, metrics = learner.update(params, opt_state, batch, hyper, key)
+  p_new, _, p_metrics = learner.update(params, opt_state, packed, hyper, key)
+  _close(p_metrics["grad_norm"], metrics["grad_norm"], "grad_norm")
+  for (path, want), (_, got) in zip(jax.tree_util.tree_leaves_with_path(new),
+                                    jax.tree_util.tree_leaves_with_path(p_new)):
+    _close(got, want, jax.tree_util.keystr(path))
