@@ -56,6 +56,7 @@ BAD = {
     "train.max_checkpoints": 0, "train.log_every": 0,
     "train.tensorboard": "yes", "train.plots": 2, "train.progress": None,
     "train.allow_config_change": "no", "train.skip_non_finite": 1,
+    "train.packing": "yes",
     "mesh.data": 0, "mesh.fsdp": 0, "mesh.tensor": 16,
     "algo.name": "ppo", "algo.advantage": "gae", "algo.grpo_scale": "row",
     "algo.objective": "ppo2", "algo.clip_low": -0.1,

@@ -678,6 +678,41 @@ def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path,
   assert any(axis is not None for axis in spec)  # really sharded
 
 
+@pytest.mark.multidevice
+@pytest.mark.parametrize("mesh", [None, dict(data=2, fsdp=2, tensor=2)],
+                         ids=["one", "eight"])
+def test_packed_update_equals_the_padded_update(init_from, data_dir, tmp_path,
+                                                mesh):
+  """`train.packing`: the same minibatches, each packed, give the padded
+  update's metrics and parameters to float32 rounding (two minibatches,
+  so the packed rows are gathered per minibatch; on 8 devices the packed
+  rows are a multiple of the 4 data shards)."""
+  def config(packing):
+    c = _config(init_from, data_dir, train=dict(packing=packing),
+                **({"mesh": mesh} if mesh else {}))
+    c.algo.minibatches = 2
+    return c
+
+  padded = Trainer(config(False), tmp_path / "padded")
+  packed = Trainer(config(True), tmp_path / "packed")
+  roll, _ = padded.collect(jax.random.key(3))
+  roll.rewards = np.tile(np.float32([1, 0, 0, 1]), len(roll.rewards) // 4)
+  results = []
+  for trainer in (padded, packed):
+    batch, _ = trainer.pre_update(roll)
+    assert ("segment_ids" in trainer._packed(batch)) == (trainer is packed)  # pylint: disable=protected-access
+    results.append((trainer.update(batch, jax.random.key(4)),
+                    trainer.state["params"]))
+  (m1, p1), (m2, p2) = results
+  assert m1["grad_norm"] > 0 and m1.keys() == m2.keys()
+  for k in m1:
+    np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=1e-6,
+                               err_msg=k)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
                                               monkeypatch):
   c = _config(init_from, data_dir, train=dict(iterations=4,

@@ -106,7 +106,8 @@ def read_json(path, *, default=None):
 
 
 def launch_record(*, iteration: int, precision, model, model_section,
-                  lora: bool = False, sampler_precision=None) -> dict:
+                  lora: bool = False, sampler_precision=None,
+                  packing: bool = False) -> dict:
   """How this launch computes, for the `launches` of `run.json`.
 
   The precision policy's `describe()` (preset, backend, the dot algorithm
@@ -114,8 +115,8 @@ def launch_record(*, iteration: int, precision, model, model_section,
   sampler's (`sampler_precision`: the trainer's when None), the
   attention implementation `auto` resolved to, remat and the layer scan,
   LoRA (rank, alpha, targets, the base projections' dtype; None for full
-  fine-tuning), versions and
-  devices.
+  fine-tuning), whether the update runs on packed rows (`train.packing`),
+  versions and devices.
   """
   devices = jax.devices()
   return {
@@ -133,6 +134,7 @@ def launch_record(*, iteration: int, precision, model, model_section,
       "attention_chunk_size": model.config.attention_chunk_size,
       "remat": model_section.remat,
       "scan_layers": model_section.scan_layers,
+      "packing": packing,
       "lora": None if not lora else {
           "rank": model.lora_config.rank, "alpha": model.lora_config.alpha,
           "targets": list(model.lora_config.targets),

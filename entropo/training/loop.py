@@ -43,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from entropo import packing as packing_lib
 from entropo import sharding
 from entropo import tasks as tasks_lib
 from entropo.models import Transformer
@@ -241,6 +242,7 @@ class Trainer:
         rows = order[m * size:(m + 1) * size]
         mb = rollouts_lib.gather_rows(self.placement.sharding, [batch],
                                       rows) if a.minibatches > 1 else batch
+        mb = self._packed(mb)
         key, sub = jax.random.split(key)
         params, opt_state, metrics = self.learner.update(
             self.state["params"], self.state["opt_state"], mb, hyper, sub,
@@ -268,6 +270,26 @@ class Trainer:
       out["train/skipped_minibatches_total"] = float(
           self.meta["skipped_minibatches"])
     return out
+
+  def _packed(self, mb: dict) -> dict:
+    """`mb` with the index arrays of its packing plan when
+    `train.packing` is on (the Learner then runs the forward on packed
+    rows); `mb` itself when off.
+
+    Rows of the batch's length L, so every sequence fits one; the row count
+    is rounded up to one of 8 sizes (`rows_bucket`, a multiple of the data
+    shards), so the update compiles at most 8 times.
+    """
+    if not self.config.train.packing:
+      return mb
+    mask = self.placement.to_host(mb["attention_mask"])
+    b, length = mask.shape
+    plan = packing_lib.plan(mask, row_tokens=length,
+                            loss_mask=self.placement.to_host(mb["mask"]))
+    plan = packing_lib.with_rows(plan, packing_lib.rows_bucket(
+        plan.rows, max_rows=b, multiple=self.placement.shards))
+    return {**mb, **{k: self.placement.from_host(v)
+                     for k, v in plan.arrays().items()}}
 
   def _non_finite(self, metrics: dict, names, where: str) -> bool:
     return guards.non_finite(
@@ -512,5 +534,6 @@ def train(config, workdir) -> dict[str, float]:
   logger_lib.write_run_metadata(workdir, config, logger_lib.launch_record(
       iteration=trainer.meta["iteration"], precision=trainer.precision,
       sampler_precision=trainer.sampler_precision, model=trainer.model,
-      model_section=trainer.config.model, lora=trainer.lora))
+      model_section=trainer.config.model, lora=trainer.lora,
+      packing=trainer.config.train.packing))
   return trainer.run()

@@ -359,6 +359,12 @@ class TrainSection:
   # update not applied) and counted (train/skipped_minibatches) instead of
   # stopping the run with NonFiniteError.
   skip_non_finite: bool = False
+  # The update's forward and backward on packed rows (entropo.packing):
+  # each minibatch's sequences packed into rows of the batch's length with
+  # segment ids, the loss and its gradient equal to the padded ones to
+  # float32 rounding. Off by default: at the demo's shapes on CPU it is
+  # slower (docs/benchmarks.md, "Packing").
+  packing: bool = False
 
   def __post_init__(self):
     for field in ("iterations", "eval_every", "eval_samples",
@@ -367,7 +373,7 @@ class TrainSection:
     # 0 would keep no checkpoint: a rerun would silently start over.
     check_number("train.max_checkpoints", self.max_checkpoints, integer=True)
     for field in ("tensorboard", "plots", "progress", "allow_config_change",
-                  "skip_non_finite"):
+                  "skip_non_finite", "packing"):
       check_bool(f"train.{field}", getattr(self, field))
     if not isinstance(self.pass_k, (tuple, list)) or not self.pass_k or any(
         not isinstance(k, int) or isinstance(k, bool) for k in self.pass_k):
