@@ -1,0 +1,227 @@
+"""Padded vs packed updates, side by side: useful tokens per second.
+
+One optax step of the trainer's `Learner.update` (GRPO's loss through the
+fused head, AdamW) on the same batch, once padded to `[B, L]` and once
+packed (`entropo.packing`: first-fit decreasing into rows of L tokens with
+segment ids, the row count rounded up to one of 8 buckets as the trainer
+does). Sequence lengths are log-normal with median L / 8 (sigma 1, clipped
+to [2, L]), like reasoning traces; the `demo` case instead draws lengths
+uniformly in [L / 2, L] at the main job's shapes (128 rows of 32 tokens),
+where rows are nearly full. Useful tokens are the valid ones; the packed
+time includes the host's packing plan. Cases:
+
+* `demo`: the main job's tiny model (3 layers, width 128) at its shapes;
+* `tiny`: the same model, B = 64, L = 512;
+* `qwen_width`: the Qwen3-0.6B block (width 1024, 16 / 8 heads of 128,
+  MLP 3072, qk-norm) with 2 layers and a 16384-token vocabulary (the full
+  151936 head would take minutes per step on a CPU), B = 8, L = 512;
+* `qwen3_0.6b` (`--memory`): the whole Qwen3-0.6B (28 layers, 151936
+  vocabulary, `scan_layers`, `remat=block`, bf16_fp32_head), B = 16,
+  L = 4096, compiled only: XLA's temporary bytes of each update
+  (`.lower().compile().memory_analysis()`), not run.
+
+Usage:
+
+    python benchmarks/packing.py [--cases demo tiny qwen_width] \\
+        [--repeats 3] [--memory] [--out benchmarks/out/packing.json]
+
+Writes JSON to `--out` and prints a Markdown table.
+"""
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from entropo import packing  # noqa: E402
+from entropo.models import ModelConfig  # noqa: E402
+from entropo.models import Transformer  # noqa: E402
+from entropo.training import config as config_lib  # noqa: E402
+from entropo.training import step as step_lib  # noqa: E402
+from entropo.training.algorithm import Algorithm  # noqa: E402
+
+TINY = dict(vocab_size=32, hidden_size=128, intermediate_size=384,
+            num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32)
+QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+                 num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,
+                 tie_word_embeddings=True, qk_norm=True, family="qwen3")
+# name -> (model, rows B, length L, lengths, precision)
+CASES = {
+    "demo": (TINY, 128, 32, "uniform", "fp32"),
+    "tiny": (TINY, 64, 512, "lognormal", "fp32"),
+    "qwen_width": (dict(QWEN3_06B, num_layers=2, vocab_size=16384), 8, 512,
+                   "lognormal", "fp32"),
+}
+MEMORY_CASE = ("qwen3_0.6b", QWEN3_06B, 16, 4096, "lognormal",
+               "bf16_fp32_head")
+
+
+def lengths_of(kind: str, b: int, length: int, rng) -> np.ndarray:
+  """`[B]` sequence lengths: log-normal, median L / 8, or uniform."""
+  if kind == "uniform":
+    return rng.integers(length // 2, length + 1, b)
+  drawn = rng.lognormal(np.log(length / 8), 1.0, b)
+  return np.clip(drawn.astype(int), 2, length)
+
+
+def padded_batch(lengths, length: int, vocab: int, rng) -> dict:
+  """A right-padded training batch with the update's keys."""
+  b = len(lengths)
+  valid = np.arange(length)[None, :] < lengths[:, None]  # [B, L]
+  mask = valid[:, 1:] & valid[:, :-1]
+  tokens = rng.integers(1, vocab, (b, length)) * valid
+  adv = np.repeat(rng.normal(size=(b, 1)), length - 1, axis=1) * mask
+  zeros = np.zeros(mask.shape, np.float32)
+  return dict(tokens=jnp.asarray(tokens, jnp.int32),
+              attention_mask=jnp.asarray(valid), mask=jnp.asarray(mask),
+              advantages=jnp.asarray(adv, jnp.float32),
+              old_logps=jnp.asarray(zeros - 3.0), ref_logps=jnp.asarray(zeros),
+              importance_weights=jnp.asarray(zeros + 1.0))
+
+
+def packed_batch(batch: dict) -> dict:
+  """`batch` with its packing plan, as `Trainer._packed` makes it."""
+  mask = np.asarray(batch["attention_mask"])
+  b, length = mask.shape
+  plan = packing.plan(mask, row_tokens=length)
+  plan = packing.with_rows(plan, packing.rows_bucket(plan.rows, max_rows=b))
+  return {**batch, **{k: jnp.asarray(v) for k, v in plan.arrays().items()}}
+
+
+def learner_for(model_kwargs: dict, precision: str, length: int, *,
+                abstract=False, **model_options):
+  """`(learner, params, opt_state, hyper)` of GRPO on a random model."""
+  config = ModelConfig(**model_kwargs, max_position_embeddings=length,
+                       attention="blockwise")
+  make = lambda: Transformer(config, precision=precision, rngs=nnx.Rngs(0),  # noqa
+                             **model_options)
+  graphdef, params = nnx.split(nnx.eval_shape(make) if abstract else make())
+  c = config_lib.default_config("grpo")
+  algorithm = Algorithm.from_config(c.algo)
+  learner = step_lib.Learner(graphdef, algorithm,
+                             step_lib.make_optimizer(c.optim),
+                             max_new_tokens=length, group_size=1)
+  opt_state = (jax.eval_shape if abstract else lambda f, x: f(x))(
+      learner.optimizer.init, params)
+  hyper = algorithm.hyperparameters(algorithm.init_controllers(),
+                                    algorithm.fixed_hyperparameters())
+  return learner, params, opt_state, hyper
+
+
+def time_case(name: str, repeats: int, seed: int) -> dict:
+  model_kwargs, b, length, kind, precision = CASES[name]
+  rng = np.random.default_rng(seed)
+  lengths = lengths_of(kind, b, length, rng)
+  batch = padded_batch(lengths, length, model_kwargs["vocab_size"], rng)
+  learner, params, opt_state, hyper = learner_for(model_kwargs, precision,
+                                                  length)
+  key = jax.random.key(0)
+  useful = int(lengths.sum())
+  step = lambda mb: jax.block_until_ready(  # noqa
+      learner.update(params, opt_state, mb, hyper, key))
+  times = {"padded": [], "packed": []}
+  for r in range(repeats + 1):  # round 0 compiles
+    for variant in ("padded", "packed"):
+      start = time.perf_counter()
+      mb = packed_batch(batch) if variant == "packed" else batch
+      step(mb)
+      if r:
+        times[variant].append(time.perf_counter() - start)
+  packed_rows = packed_batch(batch)["segment_ids"].shape[0]
+  row = {"case": name, "B": b, "L": length, "lengths": kind,
+         "precision": precision, "useful_tokens": useful,
+         "padded_slots": b * length, "packed_slots": packed_rows * length,
+         "packed_rows": packed_rows}
+  for variant, spent in times.items():
+    row[f"{variant}_s"] = statistics.median(spent)
+    row[f"{variant}_tok_s"] = useful / row[f"{variant}_s"]
+  row["speedup"] = row["packed_tok_s"] / row["padded_tok_s"]
+  return row
+
+
+def memory_case() -> dict:
+  """Compiled temporaries of the whole Qwen3-0.6B update, both layouts."""
+  name, model_kwargs, b, length, kind, precision = MEMORY_CASE
+  rng = np.random.default_rng(0)
+  lengths = lengths_of(kind, b, length, rng)
+  batch = padded_batch(lengths, length, 1000, rng)
+  learner, params, opt_state, hyper = learner_for(
+      model_kwargs, precision, length, abstract=True, remat="block",
+      scan_layers=True)
+  row = {"case": name, "B": b, "L": length, "lengths": kind,
+         "precision": precision, "useful_tokens": int(lengths.sum())}
+  for variant, mb in (("padded", batch), ("packed", packed_batch(batch))):
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+                          mb)
+    start = time.perf_counter()
+    compiled = learner.update.lower(params, opt_state, shapes, hyper,
+                                    jax.random.key(0)).compile()
+    row[f"{variant}_compile_s"] = round(time.perf_counter() - start, 1)
+    row[f"{variant}_temp_gib"] = round(
+        compiled.memory_analysis().temp_size_in_bytes / 2**30, 2)
+    if variant == "packed":
+      row["packed_rows"] = mb["segment_ids"].shape[0]
+  return row
+
+
+def table(rows) -> str:
+  out = ["| case | B x L | lengths | useful tokens | packed rows | "
+         "padded s | packed s | padded tok/s | packed tok/s | speedup |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+  for r in rows:
+    if "speedup" not in r:
+      continue
+    out.append(
+        f"| {r['case']} | {r['B']} x {r['L']} | {r['lengths']} | "
+        f"{r['useful_tokens']} | {r['packed_rows']} | {r['padded_s']:.3f} | "
+        f"{r['packed_s']:.3f} | {r['padded_tok_s']:.0f} | "
+        f"{r['packed_tok_s']:.0f} | {r['speedup']:.2f}x |")
+  for r in rows:
+    if "padded_temp_gib" in r:
+      out.append(
+          f"\n{r['case']} ({r['precision']}, B x L = {r['B']} x {r['L']}, "
+          f"{r['useful_tokens']} useful tokens, {r['packed_rows']} packed "
+          f"rows): update temporaries padded {r['padded_temp_gib']} GiB, "
+          f"packed {r['packed_temp_gib']} GiB (compiled in "
+          f"{r['padded_compile_s']} s, {r['packed_compile_s']} s).")
+  return "\n".join(out)
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--cases", nargs="+", default=list(CASES),
+                      choices=list(CASES))
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--memory", action="store_true",
+                      help="also compile the whole Qwen3-0.6B update")
+  parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" /
+                                           "packing.json"))
+  args = parser.parse_args(argv)
+  rows = []
+  for name in args.cases:
+    rows.append(time_case(name, args.repeats, args.seed))
+    print(json.dumps(rows[-1]), flush=True)
+  if args.memory:
+    rows.append(memory_case())
+    print(json.dumps(rows[-1]), flush=True)
+  out = pathlib.Path(args.out)
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps({"backend": jax.default_backend(),
+                             "devices": jax.device_count(), "rows": rows},
+                            indent=2))
+  print(table(rows))
+
+
+if __name__ == "__main__":
+  main()
