@@ -10,7 +10,8 @@ uniformly in [L / 2, L] at the main job's shapes (128 rows of 32 tokens),
 where rows are nearly full. Useful tokens are the valid ones; the packed
 time includes the host's packing plan. Cases:
 
-* `demo`: the main job's tiny model (3 layers, width 128) at its shapes;
+* `demo`: the main job's tiny model (3 layers, width 128, 99-character
+  vocabulary) at its shapes;
 * `tiny`: the same model, B = 64, L = 512;
 * `qwen_width`: the Qwen3-0.6B block (width 1024, 16 / 8 heads of 128,
   MLP 3072, qk-norm) with 2 layers and a 16384-token vocabulary (the full
@@ -50,7 +51,7 @@ from entropo.training import config as config_lib  # noqa: E402
 from entropo.training import step as step_lib  # noqa: E402
 from entropo.training.algorithm import Algorithm  # noqa: E402
 
-TINY = dict(vocab_size=32, hidden_size=128, intermediate_size=384,
+TINY = dict(vocab_size=99, hidden_size=128, intermediate_size=384,
             num_layers=3, num_heads=4, num_kv_heads=2, head_dim=32)
 QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                  num_layers=28, num_heads=16, num_kv_heads=8, head_dim=128,

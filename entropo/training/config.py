@@ -228,7 +228,7 @@ RESUMABLE = (
     "train.iterations", "train.eval_every", "train.checkpoint_every",
     "train.max_checkpoints", "train.log_every", "train.tensorboard",
     "train.plots", "train.progress", "train.allow_config_change",
-    "train.skip_non_finite",
+    "train.skip_non_finite", "train.packing",
     "model.attention", "model.attention_chunk_size", "model.remat",
     "model.scan_layers", "sampling.steps_per_check",
     "mesh.data", "mesh.fsdp", "mesh.tensor",
