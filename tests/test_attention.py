@@ -579,6 +579,25 @@ def test_cudnn_gets_the_segment_mask(rng, monkeypatch):
                              atol=1e-6)
 
 
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason=(
+    "cuDNN's kernel runs on NVIDIA GPUs only: ENTROPO_TEST_ACCELERATOR=1 "
+    "on one (benchmarks/gpu.sh)"))
+def test_cudnn_kernel_with_segments_matches_float64_reference(rng):
+  """cuDNN's kernel on packed rows (bf16), with the bounds of
+  `test_cudnn_kernel_matches_float64_reference` (written without a GPU;
+  no GPU has run it yet). Padding queries (segment 0) are left out."""
+  u = 2.0**-8
+  q, k, v, valid, seg = _segment_case(rng, dtype=jnp.bfloat16, hd=64)
+  live = np.asarray(valid)
+  got = jax.jit(lambda q, k, v: attention_lib._cudnn(  # pylint: disable=protected-access
+      q, k, v, valid, jnp.arange(9), policy=entropo.get_precision("bf16"),
+      segments=(seg, seg)))(q, k, v)
+  want = ref_attention.attention(q, k, v, valid, np.arange(9), (seg, seg))
+  bound = 2 * u * float(jnp.max(jnp.abs(v.astype(jnp.float32))))
+  np.testing.assert_allclose(np.asarray(got.astype(jnp.float32))[live],
+                             want[live], rtol=0, atol=bound)
+
+
 @pytest.mark.parametrize("attention, scan", [("reference", False),
                                              ("blockwise", False),
                                              ("blockwise", True)])
