@@ -683,7 +683,8 @@ def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path,
                          ids=["one", "eight"])
 def test_packed_update_equals_the_padded_update(init_from, data_dir, tmp_path,
                                                 mesh):
-  """`train.packing`: the same minibatches, each packed, give the padded
+  """`train.packing`: the pre-update pass over the packed batch and the
+  same minibatches, each packed, give the padded pre-update metrics, the
   update's metrics and parameters to float32 rounding (two minibatches,
   so the packed rows are gathered per minibatch; on 8 devices the packed
   rows are a multiple of the 4 data shards)."""
@@ -699,13 +700,13 @@ def test_packed_update_equals_the_padded_update(init_from, data_dir, tmp_path,
   roll.rewards = np.tile(np.float32([1, 0, 0, 1]), len(roll.rewards) // 4)
   results = []
   for trainer in (padded, packed):
-    batch, _ = trainer.pre_update(roll)
+    batch, dyn = trainer.pre_update(roll)
     assert ("segment_ids" in trainer._packed(batch)) == (trainer is packed)  # pylint: disable=protected-access
-    results.append((trainer.update(batch, jax.random.key(4)),
-                    trainer.state["params"]))
+    metrics = trainer.update(batch, jax.random.key(4))
+    results.append(({**dyn, **metrics}, trainer.state["params"]))
   (m1, p1), (m2, p2) = results
   assert m1["grad_norm"] > 0 and m1.keys() == m2.keys()
-  for k in m1:
+  for k in m1:  # the pre-update metrics (entropy, mismatch) too
     np.testing.assert_allclose(m2[k], m1[k], rtol=2e-5, atol=1e-6,
                                err_msg=k)
   for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):

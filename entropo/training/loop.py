@@ -220,11 +220,17 @@ class Trainer:
   def pre_update(self, roll: rollouts_lib.Rollout) -> tuple[dict, dict]:
     """Trainer log-probs, advantages and REPO: the batch for the updates."""
     put = self.placement.put
+    attention_mask = put(roll.attention_mask)
+    loss_mask = put(roll.completion_mask[:, 1:])
+    packing = self._packed({"attention_mask": attention_mask,
+                            "mask": loss_mask})
+    packing = {k: packing[k] for k in step_lib.PACK_KEYS} if (
+        self.config.train.packing) else None
     return self.learner.pre_update(
         self.state["params"], self.ref_params, put(roll.tokens),
-        put(roll.attention_mask), put(roll.completion_mask[:, 1:]),
-        put(roll.sampler_logps[:, 1:]), self.placement.from_host(roll.rewards),
-        self.hyperparameters(), self.frozen)
+        attention_mask, loss_mask, put(roll.sampler_logps[:, 1:]),
+        self.placement.from_host(roll.rewards), self.hyperparameters(),
+        self.frozen, packing)
 
   def update(self, batch: dict, key) -> dict:
     """`epochs` passes of `minibatches` optax steps; mean metrics."""
@@ -274,7 +280,8 @@ class Trainer:
   def _packed(self, mb: dict) -> dict:
     """`mb` with the index arrays of its packing plan when
     `train.packing` is on (the Learner then runs the forward on packed
-    rows); `mb` itself when off.
+    rows: the pre-update pass over the whole batch and each minibatch's
+    update); `mb` itself when off.
 
     Rows of the batch's length L, so every sequence fits one; the row count
     is rounded up to one of 8 sizes (`rows_bucket`, a multiple of the data

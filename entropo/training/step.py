@@ -126,34 +126,41 @@ class Learner:
       return nnx.merge(self.graphdef, params)
     return nnx.merge(self.graphdef, params, frozen)
 
-  def _forward(self, params, tokens, attention_mask, frozen=None):
+  def _forward(self, params, tokens, attention_mask, frozen=None,
+               packing=None):
     return sequence_logps(self._model(params, frozen), tokens,
-                          attention_mask)
+                          attention_mask, packing=packing)
 
   def _reference_logps(self, params, ref_params, tokens, attention_mask,
-                       frozen):
+                       frozen, packing=None):
     """The KL reference's log-probs, or None without a reference."""
     if self.reference_without_adapters:
       model = self._model(params, frozen)
       with lora_lib.lora_disabled(model):
-        return sequence_logps(model, tokens, attention_mask)[0]
+        return sequence_logps(model, tokens, attention_mask,
+                              packing=packing)[0]
     if ref_params is None:
       return None
-    return self._forward(ref_params, tokens, attention_mask, frozen)[0]
+    return self._forward(ref_params, tokens, attention_mask, frozen,
+                         packing)[0]
 
   def _pre_update(self, params, ref_params, tokens, attention_mask, mask,
-                  sampler_logps, rewards, hyper, frozen=None):
+                  sampler_logps, rewards, hyper, frozen=None, packing=None):
     """The update batch (old log-probs, advantages) and pre-update metrics.
 
     `mask` and `sampler_logps` are `[B, L - 1]` (aligned with the targets
     `tokens[:, 1:]`), `rewards` is `[B]` with groups of `group_size` rows.
+    `packing` (the `PACK_KEYS` arrays of a plan of the whole batch) runs
+    the forwards on packed rows; the log-probs then are 0 off the positions
+    packed rows compute, which only the loss mask's complement holds.
     """
     a = self.algorithm
-    logps, entropy = self._forward(params, tokens, attention_mask, frozen)
+    logps, entropy = self._forward(params, tokens, attention_mask, frozen,
+                                   packing)
     adv = a.advantages(rewards, logps, entropy, mask, hyper,
                        group_size=self.group_size)
     ref_logps = self._reference_logps(params, ref_params, tokens,
-                                      attention_mask, frozen)
+                                      attention_mask, frozen, packing)
     if ref_logps is None:
       ref_logps = logps
     weights, correction_metrics = a.importance_weights(logps, sampler_logps,
