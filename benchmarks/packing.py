@@ -104,8 +104,10 @@ def learner_for(model_kwargs: dict, precision: str, length: int, *,
   """`(learner, params, opt_state, hyper)` of GRPO on a random model."""
   config = ModelConfig(**model_kwargs, max_position_embeddings=length,
                        attention="blockwise")
-  make = lambda: Transformer(config, precision=precision, rngs=nnx.Rngs(0),  # noqa
-                             **model_options)
+  def make():
+    return Transformer(config, precision=precision, rngs=nnx.Rngs(0),
+                       **model_options)
+
   graphdef, params = nnx.split(nnx.eval_shape(make) if abstract else make())
   c = config_lib.default_config("grpo")
   algorithm = Algorithm.from_config(c.algo)

@@ -159,7 +159,9 @@ def with_rows(plan_: PackPlan, rows: int) -> PackPlan:
   extra = rows - plan_.rows
   if extra < 0:
     raise ValueError(f"the plan needs {plan_.rows} rows; rows={rows}.")
-  pad = lambda x, fill: np.pad(x, ((0, extra), (0, 0)), constant_values=fill)  # noqa
+  def pad(x, fill):
+    return np.pad(x, ((0, extra), (0, 0)), constant_values=fill)
+
   return dataclasses.replace(plan_, source=pad(plan_.source, -1),
                              segment_ids=pad(plan_.segment_ids, 0))
 
@@ -177,17 +179,13 @@ def rows_bucket(needed: int, *, max_rows: int, multiple: int = 1,
   return max(step, -(-needed // step) * step)
 
 
-def pack_tokens(tokens, pack_source, *, fill: int = 0):
-  """`tokens: [B, L]` int -> `[R, W]` packed (jit-able gather)."""
+def pack_tokens(tokens, pack_source, *, fill=0):
+  """Per-token `[B, L]` arrays (tokens, the attention mask) -> `[R, W]`
+  packed, `fill` on padding (jit-able gather)."""
   flat = tokens.reshape(-1)
   return jnp.where(pack_source >= 0,
                    flat[jnp.maximum(pack_source, 0)], fill).astype(
                        tokens.dtype)
-
-
-def pack_values(values, pack_source, *, fill=0):
-  """Per-token `[B, L]` values (any dtype) -> `[R, W]` (jit-able)."""
-  return pack_tokens(values, pack_source, fill=fill)
 
 
 def pack_targets(values, unpack_index, rows: int, row_tokens: int, *,
