@@ -173,3 +173,24 @@ def test_decode_step_benchmark_runs(tmp_path):
   assert rows["fp32:16:filled"]["unknown_length_loops"] == 2  # + one layer
   assert rows["fp32:16:every"]["unknown_length_loops"] == 1
   assert "| fp32:16:every |" in proc.stdout
+
+
+def test_packing_benchmark_runs(tmp_path, monkeypatch, capsys):
+  """benchmarks/packing.py end to end on a micro case: both layouts timed,
+  the packed one on fewer rows, the JSON and the table."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "bench_packing", ROOT / "benchmarks" / "packing.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  micro = dict(vocab_size=16, hidden_size=16, intermediate_size=32,
+               num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
+  monkeypatch.setattr(bench, "CASES", {
+      "micro": (micro, 16, 64, "lognormal", "fp32")})
+  out = tmp_path / "packing.json"
+  bench.main(["--cases", "micro", "--repeats", "1", "--out", str(out)])
+  (row,) = json.loads(out.read_text())["rows"]
+  assert row["packed_rows"] < row["B"]
+  assert row["padded_s"] > 0 and row["packed_s"] > 0
+  assert row["speedup"] == pytest.approx(row["padded_s"] / row["packed_s"])
+  assert "| micro | 16 x 64 | lognormal |" in capsys.readouterr().out
