@@ -241,3 +241,35 @@ def test_packed_update_equals_padded_update(rng):
   for (path, want), (_, got) in zip(jax.tree_util.tree_leaves_with_path(new),
                                     jax.tree_util.tree_leaves_with_path(p_new)):
     _close(got, want, jax.tree_util.keystr(path))
+
+
+@pytest.mark.parametrize("algo", ["grpo+repo_r", "dr_grpo+repo_d"])
+def test_packed_pre_update_equals_padded(rng, algo):
+  """The pre-update pass on packed rows: the same advantages (REPO's use
+  the log-probs and entropy), old and reference log-probs on the loss
+  mask, and the same metrics."""
+  params, batch, packed = _batch(rng)
+  c = training_setup.tiny_config(algo)
+  c.algo.kl_coef = 0.1
+  algorithm = Algorithm.from_config(c.algo)
+  graphdef, _ = _model_state()
+  learner = step_lib.Learner(graphdef, algorithm,
+                             step_lib.make_optimizer(c.optim),
+                             max_new_tokens=LENGTH - PROMPT, group_size=4)
+  hyper = algorithm.hyperparameters(algorithm.init_controllers(),
+                                    algorithm.fixed_hyperparameters())
+  hyper["zeta"] = np.float32(0.5)
+  mask = batch["mask"]
+  args = (params, params, batch["tokens"], batch["attention_mask"], mask,
+          batch["old_logps"], jnp.asarray([1.0, 0, 0, 1, 0, 1, 1, 0]), hyper,
+          None)
+  want, want_metrics = learner.pre_update(*args)
+  got, got_metrics = learner.pre_update(
+      *args, {k: packed[k] for k in step_lib.PACK_KEYS})
+  for name in ("advantages", "old_logps", "ref_logps",
+               "importance_weights"):
+    _close(np.asarray(got[name])[np.asarray(mask)],
+           np.asarray(want[name])[np.asarray(mask)], name)
+  assert got_metrics.keys() == want_metrics.keys()
+  for name in want_metrics:
+    _close(got_metrics[name], want_metrics[name], name)
