@@ -450,12 +450,15 @@ def _pallas_tpu(q, k, v, key_valid, *, policy, segments=None):
   pad_keys = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa
   heads = lambda x: pad_keys(x.reshape(b, t, kv * g, hd).transpose(0, 2, 1, 3))  # noqa
   kv_heads = lambda x: pad_keys(jnp.repeat(x.astype(dt), g, axis=1))  # noqa
-  q_seg = jnp.ones((b, t), jnp.int32)
-  kv_seg = key_valid.astype(jnp.int32)
-  if segments is not None:
-    q_seg, kv_seg = segments[0] + 1, jnp.where(key_valid, segments[1] + 1, 0)
-  pad_ids = lambda x: jnp.pad(x, ((0, 0), (0, pad)))  # noqa
-  segments = fa.SegmentIds(q=pad_ids(q_seg), kv=pad_ids(kv_seg))
+  pad_ids = lambda x, fill: jnp.pad(x, ((0, 0), (0, pad)),  # noqa
+                                    constant_values=fill)
+  if segments is None:
+    q_seg = jnp.ones((b, t + pad), jnp.int32)
+    kv_seg = pad_ids(key_valid.astype(jnp.int32), 0)
+  else:
+    q_seg = pad_ids(segments[0] + 1, 1)
+    kv_seg = pad_ids(jnp.where(key_valid, segments[1] + 1, 0), 0)
+  segments = fa.SegmentIds(q=q_seg, kv=kv_seg)
   out = fa.flash_attention(heads(q), kv_heads(k), kv_heads(v),
                            segment_ids=segments, causal=True,
                            sm_scale=1.0 / math.sqrt(hd))
