@@ -633,3 +633,11 @@ def test_segment_positions_restart_per_segment():
   want = [[0, 1, 2, 0, 1, 2, 3, 0, 0], [0, 1, 2, 3, 4, 0, 1, 0, 1],
           list(range(9))]
   np.testing.assert_array_equal(got, want)
+
+
+def test_segment_ids_take_no_cache():
+  model = _model("blockwise")
+  tokens = jnp.zeros((2, 3), jnp.int32)
+  with pytest.raises(ValueError, match="take no cache"):
+    model(tokens, segment_ids=jnp.ones((2, 3), jnp.int32),
+          cache=model.init_cache(2, 8), cache_index=0)
