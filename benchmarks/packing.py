@@ -16,6 +16,12 @@ time includes the host's packing plan. Cases:
 * `qwen_width`: the Qwen3-0.6B block (width 1024, 16 / 8 heads of 128,
   MLP 3072, qk-norm) with 2 layers and a 16384-token vocabulary (the full
   151936 head would take minutes per step on a CPU), B = 8, L = 512;
+* `--trainer N`: the main job itself (`experiments/configs/countdown.py`,
+  GRPO + REPO-R, from the warm start in `--workdir`, made there when it is
+  missing), a padded and a packed `Trainer` side by side, one iteration of
+  each in turn for N iterations: the training phase's seconds (trainer
+  forward and update; recompilations for new packed row counts included),
+  the compilations and the metrics of both runs;
 * `qwen3_0.6b` (`--memory`): the whole Qwen3-0.6B (28 layers, 151936
   vocabulary, `scan_layers`, `remat=block`, bf16_fp32_head), B = 16,
   L = 4096, compiled only: XLA's temporary bytes of each update
@@ -24,7 +30,8 @@ time includes the host's packing plan. Cases:
 Usage:
 
     python benchmarks/packing.py [--cases demo tiny qwen_width] \\
-        [--repeats 3] [--memory] [--out benchmarks/out/packing.json]
+        [--repeats 3] [--memory] [--trainer 14] [--workdir DIR] \\
+        [--out benchmarks/out/packing.json]
 
 Writes JSON to `--out` and prints a Markdown table.
 """
@@ -32,6 +39,7 @@ Writes JSON to `--out` and prints a Markdown table.
 import argparse
 import json
 import pathlib
+import shutil
 import statistics
 import sys
 import time
@@ -177,6 +185,46 @@ def memory_case() -> dict:
   return row
 
 
+def trainer_case(iterations: int, workdir: pathlib.Path) -> dict:
+  """The main job padded and packed, one iteration of each in turn."""
+  from entropo.training import loop  # pylint: disable=g-import-not-at-top
+  from experiments.configs import countdown  # pylint: disable=g-import-not-at-top
+  trainers = {}
+  for packing_on in (False, True):
+    c = countdown.get_config("grpo+repo_r")
+    c.train.update(iterations=iterations, progress=False, tensorboard=False,
+                   plots=False, eval_every=10**6, checkpoint_every=10**6,
+                   packing=packing_on)
+    c.data.data_dir = str(workdir / "data")
+    warm = workdir / "warm_start"
+    if (warm / "config.json").is_file():
+      c.model.init_from = str(warm)
+    run = workdir / f"run_packing_{packing_on}"
+    shutil.rmtree(run, ignore_errors=True)
+    trainer = loop.Trainer(c, run)
+    if not c.model.init_from:
+      shutil.copytree(trainer.warm_start_dir, warm)
+    trainer.baseline()
+    trainers[packing_on] = trainer
+  metrics = {False: [], True: []}
+  for it in range(iterations):
+    for packing_on, trainer in trainers.items():
+      metrics[packing_on].append(trainer.iteration())
+      trainer.meta["iteration"] = it + 1
+  row = {"case": "trainer", "iterations": iterations}
+  for packing_on, trainer in trainers.items():
+    name = "packed" if packing_on else "padded"
+    spent = [m["time/train"] for m in metrics[packing_on]]
+    row[f"{name}_train_s"] = [round(x, 3) for x in spent]
+    row[f"{name}_train_total_s"] = sum(spent)
+    row[f"{name}_train_median_s"] = statistics.median(spent[2:] or spent)
+    steps = (trainer.learner.update, trainer.learner.pre_update)
+    row[f"{name}_compiles"] = sum(f._cache_size() for f in steps)  # noqa
+    row[f"{name}_entropy"] = [m["entropy/mean"] for m in metrics[packing_on]]
+    row[f"{name}_reward"] = [m["reward/mean"] for m in metrics[packing_on]]
+  return row
+
+
 def table(rows) -> str:
   out = ["| case | B x L | lengths | useful tokens | packed rows | "
          "padded s | packed s | padded tok/s | packed tok/s | speedup |",
@@ -190,6 +238,15 @@ def table(rows) -> str:
         f"{r['packed_s']:.3f} | {r['padded_tok_s']:.0f} | "
         f"{r['packed_tok_s']:.0f} | {r['speedup']:.2f}x |")
   for r in rows:
+    if r["case"] == "trainer":
+      out.append(
+          f"\nmain job, {r['iterations']} iterations in turn: training "
+          f"phase padded {r['padded_train_total_s']:.1f} s (median "
+          f"{r['padded_train_median_s']:.3f} s, {r['padded_compiles']} "
+          f"compilations), packed {r['packed_train_total_s']:.1f} s (median "
+          f"{r['packed_train_median_s']:.3f} s, {r['packed_compiles']} "
+          f"compilations).")
+  for r in rows:
     if "padded_temp_gib" in r:
       out.append(
           f"\n{r['case']} ({r['precision']}, B x L = {r['B']} x {r['L']}, "
@@ -202,12 +259,16 @@ def table(rows) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", nargs="+", default=list(CASES),
+  parser.add_argument("--cases", nargs="*", default=list(CASES),
                       choices=list(CASES))
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--memory", action="store_true",
                       help="also compile the whole Qwen3-0.6B update")
+  parser.add_argument("--trainer", type=int, default=0, metavar="N",
+                      help="also run the main job padded and packed, N "
+                      "iterations each, in turn")
+  parser.add_argument("--workdir", default="/tmp/entropo-bench-packing")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" /
                                            "packing.json"))
   args = parser.parse_args(argv)
@@ -217,6 +278,9 @@ def main(argv=None):
     print(json.dumps(rows[-1]), flush=True)
   if args.memory:
     rows.append(memory_case())
+    print(json.dumps(rows[-1]), flush=True)
+  if args.trainer:
+    rows.append(trainer_case(args.trainer, pathlib.Path(args.workdir)))
     print(json.dumps(rows[-1]), flush=True)
   out = pathlib.Path(args.out)
   out.parent.mkdir(parents=True, exist_ok=True)
