@@ -5,13 +5,13 @@ fused head, AdamW) on the same batch, once padded to `[B, L]` and once
 packed (`entropo.packing`: first-fit decreasing into rows of L tokens with
 segment ids, the row count rounded up to one of 8 buckets as the trainer
 does). Sequence lengths are log-normal with median L / 8 (sigma 1, clipped
-to [2, L]), like reasoning traces; the `demo` case instead draws lengths
-uniformly in [L / 2, L] at the main job's shapes (128 rows of 32 tokens),
-where rows are nearly full. Useful tokens are the valid ones; the packed
+to [2, L]), like reasoning traces; the `near_full` case instead draws
+lengths uniformly in [L / 2, L] at the main job's batch shape (128 rows of
+32 tokens): rows nearly full, nothing packs, only the overhead is left. Useful tokens are the valid ones; the packed
 time includes the host's packing plan. Cases:
 
-* `demo`: the main job's tiny model (3 layers, width 128, 99-character
-  vocabulary) at its shapes;
+* `near_full`: the main job's tiny model (3 layers, width 128,
+  99-character vocabulary) at its batch shape;
 * `tiny`: the same model, B = 64, L = 512;
 * `qwen_width`: the Qwen3-0.6B block (width 1024, 16 / 8 heads of 128,
   MLP 3072, qk-norm) with 2 layers and a 16384-token vocabulary (the full
@@ -29,7 +29,7 @@ time includes the host's packing plan. Cases:
 
 Usage:
 
-    python benchmarks/packing.py [--cases demo tiny qwen_width] \\
+    python benchmarks/packing.py [--cases near_full tiny qwen_width] \\
         [--repeats 3] [--memory] [--trainer 14] [--workdir DIR] \\
         [--out benchmarks/out/packing.json]
 
@@ -66,7 +66,7 @@ QWEN3_06B = dict(vocab_size=151936, hidden_size=1024, intermediate_size=3072,
                  tie_word_embeddings=True, qk_norm=True, family="qwen3")
 # name -> (model, rows B, length L, lengths, precision)
 CASES = {
-    "demo": (TINY, 128, 32, "uniform", "fp32"),
+    "near_full": (TINY, 128, 32, "uniform", "fp32"),
     "tiny": (TINY, 64, 512, "lognormal", "fp32"),
     "qwen_width": (dict(QWEN3_06B, num_layers=2, vocab_size=16384), 8, 512,
                    "lognormal", "fp32"),

@@ -10,7 +10,9 @@ the final metrics. One iteration (see docs/training.md):
 2. `Learner.pre_update` (step.py): old log-probs and entropy from the
    trainer's own forward (or the sampler's), importance weights, and the
    `Algorithm`'s advantages (algorithm.py);
-3. `epochs` x `minibatches` optax steps on the algorithm's loss;
+3. `epochs` x `minibatches` optax steps on the algorithm's loss (with
+   `train.packing`, steps 2 and 3 run the model on packed rows:
+   `entropo.packing`);
 4. the algorithm's controllers step from the measured entropy; metrics are
    logged (logger.py); evaluation (evaluation.py) and checkpoints at their
    intervals.
