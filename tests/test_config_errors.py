@@ -15,6 +15,7 @@ import time
 import ml_collections
 import pytest
 
+from entropo.objectives import registry
 from entropo.training import config as config_lib
 from entropo.training import sections
 from entropo.training import validate
@@ -63,8 +64,7 @@ BAD = {
     "algo.dual_clip": 0.5, "algo.agg": "mean", "algo.norm": -1.0,
     "algo.dynamic_sampling": "yes", "algo.kl_coef": -1.0,
     "algo.kl_estimator": "k9", "algo.entropy_coef": -1.0,
-    "algo.clip_cov_ratio": 0.0, "algo.kl_cov_ratio": 2.0,
-    "algo.kl_cov_coef": -1.0, "algo.repo": "repo_x", "algo.zeta_init": "x",
+    "algo.repo": "repo_x", "algo.zeta_init": "x",
     "algo.zeta_min": 0.0, "algo.zeta_max": -1.0, "algo.zeta_law": "linear",
     "algo.zeta_sign_flip": "yes", "algo.zeta_kp": -1.0,
     "algo.zeta_ki": -1.0, "algo.repo_positive_only": 1,
@@ -78,6 +78,29 @@ BAD = {
     "algo.target_entropy": -1.0, "algo.target_scale": 0.0,
     "algo.epochs": 0, "algo.minibatches": 3, "algo.max_resample": -1,
 }
+
+
+def _objective_bad_values() -> dict:
+  """One bad value per registered objective setting, from the bounds it
+  declares (entropo/objectives/registry.py): a new objective's settings are
+  covered here without an edit."""
+  out = {}
+  for name, objective in registry.setting_fields().items():
+    field = {f.name: f for f in dataclasses.fields(objective.settings)}[name]
+    low, high, low_open, high_open = field.metadata["bounds"]
+    if field.metadata["check"] is not None:
+      value = "x"
+    elif low is not None:
+      value = low if low_open else low - 1
+    elif high is not None:
+      value = high if high_open else high + 1
+    else:
+      value = "x"
+    out[f"algo.{name}"] = value
+  return out
+
+
+BAD.update(_objective_bad_values())
 # Free-form fields, checked where they are used (tested elsewhere):
 # task.path (a file-backed task's JSONL dir, test_training.py).
 EXEMPT = {"task.path"}

@@ -14,8 +14,9 @@ objective and its arguments, the regularisers and its controllers. The
   value; all of them (`zeta`, `clip_high`, `entropy_coef`) are traced
   inputs of the compiled steps, so moving one never recompiles.
 
-To add an objective, write its module in `entropo/objectives/` and, if it
-takes settings, add a field here and pass it in `loss`. To add a controller,
+To add an objective, write its module in `entropo/objectives/`: it
+registers its name and its settings, which become fields of the `algo`
+config section, checked here and handed to `policy_loss`. To add a controller,
 write it in `entropo/controllers.py` and build it in `_controllers` under
 the name of the hyperparameter it moves.
 """
@@ -87,9 +88,9 @@ class Algorithm:
   dual_clip: float | None
   agg: str
   norm: float | None
-  clip_cov_ratio: float
-  kl_cov_ratio: float
-  kl_cov_coef: float
+  # The objective's registered settings (entropo/objectives/registry.py),
+  # from the `algo` fields of the same names.
+  settings: objectives.Settings
   kl_coef: float
   kl_estimator: str
   entropy_bonus: bool
@@ -196,8 +197,8 @@ class Algorithm:
         repo_sign_clamp=algo.repo_sign_clamp,
         objective=algo.objective, clip_low=algo.clip_low, band=algo.band,
         dual_clip=algo.dual_clip or None, agg=algo.agg,
-        norm=algo.norm or None, clip_cov_ratio=algo.clip_cov_ratio,
-        kl_cov_ratio=algo.kl_cov_ratio, kl_cov_coef=algo.kl_cov_coef,
+        norm=algo.norm or None,
+        settings=_objective_settings(algo),
         kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
         entropy_bonus=(algo.entropy_coef > 0
                        or algo.entropy_control != "none"),
@@ -294,8 +295,7 @@ class Algorithm:
         objective=self.objective, clip_low=self.clip_low,
         clip_high=hyper["clip_high"], dual_clip=self.dual_clip,
         band=self.band, agg=self.agg, norm=norm, key=key,
-        clip_cov_ratio=self.clip_cov_ratio, kl_cov_ratio=self.kl_cov_ratio,
-        kl_cov_coef=self.kl_cov_coef,
+        settings=self.settings,
         importance_weights=batch["importance_weights"], entropy=entropy,
         precision=precision)
     if self.entropy_bonus:
@@ -316,8 +316,7 @@ class Algorithm:
 # Fields of `algo` checked by `_check_ranges` alone: (low, high, open at
 # low); None is unbounded.
 _RANGES = {
-    "clip_cov_ratio": (0, 1, True), "kl_cov_ratio": (0, 1, True),
-    "kl_cov_coef": (0, None, False), "target_scale": (0, None, True),
+    "target_scale": (0, None, True),
     "zeta_kp": (0, None, False), "zeta_ki": (0, None, False),
     "clip_high_kp": (0, None, False), "clip_high_ki": (0, None, False),
     "clip_high_factor": (1, None, True), "entropy_coef_max": (0, None, False),
@@ -340,6 +339,23 @@ def _check_ranges(algo) -> None:
   for field, (low, high, low_open) in _RANGES.items():
     validation.check_range(f"algo.{field}", algo[field], low, high,
                            low_open=low_open)
+
+
+def _objective_settings(algo) -> objectives.Settings:
+  """The selected objective's settings; every registered objective's
+  settings are checked (a bad value is refused even when its objective is
+  not the one selected), naming `algo.<field>`."""
+  values = {name: algo[name]
+            for name in objectives.registry.setting_fields()}
+  chosen = None
+  for name in objectives.OBJECTIVE_TERMS:
+    try:
+      settings = objectives.registry.settings_of(name, values)
+    except objectives.SettingError as e:
+      _fail(e.field, e.message)
+    if name == algo.objective:
+      chosen = settings
+  return chosen
 
 
 def _controllers(algo) -> dict[str, Any]:
@@ -383,7 +399,9 @@ def _controllers(algo) -> dict[str, Any]:
 
 
 # Objectives whose ratio band (`clip_low` / `clip_high`) shapes the update.
-CLIPPED_OBJECTIVES = ("ppo", "gspo", "gspo_token")
+CLIPPED_OBJECTIVES = tuple(name for name, objective
+                           in objectives.OBJECTIVE_TERMS.items()
+                           if objective.uses_band)
 
 
 def on_policy_single_step(algorithm: Algorithm) -> bool:

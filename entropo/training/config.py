@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from entropo import objectives as objectives_lib
 from entropo import tasks as tasks_lib
 from entropo.training import run_config as run_config_lib
 from entropo.training import sections as sections_lib
@@ -45,11 +46,11 @@ _BASE = dict(
     kl_estimator="k3",
     # Entropy bonus coefficient (0: off unless algo.entropy_control is on).
     entropy_coef=0.0,
-    # Clip-Cov: fraction of tokens detached; KL-Cov: fraction penalised and
-    # the coefficient of |log pi - log pi_old| (Cui et al., 2505.22617).
-    clip_cov_ratio=2e-4,
-    kl_cov_ratio=2e-3,
-    kl_cov_coef=1.0)
+    # Every registered objective's settings (Clip-Cov's clip_cov_ratio,
+    # KL-Cov's kl_cov_ratio, ...), named, documented and bounded where the
+    # objective is defined (entropo/objectives/; `python -m
+    # entropo.objectives` prints them).
+    **objectives_lib.registry.config_defaults())
 ALGORITHMS = {
     # REINFORCE with a leave-one-out baseline, on-policy (Ahmadian et al.).
     "rloo": dict(advantage="rloo", objective="reinforce", agg="token_mean"),
