@@ -136,6 +136,8 @@ def test_a_bad_value_fails_naming_its_field(field):
   message = str(info.value)
   assert message.startswith("Invalid config: "), message
   named = message.split(": ")[1]  # the field, or its section (mesh)
+  if field.startswith("algo."):  # exactly the field (not a neighbour)
+    assert named == field, message
   assert field.startswith(named) or named.startswith(field), message
   assert "\n" not in message
 
@@ -219,3 +221,71 @@ def test_the_launcher_prints_one_line(flag, line, tmp_path):
   # written, and far less time than a warm start (minutes).
   assert seconds < 60
   assert not any(tmp_path.iterdir())  # nothing was written
+
+
+# ---------------------------------------------- the algo section's relations
+
+
+@pytest.mark.parametrize("fields,named", [
+    (dict(zeta_kp=-1.0), "algo.zeta_kp"),
+    (dict(zeta_kp=0.0, zeta_ki=0.0), "algo.zeta_ki"),
+    (dict(zeta_min=0.1, zeta_max=0.05), "algo.zeta_max"),
+    (dict(zeta_init=0.5, zeta_max=0.05), "algo.zeta_init"),
+    (dict(adapo=True, clip_high_factor=0.9), "algo.clip_high_factor"),
+    (dict(adapo=True, clip_high_min=0.4, clip_high_max=0.3),
+     "algo.clip_high_max"),
+    # No silent widening: a start outside the controller's bounds is
+    # refused (it used to widen clip_high_max to 0.9).
+    (dict(adapo=True, clip_high=0.9), "algo.clip_high"),
+    (dict(adapo=True, clip_high=0.1), "algo.clip_high"),
+    (dict(adapo=True, clip_high_kp=0.0, clip_high_ki=0.0),
+     "algo.clip_high_ki"),
+    (dict(entropy_control="step", entropy_coef=0.5, entropy_coef_max=0.1),
+     "algo.entropy_coef"),
+])
+def test_controller_errors_name_the_field(fields, named):
+  c = tiny_config("grpo+repo_r")
+  c.algo.update(fields)
+  with pytest.raises(ValueError) as info:
+    validate(c)
+  assert str(info.value).startswith(f"Invalid config: {named}: "), info.value
+
+
+def test_controllers_inside_their_bounds_are_valid():
+  c = tiny_config("adapo+repo_r")
+  c.algo.update(clip_high=0.4, entropy_control="step", entropy_coef=0.1)
+  run = validate(c)
+  assert run.algorithm.controllers["clip_high"].clip_high_max == 0.4
+  assert run.algorithm.controllers["entropy_coef"].coef_max == 0.1
+
+
+def test_algo_name_cannot_change_after_the_config_is_built():
+  """`algo.name` labels the preset the section was built from: setting
+  another preset's name from Python would change no other field (issue 29),
+  so it is refused by name; the same name, or building with the preset,
+  is fine."""
+  c = config_lib.default_config("grpo+repo_r")
+  c.algo.name = "grpo+repo_r"
+  for set_name in (lambda: setattr(c.algo, "name", "dapo"),
+                   lambda: c.algo.__setitem__("name", "dapo"),
+                   lambda: c.algo.update(name="dapo")):
+    with pytest.raises(ValueError, match="Invalid config: algo.name: .*"
+                       "default_config\\('dapo'\\)"):
+      set_name()
+  assert c.algo.name == "grpo+repo_r"
+  validate(c)
+  d = config_lib.default_config("dapo")
+  assert d.algo.name == "dapo" and d.algo.clip_high == 0.28
+  assert validate(d).algorithm.name == "dapo"
+
+
+def test_training_algorithm_is_the_module():
+  """No name clash: `entropo.training.algorithm` is the module of
+  `Algorithm`; a preset's fields are `entropo.training.preset`."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import entropo.training  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module("entropo.training.algorithm")
+  assert entropo.training.algorithm is module
+  assert entropo.training.Algorithm is module.Algorithm
+  assert entropo.training.preset("dapo")["clip_high"] == 0.28
+  assert config_lib.algorithm is config_lib.preset  # the old name

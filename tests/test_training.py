@@ -23,7 +23,7 @@ import entropo
 from entropo.training import ALGORITHMS
 from entropo.training import NonFiniteError
 from entropo.training import Trainer
-from entropo.training import algorithm
+from entropo.training import preset
 from entropo.training import load_policy
 from entropo.training import train
 from entropo.training import validate
@@ -1135,11 +1135,11 @@ def test_init_from_must_be_a_model_directory(remove, init_from, tmp_path):
 
 def test_unknown_algorithm():
   with pytest.raises(ValueError, match="Unknown algorithm 'ppo'"):
-    algorithm("ppo")
+    preset("ppo")
   with pytest.raises(ValueError, match="modifier 'repo_x'"):
-    algorithm("grpo+repo_x")
-  assert algorithm("dapo+repo_r")["repo"] == "repo_r"
-  assert algorithm("dapo+repo_r")["clip_high"] == 0.28
+    preset("grpo+repo_x")
+  assert preset("dapo+repo_r")["repo"] == "repo_r"
+  assert preset("dapo+repo_r")["clip_high"] == 0.28
 
 
 @pytest.mark.parametrize("sign_clamp", [True, False])
@@ -1271,7 +1271,6 @@ def test_gsm8k_config_names_what_is_missing(tmp_path):
     ("adapo", "ADAPO's adapted epsilon_high"), ("dapo", "asymmetric band"),
     ("gspo", "gspo's band"), ("grpo", None), ("rloo", None)])
 def test_a_band_that_cannot_bind_is_reported(algo, inert):
-  # (entropo.training.algorithm is also the name of a config function.)
   algorithm_lib = importlib.import_module("entropo.training.algorithm")
   c = tiny_config(algo)
   message = algorithm_lib.inert_band(
@@ -1286,7 +1285,6 @@ def test_a_band_that_cannot_bind_is_reported(algo, inert):
 
 
 def test_a_band_that_never_clipped_is_reported():
-  # (entropo.training.algorithm is also the name of a config function.)
   algorithm_lib = importlib.import_module("entropo.training.algorithm")
   c = tiny_config("dapo")
   c.algo.minibatches = 4

@@ -121,14 +121,15 @@ def _algo_defaults() -> dict:
       # sign (clamping at 0 where |zeta log pi| > 1).
       repo_positive_only=False, repo_sign_clamp=True,
       # ADAPO: adapt epsilon_high (entropo.ClipHighController) from
-      # algo.clip_high within [clip_high_min, clip_high_max] (widened to
-      # include clip_high); law multiplicative (by factor) or pi (gains).
+      # algo.clip_high within [clip_high_min, clip_high_max] (clip_high
+      # must lie in it: the bounds are not widened); law multiplicative
+      # (by factor) or pi (gains).
       adapo=False, clip_high_min=0.2, clip_high_max=0.4,
       clip_high_factor=1.1, clip_high_law="multiplicative",
       clip_high_kp=2.0, clip_high_ki=0.2,
       # Adaptive entropy-bonus coefficient (entropo.EntropyCoefController):
       # none, step (+/- delta) or dual (ascent at rate lr), from
-      # algo.entropy_coef up to entropy_coef_max.
+      # algo.entropy_coef (at most entropy_coef_max) up to entropy_coef_max.
       entropy_control="none", entropy_coef_max=0.1,
       entropy_coef_delta=1e-3, entropy_coef_law_lr=0.01,
       # Where the importance ratio's denominator comes from (trainer or
@@ -161,8 +162,8 @@ def _algo_defaults() -> dict:
   )
 
 
-def algorithm(name: str) -> dict:
-  """The `algo` fields of `name` (`"dapo"`, `"grpo+repo_r"`, ...)."""
+def preset(name: str) -> dict:
+  """The `algo` fields of preset `name` (`"dapo"`, `"grpo+repo_r"`, ...)."""
   base, *mods = name.split("+")
   if base not in ALGORITHMS:
     raise ValueError(f"Unknown algorithm {base!r}; choose one of "
@@ -179,6 +180,30 @@ def algorithm(name: str) -> dict:
   return fields
 
 
+# The old name of `preset`, kept for code that imports it from this module
+# (`entropo.training.algorithm` is the module of `Algorithm`).
+algorithm = preset
+
+
+class AlgoSection(ConfigDict):
+  """The `algo` section of a config: the fields of one preset.
+
+  Its `name` labels the preset the section was built from; setting another
+  name afterwards would change no other field, so it is refused, naming
+  `algo.name` (build the config with the preset instead:
+  `default_config("dapo")`, `--config=...countdown.py:dapo`).
+  """
+
+  def __setitem__(self, key, value):
+    if key == "name" and "name" in self and value != self["name"]:
+      validation.fail(
+          "algo.name", f"is the label of the preset this section was built "
+          f"from ({self['name']!r}); setting it to {value!r} would change "
+          f"no other field: build the config with that preset instead "
+          f"(default_config({value!r}), or --config=<file>.py:{value})")
+    super().__setitem__(key, value)
+
+
 def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
   """The tiny-model countdown run that `make demo` launches.
 
@@ -191,7 +216,7 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
   for name, section in sections_lib.SECTIONS.items():
     c[name] = ConfigDict(sections_lib.defaults(section))
     if name == "sampling":
-      c.algo = ConfigDict(algorithm(algo))
+      c.algo = AlgoSection(preset(algo))
   return c
 
 
@@ -201,7 +226,7 @@ def validate(config: ConfigDict) -> run_config_lib.RunConfig:
                         *sections_lib.SECTIONS}, "")
   _check_known(config.algo, _algo_defaults(), "algo.")
   try:
-    algorithm(config.algo.name)
+    preset(config.algo.name)
   except ValueError as e:
     validation.fail("algo.name", str(e))
   return run_config_lib.RunConfig.from_config(config)

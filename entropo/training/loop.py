@@ -48,8 +48,6 @@ from entropo import tasks as tasks_lib
 from entropo.models import Transformer
 from entropo.models import with_precision
 from entropo.tasks import pipeline
-# (Not `from entropo.training import algorithm`: the package exports the
-# config's `algorithm` function under that name.)
 from entropo.training.algorithm import CLIPPED_OBJECTIVES
 from entropo.training.algorithm import inert_band
 from entropo.training.algorithm import on_policy_single_step

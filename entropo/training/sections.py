@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from entropo import _checks
 from entropo import precision as precision_lib
 from entropo import tasks as tasks_lib
 from entropo.models import attention as attention_lib
@@ -24,11 +25,14 @@ from entropo.models import tokenizer as tokenizer_lib
 from entropo.models import transformer as transformer_lib
 from entropo.tasks import data as data_lib
 from entropo.training.validation import check_bool
-from entropo.training.validation import check_choice
 from entropo.training.validation import check_number
 from entropo.training.validation import check_range
 from entropo.training.validation import did_you_mean
 from entropo.training.validation import fail
+
+
+def _check_choice(field: str, value, options) -> None:
+  _checks.check_choice(field, value, options, fail=fail)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -131,12 +135,12 @@ class ModelSection:
       _check_model_dir(self.init_from)
     else:
       self._check_shape()
-    check_choice("model.attention", self.attention,
+    _check_choice("model.attention", self.attention,
                  attention_lib.IMPLEMENTATIONS)
     check_number("model.attention_chunk_size", self.attention_chunk_size,
                  integer=True)
-    check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
-    check_choice("model.scan_layers", self.scan_layers, (False, True))
+    _check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
+    _check_choice("model.scan_layers", self.scan_layers, (False, True))
     check_number("model.lora_rank", self.lora_rank, allow_zero=True,
                  integer=True)
     check_range("model.lora_alpha", self.lora_alpha, 0, None, low_open=True)
@@ -145,7 +149,7 @@ class ModelSection:
     except ValueError as e:
       fail("model.lora_targets", str(e))
     object.__setattr__(self, "lora_targets", targets)
-    check_choice("model.lora_base_dtype", self.lora_base_dtype,
+    _check_choice("model.lora_base_dtype", self.lora_base_dtype,
                  ("param", "compute"))
     if self.lora_base_dtype != "param" and not self.lora_rank:
       fail("model.lora_base_dtype", "applies to LoRA runs only "
