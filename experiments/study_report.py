@@ -75,7 +75,13 @@ def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
       data[f"corr_cumulative_entropy_pass@{k}"] = r
       md.append(f"Pearson correlation of cumulative entropy and final "
                 f"pass@{k} over all {len(cum)} runs: {r:+.2f}.")
+  _algorithm_plots(runs, base, ks, out, files)
+  return md, data
 
+
+def _algorithm_plots(runs, base, ks, out, files) -> None:
+  """The algorithm stage's four figures (entropy curves, accuracy against
+  entropy, pass@k, cumulative entropy), appended to `files`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   colors = matplotlib.colormaps["tab10"](np.linspace(0, 1, 10))
   fig, ax = reporting.subplots(figsize=(8, 5))
@@ -134,7 +140,6 @@ def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
   files.append(reporting.figure(out / "cumulative_entropy.png", fig))
-  return md, data
 
 
 def _sequential_section(runs, out, files) -> tuple[list[str], dict]:
