@@ -24,6 +24,7 @@ from entropo.training import ALGORITHMS
 from entropo.training import NonFiniteError
 from entropo.training import Trainer
 from entropo.training import algorithm
+from entropo.training import guards
 from entropo.training import load_policy
 from entropo.training import train
 from entropo.training import validate
@@ -874,6 +875,28 @@ def test_ctrl_c_during_an_iteration_saves_the_state_before_it(
       trainer.run()
     assert line in capsys.readouterr().out
     assert Trainer(c, workdir).meta["iteration"] == 5
+
+
+def test_a_ctrl_c_in_training_waits_for_a_safe_point(capfd):
+  """The first Ctrl-C is raised at the next `check()`, not where the main
+  thread happens to be (inside a library, which a raise there can leave
+  half-done); a second raises at once; outside the block, the previous
+  handler is back."""
+  interrupts, before = guards.DeferredInterrupts(), signal.getsignal(
+      signal.SIGINT)
+  with interrupts:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the handler runs: nothing raised here
+    assert "stopping at the next safe point" in capfd.readouterr().err
+    with pytest.raises(KeyboardInterrupt):
+      interrupts.check()
+    interrupts.check()  # once only
+    os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C: at once
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(1)
+  assert signal.getsignal(signal.SIGINT) is before
+  interrupts.check()  # nothing pending after the block
 
 
 def test_ctrl_c_in_the_warm_start_keeps_its_progress(tmp_path, monkeypatch,
