@@ -31,17 +31,22 @@ and validity of the prefilled prompt, every later slot invalid, so nothing
 of the slot's previous row is ever attended to.
 
 Refill policy. A free slot waits until `refill_rows` slots are free (or
-none is live, or the pending prompts all fit): a prefill always runs
-`refill_rows` rows, so refilling one slot at a time would pay a whole
-prefill per row. Smaller `refill_rows` keeps slots busier at more prefill
-calls; the default is a quarter of the slots. A freed slot also waits for
-the end of its block of `steps_per_check` steps.
+none is live, or the pending prompts all fit): each prefill runs a fixed
+number of rows, so refilling one slot at a time would pay a whole prefill
+per row. The prefill sizes are `slots`, its halves down to `refill_rows`,
+and `refill_rows` (`prefill_sizes`: one compiled branch each); a refill
+runs the largest one the free slots and pending prompts fill, so the
+first fill of all slots is one prefill. Smaller `refill_rows` keeps slots
+busier at more prefill calls; the default is a quarter of the slots. A
+freed slot also waits for the end of its block of `steps_per_check`
+steps.
 
 Not yet done: the multi-turn context (`entropo.models.multiturn`), whose
 turns wait for the environment on the host, still runs its episodes in
 lock-step.
 """
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -61,7 +66,7 @@ class InFlightStats(NamedTuple):
     trips: trips of the outer loop (a refill, then a block of decode
       steps); on XLA:GPU each copies the loop condition to the host.
     decode_steps: decode steps, each one forward pass of every slot.
-    prefills: batched prefills of `refill_rows` rows.
+    prefills: batched prefills (`prefill_sizes` rows each).
     prefill_rows: prompts prefilled (every row once).
   """
 
@@ -100,12 +105,13 @@ def sample_in_flight(model, prompt_tokens, prompt_mask, *, key,
                      top_p: float | None = None, eos_id=None,
                      steps_per_check: int = 16,
                      refill_rows: int | None = None, sample_ids=None,
-                     return_stats: bool = False):
+                     row_max_new_tokens=None, return_stats: bool = False):
   """`sample`'s result, computed `slots` rows at a time (module docstring).
 
   Args:
     model, prompt_tokens, prompt_mask, key, max_new_tokens, temperature,
-      top_k, top_p, eos_id, sample_ids: as for `entropo.models.sample`
+      top_k, top_p, eos_id, sample_ids, row_max_new_tokens: as for
+      `entropo.models.sample`
       (stop strings are stop ids in `eos_id`: `episodes.stop_token_ids`).
     slots: rows decoded at once (>= 1; more than the prompts: one per
       prompt).
@@ -122,7 +128,8 @@ def sample_in_flight(model, prompt_tokens, prompt_mask, *, key,
       model, prompt_tokens, prompt_mask, key=key,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_id=eos_id, use_cache=True,
-      steps_per_check=steps_per_check, sample_ids=sample_ids)
+      steps_per_check=steps_per_check, sample_ids=sample_ids,
+      row_max_new_tokens=row_max_new_tokens)
   batch = args[2].shape[0]
   if not sampler_lib._is_int(slots) or slots < 1:  # pylint: disable=protected-access
     raise ValueError(f"slots must be a positive int; got {slots!r}.")
@@ -161,7 +168,7 @@ def _start(model, tokens, mask, *, slots, total, pad_id, n):
   return s, out
 
 
-def _prefill(model, s: _Slots, tokens, mask, prompt_len, *, rows):
+def _prefill(model, s: _Slots, *, tokens, mask, prompt_len, rows):
   """Prefills the next `rows` pending prompts (fewer if fewer are free or
   pending) into free slots: one forward pass of `[rows, P]`; returns the
   slots and the number of rows taken."""
@@ -192,12 +199,26 @@ def _prefill(model, s: _Slots, tokens, mask, prompt_len, *, rows):
       next=s.next + take), take
 
 
+def prefill_sizes(slots: int, rows: int) -> tuple[int, ...]:
+  """The batched prefills' sizes, largest first: `slots`, halved while it
+  stays above `rows`, then `rows`."""
+  sizes = [slots]
+  while sizes[-1] // 2 > rows:
+    sizes.append(sizes[-1] // 2)
+  return tuple(sizes) + ((rows,) if rows < slots else ())
+
+
 def _refill(model, s: _Slots, tokens, mask, prompt_len, *, rows):
   """Prefills until no slot is free, nothing is pending, or fewer than
   `rows` slots are free while some row is live and more prompts are
-  pending than slots free (see "Refill policy"). Returns the slots, the
-  prefills run and the rows prefilled."""
+  pending than slots free (see "Refill policy"). Each prefill is the
+  largest of `prefill_sizes` that the free slots and pending prompts fill
+  (the smallest, `rows`, otherwise). Returns the slots, the prefills run
+  and the rows prefilled."""
   batch = tokens.shape[0]
+  sizes = prefill_sizes(s.live.shape[0], rows)
+  branches = [functools.partial(_prefill, model, tokens=tokens, mask=mask,
+                                prompt_len=prompt_len, rows=r) for r in sizes]
 
   def cond(c):
     s = c[0]
@@ -208,13 +229,16 @@ def _refill(model, s: _Slots, tokens, mask, prompt_len, *, rows):
 
   def body(c):
     s, calls, taken = c
-    s, take = _prefill(model, s, tokens, mask, prompt_len, rows=rows)
+    fill = jnp.minimum(jnp.sum(~s.live, dtype=jnp.int32), batch - s.next)
+    fits = jnp.asarray(sizes) <= fill  # the sizes are decreasing
+    pick = jnp.where(jnp.any(fits), jnp.argmax(fits), len(sizes) - 1)
+    s, take = jax.lax.switch(pick, branches, s)
     return s, calls + 1, taken + take
 
   return jax.lax.while_loop(cond, body, (s, jnp.int32(0), jnp.int32(0)))
 
 
-def _decode_step(model, s: _Slots, out: _Out, keys, eos_ids, pad_id,
+def _decode_step(model, s: _Slots, out: _Out, keys, limits, eos_ids, pad_id,
                  choose, lm_head, *, width, n):
   """Every live slot samples its next token from `s.h`, records it in its
   row of `out` and feeds it to the model at its own cache slot."""
@@ -231,7 +255,7 @@ def _decode_step(model, s: _Slots, out: _Out, keys, eos_ids, pad_id,
              put(out.logps, lp), put(out.processed_logps, plp),
              put(out.entropy, ent))
   stops = jnp.any(token[:, None] == eos_ids[None, :], axis=1)
-  ended = live & (stops | (s.j + 1 >= n))
+  ended = live & (stops | (s.j + 1 >= limits[row]))
   hidden, cache = model(
       token[:, None], attention_mask=live[:, None], positions=s.pos[:, None],
       cache=s.cache, cache_index=width + jnp.minimum(s.j, n - 1))
@@ -242,8 +266,8 @@ def _decode_step(model, s: _Slots, out: _Out, keys, eos_ids, pad_id,
 
 
 def _in_flight(graphdef, state, tokens, mask, key, temperature, top_p,
-               eos_ids, sample_ids, *, max_new_tokens, greedy, top_k,
-               use_top_p, slots, refill_rows, block):
+               eos_ids, sample_ids, row_limits, *, max_new_tokens, greedy,
+               top_k, use_top_p, slots, refill_rows, block):
   model = nnx.merge(graphdef, state)
   policy = model.policy
   pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
@@ -252,6 +276,8 @@ def _in_flight(graphdef, state, tokens, mask, key, temperature, top_p,
   tokens, mask = sampler_lib._left_align(tokens, mask, pad_id)  # pylint: disable=protected-access
   prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
   keys = sampler_lib.row_keys(key, sample_ids)  # [B]
+  limits = (jnp.full((batch,), n, jnp.int32) if row_limits is None
+            else row_limits)
   lm_head = model.lm_head_matrix()
   choose = lambda z, k: sampler_lib._choose(  # pylint: disable=protected-access  # noqa
       z, k, temperature, top_p, policy=policy, greedy=greedy, top_k=top_k,
@@ -265,8 +291,8 @@ def _in_flight(graphdef, state, tokens, mask, key, temperature, top_p,
                               rows=refill_rows)
     s, out = jax.lax.fori_loop(
         0, block, lambda _, so: _decode_step(
-            model, *so, keys, eos_ids, pad_id, choose, lm_head, width=width,
-            n=n), (s, out))
+            model, *so, keys, limits, eos_ids, pad_id, choose, lm_head,
+            width=width, n=n), (s, out))
     return s, out, counts + jnp.stack([1, block, calls, taken])
 
   def going(c):

@@ -147,6 +147,7 @@ def sample(
     use_cache: bool = True,
     steps_per_check: int = 16,
     sample_ids=None,
+    row_max_new_tokens=None,
 ) -> SampleResult:
   """Samples `max_new_tokens` continuations of a batch of prompts.
 
@@ -180,6 +181,9 @@ def sample(
       every step. The tokens do not depend on it.
     sample_ids: `[B]` int identities of the rows' samples, which choose
       their random streams (see "Randomness"); None: `arange(B)`.
+    row_max_new_tokens: optional `[B]` ints in `[1, max_new_tokens]`: row
+      `b` ends by length after `row_max_new_tokens[b]` tokens (a budget per
+      row; benchmarks/inflight.py sets completion lengths with it).
 
   Returns:
     A `SampleResult`.
@@ -188,7 +192,8 @@ def sample(
       model, prompt_tokens, prompt_mask, key=key,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_id=eos_id, use_cache=use_cache,
-      steps_per_check=steps_per_check, sample_ids=sample_ids)
+      steps_per_check=steps_per_check, sample_ids=sample_ids,
+      row_max_new_tokens=row_max_new_tokens)
   return fn(*args, **kwargs)
 
 
@@ -196,7 +201,7 @@ def sample(
 
 def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
              temperature, top_k, top_p, eos_id, use_cache,
-             steps_per_check=16, sample_ids=None):
+             steps_per_check=16, sample_ids=None, row_max_new_tokens=None):
   """Validates the arguments; returns the jitted function and its inputs."""
   cfg = model.config
   vocab, context = cfg.vocab_size, cfg.max_position_embeddings
@@ -258,6 +263,7 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
       jnp.float32(1.0 if top_p is None else top_p),
       jnp.asarray(eos_ids, jnp.int32).reshape(len(eos_ids)),
       check_sample_ids(sample_ids, tokens.shape[0]),
+      check_row_limits(row_max_new_tokens, tokens.shape[0], max_new_tokens),
   )
   kwargs = dict(
       max_new_tokens=max_new_tokens,
@@ -266,7 +272,7 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
       use_top_p=use_top_p,
       use_cache=use_cache,
       block=(_block_length(max_new_tokens - 1, int(steps_per_check))
-             if eos_ids else 1),
+             if eos_ids or row_max_new_tokens is not None else 1),
   )
   return _generate_jit, args, kwargs
 
@@ -297,6 +303,20 @@ def check_sample_ids(sample_ids, batch: int) -> jax.Array:
   if (ids < 0).any() or (ids >= 2**31).any():
     raise ValueError("sample_ids must be in [0, 2**31).")
   return jnp.asarray(ids, jnp.int32)
+
+
+def check_row_limits(limits, batch: int, most: int) -> jax.Array | None:
+  """`[B]` int32 per-row token budgets in `[1, most]`, or None."""
+  if limits is None:
+    return None
+  arr = np.asarray(limits)
+  if arr.shape != (batch,) or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"row_max_new_tokens must be [B] = [{batch}] ints; got "
+                     f"{arr.dtype} {arr.shape}.")
+  if (arr < 1).any() or (arr > most).any():
+    raise ValueError(f"row_max_new_tokens must be in [1, max_new_tokens="
+                     f"{most}]; got values in [{arr.min()}, {arr.max()}].")
+  return jnp.asarray(arr, jnp.int32)
 
 
 def row_keys(key, sample_ids):
@@ -342,8 +362,8 @@ def _left_align(tokens, mask, pad_id):
 
 
 def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
-              eos_ids, sample_ids=None, *, max_new_tokens, greedy, top_k,
-              use_top_p, use_cache, block=1):
+              eos_ids, sample_ids=None, row_limits=None, *, max_new_tokens,
+              greedy, top_k, use_top_p, use_cache, block=1):
   model = nnx.merge(graphdef, state)
   pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
   policy = model.policy
@@ -396,6 +416,8 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
     plps = put(plps, jnp.where(live, plp, zero))
     ents = put(ents, jnp.where(live, ent, zero))
     done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=1)
+    if row_limits is not None:
+      done = done | (j + 1 >= row_limits)
     return buf, comp, lps, plps, ents, done
 
   zeros = jnp.zeros((batch, total + spare), jnp.float32)
@@ -429,7 +451,7 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
     return jax.lax.fori_loop(0, block, lambda _, s: step(s), state)
 
   state = (jnp.int32(1), cache, carry)
-  if eos_ids.shape[0]:
+  if eos_ids.shape[0] or row_limits is not None:
     state = jax.lax.while_loop(cond, step if block == 1 else run_block, state)
   else:  # no row can stop early: one loop of known length
     state = jax.lax.fori_loop(1, n, lambda _, s: step(s), state)
