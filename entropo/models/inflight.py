@@ -46,7 +46,6 @@ turns wait for the environment on the host, still runs its episodes in
 lock-step.
 """
 
-import functools
 from typing import NamedTuple
 
 import jax
@@ -213,29 +212,34 @@ def _refill(model, s: _Slots, tokens, mask, prompt_len, *, rows):
   `rows` slots are free while some row is live and more prompts are
   pending than slots free (see "Refill policy"). Each prefill is the
   largest of `prefill_sizes` that the free slots and pending prompts fill
-  (the smallest, `rows`, otherwise). Returns the slots, the prefills run
-  and the rows prefilled."""
+  (the smallest, `rows`, otherwise): a loop per size, largest first (a
+  `lax.switch` between the sizes made XLA:CPU copy the whole cache at
+  every prefill). Returns the slots, the prefills run and the rows
+  prefilled."""
   batch = tokens.shape[0]
   sizes = prefill_sizes(s.live.shape[0], rows)
-  branches = [functools.partial(_prefill, model, tokens=tokens, mask=mask,
-                                prompt_len=prompt_len, rows=r) for r in sizes]
 
-  def cond(c):
-    s = c[0]
+  def may_refill(s):
     free = jnp.sum(~s.live, dtype=jnp.int32)
     pending = batch - s.next
     return (pending > 0) & (free > 0) & (
         (free >= rows) | ~jnp.any(s.live) | (free >= pending))
 
-  def body(c):
-    s, calls, taken = c
-    fill = jnp.minimum(jnp.sum(~s.live, dtype=jnp.int32), batch - s.next)
-    fits = jnp.asarray(sizes) <= fill  # the sizes are decreasing
-    pick = jnp.where(jnp.any(fits), jnp.argmax(fits), len(sizes) - 1)
-    s, take = jax.lax.switch(pick, branches, s)
-    return s, calls + 1, taken + take
+  def fills(size):  # the free slots and pending prompts fill `size` rows
+    def cond(c):
+      fill = jnp.minimum(jnp.sum(~c[0].live), batch - c[0].next)
+      return may_refill(c[0]) & ((fill >= size) | (size == sizes[-1]))
+    return cond
 
-  return jax.lax.while_loop(cond, body, (s, jnp.int32(0), jnp.int32(0)))
+  c = (s, jnp.int32(0), jnp.int32(0))
+  for size in sizes:
+    def body(c, size=size):
+      s, calls, taken = c
+      s, take = _prefill(model, s, tokens=tokens, mask=mask,
+                         prompt_len=prompt_len, rows=size)
+      return s, calls + 1, taken + take
+    c = jax.lax.while_loop(fills(size), body, c)
+  return c
 
 
 def _decode_step(model, s: _Slots, out: _Out, keys, limits, eos_ids, pad_id,
