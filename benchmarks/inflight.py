@@ -24,7 +24,10 @@ loop exit an EOS would take. Distributions (`--dist`):
   idles).
 
 Useful tokens/s = the sampled tokens (`sum(L)`) / the median wall time of
-`--repeats` executions after one warm-up (compiling) call. The in-flight
+`--repeats` executions after one warm-up (compiling) call, the variants
+interleaved; tokens per CPU second divides by the process's CPU time
+instead (all threads), a steadier measure on a machine shared with other
+work. The in-flight
 rows also report the loop counts (`InFlightStats`): one host call; its
 trips, each one device-to-host sync on XLA:GPU (a static call syncs once
 per block of `steps_per_check` steps).
@@ -96,10 +99,12 @@ def call(name, model, tokens, mask, budget, n, args):
 
 
 def timed(name, *inputs):
-  start = time.perf_counter()
+  """`(wall s, process CPU s, result, stats)` of one execution."""
+  start, cpu = time.perf_counter(), time.process_time()
   result, stats = call(name, *inputs)
   jax.block_until_ready(result)
-  return time.perf_counter() - start, result, stats
+  return (time.perf_counter() - start, time.process_time() - cpu, result,
+          stats)
 
 
 def run(spec, dist, model, args):
@@ -115,14 +120,15 @@ def run(spec, dist, model, args):
              steps_per_check=args.steps_per_check)
   names = variants(args.slots, batch)
   inputs = (model, tokens, mask, budget, n, args)
-  times, results = {v: [] for v in names}, {}
+  times, cpus, results = {v: [] for v in names}, {v: [] for v in names}, {}
   for i in range(1 + args.repeats):  # the first call compiles
-    for v in names:
-      seconds, results[v], stats = timed(v, *inputs)
+    for v in names:  # interleaved, so that a load spike hits all variants
+      seconds, cpu, results[v], stats = timed(v, *inputs)
       print(f"# {spec['name']}@{cfg.num_layers} {dist} {v} #{i}: "
-            f"{seconds:.2f}s", flush=True)
+            f"{seconds:.2f}s wall, {cpu:.2f}s CPU", flush=True)
       if i:
         times[v].append(seconds)
+        cpus[v].append(cpu)
       if stats is not None:
         row[f"{v}/stats"] = stats._asdict()
   ref = np.asarray(results["static"].tokens)
@@ -131,18 +137,23 @@ def run(spec, dist, model, args):
   assert all(np.array_equal(np.asarray(r.lengths), budget)
              for r in results.values())
   medians = {v: statistics.median(times[v]) for v in names}
+  cpu = {v: statistics.median(cpus[v]) for v in names}
   for v in names:
     row[f"{v}/seconds"] = times[v]
+    row[f"{v}/cpu_seconds"] = cpus[v]
     row[f"{v}/tokens_per_s"] = useful / medians[v]
     row[f"{v}/vs_static"] = medians["static"] / medians[v]
+    row[f"{v}/tokens_per_cpu_s"] = useful / cpu[v]
+    row[f"{v}/cpu_vs_static"] = cpu["static"] / cpu[v]
   print(json.dumps(row), flush=True)
   return row
 
 
 def markdown(rows):
   lines = ["| model | layers | N | lengths (mean / max) | variant | useful "
-           "tok/s | vs static | trips (host calls) |",
-           "|---|---|---|---|---|---|---|---|"]
+           "tok/s | vs static | tok per CPU s | vs static (CPU) | trips "
+           "(host calls) |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
   for r in rows:
     for key in r:
       if not key.endswith("/tokens_per_s"):
@@ -153,7 +164,9 @@ def markdown(rows):
       lines.append(
           f"| {r['model']} | {r['layers']} | {r['new_tokens']} | {r['dist']} "
           f"{r['mean_length']:.1f} / {r['max_length']} | {v} | "
-          f"{r[key]:.0f} | {r[f'{v}/vs_static']:.2f}x | {trips} |")
+          f"{r[key]:.0f} | {r[f'{v}/vs_static']:.2f}x | "
+          f"{r[f'{v}/tokens_per_cpu_s']:.0f} | "
+          f"{r[f'{v}/cpu_vs_static']:.2f}x | {trips} |")
   return "\n".join(lines)
 
 

@@ -337,6 +337,29 @@ def test_sampling_steps_per_check_reaches_the_sampler(init_from, data_dir,
   assert len(seen) >= 2 and set(seen) == {3}  # rollouts and evaluation
 
 
+def test_in_flight_sampling_trains_the_static_run(init_from, data_dir,
+                                                  tmp_path):
+  # Same key, same tokens (tests/test_inflight.py): one iteration with
+  # in-flight batching logs the static run's rewards and lengths, and
+  # run.json records the batching.
+  runs = {}
+  for name, slots in (("static", 0), ("inflight", 3)):
+    c = _config(init_from, data_dir, sampling=dict(in_flight_slots=slots),
+                train=dict(iterations=1))
+    train(c, tmp_path / name)
+    runs[name] = _records(tmp_path / name)[-1]
+    launch = json.loads((tmp_path / name / "run.json").read_text())[
+        "launches"][0]
+    runs[name + "/batching"] = launch["sampler_batching"]
+  assert runs["static/batching"] == {"mode": "static"}
+  assert runs["inflight/batching"] == {"mode": "in_flight", "slots": 3,
+                                       "refill_rows": 1}
+  for key in ("reward/mean", "completion/length"):
+    assert runs["inflight"][key] == runs["static"][key], key
+  assert runs["inflight"]["loss"] == pytest.approx(runs["static"]["loss"],
+                                                   abs=1e-5)
+
+
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,
