@@ -156,3 +156,51 @@ def test_step_keys_are_per_row_and_step():
   np.testing.assert_array_equal(a[1:2], b)
   want = jax.random.fold_in(jax.random.fold_in(jax.random.key(0), 2), 5)
   np.testing.assert_array_equal(a[2], jax.random.key_data(want))
+
+
+def test_per_row_cache_index_equals_each_row_alone(model):
+  # Rows written at their own slots (a [B] cache_index, [B, T] query
+  # slots) compute what each row computes alone at a scalar index.
+  rng = np.random.default_rng(4)
+  tokens = rng.integers(0, VOCAB, (3, 4))
+  index = np.array([0, 5, 9])
+  cache = model.init_cache(3, 16)
+  hidden, new = model(jax.numpy.asarray(tokens), cache=cache,
+                      cache_index=jax.numpy.asarray(index))
+  for b in range(3):
+    alone, one = model(jax.numpy.asarray(tokens[b:b + 1]),
+                       cache=model.init_cache(1, 16), cache_index=int(index[b]))
+    np.testing.assert_allclose(hidden[b], alone[0], rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(new["valid"][b], one["valid"][0])
+    np.testing.assert_array_equal(new["k"][0][b], one["k"][0][0])
+  # A decode step per row at different slots, after those prefills.
+  step, _ = model(jax.numpy.asarray(tokens[:, :1]), cache=new,
+                  cache_index=jax.numpy.asarray(index + 4))
+  for b in range(3):
+    _, one = model(jax.numpy.asarray(tokens[b:b + 1]),
+                   cache=model.init_cache(1, 16), cache_index=int(index[b]))
+    alone, _ = model(jax.numpy.asarray(tokens[b:b + 1, :1]), cache=one,
+                     cache_index=int(index[b]) + 4)
+    np.testing.assert_allclose(step[b], alone[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("impl, t", [("reference", 2), ("blockwise", 2),
+                                     ("blockwise", 1)])  # 1: the decode loop
+def test_attention_takes_query_slots_per_row(impl, t):
+  from entropo import precision  # pylint: disable=g-import-not-at-top
+  from entropo.models import attention  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(5)
+  b, kv, g, hd, s = 3, 2, 2, 8, 12
+  q = jax.numpy.asarray(rng.normal(size=(b, t, kv, g, hd)), np.float32)
+  k, v = (jax.numpy.asarray(rng.normal(size=(b, kv, s, hd)), np.float32)
+          for _ in range(2))
+  valid = jax.numpy.asarray(rng.random((b, s)) < 0.8)
+  slots = np.array([[3, 4], [7, 8], [10, 11]])[:, :t]
+  policy = precision.get_precision("fp32")
+  got = attention.attend(q, k, v, valid, jax.numpy.asarray(slots),
+                         policy=policy, implementation=impl, chunk_size=4)
+  for r in range(b):
+    want = attention.attend(q[r:r + 1], k[r:r + 1], v[r:r + 1],
+                            valid[r:r + 1], jax.numpy.asarray(slots[r]),
+                            policy=policy, implementation=impl, chunk_size=4)
+    np.testing.assert_allclose(got[r], want[0], rtol=0, atol=1e-6)
