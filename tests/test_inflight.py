@@ -129,6 +129,16 @@ def test_a_samples_tokens_do_not_depend_on_its_batch(model, prompts, static):
   assert not np.array_equal(other.tokens, sub.tokens)
 
 
+def test_more_slots_than_prompts(model, prompts, static):
+  # An evaluation batch smaller than the trainer's slots: a slot per row.
+  rows = np.arange(3)
+  got = sample_in_flight(model, prompts[0][rows], prompts[1][rows], slots=8,
+                         refill_rows=4, **KW)
+  for name in ("tokens", "completion_mask"):
+    np.testing.assert_array_equal(getattr(got, name),
+                                  np.asarray(getattr(static, name))[rows])
+
+
 def test_greedy_equals_static(model, prompts):
   kw = dict(KW, temperature=0.0)
   _assert_same(sample(model, *prompts, **kw),

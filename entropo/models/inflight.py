@@ -113,7 +113,7 @@ def sample_in_flight(model, prompt_tokens, prompt_mask, *, key,
       `entropo.models.sample`
       (stop strings are stop ids in `eos_id`: `episodes.stop_token_ids`).
     slots: rows decoded at once (>= 1; more than the prompts: one per
-      prompt).
+      prompt, and `refill_rows` at most as many).
     steps_per_check: decode steps between two refills (a loop of known
       length on the device); 1 refills after every step.
     refill_rows: rows per batched prefill, in `[1, slots]`; None: a
@@ -132,12 +132,14 @@ def sample_in_flight(model, prompt_tokens, prompt_mask, *, key,
   batch = args[2].shape[0]
   if not sampler_lib._is_int(slots) or slots < 1:  # pylint: disable=protected-access
     raise ValueError(f"slots must be a positive int; got {slots!r}.")
-  slots = min(int(slots), batch)
   if refill_rows is None:
     refill_rows = max(1, slots // 4)
   if not sampler_lib._is_int(refill_rows) or not 1 <= refill_rows <= slots:  # pylint: disable=protected-access
     raise ValueError(f"refill_rows must be an int in [1, slots={slots}]; "
                      f"got {refill_rows!r}.")
+  # Fewer prompts than slots (an evaluation batch): a slot per prompt.
+  slots = min(int(slots), batch)
+  refill_rows = min(int(refill_rows), slots)
   del kwargs["use_cache"], kwargs["block"]
   result, counts = _in_flight_jit(
       *args, **kwargs, slots=slots, refill_rows=int(refill_rows),
