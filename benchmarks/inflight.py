@@ -29,8 +29,9 @@ interleaved; tokens per CPU second divides by the process's CPU time
 instead (all threads), a steadier measure on a machine shared with other
 work. The in-flight
 rows also report the loop counts (`InFlightStats`): one host call; its
-trips, each one device-to-host sync on XLA:GPU (a static call syncs once
-per block of `steps_per_check` steps).
+trips, each one device-to-host sync on XLA:GPU. A static call's loop makes
+one trip per block of `steps_per_check` steps until its longest row ends
+(computed, not measured); waves make one host call per wave.
 
 Usage:
 
@@ -55,6 +56,7 @@ from flax import nnx
 from entropo.models import Transformer
 from entropo.models import sample
 from entropo.models import sample_in_flight
+from entropo.models import sampler as sampler_lib
 from sampler import MODELS  # pylint: disable=g-bad-import-order
 from sampler import prompts  # pylint: disable=g-bad-import-order
 
@@ -98,6 +100,13 @@ def call(name, model, tokens, mask, budget, n, args):
   return jax.tree.map(lambda *xs: np.concatenate(xs), *parts), None
 
 
+def static_trips(budget, n, steps_per_check):
+  """Trips of `sample`'s loop over blocks for rows of lengths `budget`
+  (host calls: 1): blocks until the longest row ends."""
+  block = sampler_lib._block_length(n - 1, steps_per_check)  # pylint: disable=protected-access
+  return -(-(int(budget.max()) - 1) // block)
+
+
 def timed(name, *inputs):
   """`(wall s, process CPU s, result, stats)` of one execution."""
   start, cpu = time.perf_counter(), time.process_time()
@@ -136,6 +145,15 @@ def run(spec, dist, model, args):
                            for r in results.values())
   assert all(np.array_equal(np.asarray(r.lengths), budget)
              for r in results.values())
+  row["static/stats"] = dict(host_calls=1, trips=static_trips(
+      budget, n, args.steps_per_check))
+  for v in names:
+    if v.startswith("waves@"):
+      size = int(v.split("@")[1])
+      waves = [budget[i:i + size] for i in range(0, batch, size)]
+      row[f"{v}/stats"] = dict(
+          host_calls=len(waves),
+          trips=sum(static_trips(w, n, args.steps_per_check) for w in waves))
   medians = {v: statistics.median(times[v]) for v in names}
   cpu = {v: statistics.median(cpus[v]) for v in names}
   for v in names:
