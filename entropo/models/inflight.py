@@ -281,6 +281,8 @@ def _in_flight(graphdef, state, tokens, mask, key, temperature, top_p,
   n = max_new_tokens
   tokens, mask = sampler_lib._left_align(tokens, mask, pad_id)  # pylint: disable=protected-access
   prompt_len = jnp.sum(mask, axis=1, dtype=jnp.int32)  # [B]
+  if sample_ids is None:
+    sample_ids = jnp.arange(batch, dtype=jnp.int32)
   keys = sampler_lib.row_keys(key, sample_ids)  # [B]
   limits = (jnp.full((batch,), n, jnp.int32) if row_limits is None
             else row_limits)

@@ -253,17 +253,19 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
   key = _check_key(key)
 
   graphdef, state = nnx.split(model)
+  device_tokens = _device_input(prompt_tokens, tokens, jnp.int32)
+  batch = device_tokens.shape[0]  # global: `tokens` may be this process's
   args = (
       graphdef,
       state,
-      _device_input(prompt_tokens, tokens, jnp.int32),
+      device_tokens,
       _device_input(prompt_mask, mask, jnp.bool_),
       key,
       jnp.float32(1.0 if greedy else temperature),
       jnp.float32(1.0 if top_p is None else top_p),
       jnp.asarray(eos_ids, jnp.int32).reshape(len(eos_ids)),
-      check_sample_ids(sample_ids, tokens.shape[0]),
-      check_row_limits(row_max_new_tokens, tokens.shape[0], max_new_tokens),
+      check_sample_ids(sample_ids, batch),
+      check_row_limits(row_max_new_tokens, batch, max_new_tokens),
   )
   kwargs = dict(
       max_new_tokens=max_new_tokens,
@@ -292,10 +294,11 @@ def _block_length(steps: int, most: int) -> int:
 # The compiled part.
 
 
-def check_sample_ids(sample_ids, batch: int) -> jax.Array:
-  """`[B]` int32 sample identities (default `arange(B)`), validated."""
+def check_sample_ids(sample_ids, batch: int) -> jax.Array | None:
+  """`[B]` int32 sample identities, validated; None (the compiled
+  sampler's default, `arange(B)`) stays None."""
   if sample_ids is None:
-    return jnp.arange(batch, dtype=jnp.int32)
+    return None
   ids = np.asarray(sample_ids)
   if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
     raise ValueError(f"sample_ids must be [B] = [{batch}] ints; got "
