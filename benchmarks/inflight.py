@@ -72,11 +72,11 @@ def lengths(dist, batch, n, sigma, seed=0):
   return np.clip(np.round(raw), 1, n).astype(np.int64)
 
 
-def variants(slots_list, batch):
+def variants(slots_list, batch, waves=True):
   out = ["static"]
   for s in slots_list:
     if s < batch:
-      out += [f"waves@{s}", f"inflight@{s}"]
+      out += ([f"waves@{s}"] if waves else []) + [f"inflight@{s}"]
   return out
 
 
@@ -127,7 +127,7 @@ def run(spec, dist, model, args):
              useful_tokens=useful, mean_length=float(budget.mean()),
              max_length=int(budget.max()),
              steps_per_check=args.steps_per_check)
-  names = variants(args.slots, batch)
+  names = variants(args.slots, batch, waves=not args.skip_waves)
   inputs = (model, tokens, mask, budget, n, args)
   times, cpus, results = {v: [] for v in names}, {v: [] for v in names}, {}
   for i in range(1 + args.repeats):  # the first call compiles
@@ -200,6 +200,8 @@ def main():
   parser.add_argument("--sigma", type=float, default=1.0)
   parser.add_argument("--steps_per_check", type=int, default=16)
   parser.add_argument("--repeats", type=int, default=2)
+  parser.add_argument("--skip_waves", action="store_true",
+                      help="time static and in-flight only")
   parser.add_argument("--out", default="benchmarks/out/inflight.json")
   args = parser.parse_args()
   print(f"# jax {jax.__version__} on {jax.devices()[0].device_kind}, "
