@@ -1070,6 +1070,9 @@ def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
     ("algo.dual_clip", 0.5, "algo.dual_clip"),
     ("sampling.group_size", 1, "sampling.group_size"),
     ("sampling.steps_per_check", 0, "sampling.steps_per_check"),
+    ("sampling.in_flight_slots", -2, "sampling.in_flight_slots"),
+    ("sampling.refill_rows", 3,  # more than in_flight_slots (0)
+     "sampling.refill_rows: must be at most sampling.in_flight_slots=0"),
     ("train.pass_k", (1, 64), "train.pass_k"),
     ("precision", "fp8", "precision"),
     ("mesh.data", 16, "mesh"),
