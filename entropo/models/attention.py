@@ -10,8 +10,9 @@ where key `s` is allowed for query `t` when `key_valid[b, s]` and
 `s <= query_slots[t]` (the causal mask: `query_slots` is the cache slot of
 each query, `arange(T)` without a cache). `query_slots` may also be
 `[B, T]`, a slot per row and query (`s <= query_slots[b, t]`): the cache
-of the in-flight sampler, whose rows are at different slots. Scores and the softmax are
-float32; every contraction goes through the model's `Precision` policy.
+of the in-flight sampler, whose rows are at different slots. Scores and
+the softmax are float32; every contraction goes through the model's
+`Precision` policy.
 
 Keys and values are head-major, the layout of the KV cache: the products
 with the keys and values batch over `(B, KV)`, which XLA wants outermost, so

@@ -1,4 +1,4 @@
-"""In-flight (continuous) batching: a fixed number of slots, refilled as rows end.
+"""In-flight batching: a fixed number of slots, refilled as rows end.
 
 `sample(model, prompts, ...)` (sampler.py) runs its whole batch in
 lock-step until the last row ends: a row that stops early idles in its

@@ -25,8 +25,9 @@ sequence the trainer sees, and `ctx.fed` counts every token the model was
 fed: it equals `ctx.slot * B`, one pass per slot, never a second.
 
 Sampling is `sample`'s: `act` draws step `j` of row `b` from
-`fold_in(fold_in(key, b), j)` (`sampler.step_keys`) with the same `_choose` (temperature, top-k, top-p, greedy), so for a fixed key
-an action equals `sample(model, <the row's whole context>, key=key,
+`fold_in(fold_in(key, b), j)` (`sampler.step_keys`) with the same
+`_choose` (temperature, top-k, top-p, greedy), so for a fixed key an
+action equals `sample(model, <the row's whole context>, key=key,
 eos_id=stop_ids + eos_ids)` on the same batch, up to float rounding of the
 logits (tested). Log-probs are those of the untruncated temperature-1
 policy, as in `sample`.

@@ -115,9 +115,9 @@ def launch_record(*, iteration: int, precision, model, model_section,
   sampler's (`sampler_precision`: the trainer's when None), the
   attention implementation `auto` resolved to, remat and the layer scan,
   the sampler's batching (`sampler_batching`: static, or in-flight with
-  its slots and refill rows, from `sampling_section`), LoRA (rank, alpha, targets, the base projections' dtype; None for full
-  fine-tuning), versions and
-  devices.
+  its slots and refill rows, from `sampling_section`), LoRA (rank,
+  alpha, targets, the base projections' dtype; None for full
+  fine-tuning), versions and devices.
   """
   devices = jax.devices()
   return {
