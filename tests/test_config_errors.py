@@ -44,6 +44,7 @@ BAD = {
     "sampling.prompts_per_batch": 0, "sampling.group_size": 1,
     "sampling.max_new_tokens": 0, "sampling.temperature": 0.0,
     "sampling.steps_per_check": 0, "sampling.precision": "fp8",
+    "sampling.in_flight_slots": -1, "sampling.refill_rows": -1,
     "algo.correction": "clip", "algo.correction_level": "batch",
     "algo.correction_low": -1.0, "algo.correction_high": -1.0,
     "algo.correction_veto": -1.0, "algo.correction_max_kl": -1.0,

@@ -338,6 +338,29 @@ def test_sampling_steps_per_check_reaches_the_sampler(init_from, data_dir,
   assert len(seen) >= 2 and set(seen) == {3}  # rollouts and evaluation
 
 
+def test_in_flight_sampling_trains_the_static_run(init_from, data_dir,
+                                                  tmp_path):
+  # Same key, same tokens (tests/test_inflight.py): one iteration with
+  # in-flight batching logs the static run's rewards and lengths, and
+  # run.json records the batching.
+  runs = {}
+  for name, slots in (("static", 0), ("inflight", 3)):
+    c = _config(init_from, data_dir, sampling=dict(in_flight_slots=slots),
+                train=dict(iterations=1))
+    train(c, tmp_path / name)
+    runs[name] = _records(tmp_path / name)[-1]
+    launch = json.loads((tmp_path / name / "run.json").read_text())[
+        "launches"][0]
+    runs[name + "/batching"] = launch["sampler_batching"]
+  assert runs["static/batching"] == {"mode": "static"}
+  assert runs["inflight/batching"] == {"mode": "in_flight", "slots": 3,
+                                       "refill_rows": 1}
+  for key in ("reward/mean", "completion/length"):
+    assert runs["inflight"][key] == runs["static"][key], key
+  assert runs["inflight"]["loss"] == pytest.approx(runs["static"]["loss"],
+                                                   abs=1e-5)
+
+
 def test_model_section_picks_attention_and_remat(init_from, data_dir,
                                                 tmp_path):
   c = _config(init_from, data_dir,
@@ -1070,6 +1093,9 @@ def test_an_incomplete_warm_start_is_rebuilt(damage, tmp_path):
     ("algo.dual_clip", 0.5, "algo.dual_clip"),
     ("sampling.group_size", 1, "sampling.group_size"),
     ("sampling.steps_per_check", 0, "sampling.steps_per_check"),
+    ("sampling.in_flight_slots", -2, "sampling.in_flight_slots"),
+    ("sampling.refill_rows", 3,  # more than in_flight_slots (0)
+     "sampling.refill_rows: must be at most sampling.in_flight_slots=0"),
     ("train.pass_k", (1, 64), "train.pass_k"),
     ("precision", "fp8", "precision"),
     ("mesh.data", 16, "mesh"),

@@ -5,6 +5,8 @@ from entropo.models.transformer import Transformer
 from entropo.models.transformer import with_precision
 from entropo.models.sampler import SampleResult
 from entropo.models.sampler import sample
+from entropo.models.inflight import InFlightStats
+from entropo.models.inflight import sample_in_flight
 from entropo.models.hf import from_pretrained
 from entropo.models.hf import save_pretrained
 from entropo.models.tokenizer import Tokenizer

@@ -246,8 +246,9 @@ def _check_known(values, known, prefix: str) -> None:
 # and logs, what it displays, whether a non-finite update is skipped, and
 # how it computes (attention implementation, remat and mesh change
 # rounding at most, and each launch's are recorded in run.json; the
-# sampler's steps per check change no token). Every other change
-# (algorithm, data, model, optimizer, sampling, precision, seed, ...)
+# sampler's steps per check and in-flight slots change no token). Every
+# other change (algorithm, data, model, optimizer, sampling, precision,
+# seed, ...)
 # would make the resumed run a different experiment than its config.json
 # says, so `train` refuses it. The one place this is decided.
 RESUMABLE = (
@@ -257,6 +258,7 @@ RESUMABLE = (
     "train.skip_non_finite",
     "model.attention", "model.attention_chunk_size", "model.remat",
     "model.scan_layers", "sampling.steps_per_check",
+    "sampling.in_flight_slots", "sampling.refill_rows",
     "mesh.data", "mesh.fsdp", "mesh.tensor",
 )
 

@@ -276,11 +276,27 @@ class SamplingSection:
   # beside an fp32 trainer: the mismatch the corrections (algo.correction)
   # and the `mismatch/*` metrics are about.
   precision: str = ""
+  # In-flight batching (entropo.models.inflight): 0 samples the whole batch
+  # in lock-step (entropo.models.sample); S >= 1 decodes S rows at a time
+  # and prefills the next prompt into a row's slot as soon as it ends. The
+  # tokens are the same either way (per-sample random streams); only the
+  # speed differs (docs/benchmarks.md, "In-flight batching").
+  in_flight_slots: int = 0
+  # Prompts per batched refill of free slots (in-flight only): 0 means a
+  # quarter of the slots; at most in_flight_slots.
+  refill_rows: int = 0
 
   def __post_init__(self):
     for field in ("prompts_per_batch", "group_size", "max_new_tokens",
                   "steps_per_check"):
       check_number(f"sampling.{field}", getattr(self, field), integer=True)
+    for field in ("in_flight_slots", "refill_rows"):
+      check_number(f"sampling.{field}", getattr(self, field), integer=True,
+                   allow_zero=True)
+    if self.refill_rows > self.in_flight_slots:
+      fail("sampling.refill_rows", f"must be at most sampling."
+           f"in_flight_slots={self.in_flight_slots} (0: a quarter of "
+           f"them); got {self.refill_rows}")
     if self.precision:
       try:
         precision_lib.get_precision(self.precision)
