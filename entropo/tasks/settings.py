@@ -22,11 +22,15 @@ from entropo import _checks
 
 
 class SettingError(ValueError):
-  """A bad task setting; `field` names it (None: the settings as a whole)."""
+  """A bad task setting; `field` names it (None: the settings as a whole),
+  `message` says why; `str(e)` starts with the field unless `message`
+  names it."""
 
   def __init__(self, field: str | None, message: str):
-    super().__init__(message)
+    named = field is None or field in message
+    super().__init__(message if named else f"{field}: {message}")
     self.field = field
+    self.message = message
 
 
 def fields(cls: type) -> dict[str, Any]:

@@ -88,7 +88,7 @@ class TaskSection:
                                  extra=extra)
     except task_settings.SettingError as e:
       fail(f"task.settings.{e.field}" if e.field else "task.settings",
-           str(e))
+           e.message)
     except (ValueError, TypeError) as e:  # a user task's own check
       message = str(e)
       named = [k for k in settings if message.startswith(k + " ")
