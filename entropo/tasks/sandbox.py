@@ -14,15 +14,15 @@ behalf.
       box.info["network_isolated"]   # True as root where namespaces work
 
 `LocalSandbox` (local_sandbox.py, re-exported here) is a persistent worker
-process per episode (see sandbox_worker.py for the child side): a scrubbed environment, resource
-limits (CPU, address space, processes, file size, open files, no core
-dumps), a new session killed as a whole; as root also a fresh uid (so the
-process limit applies and the trainer's processes and private files are
-out of reach), new network, PID and mount namespaces (no network, its own
-/proc, private size-limited /tmp, /var/tmp, /dev/shm and working
+process per episode (see sandbox_worker.py for the child side): a scrubbed
+environment, resource limits (CPU, address space, processes, file size, open
+files, no core dumps), a new session killed as a whole; as root also a fresh
+uid (so the process limit applies and the trainer's processes and private
+files are out of reach), new network, PID and mount namespaces (no network,
+its own /proc, private size-limited /tmp, /var/tmp, /dev/shm and working
 directory, configured paths hidden). It is not a VM: docs/sandbox.md says
-what it guarantees, what it does not, and how to put a container runtime
-or a remote service behind the same interface.
+what it guarantees, what it does not, and how to put a container runtime or
+a remote service behind the same interface.
 
 After a run that times out or kills the worker, the next `run` starts a
 fresh, empty worker (`Execution.restarted`); `CodeEnvironment` ends the
