@@ -90,6 +90,8 @@ def _take_task_settings(argv: list[str]) -> dict[str, str]:
   added to `task.settings` after parsing (`_typed_setting`) and checked,
   misspelt names included, by `validate` like any other setting.
   """
+  if not any(a.startswith(_SETTING_FLAG) for a in argv):
+    return {}  # (the config file is loaded here only when needed)
   config = _file_config(argv)
   if config is None or "task" not in config or (
       "settings" not in config.task):
