@@ -310,6 +310,53 @@ def test_a_misspelt_task_setting_names_the_closest(name, tmp_path):
     assert f"did you mean {known[0]!r}" in message, message
 
 
+_USER_TASK = """
+import dataclasses
+from typing import ClassVar, Literal
+from entropo import tasks
+
+@dataclasses.dataclass(frozen=True)
+class Mine(tasks.Task):
+  name: ClassVar[str] = "mine"
+  level: int = 1
+  mode: Literal["a", "b"] = "a"
+  names: tuple[str, ...] = ("x",)
+  limit: float | None = None
+
+  def __post_init__(self):
+    if self.level > 3:
+      raise ValueError(f"level must be <= 3; got {self.level}")
+
+  def prompt(self, problem):
+    return ""
+
+  def _verify(self, problem, completion):
+    return tasks.CORRECT
+"""
+
+
+@pytest.mark.parametrize("settings,field,why", [
+    ({"levle": 2}, "levle", "Mine task (did you mean 'level'?)"),
+    ({"level": True}, "level", "must be an int; got True"),
+    ({"mode": "c"}, "mode", "must be one of ['a', 'b']; got 'c'"),
+    ({"names": ("x", 2)}, "names", "must be a tuple, each item a string"),
+    ({"names": "x"}, "names", "must be a tuple; got 'x'"),
+    ({"limit": "1"}, "limit", "must be a number or None; got '1'"),
+    ({"limit": float("nan")}, "limit", "must be a number or None"),
+    # The task's own check, a plain ValueError naming the setting.
+    ({"level": 4}, "level", "level must be <= 3; got 4"),
+])
+def test_a_user_task_file_is_checked_by_its_fields(settings, field, why,
+                                                   tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text(_USER_TASK)
+  message = _refused(_task_config(f"{path}:Mine", settings, tmp_path),
+                     f"task.settings.{field}")
+  assert why in message, message
+  good = {"level": 3, "mode": "b", "names": ["y", "z"], "limit": 2}
+  validate(_task_config(f"{path}:Mine", good, tmp_path))
+
+
 @pytest.mark.parametrize("flag,line", [
     ("--config.task.settings.num_cont=3", "Invalid config: "
      "task.settings.num_cont: no such setting of the countdown task (did "

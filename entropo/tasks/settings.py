@@ -96,7 +96,8 @@ def type_error(value, annotation) -> str | None:
     item = args[0] if args and (len(args) == 1 or args[-1] is Ellipsis) else Any
     for element in value:
       if type_error(element, item) is not None:
-        return f"must be a tuple of {_describe(item)}s; got {value!r}"
+        return (f"must be a tuple, each item {_describe(item)}; got "
+                f"{value!r}")
     return None
   if annotation is bool:
     ok = isinstance(value, bool)
