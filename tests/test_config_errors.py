@@ -224,6 +224,164 @@ def test_the_launcher_prints_one_line(flag, line, tmp_path):
   assert not any(tmp_path.iterdir())  # nothing was written
 
 
+# ------------------------------------------------------ every task's settings
+
+# One out-of-range value per setting of every registered task (the task's
+# own __post_init__ refuses it, naming the setting); wrong types and
+# misspelt names are generated from the dataclass fields below.
+TASK_BAD = {
+    "countdown": dict(num_count=7, min_value=-1, max_value=10**18,
+                      max_target=0, ops="+^", use_all=1, min_used=0),
+    "countdown_calc": dict(num_count=0, min_value=-1, max_value=10**18,
+                           max_target=0, ops="", min_used=4, max_turns=65),
+    "quiz": dict(num_questions=17, max_value=0, ops="/", max_turns=2),
+    "calc_code": dict(min_value=-1, max_value=1, forms=("a^b",), words="no",
+                      max_turns=0, wall_seconds=0.0, observation_chars=3),
+    "apps_world": dict(num_people=1, max_amount=1, kinds=(), max_turns=1,
+                       wall_seconds=-1.0, observation_chars=0),
+    "gsm8k": {},  # its one setting, path, is task.path (test_training.py)
+}
+TASK_BAD["countdown_all"] = TASK_BAD["countdown"]
+GUESS = f"{ROOT}/experiments/envs/guess_number.py:GuessNumber"  # a user's
+
+
+def _task_fields(name: str) -> dict:
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.tasks import settings  # pylint: disable=g-import-not-at-top
+  cls = tasks.task_class(name)
+  return {k: v for k, v in settings.fields(cls).items()
+          if not (cls.file_backed and k == "path")}
+
+
+def test_every_task_setting_has_a_bad_value_here():
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  assert set(TASK_BAD) == set(tasks.TASKS), "add the new task's bad values"
+  for name, bad in TASK_BAD.items():
+    assert set(bad) == set(_task_fields(name)), name
+
+
+def _task_config(name: str, settings: dict, tmp_path):
+  values = tiny_config().to_dict()
+  values["task"].update(name=name, settings=settings)
+  if name == "gsm8k":
+    for split in ("train", "test"):
+      (tmp_path / f"{split}.jsonl").write_text("")
+    values["task"]["path"] = str(tmp_path)
+  return ml_collections.ConfigDict(values)
+
+
+def _refused(config, field: str) -> str:
+  start = time.monotonic()
+  with pytest.raises(ValueError) as info:
+    validate(config)
+  assert time.monotonic() - start < 1  # no data is generated
+  message = str(info.value)
+  assert message.startswith(f"Invalid config: {field}: "), message
+  assert "\n" not in message
+  return message
+
+
+@pytest.mark.parametrize("name,setting", [
+    (name, setting) for name in sorted(TASK_BAD)
+    for setting in sorted(TASK_BAD[name])])
+def test_a_bad_task_setting_fails_naming_it(name, setting, tmp_path):
+  config = _task_config(name, {setting: TASK_BAD[name][setting]}, tmp_path)
+  _refused(config, f"task.settings.{setting}")
+
+
+@pytest.mark.parametrize("name", sorted(TASK_BAD) + [GUESS])
+def test_a_task_setting_of_the_wrong_type_fails_naming_it(name, tmp_path):
+  """Each setting's annotation is its type: a string for an int, a number
+  for a string, 1 for a bool, a string for a tuple are refused by name."""
+  for setting, annotation in _task_fields(name).items():
+    value = 3 if annotation is str else "x"
+    config = _task_config(name, {setting: value}, tmp_path)
+    message = _refused(config, f"task.settings.{setting}")
+    assert repr(value) in message, message
+
+
+@pytest.mark.parametrize("name", sorted(TASK_BAD) + [GUESS])
+def test_a_misspelt_task_setting_names_the_closest(name, tmp_path):
+  known = sorted(_task_fields(name))
+  typo = known[0][:-1] if known else "num_count"
+  config = _task_config(name, {typo: 1}, tmp_path)
+  message = _refused(config, f"task.settings.{typo}")
+  assert "no such setting" in message, message
+  if known:
+    assert f"did you mean {known[0]!r}" in message, message
+
+
+_USER_TASK = """
+import dataclasses
+from typing import ClassVar, Literal
+from entropo import tasks
+
+@dataclasses.dataclass(frozen=True)
+class Mine(tasks.Task):
+  name: ClassVar[str] = "mine"
+  level: int = 1
+  mode: Literal["a", "b"] = "a"
+  names: tuple[str, ...] = ("x",)
+  limit: float | None = None
+
+  def __post_init__(self):
+    if self.level > 3:
+      raise ValueError(f"level must be <= 3; got {self.level}")
+
+  def prompt(self, problem):
+    return ""
+
+  def _verify(self, problem, completion):
+    return tasks.CORRECT
+"""
+
+
+@pytest.mark.parametrize("settings,field,why", [
+    ({"levle": 2}, "levle", "Mine task (did you mean 'level'?)"),
+    ({"level": True}, "level", "must be an int; got True"),
+    ({"mode": "c"}, "mode", "must be one of ['a', 'b']; got 'c'"),
+    ({"names": ("x", 2)}, "names", "must be a tuple, each item a string"),
+    ({"names": "x"}, "names", "must be a tuple; got 'x'"),
+    ({"limit": "1"}, "limit", "must be a number or None; got '1'"),
+    ({"limit": float("nan")}, "limit", "must be a number or None"),
+    # The task's own check, a plain ValueError naming the setting.
+    ({"level": 4}, "level", "level must be <= 3; got 4"),
+])
+def test_a_user_task_file_is_checked_by_its_fields(settings, field, why,
+                                                   tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text(_USER_TASK)
+  message = _refused(_task_config(f"{path}:Mine", settings, tmp_path),
+                     f"task.settings.{field}")
+  assert why in message, message
+  good = {"level": 3, "mode": "b", "names": ["y", "z"], "limit": 2}
+  validate(_task_config(f"{path}:Mine", good, tmp_path))
+
+
+@pytest.mark.parametrize("flag,line", [
+    ("--config.task.settings.num_cont=3", "Invalid config: "
+     "task.settings.num_cont: no such setting of the countdown task (did "
+     "you mean 'num_count'?)"),
+    ("--config.task.settings.num_count=9", "Invalid config: "
+     "task.settings.num_count: num_count must be in [1, 6]"),
+    ("--config.task.settings.max_value=abc", "Invalid config: "
+     "task.settings.max_value: "),
+    # A setting the config file does not set (countdown.py sets three).
+    ("--config.task.settings.min_used=4", "Invalid config: "
+     "task.settings.min_used: min_used must be in [1, num_count=3]"),
+    ("--config.task.settings.use_all=yes", "Invalid config: "
+     "task.settings.use_all: must be True or False; got 'yes'"),
+])
+def test_the_launcher_names_a_bad_task_setting(flag, line, tmp_path):
+  proc, seconds = _launch(f"--workdir={tmp_path}", flag)
+  assert proc.returncode == 2
+  err = proc.stderr.strip()
+  assert err.startswith(line), err
+  assert len(err.splitlines()) == 1, err
+  assert seconds < 60
+  assert not any(tmp_path.iterdir())
+
+
 # ---------------------------------------------- the algo section's relations
 
 

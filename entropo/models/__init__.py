@@ -15,7 +15,7 @@ from entropo.models.truncation import truncate_logits
 from entropo.models.lora import LoRAConfig
 from entropo.models.lora import add_lora
 from entropo.models.lora import cast_base
-from entropo.models.lora import load_lora
+from entropo.models.lora_peft import load_lora
 from entropo.models.lora import lora_disabled
 from entropo.models.lora import merge_lora
-from entropo.models.lora import save_lora
+from entropo.models.lora_peft import save_lora

@@ -24,10 +24,10 @@ from entropo.models import lora as lora_lib
 from entropo.models import tokenizer as tokenizer_lib
 from entropo.models import transformer as transformer_lib
 from entropo.tasks import data as data_lib
+from entropo.tasks import settings as task_settings
 from entropo.training.validation import check_bool
 from entropo.training.validation import check_number
 from entropo.training.validation import check_range
-from entropo.training.validation import did_you_mean
 from entropo.training.validation import fail
 
 
@@ -61,31 +61,35 @@ class TaskSection:
       if missing:
         fail("task.path", f"{self.path} has no {' or '.join(missing)} (the "
              f"{self.name} task reads one JSONL file per split)")
-    else:
-      self.make()  # the task's own checks of its settings
+    self.make()  # every setting's name, type and the task's own checks
 
   def make(self) -> "tasks_lib.Task":
-    """The task; a bad setting fails naming `task.settings.<field>`."""
+    """The task; a bad setting fails naming `task.settings.<field>`.
+
+    The settings are the task class's dataclass fields (entropo/tasks/
+    settings.py): an unknown name is refused with the closest one, a value
+    of another type than the field's annotation by name, and a value the
+    task's `__post_init__` refuses by the name it gives. Building a task
+    generates no data.
+    """
     settings = self.settings
     if hasattr(settings, "to_dict"):  # a ConfigDict
       settings = settings.to_dict()
     if not isinstance(settings, dict):
       fail("task.settings", f"must be a dict of the {self.name} task's "
            f"fields; got {settings!r}")
-    settings = dict(settings)
-    if self.file_backed:
-      settings["path"] = self.path
+    extra = {"path": self.path} if self.file_backed else None
+    if extra and "path" in settings:
+      fail("task.settings.path", f"the {self.name} task's files are set by "
+           f"task.path, not its settings")
     cls = tasks_lib.task_class(self.name)
-    fields = {f.name for f in dataclasses.fields(cls)
-              } if dataclasses.is_dataclass(cls) else ()
-    for key in settings:
-      if fields and key not in fields:
-        fail(f"task.settings.{key}", f"no such setting of the {self.name} "
-             f"task{did_you_mean(key, fields)}; its settings are "
-             f"{sorted(fields)}")
     try:
-      return tasks_lib.get_task(self.name, **settings)
-    except (ValueError, TypeError) as e:
+      return task_settings.check(cls, settings, task_name=self.name,
+                                 extra=extra)
+    except task_settings.SettingError as e:
+      fail(f"task.settings.{e.field}" if e.field else "task.settings",
+           e.message)
+    except (ValueError, TypeError) as e:  # a user task's own check
       message = str(e)
       named = [k for k in settings if message.startswith(k + " ")
                or f" {k}=" in message or f"{k} must" in message]
