@@ -23,7 +23,7 @@ PIP_QUIET ?= --quiet
 # and says so. $(1): the python, $(2): the leg's name, $(3): pytest options.
 define run_pytest
 	@echo "== $(2): $$($(1) -c 'import sys, jax, flax; print("Python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__)')"
-	@rc=0; $(1) -m pytest -n 2 $(3) $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(1) -m pytest -n 2 --durations=30 $(3) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 	  echo "== $(2): FAILED: pytest collected no test (exit status 5)" >&2; \
 	elif [ $$rc -ne 0 ]; then \

@@ -18,7 +18,12 @@
 #              interpret mode): blockwise against the references, the decode
 #              under the GPU loop rule;
 #   chunks     decode over a 2048-slot cache (4 chunks): every chunk in a loop
-#              of known length (the GPU rule) vs only the filled ones.
+#              of known length (the GPU rule) vs only the filled ones;
+#   inflight   benchmarks/inflight.py at Qwen3-0.6B's shape (all 28 layers),
+#              256 prompts, N = 1024, 64 slots: static vs waves vs in-flight
+#              useful tokens/s on log-normal (median N/8) and equal lengths,
+#              with the in-flight loop's trips (one host sync each on
+#              XLA:GPU) and the tests of tests/test_inflight.py on the GPU.
 # Each part is time-boxed; the whole stays under DEADLINE seconds (parts that
 # no longer fit are skipped, so a short DEADLINE runs the first ones only).
 # Logs and JSON go to $OUT (the device tool's output folder).
@@ -50,12 +55,14 @@ if [ -n "$QUICK" ]; then  # sizes that compile in seconds on a CPU
   LAYERS="--tiny --layers 2 --batch 1 --lengths 64 --chunk_size 16 --time 1"
   TESTS="decode_matches"
   UPDATE="--layers 1 --batch 1 --seq 64 --repeats 1"
+  INFLIGHT="--runs tiny:32 --batch 8 --slots 4 --repeats 1"
 else
   DECODE=""
   CHUNKS="--new_tokens 2016 --repeats 2"
   LAYERS="--layers 28 --batch 16 --lengths 1024 --time 3"
   TESTS="not cudnn and not pallas"
   UPDATE="--batch 16 --seq 1024"
+  INFLIGHT="--runs qwen3-0.6b:1024 --batch 256 --slots 64 --repeats 2"
 fi
 PROBE=${PROBE:-.device/probe_speed.py}
 # The wheels check.sh installs (its README): entropo imports nothing of
@@ -82,4 +89,9 @@ part tests 120 "${ATTENTION_TESTS[@]}" -k "$TESTS"
 # shellcheck disable=SC2086
 part chunks 90 "$PY" benchmarks/decode_step.py $CHUNKS \
   --variants bf16:16:filled bf16:16:every --out "$OUT/chunks.json"
+# shellcheck disable=SC2086
+part inflight 150 env PYTHONPATH="$PYTHONPATH:$PWD/benchmarks" "$PY" \
+  benchmarks/inflight.py $INFLIGHT --out "$OUT/inflight.json"
+part inflight_tests 90 env ENTROPO_TEST_ACCELERATOR=1 "$PY" -m pytest -q \
+  -p no:cacheprovider -o addopts="" tests/test_inflight.py
 echo "## total $((SECONDS-START))s"

@@ -6,21 +6,41 @@ accepted. Checks only look at static information (shapes, dtypes, Python
 options), so they are free under `jax.jit`.
 """
 
-from collections.abc import Collection, Sequence
+import difflib
+from collections.abc import Callable, Collection, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 
-def check_choice(name: str, value, choices: Collection[str]) -> str:
-  """Raises ValueError unless `value` is one of `choices`."""
-  if value not in choices:
+def did_you_mean(name: str, known) -> str:
+  """` (did you mean 'x'?)` for the closest of `known`, or ""."""
+  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+  return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_choice(name: str, value, choices: Collection,
+                 fail: Callable[[str, str], None] | None = None):
+  """Returns `value` if it is one of `choices`, else raises.
+
+  A bool matches only a bool choice (`1` is not `True` here). The core's
+  error is `ValueError("Unknown <name> <value>; expected one of ...")`;
+  with `fail` (the config's `validation.fail`), `fail(name, why)` raises
+  instead, with the closest choice for a misspelt string.
+  """
+  same = [c for c in choices
+          if c == value and isinstance(c, bool) == isinstance(value, bool)]
+  if same:
+    return value
+  if fail is None:
     raise ValueError(
         f"Unknown {name} {value!r}; expected one of "
         f"{', '.join(repr(c) for c in choices)}."
     )
-  return value
+  hint = (did_you_mean(value, choices) if isinstance(value, str)
+          and all(isinstance(c, str) for c in choices) else "")
+  fail(name, f"{value!r} is not one of {list(choices)}{hint}")
 
 
 def check_rank(name: str, x, ranks: int | Sequence[int]) -> None:

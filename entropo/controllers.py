@@ -2,8 +2,9 @@
 
 Each controller is a frozen dataclass of settings with `init() -> state` and
 `update(state, entropy, *, target) -> state`. The state is a NamedTuple (a
-pytree: jit-able, and saved in checkpoints); its first field holds the
-controlled value (`zeta`, `clip_high` or `coef`). `entropy` is the measured
+pytree: jit-able, and saved in checkpoints); its field named by the
+controller's `VALUE` holds the controlled value (`zeta`, `clip_high` or
+`coef`), read by name with `controller.value(state)`. `entropy` is the measured
 mean token entropy of the iteration's batch and `target` the entropy to hold
 (by default, the trainer measures it before RL starts). Both may be traced.
 
@@ -128,6 +129,7 @@ class ZetaController:
   ki: float = 0.2
 
   LAWS = ("doubling", "pi")
+  VALUE = "zeta"  # the state field holding the controlled value
 
   def __post_init__(self):
     _checks.check_choice("ZetaController law", self.law, self.LAWS)
@@ -155,6 +157,10 @@ class ZetaController:
       )
     _checks.check_positive("tolerance", self.tolerance, allow_zero=True)
     _check_pi_gains(self.kp, self.ki)
+
+  def value(self, state) -> jax.Array:
+    """The controlled value of `state` (its `VALUE` field)."""
+    return getattr(state, self.VALUE)
 
   def init(self) -> ZetaState:
     integral = (self.init_zeta / self.zeta_max) / self.ki if self.ki else 0.0
@@ -232,6 +238,7 @@ class ClipHighController:
   ki: float = 0.2
 
   LAWS = ("multiplicative", "pi")
+  VALUE = "clip_high"  # the state field holding the controlled value
 
   def __post_init__(self):
     _checks.check_choice("ClipHighController law", self.law, self.LAWS)
@@ -253,6 +260,10 @@ class ClipHighController:
   def _log_span(self):
     lo, hi = math.log(self.clip_high_min), math.log(self.clip_high_max)
     return (lo + hi) / 2, (hi - lo) / 2
+
+  def value(self, state) -> jax.Array:
+    """The controlled value of `state` (its `VALUE` field)."""
+    return getattr(state, self.VALUE)
 
   def init(self) -> ClipHighState:
     mid, half = self._log_span()
@@ -304,6 +315,7 @@ class EntropyCoefController:
   tolerance: float = 0.0
 
   LAWS = ("step", "dual")
+  VALUE = "coef"  # the state field holding the controlled value
 
   def __post_init__(self):
     _checks.check_choice("EntropyCoefController law", self.law, self.LAWS)
@@ -314,6 +326,10 @@ class EntropyCoefController:
     _checks.check_positive("delta", self.delta)
     _checks.check_positive("lr", self.lr)
     _checks.check_positive("tolerance", self.tolerance, allow_zero=True)
+
+  def value(self, state) -> jax.Array:
+    """The controlled value of `state` (its `VALUE` field)."""
+    return getattr(state, self.VALUE)
 
   def init(self) -> EntropyCoefState:
     return EntropyCoefState(coef=_f32(self.init_coef))

@@ -23,9 +23,11 @@ process with the same flags and the environment variables of
 the workdir must be on a filesystem all processes share.
 """
 
+import ast
 import difflib
 import importlib.util
 import os
+import re
 import sys
 
 from absl import app
@@ -63,16 +65,72 @@ def _config_arg(argv) -> str:
   return value
 
 
-def _unknown_override(argv) -> str | None:
-  """The message for the first `--config.<path>` whose path is not a field
-  of the config file's config (with a "did you mean"), or None."""
+def _file_config(argv):
+  """The config of the `--config` file (None when it does not load: the
+  flag parser's own message then says what is wrong)."""
   path, _, arg = _config_arg(argv).partition(":")
   try:
     spec = importlib.util.spec_from_file_location("_entropo_config", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    config = module.get_config(arg) if arg else module.get_config()
+    return module.get_config(arg) if arg else module.get_config()
   except Exception:  # pylint: disable=broad-except
+    return None
+
+
+_SETTING_FLAG = "--config.task.settings."
+
+
+def _take_task_settings(argv: list[str]) -> dict[str, str]:
+  """Removes from `argv` each `--config.task.settings.<name>=<value>` whose
+  name the config file's `task.settings` lacks, and returns them.
+
+  A task's settings are its dataclass fields, and a config file sets only
+  some of them; ml_collections refuses a key its config lacks, so these are
+  added to `task.settings` after parsing (`_typed_setting`) and checked,
+  misspelt names included, by `validate` like any other setting.
+  """
+  if not any(a.startswith(_SETTING_FLAG) for a in argv):
+    return {}  # (the config file is loaded here only when needed)
+  config = _file_config(argv)
+  if config is None or "task" not in config or (
+      "settings" not in config.task):
+    return {}
+  present = set(config.task.settings.keys())
+  taken = {}
+  for a in list(argv):
+    if a.startswith(_SETTING_FLAG) and "=" in a:
+      name, value = a[len(_SETTING_FLAG):].split("=", 1)
+      if "." not in name and name not in present:
+        taken[name] = value
+        argv.remove(a)
+  return taken
+
+
+def _typed_setting(task_name: str, name: str, text: str):
+  """A setting flag's value, read as its field's annotation wants: the
+  text for a string field, else a Python literal (`3`, `2.5`, `True`,
+  `('a+b',)`) or, when it is none, the text (which `validate` refuses
+  naming the setting)."""
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.tasks import settings  # pylint: disable=g-import-not-at-top
+  try:
+    fields = settings.fields(tasks.task_class(task_name)) or {}
+  except ValueError:
+    fields = {}
+  if fields.get(name) is str:
+    return text
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _unknown_override(argv) -> str | None:
+  """The message for the first `--config.<path>` whose path is not a field
+  of the config file's config (with a "did you mean"), or None."""
+  config = _file_config(argv)
+  if config is None:
     return None  # the flag parser's own message says what is wrong
   for a in argv:
     if not a.startswith("--config."):
@@ -92,6 +150,9 @@ def _unknown_override(argv) -> str | None:
       node = node[name]
   return None
 
+
+# Task settings that the config file does not set (its dataclass has them).
+_TASK_SETTINGS = _take_task_settings(sys.argv)
 
 try:
   # ml_collections reads the --config.<field> overrides from sys.argv here,
@@ -119,8 +180,15 @@ def _parse_flags(argv):
     # from ml_collections; say which field, and the closest one.
     message = _unknown_override(argv)
     if message is None:  # absl's own message, its first line
-      message = str(e).strip().strip("'\"").replace("\\n", " ")
+      raw = str(e).strip()
+      message = raw.strip("'\"").replace("\\n", " ")
       message = message.splitlines()[0]
+      # `flag --config.<field>=<value>: why`: name the field like validate.
+      bad = re.match(r"flag --config\.([\w.]+)=(.*?): (.*)$",
+                     raw.replace("\\n", " ").splitlines()[0])
+      if bad:
+        message = (f"Invalid config: {bad[1]}: cannot read {bad[2]!r} as "
+                   f"its type ({bad[3]})")
     _die(message)
 
 
@@ -145,6 +213,9 @@ def main(argv):
       config.model.init_from = _INIT_FROM.value
     if _ALLOW_CONFIG_CHANGE.value:
       config.train.allow_config_change = True
+    for name, text in _TASK_SETTINGS.items():
+      config.task.settings[name] = _typed_setting(config.task.name, name,
+                                                  text)
   try:
     config_lib.validate(config)
     check_resume(config, _WORKDIR.value)

@@ -19,15 +19,8 @@ import pathlib
 import numpy as np
 
 from entropo.training import sections
+from experiments import reporting
 from experiments import study_regimes as regimes
-from experiments.study_report import _curve
-from experiments.study_report import _figure
-from experiments.study_report import _label
-from experiments.study_report import _pm
-from experiments.study_report import _runs
-from experiments.study_report import _smooth
-from experiments.study_report import _subplots
-from experiments.study_report import _table
 
 # The algorithm stage's setting, as an off-policy cell.
 DEFAULT_CELL = regimes.cell("4x1", 1)
@@ -66,11 +59,11 @@ def _headline(s: list[dict]) -> dict:
 
 
 def _cells(h: dict, k: int) -> list[str]:
-  return [_pm(h["entropy_change_pct"], 2, pct=True),
+  return [reporting.pm(h["entropy_change_pct"], 2, pct=True),
           f"{100 * np.mean(h['clipfrac_high']):.2f}",
           f"{100 * np.mean(h['clipfrac_low']):.2f}",
           f"{np.mean(h['approx_kl']):.1e}",
-          _pm(h["pass@1"]), _pm(h[f"pass@{k}"]),
+          reporting.pm(h["pass@1"]), reporting.pm(h[f"pass@{k}"]),
           f"{np.mean(h['minutes']):.1f}"]
 
 
@@ -95,19 +88,19 @@ def _offpolicy(runs, out, files):
       s = list(cells[name_cell].values())
       h = _headline(s)
       mb, ep, lr = regimes.parse_cell(name_cell)
-      eps = (_pm([x["records"][-1]["controller/clip_high"] for x in s], 2)
-             if algo == "adapo" else "")
-      rows.append([_label(algo), f"{mb} × {ep}", f"×{lr:g}", len(s),
+      eps = (reporting.pm([x["records"][-1]["controller/clip_high"]
+                           for x in s], 2) if algo == "adapo" else "")
+      rows.append([reporting.label(algo), f"{mb} × {ep}", f"×{lr:g}", len(s),
                    *_cells(h, s[0]["max_k"]), eps])
       data[f"{algo}/{name_cell}"] = h
-  md = [_table(["algorithm", "minibatches × epochs", "learning rate",
-                "seeds", *_columns(runs), "ε_high at the end"], rows)]
+  md = [reporting.table(["algorithm", "minibatches × epochs", "learning rate",
+                         "seeds", *_columns(runs), "ε_high at the end"], rows)]
   md += _contrasts(data, order)
   # Entropy change against the clip fractions, one point per run.
   markers = dict(zip(regimes.UPDATES.values(), "os^D"))
   colors = dict(zip(regimes.OFFPOLICY_ALGORITHMS,
                     ("tab:blue", "tab:orange", "tab:green", "tab:red")))
-  fig, axes = _subplots(2, figsize=(13, 5))
+  fig, axes = reporting.subplots(2, figsize=(13, 5))
   for ax, side in zip(axes, ("high", "low")):
     for key, h in data.items():
       algo, name_cell = key.split("/")
@@ -122,7 +115,8 @@ def _offpolicy(runs, out, files):
            title=f"Entropy change against {side}-side clipping")
     ax.grid(alpha=0.3)
   from matplotlib.lines import Line2D  # pylint: disable=g-import-not-at-top
-  handles = [Line2D([], [], color=c, marker="o", ls="", label=_label(a))
+  handles = [Line2D([], [], color=c, marker="o", ls="",
+                    label=reporting.label(a))
              for a, c in colors.items() if a in by_algo]
   handles += [Line2D([], [], color="k", marker=m, ls="", mfc="none",
                      label=f"{mb} minibatches × {ep} epochs")
@@ -131,10 +125,10 @@ def _offpolicy(runs, out, files):
                         label="filled: learning rate ×4; hollow: ×1"))
   axes[0].legend(handles=handles, fontsize=7)
   fig.suptitle("Off-policy sweep: one point per run (3 seeds per setting)")
-  files.append(_figure(out / "offpolicy_clip_entropy.png", fig))
+  files.append(reporting.figure(out / "offpolicy_clip_entropy.png", fig))
 
-  fig, axes = _subplots(len(by_algo), figsize=(5 * len(by_algo), 4),
-                        squeeze=False)
+  fig, axes = reporting.subplots(len(by_algo), figsize=(5 * len(by_algo), 4),
+                                 squeeze=False)
   for ax, (algo, cells) in zip(axes[0], by_algo.items()):
     names = [c for c in order if c in cells]
     ys = [data[f"{algo}/{c}"]["entropy_change_pct"] for c in names]
@@ -145,10 +139,10 @@ def _offpolicy(runs, out, files):
       ax.scatter([xi] * len(y), y, color="k", s=10, zorder=3)
     ax.set_xticks(x, [c.replace("_", "\n") for c in names], fontsize=7)
     ax.axhline(0, color="k", lw=0.8)
-    ax.set(ylabel="entropy change (%)", title=_label(algo))
+    ax.set(ylabel="entropy change (%)", title=reporting.label(algo))
     ax.grid(alpha=0.3, axis="y")
   fig.suptitle("Entropy change per setting (bars: mean; dots: seeds)")
-  files.append(_figure(out / "offpolicy_effect.png", fig))
+  files.append(reporting.figure(out / "offpolicy_effect.png", fig))
   return md, data
 
 
@@ -174,8 +168,8 @@ def _contrasts(data, order) -> list[str]:
                    f"{se:.1f}"])
   if not rows:
     return []
-  return [_table(["contrast", "setting", "difference in entropy change "
-                  "(points, ± s.e.)"], rows)]
+  return [reporting.table(["contrast", "setting", "difference in entropy "
+                           "change (points, ± s.e.)"], rows)]
 
 
 _DEFAULT_START = {
@@ -191,8 +185,8 @@ def _start_entropy(runs, offpolicy, ceiling, out, files):
     table[algo][start] = seeds
   _add_reference_runs(table, offpolicy, ceiling, "default")
   rows, data = [], {}
-  fig, axes = _subplots(len(table), figsize=(5 * len(table), 4),
-                        squeeze=False)
+  fig, axes = reporting.subplots(len(table), figsize=(5 * len(table), 4),
+                                 squeeze=False)
   for ax, (algo, starts) in zip(axes[0], table.items()):
     start_h = {k: np.mean([x["initial_entropy"] for x in v.values()])
                for k, v in starts.items()}
@@ -200,30 +194,30 @@ def _start_entropy(runs, offpolicy, ceiling, out, files):
       s = list(starts[start].values())
       h = _headline(s)
       settings = {**_DEFAULT_START, **regimes.STARTS.get(start, {})}
-      rows.append([_label(algo), start, settings["spread"],
+      rows.append([reporting.label(algo), start, settings["spread"],
                    settings["steps"], f"{start_h[start]:.3f}",
-                   _pm([x["baseline"]["eval/pass@1"] for x in s]),
-                   _pm(h["final_entropy"]), *_cells(h, s[0]["max_k"])])
+                   reporting.pm([x["baseline"]["eval/pass@1"] for x in s]),
+                   reporting.pm(h["final_entropy"]), *_cells(h, s[0]["max_k"])])
       data[f"{algo}/{start}"] = {
           **h, "initial_entropy": [x["initial_entropy"] for x in s]}
-      x, mean, _, _ = _curve(starts[start], "entropy/mean")
-      line, = ax.plot(x, _smooth(mean), label=start)
+      x, mean, _, _ = reporting.curve(starts[start], "entropy/mean")
+      line, = ax.plot(x, reporting.smooth(mean), label=start)
       ax.axhline(start_h[start], color=line.get_color(), ls=":", lw=1)
     ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
-           title=f"{_label(algo)} (dotted: start)")
+           title=f"{reporting.label(algo)} (dotted: start)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  files.append(_figure(out / "start_entropy.png", fig))
-  return [_table(["algorithm", "warm start", "spread", "steps",
-                  "entropy before RL", "pass@1 before RL", "final entropy",
-                  *_columns(runs)], rows)], data
+  files.append(reporting.figure(out / "start_entropy.png", fig))
+  return [reporting.table(["algorithm", "warm start", "spread", "steps",
+                           "entropy before RL", "pass@1 before RL",
+                           "final entropy", *_columns(runs)], rows)], data
 
 
 def _repo_ceiling(runs, out, files):
   if not runs:
     return [], {}
   rows, data = [], {}
-  fig, axes = _subplots(2, figsize=(12, 4))
+  fig, axes = reporting.subplots(2, figsize=(12, 4))
   for name in [v for v in regimes.CEILING if v in runs]:
     seeds = runs[name]
     s = list(seeds.values())
@@ -234,15 +228,15 @@ def _repo_ceiling(runs, out, files):
              for x in s]
     at_bound = [float(np.mean(np.abs(z) >= 0.999 * zeta_max)) for z in zetas]
     target = [x["records"][-1]["target_entropy"] for x in s]
-    rows.append([name, len(s), _pm(h["final_entropy"]),
+    rows.append([name, len(s), reporting.pm(h["final_entropy"]),
                  f"{np.mean(target):.3f}",
-                 _pm([z[-1] for z in zetas], 2),
+                 reporting.pm([z[-1] for z in zetas], 2),
                  f"{100 * np.mean(at_bound):.0f}",
                  *_cells(h, s[0]["max_k"])])
     data[name] = {**h, "zeta_at_bound": at_bound, "target": target}
-    x, mean, _, _ = _curve(seeds, "entropy/mean")
-    line, = axes[0].plot(x, _smooth(mean), label=name)
-    x, mean, _, _ = _curve(seeds, "controller/zeta")
+    x, mean, _, _ = reporting.curve(seeds, "entropy/mean")
+    line, = axes[0].plot(x, reporting.smooth(mean), label=name)
+    x, mean, _, _ = reporting.curve(seeds, "controller/zeta")
     axes[1].plot(x, mean, color=line.get_color(), label=name)
   axes[0].axhline(np.mean(target), color="k", ls=":", lw=1, label="target")
   axes[0].set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
@@ -252,38 +246,40 @@ def _repo_ceiling(runs, out, files):
   for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  files.append(_figure(out / "repo_ceiling.png", fig))
-  return [_table(["variant", "seeds", "final entropy", "target",
-                  "ζ at the end", "iterations at the bound %",
-                  *_columns(runs)], rows)], data
+  files.append(reporting.figure(out / "repo_ceiling.png", fig))
+  return [reporting.table(["variant", "seeds", "final entropy", "target",
+                           "ζ at the end", "iterations at the bound %",
+                           *_columns(runs)], rows)], data
 
 
 def _precision_band(runs, out, files):
   if not runs:
     return [], {}
   rows, data = [], {}
-  fig, ax = _subplots(figsize=(7, 4))
+  fig, ax = reporting.subplots(figsize=(7, 4))
   for name, seeds in runs.items():
     algo, name_cell, preset = name.split("/")
     s = list(seeds.values())
     h = _headline(s)
     h.update({k: [x[k] for x in s] for k in (
         "ratio_bias", "phantom_clipfrac_low", "phantom_clipfrac_high")})
-    rows.append([_label(algo), name_cell, preset, len(s),
+    rows.append([reporting.label(algo), name_cell, preset, len(s),
                  f"{np.mean(h['ratio_bias']):+.2e}",
                  f"{np.mean(h['phantom_clipfrac_low']):.1e} / "
                  f"{np.mean(h['phantom_clipfrac_high']):.1e}",
                  *_cells(h, s[0]["max_k"])])
     data[name] = h
-    x, mean, _, _ = _curve(seeds, "entropy/mean")
-    ax.plot(x, _smooth(mean), label=f"{_label(algo)} {preset}")
+    x, mean, _, _ = reporting.curve(seeds, "entropy/mean")
+    ax.plot(x, reporting.smooth(mean),
+            label=f"{reporting.label(algo)} {preset}")
   ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
          title="Precision where the band binds (old log-probs: sampler)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
-  files.append(_figure(out / "precision_band.png", fig))
-  return [_table(["algorithm", "regime", "preset", "seeds", "ratio bias",
-                  "phantom clip low / high", *_columns(runs)], rows)], data
+  files.append(reporting.figure(out / "precision_band.png", fig))
+  return [reporting.table(["algorithm", "regime", "preset", "seeds",
+                           "ratio bias", "phantom clip low / high",
+                           *_columns(runs)], rows)], data
 
 
 def _lora(runs, offpolicy, ceiling, out, files):
@@ -296,28 +292,30 @@ def _lora(runs, offpolicy, ceiling, out, files):
                 f"lr ×{lr.removeprefix('lr')}"] = seeds
   _add_reference_runs(table, offpolicy, ceiling, "full, lr ×1")
   rows, data = [], {}
-  fig, axes = _subplots(len(table), figsize=(6 * len(table), 4),
-                        squeeze=False)
+  fig, axes = reporting.subplots(len(table), figsize=(6 * len(table), 4),
+                                 squeeze=False)
   for ax, (algo, variants) in zip(axes[0], table.items()):
     for variant in sorted(variants, key=lambda v: not v.startswith("full")):
       s = list(variants[variant].values())
       h = _headline(s)
-      rows.append([_label(algo), variant, len(s), *_cells(h, s[0]["max_k"])])
+      rows.append([reporting.label(algo), variant, len(s),
+                   *_cells(h, s[0]["max_k"])])
       data[f"{algo}/{variant}"] = h
-      x, mean, _, _ = _curve(variants[variant], "entropy/mean")
-      ax.plot(x, _smooth(mean), label=variant)
+      x, mean, _, _ = reporting.curve(variants[variant], "entropy/mean")
+      ax.plot(x, reporting.smooth(mean), label=variant)
     ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
-           title=f"{_label(algo)}: full fine-tuning and LoRA")
+           title=f"{reporting.label(algo)}: full fine-tuning and LoRA")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  files.append(_figure(out / "lora.png", fig))
-  return [_table(["algorithm", "trained", "seeds", *_columns(runs)], rows)], data
+  files.append(reporting.figure(out / "lora.png", fig))
+  return [reporting.table(["algorithm", "trained", "seeds", *_columns(runs)],
+                          rows)], data
 
 
 def write_sections(study_dir, out: pathlib.Path, files: list):
   """[(title, markdown lines)] and {stage: numbers} of the regime stages."""
   study_dir = pathlib.Path(study_dir)
-  runs = {s: _runs(study_dir, s) for s in regimes.REGIME_STAGES}
+  runs = {s: reporting.runs(study_dir, s) for s in regimes.REGIME_STAGES}
   sections, summary = [], {}
   for title, stage, lines_data in (
       ("Off-policy sweep (updates per batch, learning rate)", "offpolicy",

@@ -442,7 +442,7 @@ def _check_flags() -> None:
                   for a in _OFFPOLICY_ALGORITHMS.value]
                + [_SEQ_ALGORITHM.value, _MISMATCH_ALGORITHM.value]):
     try:
-      config_lib.algorithm(name)
+      config_lib.preset(name)
     except ValueError as e:
       raise app.UsageError(str(e)) from None
   if "sequential" in _STAGES.value:

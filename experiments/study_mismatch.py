@@ -26,11 +26,8 @@ import pathlib
 
 import numpy as np
 
-from experiments.study_report import _figure
-from experiments.study_report import _pm
-from experiments.study_report import _runs
-from experiments.study_report import _subplots
-from experiments.study_report import _table
+from experiments import reporting
+
 
 STAGE = "mismatch"
 SAMPLERS = ("fp32", "bf16", "fp16")
@@ -105,7 +102,7 @@ def _run_numbers(summary) -> dict:
 def write_report(study_dir) -> list[pathlib.Path]:
   """`report/mismatch.md`, `report/mismatch.json` and two PNGs."""
   study_dir = pathlib.Path(study_dir)
-  runs = _runs(study_dir, STAGE)
+  runs = reporting.runs(study_dir, STAGE)
   if not runs:
     return []
   out = study_dir / "report"
@@ -124,13 +121,14 @@ def write_report(study_dir) -> list[pathlib.Path]:
                              "mismatch/chi2_token",
                              "mismatch/log_ppl_abs_diff",
                              "mismatch/ratio_bias")] + [
-        _pm(v("mismatch/prob_corr"), 6),
+        reporting.pm(v("mismatch/prob_corr"), 6),
         "—" if masked[0] is None else _sci(masked),
-        _pm(v("entropy_change_pct"), 3, pct=True), _pm(v("pass1"), 3),
-        _pm(v("corr_kl_entropy"), 2), f"{np.mean(v('seconds')):.0f}"])
+        reporting.pm(v("entropy_change_pct"), 3, pct=True),
+        reporting.pm(v("pass1"), 3),
+        reporting.pm(v("corr_kl_entropy"), 2), f"{np.mean(v('seconds')):.0f}"])
   text = "\n".join(["# Sampler/trainer mismatch", "",
                     "Means over iterations, then mean ± sd over seeds.", "",
-                    _table(header, rows), ""])
+                    reporting.table(header, rows), ""])
   (out / "mismatch.md").write_text(text)
   (out / "mismatch.json").write_text(json.dumps(numbers, indent=2))
   return [out / "mismatch.md", out / "mismatch.json",
@@ -139,7 +137,7 @@ def write_report(study_dir) -> list[pathlib.Path]:
 
 def _kl_vs_entropy(runs, out) -> pathlib.Path:
   """Per-iteration mismatch KL against batch entropy, uncorrected runs."""
-  fig, ax = _subplots(figsize=(7, 4.5))
+  fig, ax = reporting.subplots(figsize=(7, 4.5))
   for name, seeds in sorted(runs.items()):
     if not name.endswith("/none"):
       continue
@@ -155,14 +153,14 @@ def _kl_vs_entropy(runs, out) -> pathlib.Path:
   ax.set_title("Mismatch KL against entropy over training (each point an "
                "iteration)")
   ax.legend(fontsize=7)
-  return _figure(out / "mismatch_kl_vs_entropy.png", fig)
+  return reporting.figure(out / "mismatch_kl_vs_entropy.png", fig)
 
 
 def _entropy_curves(runs, out) -> pathlib.Path:
   """Batch entropy over training, per cell, without and with correction."""
   cells = sorted({name.rsplit("/", 1)[0] for name in runs})
-  fig, axes = _subplots(len(cells), figsize=(3.2 * len(cells), 3.2),
-                        squeeze=False)
+  fig, axes = reporting.subplots(len(cells), figsize=(3.2 * len(cells), 3.2),
+                                 squeeze=False)
   for ax, c in zip(axes[0], cells):
     for name, seeds in sorted(runs.items()):
       if name.rsplit("/", 1)[0] != c:
@@ -176,4 +174,4 @@ def _entropy_curves(runs, out) -> pathlib.Path:
     ax.set_xlabel("iteration")
     ax.set_ylabel("entropy (nats/token)")
     ax.legend(fontsize=7)
-  return _figure(out / "mismatch_entropy.png", fig)
+  return reporting.figure(out / "mismatch_entropy.png", fig)

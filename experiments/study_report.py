@@ -24,121 +24,10 @@ import pathlib
 
 import numpy as np
 
-from entropo.training import logger
-
-
-def summarize(directory) -> dict:
-  """The headline numbers of one finished run directory (and, under
-  `records`, its per-iteration metrics)."""
-  directory = pathlib.Path(directory)
-  records = logger.read_jsonl(directory / "metrics.jsonl")
-  baseline = json.loads((directory / "baseline.json").read_text())
-  evals = [r for r in records if r.get("eval/pass@1") is not None]
-  final = {k: v for k, v in evals[-1].items() if k.startswith("eval/")}
-  ks = sorted(int(k.split("@")[1]) for k in final if "pass@" in k)
-  tail = records[-max(1, len(records) // 10):]
-  mean = lambda key, rs: float(sum(r[key] for r in rs) / len(rs))  # noqa
-  return {
-      "iterations": len(records),
-      "initial_entropy": baseline["eval/entropy"],
-      "final_entropy": mean("entropy/mean", tail),
-      # Train-batch entropy of the last 10 % of iterations vs the entropy
-      # before RL.
-      "entropy_change_pct": mean("entropy/change_pct", tail),
-      "eval_entropy_change_pct": 100 * (final["eval/entropy"]
-                                        / baseline["eval/entropy"] - 1),
-      "cumulative_entropy": records[-1]["entropy/cumulative"],
-      "baseline": baseline,
-      "final": final,
-      "max_k": ks[-1],
-      "reward_first": mean("reward/mean", records[:max(1, len(records) // 10)]),
-      "reward_last": mean("reward/mean", tail),
-      "ratio_bias": mean("mismatch/ratio_bias", records),
-      "phantom_clipfrac_low": mean("mismatch/phantom_clipfrac_low", records),
-      "phantom_clipfrac_high": mean("mismatch/phantom_clipfrac_high", records),
-      "max_abs_diff": max(r["mismatch/max_abs_diff"] for r in records),
-      "records": records,
-  }
-
-
-def _runs(study_dir: pathlib.Path, stage: str) -> dict[str, dict[int, dict]]:
-  """{name: {seed: summary}} of the finished runs of a stage."""
-  timing_path = study_dir / "timing.json"
-  timing = json.loads(timing_path.read_text()) if timing_path.is_file() else {}
-  out = collections.defaultdict(dict)
-  root = study_dir / "runs" / stage
-  for key, seconds in timing.items():
-    path = study_dir / key
-    if not key.startswith(f"runs/{stage}/") or not path.is_dir():
-      continue
-    name = str(path.parent.relative_to(root))
-    seed = int(path.name.removeprefix("seed"))
-    summary = summarize(path)
-    summary["seconds"] = seconds
-    out[name][seed] = summary
-  return dict(out)
-
-
-def _label(name: str) -> str:
-  return name.replace("_repo_r", "+REPO-R").replace("_repo_d", "+REPO-D")
-
-
-def _curve(runs: dict[int, dict], key: str):
-  """Iterations and the mean, min and max over seeds of a per-iteration key."""
-  series = [np.array([r.get(key) if r.get(key) is not None else np.nan
-                      for r in s["records"]], float) for s in runs.values()]
-  n = min(len(s) for s in series)
-  stack = np.stack([s[:n] for s in series])
-  return (np.arange(n), np.nanmean(stack, 0), np.nanmin(stack, 0),
-          np.nanmax(stack, 0))
-
-
-def _evals(summary: dict, key: str):
-  """(updates, values) of an eval metric, starting with the baseline."""
-  xs, ys = [0], [summary["baseline"][key]]
-  for r in summary["records"]:
-    if r.get(key) is not None:
-      xs.append(r["iteration"] + 1)
-      ys.append(r[key])
-  return np.array(xs), np.array(ys)
-
-
-def _smooth(y, width=5):
-  if len(y) < width:
-    return y
-  kernel = np.ones(width) / width
-  padded = np.concatenate([np.full(width // 2, y[0]), y,
-                           np.full(width - 1 - width // 2, y[-1])])
-  return np.convolve(padded, kernel, mode="valid")
-
-
-def _pm(values, digits=3, pct=False) -> str:
-  values = np.asarray(values, float)
-  fmt = f"{{:+.{digits}g}}" if pct else f"{{:.{digits}f}}"
-  if len(values) == 1:
-    return fmt.format(values[0])
-  return f"{fmt.format(values.mean())} ± {values.std(ddof=1):.{digits}f}"
-
-
-def _table(header, rows) -> str:
-  lines = ["| " + " | ".join(header) + " |",
-           "|" + "---|" * len(header)]
-  lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-  return "\n".join(lines)
-
-
-def _subplots(ncols=1, *, figsize, squeeze=True):
-  """A figure and its axes, without pyplot: no global backend switch (a
-  notebook's inline plots keep working), nothing to close."""
-  from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
-  fig = Figure(figsize=figsize)
-  return fig, fig.subplots(1, ncols, squeeze=squeeze)
-
-
-def _figure(path, fig):
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  return path
+from experiments import regime_report
+from experiments import reporting
+# `summarize` is read from here by experiments.study and the tests.
+from experiments.reporting import summarize  # pylint: disable=unused-import
 
 
 def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
@@ -157,11 +46,11 @@ def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
   for name, seeds in runs.items():
     s = list(seeds.values())
     rows.append([
-        _label(name), len(s),
-        _pm([x["entropy_change_pct"] for x in s], 2, pct=True),
-        _pm([x["cumulative_entropy"] for x in s], 1),
-        _pm([x["final"]["eval/pass@1"] for x in s]),
-        _pm([x["final"][f"eval/pass@{ks[-1]}"] for x in s]),
+        reporting.label(name), len(s),
+        reporting.pm([x["entropy_change_pct"] for x in s], 2, pct=True),
+        reporting.pm([x["cumulative_entropy"] for x in s], 1),
+        reporting.pm([x["final"]["eval/pass@1"] for x in s]),
+        reporting.pm([x["final"][f"eval/pass@{ks[-1]}"] for x in s]),
         f"{np.mean([x['reward_first'] for x in s]):.3f} → "
         f"{np.mean([x['reward_last'] for x in s]):.3f}",
         f"{np.mean([x['seconds'] for x in s]) / 60:.1f}"])
@@ -174,7 +63,7 @@ def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
             f"runs' evaluations): entropy "
             f"{base['eval/entropy']:.3f} nats/token, " + ", ".join(
                 f"pass@{k} {base[f'eval/pass@{k}']:.3f}" for k in ks) + ".")
-  md.append(_table(header, rows))
+  md.append(reporting.table(header, rows))
   # Correlation of cumulative entropy and final accuracy over all runs.
   cum = np.array([x["cumulative_entropy"] for v in runs.values()
                   for x in v.values()])
@@ -186,27 +75,37 @@ def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
       data[f"corr_cumulative_entropy_pass@{k}"] = r
       md.append(f"Pearson correlation of cumulative entropy and final "
                 f"pass@{k} over all {len(cum)} runs: {r:+.2f}.")
+  _algorithm_plots(runs, base, ks, out, files)
+  return md, data
 
+
+def _algorithm_plots(runs, base, ks, out, files) -> None:
+  """The algorithm stage's four figures (entropy curves, accuracy against
+  entropy, pass@k, cumulative entropy), appended to `files`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   colors = matplotlib.colormaps["tab10"](np.linspace(0, 1, 10))
-  fig, ax = _subplots(figsize=(8, 5))
+  fig, ax = reporting.subplots(figsize=(8, 5))
   for (name, seeds), color in zip(runs.items(), colors):
-    x, mean, lo, hi = _curve(seeds, "entropy/mean")
-    ax.plot(x, _smooth(mean), color=color, label=_label(name))
-    ax.fill_between(x, _smooth(lo), _smooth(hi), color=color, alpha=0.12)
+    x, mean, lo, hi = reporting.curve(seeds, "entropy/mean")
+    ax.plot(x, reporting.smooth(mean), color=color, label=reporting.label(name))
+    ax.fill_between(x, reporting.smooth(lo), reporting.smooth(hi),
+                    color=color, alpha=0.12)
   ax.axhline(base["eval/entropy"], color="k", ls=":", lw=1,
              label="start (target)")
   ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
          title="Entropy during RL (mean over seeds, min-max band)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
-  files.append(_figure(out / "entropy_curves.png", fig))
+  files.append(reporting.figure(out / "entropy_curves.png", fig))
 
-  fig, ax = _subplots(figsize=(7, 5))
+  fig, ax = reporting.subplots(figsize=(7, 5))
   for (name, seeds), color in zip(runs.items(), colors):
-    ent = np.mean([_evals(s, "eval/entropy")[1] for s in seeds.values()], 0)
-    acc = np.mean([_evals(s, "eval/pass@1")[1] for s in seeds.values()], 0)
-    ax.plot(ent, acc, marker="o", ms=3, color=color, label=_label(name))
+    ent = np.mean([reporting.evals(s, "eval/entropy")[1]
+                   for s in seeds.values()], 0)
+    acc = np.mean([reporting.evals(s, "eval/pass@1")[1]
+                   for s in seeds.values()], 0)
+    ax.plot(ent, acc, marker="o", ms=3, color=color,
+            label=reporting.label(name))
     ax.plot(ent[-1], acc[-1], marker="*", ms=11, color=color)
   ax.plot(base["eval/entropy"], base["eval/pass@1"], "ks", label="start")
   ax.set(xlabel="held-out token entropy (nats)", ylabel="held-out pass@1",
@@ -214,13 +113,13 @@ def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
                "star = end)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
-  files.append(_figure(out / "accuracy_vs_entropy.png", fig))
+  files.append(reporting.figure(out / "accuracy_vs_entropy.png", fig))
 
-  fig, ax = _subplots(figsize=(7, 5))
+  fig, ax = reporting.subplots(figsize=(7, 5))
   for (name, seeds), color in zip(runs.items(), colors):
     ys = np.mean([[s["final"][f"eval/pass@{k}"] for k in ks]
                   for s in seeds.values()], 0)
-    ax.plot(ks, ys, marker="o", color=color, label=_label(name))
+    ax.plot(ks, ys, marker="o", color=color, label=reporting.label(name))
   ax.plot(ks, [base[f"eval/pass@{k}"] for k in ks], "k--", marker="s",
           label="start")
   ax.set_xscale("log", base=2)
@@ -228,20 +127,19 @@ def _algorithm_section(runs, out, files) -> tuple[list[str], dict]:
          title="pass@k after RL (mean over seeds)")
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, ncol=2)
-  files.append(_figure(out / "pass_at_k.png", fig))
+  files.append(reporting.figure(out / "pass_at_k.png", fig))
 
-  fig, axes = _subplots(2, figsize=(10, 4))
+  fig, axes = reporting.subplots(2, figsize=(10, 4))
   for ax, k in zip(axes, (1, ks[-1])):
     for (name, seeds), color in zip(runs.items(), colors):
       ax.scatter([s["cumulative_entropy"] for s in seeds.values()],
                  [s["final"][f"eval/pass@{k}"] for s in seeds.values()],
-                 color=color, label=_label(name), s=18)
+                 color=color, label=reporting.label(name), s=18)
     ax.set(xlabel="cumulative entropy (sum over iterations)",
            ylabel=f"final held-out pass@{k}")
     ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
-  files.append(_figure(out / "cumulative_entropy.png", fig))
-  return md, data
+  files.append(reporting.figure(out / "cumulative_entropy.png", fig))
 
 
 def _sequential_section(runs, out, files) -> tuple[list[str], dict]:
@@ -257,27 +155,28 @@ def _sequential_section(runs, out, files) -> tuple[list[str], dict]:
     k = s[0]["max_k"]
     auc = [np.mean([r["reward/mean"] for r in x["records"]]) for x in s]
     rows.append([
-        _label(name), len(s),
-        f"{_pm([x['baseline']['eval/pass@1'] for x in s])} → "
-        f"{_pm([x['final']['eval/pass@1'] for x in s])}",
-        f"{_pm([x['baseline'][f'eval/pass@{k}'] for x in s])} → "
-        f"{_pm([x['final'][f'eval/pass@{k}'] for x in s])}",
+        reporting.label(name), len(s),
+        f"{reporting.pm([x['baseline']['eval/pass@1'] for x in s])} → "
+        f"{reporting.pm([x['final']['eval/pass@1'] for x in s])}",
+        f"{reporting.pm([x['baseline'][f'eval/pass@{k}'] for x in s])} → "
+        f"{reporting.pm([x['final'][f'eval/pass@{k}'] for x in s])}",
         f"{np.mean([x['reward_first'] for x in s]):.3f} → "
         f"{np.mean([x['reward_last'] for x in s]):.3f}",
-        _pm(auc), _pm([x["entropy_change_pct"] for x in s], 2, pct=True)])
+        reporting.pm(auc),
+        reporting.pm([x["entropy_change_pct"] for x in s], 2, pct=True)])
     data[name] = {"reward_auc": auc,
                   "pass@1_before": [x["baseline"]["eval/pass@1"] for x in s],
                   "pass@1_after": [x["final"]["eval/pass@1"] for x in s]}
-  md.append(_table(header, rows))
-  fig, axes = _subplots(3, figsize=(14, 4))
+  md.append(reporting.table(header, rows))
+  fig, axes = reporting.subplots(3, figsize=(14, 4))
   for name, seeds in runs.items():
-    x, mean, _, _ = _curve(seeds, "reward/mean")
-    axes[0].plot(x, _smooth(mean, 9), label=_label(name))
-    ev = [_evals(s, "eval/pass@1") for s in seeds.values()]
+    x, mean, _, _ = reporting.curve(seeds, "reward/mean")
+    axes[0].plot(x, reporting.smooth(mean, 9), label=reporting.label(name))
+    ev = [reporting.evals(s, "eval/pass@1") for s in seeds.values()]
     axes[1].plot(ev[0][0], np.mean([e[1] for e in ev], 0), marker="o",
-                 label=_label(name))
-    x, mean, _, _ = _curve(seeds, "entropy/mean")
-    axes[2].plot(x, _smooth(mean), label=_label(name))
+                 label=reporting.label(name))
+    x, mean, _, _ = reporting.curve(seeds, "entropy/mean")
+    axes[2].plot(x, reporting.smooth(mean), label=reporting.label(name))
   axes[0].set(xlabel="iteration", ylabel="task-B train reward (9-it. mean)")
   axes[1].set(xlabel="updates", ylabel="task-B held-out pass@1")
   axes[2].set(xlabel="iteration", ylabel="token entropy (nats)")
@@ -286,7 +185,7 @@ def _sequential_section(runs, out, files) -> tuple[list[str], dict]:
   axes[0].legend(fontsize=8)
   fig.suptitle("Sequential learning: GRPO on task B from each task-A policy "
                "(mean over seeds)")
-  files.append(_figure(out / "sequential.png", fig))
+  files.append(reporting.figure(out / "sequential.png", fig))
   return md, data
 
 
@@ -304,41 +203,42 @@ def _precision_section(runs, out, files) -> tuple[list[str], dict]:
     by_algo[algo][preset] = seeds
     s = list(seeds.values())
     rows.append([
-        _label(algo), preset,
+        reporting.label(algo), preset,
         f"{np.mean([x['ratio_bias'] for x in s]):+.2e}",
         f"{np.mean([x['phantom_clipfrac_low'] for x in s]):.2e}",
         f"{np.mean([x['phantom_clipfrac_high'] for x in s]):.2e}",
         f"{max(x['max_abs_diff'] for x in s):.3f}",
-        _pm([x["entropy_change_pct"] for x in s], 2, pct=True),
-        _pm([x["final"]["eval/pass@1"] for x in s]),
+        reporting.pm([x["entropy_change_pct"] for x in s], 2, pct=True),
+        reporting.pm([x["final"]["eval/pass@1"] for x in s]),
         f"{np.mean([x['seconds'] for x in s]) / 60:.1f}"])
     data[name] = {k: [x[k] for x in s] for k in (
         "ratio_bias", "phantom_clipfrac_low", "phantom_clipfrac_high",
         "entropy_change_pct")}
-  md.append(_table(header, rows))
-  fig, axes = _subplots(len(by_algo), figsize=(6 * len(by_algo), 4),
-                           squeeze=False)
+  md.append(reporting.table(header, rows))
+  fig, axes = reporting.subplots(len(by_algo), figsize=(6 * len(by_algo), 4),
+                                 squeeze=False)
   for ax, (algo, presets) in zip(axes[0], by_algo.items()):
     for preset, seeds in presets.items():
-      x, mean, _, _ = _curve(seeds, "entropy/mean")
-      ax.plot(x, _smooth(mean), label=preset)
+      x, mean, _, _ = reporting.curve(seeds, "entropy/mean")
+      ax.plot(x, reporting.smooth(mean), label=preset)
     ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
-           title=f"{_label(algo)}: old log-probs from the sampler")
+           title=f"{reporting.label(algo)}: old log-probs from the sampler")
     ax.grid(alpha=0.3)
     ax.legend()
-  files.append(_figure(out / "precision_entropy.png", fig))
-  fig, axes = _subplots(3, figsize=(15, 4))
+  files.append(reporting.figure(out / "precision_entropy.png", fig))
+  fig, axes = reporting.subplots(3, figsize=(15, 4))
   for algo, presets in by_algo.items():
     for ax, key in zip(axes, ("mismatch/ratio_bias",
                               "mismatch/phantom_clipfrac_low",
                               "mismatch/phantom_clipfrac_high")):
       for preset, seeds in presets.items():
-        x, mean, _, _ = _curve(seeds, key)
-        ax.plot(x, _smooth(mean), label=f"{_label(algo)} {preset}")
+        x, mean, _, _ = reporting.curve(seeds, key)
+        ax.plot(x, reporting.smooth(mean),
+                label=f"{reporting.label(algo)} {preset}")
       ax.set(xlabel="iteration", title=key)
       ax.grid(alpha=0.3)
   axes[0].legend(fontsize=7)
-  files.append(_figure(out / "precision_mismatch.png", fig))
+  files.append(reporting.figure(out / "precision_mismatch.png", fig))
   return md, data
 
 
@@ -361,8 +261,8 @@ def _bounds_section(runs, reference, out, files) -> tuple[list[str], dict]:
             "cumulative entropy", "pass@1", "pass@16",
             "controller at the end"]
   rows = []
-  fig, axes = _subplots(len(rows_by_algo),
-                           figsize=(6 * len(rows_by_algo), 4), squeeze=False)
+  fig, axes = reporting.subplots(
+      len(rows_by_algo), figsize=(6 * len(rows_by_algo), 4), squeeze=False)
   for ax, (algo, variants) in zip(axes[0], sorted(rows_by_algo.items())):
     for variant, seeds in sorted(variants.items(), key=lambda kv: float(
         kv[0].split("=")[1].split()[0])):
@@ -370,24 +270,25 @@ def _bounds_section(runs, reference, out, files) -> tuple[list[str], dict]:
       key = controller[variant.split("=")[0]]
       k = s[0]["max_k"]
       rows.append([
-          _label(algo), variant, len(s),
-          _pm([x["entropy_change_pct"] for x in s], 2, pct=True),
-          _pm([x["cumulative_entropy"] for x in s], 1),
-          _pm([x["final"]["eval/pass@1"] for x in s]),
-          _pm([x["final"][f"eval/pass@{k}"] for x in s]),
-          _pm([x["records"][-1][key] for x in s], 3)])
+          reporting.label(algo), variant, len(s),
+          reporting.pm([x["entropy_change_pct"] for x in s], 2, pct=True),
+          reporting.pm([x["cumulative_entropy"] for x in s], 1),
+          reporting.pm([x["final"]["eval/pass@1"] for x in s]),
+          reporting.pm([x["final"][f"eval/pass@{k}"] for x in s]),
+          reporting.pm([x["records"][-1][key] for x in s], 3)])
       data[f"{algo}/{variant}"] = {
           "entropy_change_pct": [x["entropy_change_pct"] for x in s],
           "pass@1": [x["final"]["eval/pass@1"] for x in s],
           f"pass@{k}": [x["final"][f"eval/pass@{k}"] for x in s]}
-      x, mean, _, _ = _curve(seeds, "entropy/mean")
-      ax.plot(x, _smooth(mean), label=variant)
+      x, mean, _, _ = reporting.curve(seeds, "entropy/mean")
+      ax.plot(x, reporting.smooth(mean), label=variant)
     ax.set(xlabel="iteration", ylabel="token entropy (nats), 5-it. mean",
-           title=f"{_label(algo)}: controller bounds (mean over seeds)")
+           title=f"{reporting.label(algo)}: controller bounds (mean over "
+           "seeds)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-  md.append(_table(header, rows))
-  files.append(_figure(out / "bounds_entropy.png", fig))
+  md.append(reporting.table(header, rows))
+  files.append(reporting.figure(out / "bounds_entropy.png", fig))
   return md, data
 
 
@@ -415,9 +316,9 @@ def _ratio_bias_section(result, out, files) -> list[str]:
         f"{result['group_size']} samples × {result['batches']} batches, "
         f"sampled under each preset; band "
         f"[1 − {result['clip_low']}, 1 + {result['clip_high']}].",
-        _table(header, rows)]
+        reporting.table(header, rows)]
   presets = list(result["presets"])
-  fig, axes = _subplots(2, figsize=(11, 4))
+  fig, axes = reporting.subplots(2, figsize=(11, 4))
   x = np.arange(len(presets))
   axes[0].bar(x, [result["presets"][p]["ratio_bias"] for p in presets],
               yerr=[2 * result["presets"][p]["ratio_bias_se"]
@@ -435,7 +336,7 @@ def _ratio_bias_section(result, out, files) -> list[str]:
   axes[1].legend()
   for ax in axes:
     ax.grid(alpha=0.3, axis="y")
-  files.append(_figure(out / "ratio_bias.png", fig))
+  files.append(reporting.figure(out / "ratio_bias.png", fig))
   return md
 
 
@@ -452,7 +353,7 @@ def write_report(study_dir) -> list[pathlib.Path]:
                _sequential_section),
               ("Precision presets (old log-probs from the sampler)",
                "precision", _precision_section))
-  runs = {stage: _runs(study_dir, stage) for stage in (
+  runs = {stage: reporting.runs(study_dir, stage) for stage in (
       "algorithms", "sequential", "precision", "bounds")}
   for title, stage, section in sections:
     lines, data = section(runs[stage], out, files)
@@ -465,7 +366,6 @@ def write_report(study_dir) -> list[pathlib.Path]:
     md += ["## Controller bounds (task A)", ""] + [
         line + "\n" for line in lines]
     summary["bounds"] = data
-  from experiments import regime_report  # pylint: disable=g-import-not-at-top
   sections, data = regime_report.write_sections(study_dir, out, files)
   for title, lines in sections:
     md += [f"## {title}", ""] + [line + "\n" for line in lines]

@@ -175,6 +175,30 @@ def test_decode_step_benchmark_runs(tmp_path):
   assert "| fp32:16:every |" in proc.stdout
 
 
+INFLIGHT_SCRIPT = ROOT / "benchmarks" / "inflight.py"
+
+
+def test_inflight_benchmark_runs(tmp_path):
+  # Static, waves and in-flight on both length distributions: the same
+  # tokens, the lengths the budgets set, and the loop's counts.
+  out = tmp_path / "inflight.json"
+  proc = subprocess.run(
+      [sys.executable, str(INFLIGHT_SCRIPT), "--runs", "tiny@1:32",
+       "--batch", "8", "--slots", "4", "--prompt_len", "8", "--repeats", "1",
+       "--steps_per_check", "4", "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["dist"] for r in rows] == ["lognormal", "equal"]
+  for r in rows:
+    assert r["same_tokens"] and r["layers"] == 1
+    assert r["inflight@4/stats"]["host_calls"] == 1
+    assert r["inflight@4/stats"]["prefill_rows"] == 8
+    assert r["inflight@4/tokens_per_s"] > 0
+  assert rows[1]["useful_tokens"] == 8 * 4  # equal: N / 8 each
+  assert "| inflight@4 |" in proc.stdout
+
+
 def test_packing_benchmark_runs(tmp_path, monkeypatch, capsys):
   """benchmarks/packing.py end to end on a micro case: both layouts timed,
   the packed one on fewer rows, the JSON and the table."""

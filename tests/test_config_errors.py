@@ -15,6 +15,7 @@ import time
 import ml_collections
 import pytest
 
+from entropo.objectives import registry
 from entropo.training import config as config_lib
 from entropo.training import sections
 from entropo.training import validate
@@ -43,6 +44,7 @@ BAD = {
     "sampling.prompts_per_batch": 0, "sampling.group_size": 1,
     "sampling.max_new_tokens": 0, "sampling.temperature": 0.0,
     "sampling.steps_per_check": 0, "sampling.precision": "fp8",
+    "sampling.in_flight_slots": -1, "sampling.refill_rows": -1,
     "algo.correction": "clip", "algo.correction_level": "batch",
     "algo.correction_low": -1.0, "algo.correction_high": -1.0,
     "algo.correction_veto": -1.0, "algo.correction_max_kl": -1.0,
@@ -64,8 +66,7 @@ BAD = {
     "algo.dual_clip": 0.5, "algo.agg": "mean", "algo.norm": -1.0,
     "algo.dynamic_sampling": "yes", "algo.kl_coef": -1.0,
     "algo.kl_estimator": "k9", "algo.entropy_coef": -1.0,
-    "algo.clip_cov_ratio": 0.0, "algo.kl_cov_ratio": 2.0,
-    "algo.kl_cov_coef": -1.0, "algo.repo": "repo_x", "algo.zeta_init": "x",
+    "algo.repo": "repo_x", "algo.zeta_init": "x",
     "algo.zeta_min": 0.0, "algo.zeta_max": -1.0, "algo.zeta_law": "linear",
     "algo.zeta_sign_flip": "yes", "algo.zeta_kp": -1.0,
     "algo.zeta_ki": -1.0, "algo.repo_positive_only": 1,
@@ -79,6 +80,29 @@ BAD = {
     "algo.target_entropy": -1.0, "algo.target_scale": 0.0,
     "algo.epochs": 0, "algo.minibatches": 3, "algo.max_resample": -1,
 }
+
+
+def _objective_bad_values() -> dict:
+  """One bad value per registered objective setting, from the bounds it
+  declares (entropo/objectives/registry.py): a new objective's settings are
+  covered here without an edit."""
+  out = {}
+  for name, objective in registry.setting_fields().items():
+    field = {f.name: f for f in dataclasses.fields(objective.settings)}[name]
+    low, high, low_open, high_open = field.metadata["bounds"]
+    if field.metadata["check"] is not None:
+      value = "x"
+    elif low is not None:
+      value = low if low_open else low - 1
+    elif high is not None:
+      value = high if high_open else high + 1
+    else:
+      value = "x"
+    out[f"algo.{name}"] = value
+  return out
+
+
+BAD.update(_objective_bad_values())
 # Free-form fields, checked where they are used (tested elsewhere):
 # task.path (a file-backed task's JSONL dir, test_training.py).
 EXEMPT = {"task.path"}
@@ -114,6 +138,8 @@ def test_a_bad_value_fails_naming_its_field(field):
   message = str(info.value)
   assert message.startswith("Invalid config: "), message
   named = message.split(": ")[1]  # the field, or its section (mesh)
+  if field.startswith("algo."):  # exactly the field (not a neighbour)
+    assert named == field, message
   assert field.startswith(named) or named.startswith(field), message
   assert "\n" not in message
 
@@ -197,3 +223,229 @@ def test_the_launcher_prints_one_line(flag, line, tmp_path):
   # written, and far less time than a warm start (minutes).
   assert seconds < 60
   assert not any(tmp_path.iterdir())  # nothing was written
+
+
+# ------------------------------------------------------ every task's settings
+
+# One out-of-range value per setting of every registered task (the task's
+# own __post_init__ refuses it, naming the setting); wrong types and
+# misspelt names are generated from the dataclass fields below.
+TASK_BAD = {
+    "countdown": dict(num_count=7, min_value=-1, max_value=10**18,
+                      max_target=0, ops="+^", use_all=1, min_used=0),
+    "countdown_calc": dict(num_count=0, min_value=-1, max_value=10**18,
+                           max_target=0, ops="", min_used=4, max_turns=65),
+    "quiz": dict(num_questions=17, max_value=0, ops="/", max_turns=2),
+    "calc_code": dict(min_value=-1, max_value=1, forms=("a^b",), words="no",
+                      max_turns=0, wall_seconds=0.0, observation_chars=3),
+    "apps_world": dict(num_people=1, max_amount=1, kinds=(), max_turns=1,
+                       wall_seconds=-1.0, observation_chars=0),
+    "gsm8k": {},  # its one setting, path, is task.path (test_training.py)
+}
+TASK_BAD["countdown_all"] = TASK_BAD["countdown"]
+GUESS = f"{ROOT}/experiments/envs/guess_number.py:GuessNumber"  # a user's
+
+
+def _task_fields(name: str) -> dict:
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.tasks import settings  # pylint: disable=g-import-not-at-top
+  cls = tasks.task_class(name)
+  return {k: v for k, v in settings.fields(cls).items()
+          if not (cls.file_backed and k == "path")}
+
+
+def test_every_task_setting_has_a_bad_value_here():
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  assert set(TASK_BAD) == set(tasks.TASKS), "add the new task's bad values"
+  for name, bad in TASK_BAD.items():
+    assert set(bad) == set(_task_fields(name)), name
+
+
+def _task_config(name: str, settings: dict, tmp_path):
+  values = tiny_config().to_dict()
+  values["task"].update(name=name, settings=settings)
+  if name == "gsm8k":
+    for split in ("train", "test"):
+      (tmp_path / f"{split}.jsonl").write_text("")
+    values["task"]["path"] = str(tmp_path)
+  return ml_collections.ConfigDict(values)
+
+
+def _refused(config, field: str) -> str:
+  start = time.monotonic()
+  with pytest.raises(ValueError) as info:
+    validate(config)
+  assert time.monotonic() - start < 1  # no data is generated
+  message = str(info.value)
+  assert message.startswith(f"Invalid config: {field}: "), message
+  assert "\n" not in message
+  return message
+
+
+@pytest.mark.parametrize("name,setting", [
+    (name, setting) for name in sorted(TASK_BAD)
+    for setting in sorted(TASK_BAD[name])])
+def test_a_bad_task_setting_fails_naming_it(name, setting, tmp_path):
+  config = _task_config(name, {setting: TASK_BAD[name][setting]}, tmp_path)
+  _refused(config, f"task.settings.{setting}")
+
+
+@pytest.mark.parametrize("name", sorted(TASK_BAD) + [GUESS])
+def test_a_task_setting_of_the_wrong_type_fails_naming_it(name, tmp_path):
+  """Each setting's annotation is its type: a string for an int, a number
+  for a string, 1 for a bool, a string for a tuple are refused by name."""
+  for setting, annotation in _task_fields(name).items():
+    value = 3 if annotation is str else "x"
+    config = _task_config(name, {setting: value}, tmp_path)
+    message = _refused(config, f"task.settings.{setting}")
+    assert repr(value) in message, message
+
+
+@pytest.mark.parametrize("name", sorted(TASK_BAD) + [GUESS])
+def test_a_misspelt_task_setting_names_the_closest(name, tmp_path):
+  known = sorted(_task_fields(name))
+  typo = known[0][:-1] if known else "num_count"
+  config = _task_config(name, {typo: 1}, tmp_path)
+  message = _refused(config, f"task.settings.{typo}")
+  assert "no such setting" in message, message
+  if known:
+    assert f"did you mean {known[0]!r}" in message, message
+
+
+_USER_TASK = """
+import dataclasses
+from typing import ClassVar, Literal
+from entropo import tasks
+
+@dataclasses.dataclass(frozen=True)
+class Mine(tasks.Task):
+  name: ClassVar[str] = "mine"
+  level: int = 1
+  mode: Literal["a", "b"] = "a"
+  names: tuple[str, ...] = ("x",)
+  limit: float | None = None
+
+  def __post_init__(self):
+    if self.level > 3:
+      raise ValueError(f"level must be <= 3; got {self.level}")
+
+  def prompt(self, problem):
+    return ""
+
+  def _verify(self, problem, completion):
+    return tasks.CORRECT
+"""
+
+
+@pytest.mark.parametrize("settings,field,why", [
+    ({"levle": 2}, "levle", "Mine task (did you mean 'level'?)"),
+    ({"level": True}, "level", "must be an int; got True"),
+    ({"mode": "c"}, "mode", "must be one of ['a', 'b']; got 'c'"),
+    ({"names": ("x", 2)}, "names", "must be a tuple, each item a string"),
+    ({"names": "x"}, "names", "must be a tuple; got 'x'"),
+    ({"limit": "1"}, "limit", "must be a number or None; got '1'"),
+    ({"limit": float("nan")}, "limit", "must be a number or None"),
+    # The task's own check, a plain ValueError naming the setting.
+    ({"level": 4}, "level", "level must be <= 3; got 4"),
+])
+def test_a_user_task_file_is_checked_by_its_fields(settings, field, why,
+                                                   tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text(_USER_TASK)
+  message = _refused(_task_config(f"{path}:Mine", settings, tmp_path),
+                     f"task.settings.{field}")
+  assert why in message, message
+  good = {"level": 3, "mode": "b", "names": ["y", "z"], "limit": 2}
+  validate(_task_config(f"{path}:Mine", good, tmp_path))
+
+
+@pytest.mark.parametrize("flag,line", [
+    ("--config.task.settings.num_cont=3", "Invalid config: "
+     "task.settings.num_cont: no such setting of the countdown task (did "
+     "you mean 'num_count'?)"),
+    ("--config.task.settings.num_count=9", "Invalid config: "
+     "task.settings.num_count: num_count must be in [1, 6]"),
+    ("--config.task.settings.max_value=abc", "Invalid config: "
+     "task.settings.max_value: "),
+    # A setting the config file does not set (countdown.py sets three).
+    ("--config.task.settings.min_used=4", "Invalid config: "
+     "task.settings.min_used: min_used must be in [1, num_count=3]"),
+    ("--config.task.settings.use_all=yes", "Invalid config: "
+     "task.settings.use_all: must be True or False; got 'yes'"),
+])
+def test_the_launcher_names_a_bad_task_setting(flag, line, tmp_path):
+  proc, seconds = _launch(f"--workdir={tmp_path}", flag)
+  assert proc.returncode == 2
+  err = proc.stderr.strip()
+  assert err.startswith(line), err
+  assert len(err.splitlines()) == 1, err
+  assert seconds < 60
+  assert not any(tmp_path.iterdir())
+
+
+# ---------------------------------------------- the algo section's relations
+
+
+@pytest.mark.parametrize("fields,named", [
+    (dict(zeta_kp=-1.0), "algo.zeta_kp"),
+    (dict(zeta_kp=0.0, zeta_ki=0.0), "algo.zeta_ki"),
+    (dict(zeta_min=0.1, zeta_max=0.05), "algo.zeta_max"),
+    (dict(zeta_init=0.5, zeta_max=0.05), "algo.zeta_init"),
+    (dict(adapo=True, clip_high_factor=0.9), "algo.clip_high_factor"),
+    (dict(adapo=True, clip_high_min=0.4, clip_high_max=0.3),
+     "algo.clip_high_max"),
+    # No silent widening: a start outside the controller's bounds is
+    # refused (it used to widen clip_high_max to 0.9).
+    (dict(adapo=True, clip_high=0.9), "algo.clip_high"),
+    (dict(adapo=True, clip_high=0.1), "algo.clip_high"),
+    (dict(adapo=True, clip_high_kp=0.0, clip_high_ki=0.0),
+     "algo.clip_high_ki"),
+    (dict(entropy_control="step", entropy_coef=0.5, entropy_coef_max=0.1),
+     "algo.entropy_coef"),
+])
+def test_controller_errors_name_the_field(fields, named):
+  c = tiny_config("grpo+repo_r")
+  c.algo.update(fields)
+  with pytest.raises(ValueError) as info:
+    validate(c)
+  assert str(info.value).startswith(f"Invalid config: {named}: "), info.value
+
+
+def test_controllers_inside_their_bounds_are_valid():
+  c = tiny_config("adapo+repo_r")
+  c.algo.update(clip_high=0.4, entropy_control="step", entropy_coef=0.1)
+  run = validate(c)
+  assert run.algorithm.controllers["clip_high"].clip_high_max == 0.4
+  assert run.algorithm.controllers["entropy_coef"].coef_max == 0.1
+
+
+def test_algo_name_cannot_change_after_the_config_is_built():
+  """`algo.name` labels the preset the section was built from: setting
+  another preset's name from Python would change no other field (issue 29),
+  so it is refused by name; the same name, or building with the preset,
+  is fine."""
+  c = config_lib.default_config("grpo+repo_r")
+  c.algo.name = "grpo+repo_r"
+  for set_name in (lambda: setattr(c.algo, "name", "dapo"),
+                   lambda: c.algo.__setitem__("name", "dapo"),
+                   lambda: c.algo.update(name="dapo")):
+    with pytest.raises(ValueError, match="Invalid config: algo.name: .*"
+                       "default_config\\('dapo'\\)"):
+      set_name()
+  assert c.algo.name == "grpo+repo_r"
+  validate(c)
+  d = config_lib.default_config("dapo")
+  assert d.algo.name == "dapo" and d.algo.clip_high == 0.28
+  assert validate(d).algorithm.name == "dapo"
+
+
+def test_training_algorithm_is_the_module():
+  """No name clash: `entropo.training.algorithm` is the module of
+  `Algorithm`; a preset's fields are `entropo.training.preset`."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import entropo.training  # pylint: disable=g-import-not-at-top
+  module = importlib.import_module("entropo.training.algorithm")
+  assert entropo.training.algorithm is module
+  assert entropo.training.Algorithm is module.Algorithm
+  assert entropo.training.preset("dapo")["clip_high"] == 0.28
+  assert config_lib.algorithm is config_lib.preset  # the old name

@@ -523,3 +523,17 @@ def test_settings_are_frozen_and_keyword_only():
   with pytest.raises(TypeError):
     ctl.ZetaController(1e-3)  # type: ignore[misc]
   assert math.isclose(c.zeta_max, 0.05)
+
+
+@pytest.mark.parametrize("controller,field", [
+    (ctl.ZetaController(init_zeta=0.01, law="pi"), "zeta"),
+    (ctl.ClipHighController(law="pi"), "clip_high"),
+    (ctl.EntropyCoefController(init_coef=0.3), "coef")])
+def test_the_value_is_read_by_name(controller, field):
+  """`controller.value(state)` is the state's field named `VALUE` (the
+  contract's `zeta`, `clip_high`, `coef`), whatever the field order."""
+  assert controller.VALUE == field
+  state = controller.update(controller.init(), 0.5, target=1.0)
+  assert controller.value(state) is getattr(state, field)
+  swapped = state._replace(**{field: jnp.float32(7.0)})
+  assert float(controller.value(swapped)) == 7.0

@@ -145,7 +145,7 @@ def _policy(logps, old, adv, mask, entropy, weights, key, *, objective,
     return entropo.policy_loss(
         lp, old, adv, mask, objective=objective, key=key,
         importance_weights=weights, entropy=entropy, axis_name=axis_name,
-        **{**POLICY_CASES[objective], **kwargs})
+        **{**POLICY_CASES.get(objective, {}), **kwargs})
 
   (loss, metrics), grad = jax.value_and_grad(loss_fn, has_aux=True)(logps)
   return loss, metrics, grad
@@ -200,7 +200,8 @@ def test_clip_cov_selects_the_same_tokens_sharded():
   n_valid = int(mask.sum())
   k = max(1, int(np.floor(ratio_cfg * n_valid)))
 
-  ppo_sharded, _ = _policy_fns("clip_cov", clip_cov_ratio=0.0,
+  # The smallest ratio (one token) with an empty window: no candidate.
+  ppo_sharded, _ = _policy_fns("clip_cov", clip_cov_ratio=1e-9,
                                clip_cov_bounds=(1e9, 2e9))
   cc_sharded, cc_unsharded = _policy_fns("clip_cov")
   # Without candidates Clip-Cov is PPO: its gradient is the baseline.

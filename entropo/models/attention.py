@@ -8,12 +8,15 @@ heads share each of the KV key/value heads) and keys and values
 
 where key `s` is allowed for query `t` when `key_valid[b, s]` and
 `s <= query_slots[t]` (the causal mask: `query_slots` is the cache slot of
-each query, `arange(T)` without a cache) and, for packed rows (several
-sequences in one row, `entropo.packing`), when the query and the key are in
-the same segment: `query_segments[b, t] == key_segments[b, s]` (optional
-`[B, T]` and `[B, S]` ints, both or neither; None is one segment per row).
-Scores and the softmax are float32; every contraction goes through the
-model's `Precision` policy.
+each query, `arange(T)` without a cache). `query_slots` may also be
+`[B, T]`, a slot per row and query (`s <= query_slots[b, t]`): the cache
+of the in-flight sampler, whose rows are at different slots. For packed
+rows (several sequences in one row, `entropo.packing`) a key is allowed
+only when the query and the key are in the same segment:
+`query_segments[b, t] == key_segments[b, s]` (optional `[B, T]` and
+`[B, S]` ints, both or neither; None is one segment per row). Scores and
+the softmax are float32; every contraction goes through the model's
+`Precision` policy.
 
 Keys and values are head-major, the layout of the KV cache: the products
 with the keys and values batch over `(B, KV)`, which XLA wants outermost, so
@@ -106,7 +109,8 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
     q: `[B, T, KV, G, hd]` queries (compute dtype).
     k: `[B, KV, S, hd]` keys; v: `[B, KV, S, hd]` values.
     key_valid: `[B, S]` bool, keys that exist (not padding, filled slots).
-    query_slots: `[T]` int, the slot of each query (causal mask).
+    query_slots: `[T]` int, the slot of each query (causal mask), or
+      `[B, T]`, per row.
     policy: the model's `Precision`.
     implementation: one of `IMPLEMENTATIONS`.
     chunk_size: keys per chunk (`blockwise`).
@@ -158,8 +162,10 @@ def _same_segment(segments, key_segments_c):
 
 def _allowed(key_valid, key_slots, query_slots):
   """`[B, T, C]` bool: key `s` exists and is at or before the query."""
-  causal = key_slots[None, :] <= query_slots[:, None]  # [T, C]
-  return causal[None] & key_valid[:, None, :]
+  causal = key_slots <= query_slots[..., None]  # [T, C] or [B, T, C]
+  if causal.ndim == 2:
+    causal = causal[None]
+  return causal & key_valid[:, None, :]
 
 
 def _scores(q, k, policy):
@@ -276,7 +282,8 @@ def _decode_loop(body, init, k, v, key_valid, query_slots, chunk):
   the keys read, not all of them.)
   """
   s = k.shape[2]
-  used = jnp.minimum(query_slots[-1] // chunk + 1, -(-s // chunk))
+  last = jnp.max(query_slots[..., -1])  # the latest row's, per-row slots
+  used = jnp.minimum(last // chunk + 1, -(-s // chunk))
 
   def step(i, carry):
     start = jnp.minimum(i * chunk, s - chunk)

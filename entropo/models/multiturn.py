@@ -24,9 +24,10 @@ training. So the tokens of a row, with the holes removed, are exactly the
 sequence the trainer sees, and `ctx.fed` counts every token the model was
 fed: it equals `ctx.slot * B`, one pass per slot, never a second.
 
-Sampling is `sample`'s: `act` draws step `j` from `fold_in(key, j)` with
-the same `_choose` (temperature, top-k, top-p, greedy), so for a fixed key
-an action equals `sample(model, <the row's whole context>, key=key,
+Sampling is `sample`'s: `act` draws step `j` of row `b` from
+`fold_in(fold_in(key, b), j)` (`sampler.step_keys`) with the same
+`_choose` (temperature, top-k, top-p, greedy), so for a fixed key an
+action equals `sample(model, <the row's whole context>, key=key,
 eos_id=stop_ids + eos_ids)` on the same batch, up to float rounding of the
 logits (tested). Log-probs are those of the untruncated temperature-1
 policy, as in `sample`.
@@ -217,11 +218,13 @@ def _act(graphdef, state, cache, hidden, positions, slot, live, key,
       sampler_lib._choose, policy=policy, greedy=greedy, top_k=top_k,  # pylint: disable=protected-access
       use_top_p=use_top_p)
 
+  keys = sampler_lib.row_keys(key, jnp.arange(batch, dtype=jnp.int32))
+
   def step(carry):
     j, cache, h, pos, live, bufs, eos, stopped = carry
     z = policy.round_logits(policy.head_product(h, lm_head))
-    token, lp, plp, ent = choose(z, jax.random.fold_in(key, j), temperature,
-                                 top_p)
+    token, lp, plp, ent = choose(z, sampler_lib.step_keys(keys, j),
+                                 temperature, top_p)
     token = jnp.where(live, token, pad_id)
     zero = jnp.zeros_like(lp)
     bufs = tuple(

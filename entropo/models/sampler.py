@@ -53,9 +53,14 @@ single-token forward pass against the KV cache (`use_cache=False` instead
 reruns the model over the whole `[B, P + N]` buffer every step: the
 recompute baseline of benchmarks/sampler.py, same sampling code).
 
-Randomness. Step `j` draws from `fold_in(key, j)`: the same key, inputs and
-settings give the same tokens; the draw of a row depends on the batch it is
-in.
+Randomness. Every sample draws from its own key: the completion token `j`
+of the row whose identity is `i` (`sample_ids[i]`, by default the row's
+index) is drawn from `fold_in(fold_in(key, i), j)` (`step_keys`). The same
+key, inputs and settings give the same tokens, and a sample's tokens depend
+on its identity, not on the batch or the slot it runs in: the in-flight
+sampler (`entropo.models.inflight`), which runs the rows in another order
+and other company, gives the same tokens. Rollouts pass the row index
+`prompt * group_size + sample` of the global batch.
 
 Precision. The body runs in the model's `compute_dtype`; the KV cache is
 stored in the policy's `sampler_dtype`; the head and log-probs follow the
@@ -83,9 +88,14 @@ import numpy as np
 from flax import nnx
 
 from entropo import logprobs as logprobs_lib
-from entropo import sharding as sharding_lib
 from entropo.models import transformer as transformer_lib
 from entropo.models import truncation
+# Re-exported: multiturn.py, inflight.py and the tests validate with them.
+from entropo.models.sampling_checks import _check_key  # pylint: disable=unused-import
+from entropo.models.sampling_checks import _check_prompts
+from entropo.models.sampling_checks import _device_input
+from entropo.models.sampling_checks import _is_int
+from entropo.models.sampling_checks import _is_real
 
 
 class SampleResult(NamedTuple):
@@ -136,6 +146,8 @@ def sample(
     eos_id: int | Sequence[int] | None = None,
     use_cache: bool = True,
     steps_per_check: int = 16,
+    sample_ids=None,
+    row_max_new_tokens=None,
 ) -> SampleResult:
   """Samples `max_new_tokens` continuations of a batch of prompts.
 
@@ -167,6 +179,11 @@ def sample(
     steps_per_check: decode steps run between two checks of whether every
       row has stopped (see "Loop" in the module docstring). 1 checks after
       every step. The tokens do not depend on it.
+    sample_ids: `[B]` int identities of the rows' samples, which choose
+      their random streams (see "Randomness"); None: `arange(B)`.
+    row_max_new_tokens: optional `[B]` ints in `[1, max_new_tokens]`: row
+      `b` ends by length after `row_max_new_tokens[b]` tokens (a budget per
+      row; benchmarks/inflight.py sets completion lengths with it).
 
   Returns:
     A `SampleResult`.
@@ -175,117 +192,16 @@ def sample(
       model, prompt_tokens, prompt_mask, key=key,
       max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
       top_p=top_p, eos_id=eos_id, use_cache=use_cache,
-      steps_per_check=steps_per_check)
+      steps_per_check=steps_per_check, sample_ids=sample_ids,
+      row_max_new_tokens=row_max_new_tokens)
   return fn(*args, **kwargs)
 
 
-# Validation: everything here looks at concrete values, before tracing.
-
-
-def _is_int(value) -> bool:
-  return isinstance(value, (int, np.integer)) and not isinstance(
-      value, (bool, np.bool_))
-
-
-def _is_real(value) -> bool:
-  return isinstance(value, (int, float, np.integer, np.floating)) and not (
-      isinstance(value, (bool, np.bool_)))
-
-
-def _concrete(name, x) -> np.ndarray:
-  """The values to validate: all of `x`, or this process's rows of it."""
-  if isinstance(x, jax.core.Tracer):
-    raise ValueError(
-        f"{name} must be a concrete array: sample() validates its inputs "
-        "and compiles itself, so call it outside jax.jit/vmap."
-    )
-  if isinstance(x, jax.Array) and not x.is_fully_addressable:
-    return sharding_lib.local_rows(x)
-  return np.asarray(x)
-
-
-def _device_input(x, checked: np.ndarray, dtype) -> jax.Array:
-  """`x` for the compiled call; an array placed on a mesh stays there."""
-  if isinstance(x, jax.Array) and (not x.is_fully_addressable or isinstance(
-      x.sharding, jax.sharding.NamedSharding)):
-    return x if x.dtype == dtype else x.astype(dtype)
-  return jnp.asarray(checked, dtype)
-
-
-def _rows(indices) -> str:
-  indices = [int(i) for i in indices]
-  shown = ", ".join(str(i) for i in indices[:8])
-  return shown + (", ..." if len(indices) > 8 else "")
-
-
-def _check_key(key):
-  if isinstance(key, jax.core.Tracer):
-    return key
-  dtype = getattr(key, "dtype", None)
-  if dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key):
-    if key.shape != ():
-      raise ValueError(f"key must be a single PRNG key; got shape "
-                       f"{key.shape}.")
-    return key
-  arr = np.asarray(key) if dtype is not None else None
-  if arr is None or arr.dtype != np.uint32 or arr.shape != (2,):
-    raise ValueError(
-        "key must be a JAX PRNG key (jax.random.key(seed) or "
-        f"jax.random.PRNGKey(seed)); got {key!r}."
-    )
-  return jax.random.wrap_key_data(jnp.asarray(arr))
-
-
-def _check_prompts(prompt_tokens, prompt_mask, vocab: int, context: int):
-  """`(tokens, bool mask, longest prompt)` as NumPy; raises naming the
-  problem."""
-  tokens = _concrete("prompt_tokens", prompt_tokens)
-  mask = _concrete("prompt_mask", prompt_mask)
-  if tokens.ndim != 2:
-    raise ValueError(f"prompt_tokens must be a [B, P] array; got shape "
-                     f"{tokens.shape}.")
-  if not np.issubdtype(tokens.dtype, np.integer):
-    raise TypeError(f"prompt_tokens must have an integer dtype (token ids); "
-                    f"got {tokens.dtype}.")
-  if mask.shape != tokens.shape:
-    raise ValueError(f"prompt_mask must have the shape of prompt_tokens "
-                     f"{tokens.shape}; got {mask.shape}.")
-  if mask.dtype != np.bool_:
-    if not np.issubdtype(mask.dtype, np.integer) or not np.isin(
-        mask, (0, 1)).all():
-      raise TypeError(f"prompt_mask must be bool (or 0/1 integers); got "
-                      f"dtype {mask.dtype}.")
-    mask = mask.astype(bool)
-  batch, width = tokens.shape
-  if batch == 0 or width == 0:
-    raise ValueError(f"The prompt is empty: prompt_tokens has shape "
-                     f"{tokens.shape}.")
-  lengths = mask.sum(axis=1)
-  if (lengths == 0).any():
-    raise ValueError(
-        f"Empty prompt: prompt_mask has no valid token in row(s) "
-        f"{_rows(np.flatnonzero(lengths == 0))}; every prompt needs at "
-        "least one token."
-    )
-  bad = mask & ((tokens < 0) | (tokens >= vocab))
-  if bad.any():
-    row, col = np.argwhere(bad)[0]
-    raise ValueError(
-        f"prompt_tokens[{row}, {col}] = {tokens[row, col]} is outside the "
-        f"vocabulary [0, {vocab})."
-    )
-  longest = int(lengths.max())
-  if longest > context:
-    raise ValueError(
-        f"A prompt of {longest} tokens (row {int(lengths.argmax())}) is "
-        f"longer than the model's context of {context} tokens."
-    )
-  return tokens, mask, longest
-
+# Validation (sampling_checks.py) looks at concrete values, before tracing.
 
 def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
              temperature, top_k, top_p, eos_id, use_cache,
-             steps_per_check=16):
+             steps_per_check=16, sample_ids=None, row_max_new_tokens=None):
   """Validates the arguments; returns the jitted function and its inputs."""
   cfg = model.config
   vocab, context = cfg.vocab_size, cfg.max_position_embeddings
@@ -337,15 +253,19 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
   key = _check_key(key)
 
   graphdef, state = nnx.split(model)
+  device_tokens = _device_input(prompt_tokens, tokens, jnp.int32)
+  batch = device_tokens.shape[0]  # global: `tokens` may be this process's
   args = (
       graphdef,
       state,
-      _device_input(prompt_tokens, tokens, jnp.int32),
+      device_tokens,
       _device_input(prompt_mask, mask, jnp.bool_),
       key,
       jnp.float32(1.0 if greedy else temperature),
       jnp.float32(1.0 if top_p is None else top_p),
       jnp.asarray(eos_ids, jnp.int32).reshape(len(eos_ids)),
+      check_sample_ids(sample_ids, batch),
+      check_row_limits(row_max_new_tokens, batch, max_new_tokens),
   )
   kwargs = dict(
       max_new_tokens=max_new_tokens,
@@ -354,7 +274,7 @@ def _prepare(model, prompt_tokens, prompt_mask, *, key, max_new_tokens,
       use_top_p=use_top_p,
       use_cache=use_cache,
       block=(_block_length(max_new_tokens - 1, int(steps_per_check))
-             if eos_ids else 1),
+             if eos_ids or row_max_new_tokens is not None else 1),
   )
   return _generate_jit, args, kwargs
 
@@ -374,8 +294,49 @@ def _block_length(steps: int, most: int) -> int:
 # The compiled part.
 
 
-def _choose(z, key, temperature, top_p, *, policy, greedy, top_k, use_top_p):
-  """Samples one token per row from logits `z: [B, V]` (float32, rounded).
+def check_sample_ids(sample_ids, batch: int) -> jax.Array | None:
+  """`[B]` int32 sample identities, validated; None (the compiled
+  sampler's default, `arange(B)`) stays None."""
+  if sample_ids is None:
+    return None
+  ids = np.asarray(sample_ids)
+  if ids.shape != (batch,) or not np.issubdtype(ids.dtype, np.integer):
+    raise ValueError(f"sample_ids must be [B] = [{batch}] ints; got "
+                     f"{ids.dtype} {ids.shape}.")
+  if (ids < 0).any() or (ids >= 2**31).any():
+    raise ValueError("sample_ids must be in [0, 2**31).")
+  return jnp.asarray(ids, jnp.int32)
+
+
+def check_row_limits(limits, batch: int, most: int) -> jax.Array | None:
+  """`[B]` int32 per-row token budgets in `[1, most]`, or None."""
+  if limits is None:
+    return None
+  arr = np.asarray(limits)
+  if arr.shape != (batch,) or not np.issubdtype(arr.dtype, np.integer):
+    raise ValueError(f"row_max_new_tokens must be [B] = [{batch}] ints; got "
+                     f"{arr.dtype} {arr.shape}.")
+  if (arr < 1).any() or (arr > most).any():
+    raise ValueError(f"row_max_new_tokens must be in [1, max_new_tokens="
+                     f"{most}]; got values in [{arr.min()}, {arr.max()}].")
+  return jnp.asarray(arr, jnp.int32)
+
+
+def row_keys(key, sample_ids):
+  """`[B]` keys: each sample's own stream, `fold_in(key, sample_ids[b])`."""
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, sample_ids)
+
+
+def step_keys(rows, steps):
+  """`[B]` keys of completion token `steps` (int or `[B]`) of each row."""
+  steps = jnp.broadcast_to(jnp.asarray(steps, jnp.uint32), rows.shape)
+  return jax.vmap(jax.random.fold_in)(rows, steps)
+
+
+def _choose(z, keys, temperature, top_p, *, policy, greedy, top_k,
+            use_top_p):
+  """Samples one token per row from logits `z: [B, V]` (float32, rounded),
+  row `b` with its own key `keys[b]` (`[B]` keys, `step_keys`).
 
   Returns `(token [B] int32, logp [B], processed_logp [B], entropy [B])`.
   """
@@ -386,7 +347,8 @@ def _choose(z, key, temperature, top_p, *, policy, greedy, top_k, use_top_p):
     s = policy.round_logits(z / temperature)
     s = truncation.truncate_logits(s, top_k=top_k,
                                    top_p=top_p if use_top_p else None)
-    token = jax.random.categorical(key, s, axis=-1).astype(jnp.int32)
+    draw = lambda k, x: jax.random.categorical(k, x, axis=-1)  # noqa
+    token = jax.vmap(draw)(keys, s).astype(jnp.int32)
     processed = logprobs_lib.token_logprobs(s, token, precision=policy)
   logp = logprobs_lib.token_logprobs(z, token, precision=policy)
   entropy = logprobs_lib.token_entropy(z, precision=policy)
@@ -403,8 +365,8 @@ def _left_align(tokens, mask, pad_id):
 
 
 def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
-              eos_ids, *, max_new_tokens, greedy, top_k, use_top_p,
-              use_cache, block=1):
+              eos_ids, sample_ids=None, row_limits=None, *, max_new_tokens,
+              greedy, top_k, use_top_p, use_cache, block=1):
   model = nnx.merge(graphdef, state)
   pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
   policy = model.policy
@@ -423,9 +385,12 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
   buf = jnp.concatenate(
       [tokens, jnp.full((batch, n + spare), pad_id, jnp.int32)], axis=1)
   prompt_mask = jnp.concatenate([mask, jnp.zeros((batch, n), bool)], axis=1)
+  if sample_ids is None:
+    sample_ids = jnp.arange(batch, dtype=jnp.int32)
+  keys = row_keys(key, sample_ids)  # [B]
   choose = lambda h, j: _choose(
       policy.round_logits(policy.head_product(h, lm_head)),
-      jax.random.fold_in(key, j), temperature, top_p, policy=policy,
+      step_keys(keys, j), temperature, top_p, policy=policy,
       greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
   if use_cache:
@@ -454,6 +419,8 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
     plps = put(plps, jnp.where(live, plp, zero))
     ents = put(ents, jnp.where(live, ent, zero))
     done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=1)
+    if row_limits is not None:
+      done = done | (j + 1 >= row_limits)
     return buf, comp, lps, plps, ents, done
 
   zeros = jnp.zeros((batch, total + spare), jnp.float32)
@@ -487,7 +454,7 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
     return jax.lax.fori_loop(0, block, lambda _, s: step(s), state)
 
   state = (jnp.int32(1), cache, carry)
-  if eos_ids.shape[0]:
+  if eos_ids.shape[0] or row_limits is not None:
     state = jax.lax.while_loop(cond, step if block == 1 else run_block, state)
   else:  # no row can stop early: one loop of known length
     state = jax.lax.fori_loop(1, n, lambda _, s: step(s), state)

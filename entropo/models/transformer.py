@@ -44,7 +44,9 @@ The KV cache is a plain pytree owned by the caller (the sampler):
 see `entropo.models.attention`). A call with
 `cache=` and `cache_index=i` writes the new keys and values at slots
 `i .. i + T` and attends over every valid slot at or before each query's
-slot.
+slot. `cache_index` may also be `[B]`, a slot per row (the in-flight
+sampler, `entropo.models.inflight`, whose rows are at different steps):
+row `b` writes at `i[b] .. i[b] + T`.
 """
 
 import math
@@ -157,10 +159,8 @@ class Attention(nnx.Module):
     k, v = jnp.swapaxes(k, 1, 2), jnp.swapaxes(v, 1, 2)  # [B, KV, T, hd]
     if cache is not None:
       k_all, v_all = cache
-      k = jax.lax.dynamic_update_slice_in_dim(k_all, k.astype(k_all.dtype),
-                                              cache_index, axis=2)
-      v = jax.lax.dynamic_update_slice_in_dim(v_all, v.astype(v_all.dtype),
-                                              cache_index, axis=2)
+      k = _write_cache(k_all, k, cache_index)
+      v = _write_cache(v_all, v, cache_index)
     b, t = x.shape[:2]
     group = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
@@ -178,6 +178,19 @@ class Attention(nnx.Module):
     policy = self.policy
     y = policy.einsum(spec, x, policy.cast_compute(getattr(self, name)[...]))
     return lora_lib.adapted(self, name, x, y)
+
+
+def _write_cache(cache, new, index):
+  """`new: [B, KV, T, hd]` written into `cache: [B, KV, S, hd]` at slot
+  `index` (a scalar), or row `b` at `index[b]` (`[B]`)."""
+  new = new.astype(cache.dtype)
+  if jnp.ndim(index) == 0:
+    return jax.lax.dynamic_update_slice_in_dim(cache, new, index, axis=2)
+  b, t = new.shape[0], new.shape[2]
+  slots = index[:, None] + jnp.arange(t)  # [B, T]
+  # Two advanced indices around a slice: the update is `[B, T, KV, hd]`.
+  return cache.at[jnp.arange(b)[:, None], :, slots].set(
+      jnp.swapaxes(new, 1, 2), mode="drop")
 
 
 class MLP(nnx.Module):
@@ -313,7 +326,8 @@ class Transformer(nnx.Module):
         tokens, see `default_positions`).
       cache: optional KV cache from `init_cache`; then `cache_index` (int
         scalar, may be traced) is the slot of `tokens[:, 0]`, and the call
-        returns `(hidden, new_cache)`.
+        returns `(hidden, new_cache)`. A `[B]` `cache_index` gives each
+        row its own slot.
       segment_ids: optional `[B, T]` int of packed rows (`entropo.packing`,
         no cache): several sequences per row, ids 1, 2, ... and 0 for
         padding. Attention stays within a segment, `attention_mask`
@@ -349,9 +363,8 @@ class Transformer(nnx.Module):
     else:
       if cache_index is None:
         raise ValueError("cache_index is required with cache.")
-      key_valid = jax.lax.dynamic_update_slice_in_dim(
-          cache["valid"], attention_mask, cache_index, axis=1)
-      query_slots = cache_index + jnp.arange(t)
+      key_valid, query_slots = _cache_slots(cache["valid"], attention_mask,
+                                            cache_index)
     if cache is None and self.scan_layers:
       x = _scan_blocks(self.layers, self.remat, x, cos, sin, key_valid,
                        query_slots, segment_ids)
@@ -382,6 +395,20 @@ class Transformer(nnx.Module):
                   segment_ids=segment_ids)
     logits = self.policy.head_product(hidden, self.lm_head_matrix())
     return self.policy.round_logits(logits)
+
+
+def _cache_slots(valid, attention_mask, cache_index):
+  """The cache's validity `[B, S]` with the new tokens' written at
+  `cache_index` (scalar, or `[B]` per row), and the queries' slots (`[T]`,
+  or `[B, T]` per row)."""
+  t = attention_mask.shape[1]
+  if jnp.ndim(cache_index) == 0:
+    return (jax.lax.dynamic_update_slice_in_dim(valid, attention_mask,
+                                                cache_index, axis=1),
+            cache_index + jnp.arange(t))
+  slots = cache_index[:, None] + jnp.arange(t)  # [B, T]
+  rows = jnp.arange(valid.shape[0])[:, None]
+  return valid.at[rows, slots].set(attention_mask, mode="drop"), slots
 
 
 def _apply_block(block, x, cos, sin, key_valid, query_slots,

@@ -14,12 +14,52 @@ valid tokens of the global batch (`entropo.token_covariance`):
   largest `cov_t` in the global batch.
 """
 
+import dataclasses
+import math
+
 import jax
 import jax.numpy as jnp
 
 from entropo import covariance
 from entropo import masking
 from entropo.objectives import ratio as ratio_lib
+from entropo.objectives import registry
+
+
+def _check_window(bounds) -> str | None:
+  """Why `bounds` is not a covariance window `(lo, hi)` with lo < hi."""
+  if hasattr(bounds, "dtype"):  # traced
+    return None
+  numbers = (isinstance(bounds, (tuple, list)) and len(bounds) == 2
+             and all(isinstance(b, (int, float)) and not isinstance(b, bool)
+                     and not math.isnan(b) for b in bounds))
+  if numbers and bounds[0] < bounds[1]:
+    return None
+  return f"must be a pair (lo, hi) of numbers with lo < hi; got {bounds!r}"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ClipCovSettings(registry.Settings):
+  """Clip-Cov's settings (Cui et al. 2025 use r = 2e-4, window (1, 5))."""
+
+  clip_cov_ratio: float = registry.setting(
+      2e-4, "Clip-Cov: fraction r of valid tokens detached", low=0,
+      high=1, low_open=True)
+  clip_cov_bounds: tuple[float, float] = registry.setting(
+      (1.0, 5.0), "Clip-Cov: covariance window (lo, hi) of the candidates",
+      check=_check_window)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class KLCovSettings(registry.Settings):
+  """KL-Cov's settings (Cui et al. 2025: k = 2e-3 for 7B models; note that
+  `policy_loss`'s own `kl_cov_ratio=` keyword defaults to 2e-4)."""
+
+  kl_cov_ratio: float = registry.setting(
+      2e-3, "KL-Cov: fraction k of valid tokens penalised", low=0, high=1,
+      low_open=True)
+  kl_cov_coef: float = registry.setting(
+      1.0, "KL-Cov: coefficient of |log pi - log pi_old|", low=0)
 
 
 def _abs_flat_at_zero(x):
@@ -92,3 +132,25 @@ def kl_cov_terms(x: ratio_lib.TokenInputs, *, ratio: float, coef: float
       chosen, coef * _abs_flat_at_zero(log_ratio), 0.0)
   return ratio_lib.PolicyTerms(terms, rho, log_ratio,
                                _covariance_metrics(x, cov, chosen))
+
+
+@registry.register(
+    "clip_cov", settings=ClipCovSettings, needs_key=True,
+    summary="PPO with `max(1, ⌊rN⌋)` random unclipped tokens in the "
+    "covariance window detached")
+def clip_cov_objective(x: ratio_lib.TokenInputs, settings: ClipCovSettings,
+                       *, key: jax.Array) -> ratio_lib.PolicyTerms:
+  """`clip_cov_terms` with its registered settings."""
+  return clip_cov_terms(x, key=key, ratio=settings.clip_cov_ratio,
+                        bounds=settings.clip_cov_bounds)
+
+
+@registry.register(
+    "kl_cov", settings=KLCovSettings, uses_band=False,
+    summary="`-Aρ` plus `coef |log ρ|` on the top `max(1, ⌊kN⌋)` tokens by "
+    "covariance")
+def kl_cov_objective(x: ratio_lib.TokenInputs, settings: KLCovSettings
+                     ) -> ratio_lib.PolicyTerms:
+  """`kl_cov_terms` with its registered settings."""
+  return kl_cov_terms(x, ratio=settings.kl_cov_ratio,
+                      coef=settings.kl_cov_coef)

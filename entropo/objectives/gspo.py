@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from entropo.objectives import ratio as ratio_lib
+from entropo.objectives import registry
 
 
 def gspo_terms(x: ratio_lib.TokenInputs, *, token_level: bool = False
@@ -33,3 +34,23 @@ def gspo_terms(x: ratio_lib.TokenInputs, *, token_level: bool = False
   ratio = jnp.exp(log_ratio)  # [B, T]
   terms, _, _ = ratio_lib.clipped_surrogate(x, ratio)
   return ratio_lib.PolicyTerms(terms, ratio, log_ratio, {})
+
+
+@registry.register(
+    "gspo", summary="PPO clip on the sequence ratio `exp(mean_t log ρ)`, "
+    "gradient through the mean")
+def gspo_sequence_terms(x: ratio_lib.TokenInputs, settings=None
+                        ) -> ratio_lib.PolicyTerms:
+  """GSPO: the sequence ratio's clipped surrogate, differentiated through
+  the mean."""
+  del settings  # the band's only
+  return gspo_terms(x, token_level=False)
+
+
+@registry.register("gspo_token",
+                   summary="same value as `gspo`, per-token gradient")
+def gspo_token_terms(x: ratio_lib.TokenInputs, settings=None
+                     ) -> ratio_lib.PolicyTerms:
+  """GSPO-token: the same value as GSPO, the per-token gradient."""
+  del settings  # the band's only
+  return gspo_terms(x, token_level=True)

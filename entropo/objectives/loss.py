@@ -1,13 +1,14 @@
 """`policy_loss`: one objective's per-token terms, weighted and aggregated.
 
 The objectives live one family per module (`ppo`, `gspo`, `covariance`,
-`reinforce`, over the shared `ratio`); `policy_loss` checks the inputs,
+`reinforce`, ..., over the shared `ratio`) and register there (`registry`:
+name, terms function, typed settings); `policy_loss` checks the inputs,
 cleans the padding, looks the objective up in `OBJECTIVE_TERMS`, applies
 the optional importance weights and reduces the terms with `aggregate`, so
 the loss is the same however the batch is sharded (`axis_name`).
 """
 
-import functools
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -15,26 +16,13 @@ import jax.numpy as jnp
 from entropo import _checks
 from entropo import masking
 from entropo import precision as precision_lib
-from entropo.objectives import covariance
-from entropo.objectives import gspo
-from entropo.objectives import ppo
 from entropo.objectives import ratio as ratio_lib
-from entropo.objectives import reinforce
+from entropo.objectives import registry
 
-# name -> function of `(TokenInputs, **settings) -> PolicyTerms`, and the
-# `policy_loss` arguments it takes as settings. To add an objective, write
-# its module and add it here.
-OBJECTIVE_TERMS = {
-    "reinforce": (reinforce.reinforce_terms, {}),
-    "ppo": (ppo.ppo_terms, {}),
-    "gspo": (functools.partial(gspo.gspo_terms, token_level=False), {}),
-    "gspo_token": (functools.partial(gspo.gspo_terms, token_level=True), {}),
-    "clip_cov": (covariance.clip_cov_terms,
-                 dict(key="key", ratio="clip_cov_ratio",
-                      bounds="clip_cov_bounds")),
-    "kl_cov": (covariance.kl_cov_terms,
-               dict(ratio="kl_cov_ratio", coef="kl_cov_coef")),
-}
+registry.load_all()
+# name -> `registry.Objective` (terms function, settings class, ...); to add
+# an objective, write its module in entropo/objectives/ (see registry.py).
+OBJECTIVE_TERMS = registry.OBJECTIVE_TERMS
 OBJECTIVES = tuple(OBJECTIVE_TERMS)
 
 
@@ -60,6 +48,7 @@ def policy_loss(
     importance_weights: jax.Array | None = None,
     entropy: jax.Array | None = None,
     precision=None,
+    settings: registry.Settings | Mapping | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The policy-gradient loss of `objective` and its metrics.
 
@@ -69,7 +58,8 @@ def policy_loss(
     advantages: `[B]` or `[B, T]` float (stop-gradient).
     mask: `[B, T]` bool, valid completion tokens.
     objective: one of `OBJECTIVES` (`reinforce`, `ppo`, `gspo`, `gspo_token`,
-      `clip_cov`, `kl_cov`; the formulas are in their modules).
+      `clip_cov`, `kl_cov`, and any other registered objective; the
+      formulas are in their modules, `registry.table()` lists them).
     clip_low, clip_high, band: the ratio band (`clip_band`); `clip_high` may
       be traced (ADAPO's controller state). Both are >= 0: a negative
       concrete value raises ValueError.
@@ -80,10 +70,15 @@ def policy_loss(
     clip_cov_ratio, clip_cov_bounds: fraction of valid tokens Clip-Cov
       detaches and the covariance window of candidates.
     kl_cov_ratio, kl_cov_coef: fraction of valid tokens KL-Cov penalises and
-      its coefficient on `|log pi - log pi_old|`.
+      its coefficient on `|log pi - log pi_old|`. These four keywords fill
+      Clip-Cov's and KL-Cov's settings when `settings` is None.
     importance_weights: optional `[B, T]` per-token weights (stop-gradient).
     entropy: optional `[B, T]` token entropy, only for metrics.
     precision: a `Precision` or preset name (log-ratio dtype and clamp).
+    settings: the objective's settings: an instance of its registered
+      `Settings` class or a mapping of its fields (missing ones take their
+      defaults); None builds them from the keywords above and defaults.
+      A bad value raises `registry.SettingError` (a ValueError) naming it.
 
   Returns:
     `(loss, metrics)`: a float32 scalar and a flat dict of float32 scalars
@@ -96,11 +91,16 @@ def policy_loss(
                     band=ratio_lib.clip_band(clip_low, clip_high, band),
                     dual_clip=dual_clip, axis_name=axis_name,
                     policy=precision_lib.get_precision(precision))
-  options = dict(key=key, clip_cov_ratio=clip_cov_ratio,
-                 clip_cov_bounds=clip_cov_bounds, kl_cov_ratio=kl_cov_ratio,
-                 kl_cov_coef=kl_cov_coef)
-  terms_fn, settings = OBJECTIVE_TERMS[objective]
-  out = terms_fn(x, **{k: options[v] for k, v in settings.items()})
+  entry = OBJECTIVE_TERMS[objective]
+  if settings is None:
+    settings = registry.settings_of(objective, dict(
+        clip_cov_ratio=clip_cov_ratio, clip_cov_bounds=clip_cov_bounds,
+        kl_cov_ratio=kl_cov_ratio, kl_cov_coef=kl_cov_coef))
+  settings = _objective_settings(entry, settings)
+  if entry.needs_key:
+    out = entry.terms(x, settings, key=key)
+  else:
+    out = entry.terms(x, settings)
   terms = out.terms
   if importance_weights is not None:
     terms = terms * jax.lax.stop_gradient(
@@ -134,8 +134,25 @@ def _check_inputs(logps, old_logps, advantages, mask, importance_weights, *,
   if dual_clip is not None and isinstance(dual_clip, (int, float)):
     if dual_clip <= 1.0:
       raise ValueError(f"dual_clip must be > 1; got {dual_clip}.")
-  if objective == "clip_cov" and key is None:
-    raise ValueError("objective='clip_cov' needs key= (random token choice).")
+  if OBJECTIVE_TERMS[objective].needs_key and key is None:
+    raise ValueError(f"objective={objective!r} needs key= (a PRNG key).")
+
+
+def _objective_settings(entry: registry.Objective, settings
+                        ) -> registry.Settings:
+  """`settings` as an instance of `entry.settings` (a mapping is built)."""
+  if isinstance(settings, entry.settings):
+    return settings
+  if isinstance(settings, Mapping):
+    own = {f for f in entry.settings.__dataclass_fields__}
+    unknown = sorted(set(settings) - own)
+    if unknown:
+      raise ValueError(f"objective {entry.name!r} has no setting "
+                       f"{unknown[0]!r}; its settings are {sorted(own)}.")
+    return entry.settings(**settings)
+  raise TypeError(f"settings of objective {entry.name!r} must be a "
+                  f"{entry.settings.__name__} or a mapping; got "
+                  f"{type(settings).__name__}.")
 
 
 def _check_clips(**clips) -> None:

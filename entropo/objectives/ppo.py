@@ -16,10 +16,17 @@ The band comes from `clip_band`; ties resolve to the unclipped term.
 """
 
 from entropo.objectives import ratio as ratio_lib
+from entropo.objectives import registry
 
 
-def ppo_terms(x: ratio_lib.TokenInputs) -> ratio_lib.PolicyTerms:
+@registry.register(
+    "ppo", summary="`max(-Aρ, -A clip(ρ, lo, hi))`, optional dual clip "
+    "`min(·, -A c)` for `A < 0`; `band=\"additive\"` `[1-ε_low, 1+ε_high]`, "
+    "`band=\"reciprocal\"` `[1/(1+ε_low), 1+ε_high]` (LOOP)")
+def ppo_terms(x: ratio_lib.TokenInputs, settings=None
+              ) -> ratio_lib.PolicyTerms:
   """The clipped surrogate per token, `[B, T]` float32."""
+  del settings  # PPO's only settings are the band's (`x.lo`, `x.hi`)
   log_ratio, ratio = ratio_lib.token_ratio(x)
   terms, _, _ = ratio_lib.clipped_surrogate(x, ratio)
   return ratio_lib.PolicyTerms(terms, ratio, log_ratio, {})

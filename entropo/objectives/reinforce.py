@@ -6,9 +6,13 @@ the clip metrics.
 """
 
 from entropo.objectives import ratio as ratio_lib
+from entropo.objectives import registry
 
 
-def reinforce_terms(x: ratio_lib.TokenInputs) -> ratio_lib.PolicyTerms:
+@registry.register("reinforce", uses_band=False, summary="`-A log π`")
+def reinforce_terms(x: ratio_lib.TokenInputs, settings=None
+                    ) -> ratio_lib.PolicyTerms:
   """`-A log pi` per token, `[B, T]` float32."""
+  del settings  # none
   log_ratio, ratio = ratio_lib.token_ratio(x)
   return ratio_lib.PolicyTerms(-x.advantages * x.logps, ratio, log_ratio, {})

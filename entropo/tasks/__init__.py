@@ -15,6 +15,7 @@ from entropo.tasks.gsm8k import Gsm8k
 from entropo.tasks.registry import TASKS
 from entropo.tasks.registry import get_task
 from entropo.tasks.registry import task_class
+from entropo.tasks.settings import SettingError
 from entropo.tasks.tokenizer import char_tokenizer
 from entropo.tasks.tokenizer import save_tokenizer
 from entropo.tasks.environment import END_REASONS

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 from entropo.tasks import countdown as countdown_lib
 from entropo.tasks import environment as env_lib
 from entropo.tasks.environment import Segment
+from entropo.tasks.settings import SettingError
 
 MAX_ACTION_CHARS = 200  # longer actions are malformed
 
@@ -112,7 +113,8 @@ class CountdownCalc(env_lib.AgentTask):
   def __post_init__(self):
     self.countdown  # pylint: disable=pointless-statement  (validates)
     if not 1 <= self.max_turns <= 64:
-      raise ValueError(f"max_turns must be in [1, 64]; got {self.max_turns}.")
+      raise SettingError("max_turns", f"max_turns must be in [1, 64]; got "
+                         f"{self.max_turns}.")
 
   @property
   def countdown(self) -> countdown_lib.Countdown:
@@ -200,16 +202,18 @@ class Quiz(env_lib.AgentTask):
 
   def __post_init__(self):
     if not 1 <= self.num_questions <= 16:
-      raise ValueError(f"num_questions must be in [1, 16]; got "
-                       f"{self.num_questions}.")
+      raise SettingError("num_questions", f"num_questions must be in "
+                         f"[1, 16]; got {self.num_questions}.")
     if not 1 <= self.max_value < 10**6:
-      raise ValueError(f"max_value must be in [1, 10**6); got "
-                       f"{self.max_value}.")
+      raise SettingError("max_value", f"max_value must be in [1, 10**6); "
+                         f"got {self.max_value}.")
     if not self.ops or set(self.ops) - set("+-*"):
-      raise ValueError(f"ops must be characters of '+-*'; got {self.ops!r}.")
+      raise SettingError("ops", f"ops must be characters of '+-*'; got "
+                         f"{self.ops!r}.")
     if self.max_turns < self.num_questions:
-      raise ValueError(f"max_turns={self.max_turns} leaves no turn for some "
-                       f"of the {self.num_questions} questions.")
+      raise SettingError("max_turns", f"max_turns={self.max_turns} leaves "
+                         f"no turn for some of the {self.num_questions} "
+                         f"questions.")
 
   def environment(self):
     return QuizEnv(self)

@@ -39,6 +39,7 @@ import numpy as np
 from entropo.tasks import code_env
 from entropo.tasks import environment as env_lib
 from entropo.tasks import sandbox as sandbox_lib
+from entropo.tasks.settings import SettingError
 
 NAMES = ("ann", "bob", "cy", "dan", "eve", "fay", "gus", "hal")
 KINDS = ("pay", "payback", "payall", "half", "add")
@@ -211,16 +212,19 @@ class AppsWorld(env_lib.AgentTask):
 
   def __post_init__(self):
     if not 2 <= self.num_people < len(NAMES):
-      raise ValueError(f"num_people must be in [2, {len(NAMES) - 1}]; got "
-                       f"{self.num_people}.")
+      raise SettingError("num_people", f"num_people must be in "
+                         f"[2, {len(NAMES) - 1}]; got {self.num_people}.")
     if self.max_amount < 2:
-      raise ValueError(f"max_amount must be >= 2; got {self.max_amount}.")
+      raise SettingError("max_amount", f"max_amount must be >= 2; got "
+                         f"{self.max_amount}.")
     object.__setattr__(self, "kinds", tuple(self.kinds))
     if not self.kinds or set(self.kinds) - set(KINDS):
-      raise ValueError(f"kinds must be a non-empty subset of {KINDS}; got "
-                       f"{self.kinds}.")
+      raise SettingError("kinds", f"kinds must be a non-empty subset of "
+                         f"{KINDS}; got {self.kinds}.")
     if self.max_turns < 2:
-      raise ValueError(f"max_turns must be >= 2; got {self.max_turns}.")
+      raise SettingError("max_turns", f"max_turns must be >= 2; got "
+                         f"{self.max_turns}.")
+    code_env.check_limits(self)
 
   def environment(self) -> AppsEnvironment:
     return AppsEnvironment(self)

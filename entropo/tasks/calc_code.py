@@ -26,6 +26,7 @@ from entropo.tasks import code_env
 from entropo.tasks import countdown
 from entropo.tasks import environment as env_lib
 from entropo.tasks import sandbox as sandbox_lib
+from entropo.tasks.settings import SettingError
 
 # Expression forms; letters are replaced by the numbers.
 FORMS = ("a*b+c", "a*b-c", "(a+b)*c", "a*b*c")
@@ -97,14 +98,18 @@ class CalcCode(env_lib.AgentTask):
 
   def __post_init__(self):
     if not 0 <= self.min_value <= self.max_value:
-      raise ValueError(f"Need 0 <= min_value <= max_value; got "
-                       f"{self.min_value}, {self.max_value}.")
+      raise SettingError(
+          "min_value" if self.min_value < 0 else "max_value",
+          f"Need 0 <= min_value <= max_value; got {self.min_value}, "
+          f"{self.max_value}.")
     object.__setattr__(self, "forms", tuple(self.forms))
     if not self.forms or set(self.forms) - set(FORMS):
-      raise ValueError(f"forms must be a non-empty subset of {FORMS}; got "
-                       f"{self.forms}.")
+      raise SettingError("forms", f"forms must be a non-empty subset of "
+                         f"{FORMS}; got {self.forms}.")
     if self.max_turns < 1:
-      raise ValueError(f"max_turns must be >= 1; got {self.max_turns}.")
+      raise SettingError("max_turns", f"max_turns must be >= 1; got "
+                         f"{self.max_turns}.")
+    code_env.check_limits(self)
 
   def environment(self) -> CalcEnvironment:
     return CalcEnvironment(self)

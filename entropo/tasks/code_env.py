@@ -33,6 +33,7 @@ from typing import Any
 
 from entropo.tasks import environment
 from entropo.tasks import sandbox as sandbox_lib
+from entropo.tasks.settings import SettingError
 
 RUN, ANSWER, DONE, OTHER = "run", "answer", "done", "other"
 _FENCE = re.compile(r"```(?:python|py)?\n(.*?)```", re.DOTALL)
@@ -76,6 +77,19 @@ def cut(text: str, chars: int) -> str:
   if len(text) > chars:
     text = text[:max(chars - 3, 0)] + "..."
   return text + "\n"
+
+
+def check_limits(task) -> None:
+  """A sandboxed task's `wall_seconds` (> 0) and `observation_chars` (room
+  for one character and the `...` of a cut), refused naming the setting
+  before any sandbox starts."""
+  if not task.wall_seconds > 0:  # NaN too
+    raise SettingError("wall_seconds", f"wall_seconds must be > 0; got "
+                       f"{task.wall_seconds}.")
+  if task.observation_chars < 4:
+    raise SettingError("observation_chars", f"observation_chars must be "
+                       f">= 4 (a cut observation ends in '...'); got "
+                       f"{task.observation_chars}.")
 
 
 def local_sandbox(limits: sandbox_lib.Limits) -> Callable[[],

@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from entropo.tasks import base
+from entropo.tasks.settings import SettingError
 
 MAX_COMPLETION_CHARS = 1000  # longer completions are a parse error
 MAX_LITERAL_DIGITS = 18
@@ -215,24 +216,29 @@ class Countdown(base.Task):
   min_used: int = 2
 
   def __post_init__(self):
+    # Each check names its setting (SettingError.field): the config's
+    # validation reports it as task.settings.<field>.
     if not 1 <= self.num_count <= 6:
-      raise ValueError(f"num_count must be in [1, 6] (solutions are "
-                       f"enumerated); got {self.num_count}.")
+      raise SettingError("num_count", f"num_count must be in [1, 6] "
+                         f"(solutions are enumerated); got {self.num_count}.")
     if not 0 <= self.min_value <= self.max_value:
-      raise ValueError(f"Need 0 <= min_value <= max_value; got "
-                       f"{self.min_value}, {self.max_value}.")
+      raise SettingError(
+          "min_value" if self.min_value < 0 else "max_value",
+          f"Need 0 <= min_value <= max_value; got {self.min_value}, "
+          f"{self.max_value}.")
     if self.max_value >= 10**MAX_LITERAL_DIGITS:
-      raise ValueError(f"max_value must have at most {MAX_LITERAL_DIGITS} "
-                       f"digits; got {self.max_value}.")
+      raise SettingError("max_value", f"max_value must have at most "
+                         f"{MAX_LITERAL_DIGITS} digits; got {self.max_value}.")
     if self.max_target < 1:
-      raise ValueError(f"max_target must be >= 1; got {self.max_target}.")
+      raise SettingError("max_target", f"max_target must be >= 1; got "
+                         f"{self.max_target}.")
     if not self.ops or set(self.ops) - set(_OPS) or len(set(self.ops)) != len(
         self.ops):
-      raise ValueError(f"ops must be distinct characters of {_OPS!r}; got "
-                       f"{self.ops!r}.")
+      raise SettingError("ops", f"ops must be distinct characters of "
+                         f"{_OPS!r}; got {self.ops!r}.")
     if not 1 <= self.min_used <= self.num_count:
-      raise ValueError(f"min_used must be in [1, num_count={self.num_count}];"
-                       f" got {self.min_used}.")
+      raise SettingError("min_used", f"min_used must be in [1, num_count="
+                         f"{self.num_count}]; got {self.min_used}.")
 
   @property
   def config(self) -> dict[str, Any]:

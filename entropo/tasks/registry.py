@@ -22,6 +22,7 @@ from entropo.tasks.calc_code import CalcCode
 from entropo.tasks.countdown import Countdown
 from entropo.tasks.countdown import CountdownAll
 from entropo.tasks.gsm8k import Gsm8k
+from entropo.tasks import settings as settings_lib
 
 TASKS = {
     "countdown": Countdown,
@@ -80,9 +81,13 @@ def task_class(name: str) -> type:
 
 
 def get_task(name: str, **settings) -> Task:
-  """The task called `name`, built with `settings` (its dataclass fields)."""
+  """The task called `name`, built with `settings` (its dataclass fields).
+
+  Raises `settings.SettingError` (a ValueError) naming a setting that the
+  task does not have, has another type, or its own checks refuse.
+  """
   cls = task_class(name)
   try:
-    return cls(**settings)
+    return settings_lib.check(cls, settings)
   except TypeError as e:
     raise ValueError(f"Bad settings for task {name!r}: {e}") from None

@@ -9,13 +9,14 @@ objective and its arguments, the regularisers and its controllers. The
 * `loss(logps, entropy, batch, hyper, key, norm=, precision=)`: the
   objective plus the regularisers that are on (jit-able);
 * `init_controllers()`, `step_controllers(states, entropy, target=)` and
-  `hyperparameters(states)`: `{name: controller}` over the hyperparameters
+  `hyperparameters(states, fixed)`: `{name: controller}` over the hyperparameters
   they move. A hyperparameter no controller moves keeps its configured
   value; all of them (`zeta`, `clip_high`, `entropy_coef`) are traced
   inputs of the compiled steps, so moving one never recompiles.
 
-To add an objective, write its module in `entropo/objectives/` and, if it
-takes settings, add a field here and pass it in `loss`. To add a controller,
+To add an objective, write its module in `entropo/objectives/`: it
+registers its name and its settings, which become fields of the `algo`
+config section, checked here and handed to `policy_loss`. To add a controller,
 write it in `entropo/controllers.py` and build it in `_controllers` under
 the name of the hyperparameter it moves.
 """
@@ -28,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from entropo import _checks
 from entropo import advantages as advantages_lib
 from entropo import controllers as controllers_lib
 from entropo import corrections as corrections_lib
@@ -56,7 +58,7 @@ def _fail(field: str, message: str):
 
 
 def _check_choice(field, value, options):
-  validation.check_choice(f"algo.{field}", value, options)
+  _checks.check_choice(f"algo.{field}", value, options, fail=validation.fail)
 
 
 def _check_number(field, value, **options):
@@ -87,9 +89,9 @@ class Algorithm:
   dual_clip: float | None
   agg: str
   norm: float | None
-  clip_cov_ratio: float
-  kl_cov_ratio: float
-  kl_cov_coef: float
+  # The objective's registered settings (entropo/objectives/registry.py),
+  # from the `algo` fields of the same names.
+  settings: objectives.Settings
   kl_coef: float
   kl_estimator: str
   entropy_bonus: bool
@@ -196,8 +198,8 @@ class Algorithm:
         repo_sign_clamp=algo.repo_sign_clamp,
         objective=algo.objective, clip_low=algo.clip_low, band=algo.band,
         dual_clip=algo.dual_clip or None, agg=algo.agg,
-        norm=algo.norm or None, clip_cov_ratio=algo.clip_cov_ratio,
-        kl_cov_ratio=algo.kl_cov_ratio, kl_cov_coef=algo.kl_cov_coef,
+        norm=algo.norm or None,
+        settings=_objective_settings(algo),
         kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
         entropy_bonus=(algo.entropy_coef > 0
                        or algo.entropy_control != "none"),
@@ -233,11 +235,11 @@ class Algorithm:
     return {name: np.float32(value) for name, value in self.initial.items()
             if name not in self.controllers}
 
-  @staticmethod
-  def hyperparameters(states: dict, fixed: dict) -> dict[str, Any]:
-    """Every hyperparameter: `fixed` ones, then each controller's value."""
-    # A controller state's first field holds its value (controllers.py).
-    return {**fixed, **{name: state[0] for name, state in states.items()}}
+  def hyperparameters(self, states: dict, fixed: dict) -> dict[str, Any]:
+    """Every hyperparameter: `fixed` ones, then each controller's value
+    (read by name: `controller.value(state)`)."""
+    return {**fixed, **{name: self.controllers[name].value(state)
+                        for name, state in states.items()}}
 
   # -- the maths of one iteration (jit-able)
 
@@ -294,8 +296,7 @@ class Algorithm:
         objective=self.objective, clip_low=self.clip_low,
         clip_high=hyper["clip_high"], dual_clip=self.dual_clip,
         band=self.band, agg=self.agg, norm=norm, key=key,
-        clip_cov_ratio=self.clip_cov_ratio, kl_cov_ratio=self.kl_cov_ratio,
-        kl_cov_coef=self.kl_cov_coef,
+        settings=self.settings,
         importance_weights=batch["importance_weights"], entropy=entropy,
         precision=precision)
     if self.entropy_bonus:
@@ -316,8 +317,7 @@ class Algorithm:
 # Fields of `algo` checked by `_check_ranges` alone: (low, high, open at
 # low); None is unbounded.
 _RANGES = {
-    "clip_cov_ratio": (0, 1, True), "kl_cov_ratio": (0, 1, True),
-    "kl_cov_coef": (0, None, False), "target_scale": (0, None, True),
+    "target_scale": (0, None, True),
     "zeta_kp": (0, None, False), "zeta_ki": (0, None, False),
     "clip_high_kp": (0, None, False), "clip_high_ki": (0, None, False),
     "clip_high_factor": (1, None, True), "entropy_coef_max": (0, None, False),
@@ -342,48 +342,114 @@ def _check_ranges(algo) -> None:
                            low_open=low_open)
 
 
+def _objective_settings(algo) -> objectives.Settings:
+  """The selected objective's settings; every registered objective's
+  settings are checked (a bad value is refused even when its objective is
+  not the one selected), naming `algo.<field>`."""
+  values = {name: algo[name]
+            for name in objectives.registry.setting_fields()}
+  chosen = None
+  for name in objectives.OBJECTIVE_TERMS:
+    try:
+      settings = objectives.registry.settings_of(name, values)
+    except objectives.SettingError as e:
+      _fail(e.field, e.message)
+    if name == algo.objective:
+      chosen = settings
+  return chosen
+
+
 def _controllers(algo) -> dict[str, Any]:
   """`{hyperparameter: controller}` of the controllers `algo` enables.
 
-  The step laws' bounds are widened to include the configured starting
-  value (`clip_high`, `entropy_coef`), so a run starts where it is told.
+  Each relation between fields is checked here first, naming the field
+  that breaks it; a starting value outside its controller's bounds is
+  refused (the bounds are never widened to include it).
   """
   out = {}
-  try:
-    if algo.repo != "none":
-      out["zeta"] = controllers_lib.ZetaController(
-          init_zeta=algo.zeta_init, zeta_min=algo.zeta_min,
-          zeta_max=algo.zeta_max, law=algo.zeta_law,
-          sign_flip=algo.zeta_sign_flip, kp=algo.zeta_kp, ki=algo.zeta_ki)
-  except ValueError as e:
-    _fail("zeta_min", str(e))
-  if algo.adapo and not 0 < algo.clip_high_min < algo.clip_high_max:
-    _fail("clip_high_min", f"need 0 < clip_high_min < clip_high_max; got "
-          f"{algo.clip_high_min}, {algo.clip_high_max}")
-  try:
-    if algo.adapo:
-      out["clip_high"] = controllers_lib.ClipHighController(
-          init_clip_high=algo.clip_high,
-          clip_high_min=min(algo.clip_high_min, algo.clip_high),
-          clip_high_max=max(algo.clip_high_max, algo.clip_high),
-          factor=algo.clip_high_factor, law=algo.clip_high_law,
-          kp=algo.clip_high_kp, ki=algo.clip_high_ki)
-  except ValueError as e:
-    _fail("clip_high_min", str(e))
-  try:
-    if algo.entropy_control != "none":
-      out["entropy_coef"] = controllers_lib.EntropyCoefController(
-          init_coef=algo.entropy_coef,
-          coef_max=max(algo.entropy_coef_max, algo.entropy_coef),
-          delta=algo.entropy_coef_delta, lr=algo.entropy_coef_law_lr,
-          law=algo.entropy_control)
-  except ValueError as e:
-    _fail("entropy_coef_max", str(e))
+  if algo.repo != "none":
+    out["zeta"] = _build(controllers_lib.ZetaController, _check_zeta(algo),
+                         "zeta_init")
+  if algo.adapo:
+    out["clip_high"] = _build(controllers_lib.ClipHighController,
+                              _check_clip_high(algo), "clip_high")
+  if algo.entropy_control != "none":
+    out["entropy_coef"] = _build(controllers_lib.EntropyCoefController,
+                                 _check_entropy_coef(algo), "entropy_coef")
   return out
 
 
+def _build(cls, settings: dict, field: str):
+  """`cls(**settings)`; a ValueError it still raises is filed under the
+  controller's starting-value field `algo.<field>`."""
+  try:
+    return cls(**settings)
+  except ValueError as e:
+    _fail(field, str(e))
+
+
+def _check_gains(algo, prefix: str) -> None:
+  if algo[f"{prefix}_kp"] + algo[f"{prefix}_ki"] == 0:
+    _fail(f"{prefix}_ki", f"the PI gains algo.{prefix}_kp and "
+          f"algo.{prefix}_ki must not both be 0")
+
+
+def _check_zeta(algo) -> dict:
+  """The ZetaController's settings, each relation checked by name."""
+  if not algo.zeta_min <= algo.zeta_max:
+    _fail("zeta_max", f"must be >= algo.zeta_min = {algo.zeta_min}; got "
+          f"{algo.zeta_max}")
+  _check_gains(algo, "zeta")
+  zeta, lo, hi = algo.zeta_init, algo.zeta_min, algo.zeta_max
+  if algo.zeta_law == "pi":
+    low = -hi if algo.zeta_sign_flip else 0.0
+    ok, accepted = low <= zeta <= hi, f"[{low}, {hi}] (the pi law)"
+  elif algo.zeta_sign_flip:
+    ok = zeta == 0 or lo <= abs(zeta) <= hi
+    accepted = f"0 or +-[{lo}, {hi}] (the doubling law)"
+  else:
+    ok = lo <= zeta <= hi
+    accepted = f"[{lo}, {hi}] (the doubling law without sign flip)"
+  if not ok:
+    _fail("zeta_init", f"{zeta} is outside {accepted}, from algo.zeta_min "
+          f"and algo.zeta_max")
+  return dict(init_zeta=zeta, zeta_min=lo, zeta_max=hi, law=algo.zeta_law,
+              sign_flip=algo.zeta_sign_flip, kp=algo.zeta_kp,
+              ki=algo.zeta_ki)
+
+
+def _check_clip_high(algo) -> dict:
+  """ADAPO's ClipHighController settings, each relation checked by name."""
+  lo, hi = algo.clip_high_min, algo.clip_high_max
+  if not lo < hi:
+    _fail("clip_high_max", f"must be > algo.clip_high_min = {lo}; got {hi}")
+  if not lo <= algo.clip_high <= hi:
+    _fail("clip_high", f"{algo.clip_high} is outside ADAPO's band [algo."
+          f"clip_high_min, algo.clip_high_max] = [{lo}, {hi}], where its "
+          f"controller starts; move the start or the bounds (they are not "
+          f"widened)")
+  _check_gains(algo, "clip_high")
+  return dict(init_clip_high=algo.clip_high, clip_high_min=lo,
+              clip_high_max=hi, factor=algo.clip_high_factor,
+              law=algo.clip_high_law, kp=algo.clip_high_kp,
+              ki=algo.clip_high_ki)
+
+
+def _check_entropy_coef(algo) -> dict:
+  """The EntropyCoefController's settings, checked by name."""
+  if not algo.entropy_coef <= algo.entropy_coef_max:
+    _fail("entropy_coef", f"{algo.entropy_coef} is above algo."
+          f"entropy_coef_max = {algo.entropy_coef_max}, the controller's "
+          f"ceiling (it is not widened)")
+  return dict(init_coef=algo.entropy_coef, coef_max=algo.entropy_coef_max,
+              delta=algo.entropy_coef_delta, lr=algo.entropy_coef_law_lr,
+              law=algo.entropy_control)
+
+
 # Objectives whose ratio band (`clip_low` / `clip_high`) shapes the update.
-CLIPPED_OBJECTIVES = ("ppo", "gspo", "gspo_token")
+CLIPPED_OBJECTIVES = tuple(name for name, objective
+                           in objectives.OBJECTIVE_TERMS.items()
+                           if objective.uses_band)
 
 
 def on_policy_single_step(algorithm: Algorithm) -> bool:

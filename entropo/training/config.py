@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from entropo import objectives as objectives_lib
 from entropo import tasks as tasks_lib
 from entropo.training import run_config as run_config_lib
 from entropo.training import sections as sections_lib
@@ -45,11 +46,11 @@ _BASE = dict(
     kl_estimator="k3",
     # Entropy bonus coefficient (0: off unless algo.entropy_control is on).
     entropy_coef=0.0,
-    # Clip-Cov: fraction of tokens detached; KL-Cov: fraction penalised and
-    # the coefficient of |log pi - log pi_old| (Cui et al., 2505.22617).
-    clip_cov_ratio=2e-4,
-    kl_cov_ratio=2e-3,
-    kl_cov_coef=1.0)
+    # Every registered objective's settings (Clip-Cov's clip_cov_ratio,
+    # KL-Cov's kl_cov_ratio, ...), named, documented and bounded where the
+    # objective is defined (entropo/objectives/; `python -m
+    # entropo.objectives` prints them).
+    **objectives_lib.registry.config_defaults())
 ALGORITHMS = {
     # REINFORCE with a leave-one-out baseline, on-policy (Ahmadian et al.).
     "rloo": dict(advantage="rloo", objective="reinforce", agg="token_mean"),
@@ -120,14 +121,15 @@ def _algo_defaults() -> dict:
       # sign (clamping at 0 where |zeta log pi| > 1).
       repo_positive_only=False, repo_sign_clamp=True,
       # ADAPO: adapt epsilon_high (entropo.ClipHighController) from
-      # algo.clip_high within [clip_high_min, clip_high_max] (widened to
-      # include clip_high); law multiplicative (by factor) or pi (gains).
+      # algo.clip_high within [clip_high_min, clip_high_max] (clip_high
+      # must lie in it: the bounds are not widened); law multiplicative
+      # (by factor) or pi (gains).
       adapo=False, clip_high_min=0.2, clip_high_max=0.4,
       clip_high_factor=1.1, clip_high_law="multiplicative",
       clip_high_kp=2.0, clip_high_ki=0.2,
       # Adaptive entropy-bonus coefficient (entropo.EntropyCoefController):
       # none, step (+/- delta) or dual (ascent at rate lr), from
-      # algo.entropy_coef up to entropy_coef_max.
+      # algo.entropy_coef (at most entropy_coef_max) up to entropy_coef_max.
       entropy_control="none", entropy_coef_max=0.1,
       entropy_coef_delta=1e-3, entropy_coef_law_lr=0.01,
       # Where the importance ratio's denominator comes from (trainer or
@@ -160,8 +162,8 @@ def _algo_defaults() -> dict:
   )
 
 
-def algorithm(name: str) -> dict:
-  """The `algo` fields of `name` (`"dapo"`, `"grpo+repo_r"`, ...)."""
+def preset(name: str) -> dict:
+  """The `algo` fields of preset `name` (`"dapo"`, `"grpo+repo_r"`, ...)."""
   base, *mods = name.split("+")
   if base not in ALGORITHMS:
     raise ValueError(f"Unknown algorithm {base!r}; choose one of "
@@ -178,6 +180,30 @@ def algorithm(name: str) -> dict:
   return fields
 
 
+# The old name of `preset`, kept for code that imports it from this module
+# (`entropo.training.algorithm` is the module of `Algorithm`).
+algorithm = preset
+
+
+class AlgoSection(ConfigDict):
+  """The `algo` section of a config: the fields of one preset.
+
+  Its `name` labels the preset the section was built from; setting another
+  name afterwards would change no other field, so it is refused, naming
+  `algo.name` (build the config with the preset instead:
+  `default_config("dapo")`, `--config=...countdown.py:dapo`).
+  """
+
+  def __setitem__(self, key, value):
+    if key == "name" and "name" in self and value != self["name"]:
+      validation.fail(
+          "algo.name", f"is the label of the preset this section was built "
+          f"from ({self['name']!r}); setting it to {value!r} would change "
+          f"no other field: build the config with that preset instead "
+          f"(default_config({value!r}), or --config=<file>.py:{value})")
+    super().__setitem__(key, value)
+
+
 def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
   """The tiny-model countdown run that `make demo` launches.
 
@@ -190,7 +216,7 @@ def default_config(algo: str = "grpo+repo_r") -> ConfigDict:
   for name, section in sections_lib.SECTIONS.items():
     c[name] = ConfigDict(sections_lib.defaults(section))
     if name == "sampling":
-      c.algo = ConfigDict(algorithm(algo))
+      c.algo = AlgoSection(preset(algo))
   return c
 
 
@@ -200,7 +226,7 @@ def validate(config: ConfigDict) -> run_config_lib.RunConfig:
                         *sections_lib.SECTIONS}, "")
   _check_known(config.algo, _algo_defaults(), "algo.")
   try:
-    algorithm(config.algo.name)
+    preset(config.algo.name)
   except ValueError as e:
     validation.fail("algo.name", str(e))
   return run_config_lib.RunConfig.from_config(config)
@@ -220,8 +246,9 @@ def _check_known(values, known, prefix: str) -> None:
 # and logs, what it displays, whether a non-finite update is skipped, and
 # how it computes (attention implementation, remat and mesh change
 # rounding at most, and each launch's are recorded in run.json; the
-# sampler's steps per check change no token). Every other change
-# (algorithm, data, model, optimizer, sampling, precision, seed, ...)
+# sampler's steps per check and in-flight slots change no token). Every
+# other change (algorithm, data, model, optimizer, sampling, precision,
+# seed, ...)
 # would make the resumed run a different experiment than its config.json
 # says, so `train` refuses it. The one place this is decided.
 RESUMABLE = (
@@ -231,6 +258,7 @@ RESUMABLE = (
     "train.skip_non_finite", "train.packing",
     "model.attention", "model.attention_chunk_size", "model.remat",
     "model.scan_layers", "sampling.steps_per_check",
+    "sampling.in_flight_slots", "sampling.refill_rows",
     "mesh.data", "mesh.fsdp", "mesh.tensor",
 )
 

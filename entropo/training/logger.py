@@ -107,16 +107,18 @@ def read_json(path, *, default=None):
 
 def launch_record(*, iteration: int, precision, model, model_section,
                   lora: bool = False, sampler_precision=None,
-                  packing: bool = False) -> dict:
+                  sampling_section=None, packing: bool = False) -> dict:
   """How this launch computes, for the `launches` of `run.json`.
 
   The precision policy's `describe()` (preset, backend, the dot algorithm
   of each operand dtype and whether it runs natively or emulated), the
   sampler's (`sampler_precision`: the trainer's when None), the
   attention implementation `auto` resolved to, remat and the layer scan,
-  LoRA (rank, alpha, targets, the base projections' dtype; None for full
-  fine-tuning), whether the update runs on packed rows (`train.packing`),
-  versions and devices.
+  the sampler's batching (`sampler_batching`: static, or in-flight with
+  its slots and refill rows, from `sampling_section`), LoRA (rank,
+  alpha, targets, the base projections' dtype; None for full
+  fine-tuning), whether the trainer runs on packed rows
+  (`train.packing`), versions and devices.
   """
   devices = jax.devices()
   return {
@@ -134,12 +136,24 @@ def launch_record(*, iteration: int, precision, model, model_section,
       "attention_chunk_size": model.config.attention_chunk_size,
       "remat": model_section.remat,
       "scan_layers": model_section.scan_layers,
+      "sampler_batching": sampler_batching(sampling_section),
       "packing": packing,
       "lora": None if not lora else {
           "rank": model.lora_config.rank, "alpha": model.lora_config.alpha,
           "targets": list(model.lora_config.targets),
           "base_dtype": str(model.layers[0].attn.q_proj.get_value().dtype)},
   }
+
+
+def sampler_batching(sampling) -> dict | None:
+  """`{"mode": "static"}` or the in-flight slots and refill rows."""
+  if sampling is None:
+    return None
+  if not sampling.in_flight_slots:
+    return {"mode": "static"}
+  return {"mode": "in_flight", "slots": sampling.in_flight_slots,
+          "refill_rows": (sampling.refill_rows
+                          or max(1, sampling.in_flight_slots // 4))}
 
 
 def write_run_metadata(workdir, config, launch: dict | None = None) -> None:

@@ -51,8 +51,6 @@ from entropo import tasks as tasks_lib
 from entropo.models import Transformer
 from entropo.models import with_precision
 from entropo.tasks import pipeline
-# (Not `from entropo.training import algorithm`: the package exports the
-# config's `algorithm` function under that name.)
 from entropo.training.algorithm import CLIPPED_OBJECTIVES
 from entropo.training.algorithm import inert_band
 from entropo.training.algorithm import on_policy_single_step
@@ -81,6 +79,7 @@ class Trainer:
     self.workdir = pathlib.Path(workdir)
     self.workdir.mkdir(parents=True, exist_ok=True)
     self.algorithm = config.algorithm
+    self.interrupts = guards.DeferredInterrupts()  # active in `run`
     self.task = config_lib.make_task(config.task)
     # A multi-turn environment: rows are episodes (rollouts.AgentRollouts).
     self.agent = isinstance(self.task, tasks_lib.AgentTask)
@@ -319,6 +318,7 @@ class Trainer:
     key, collect_key, update_key = jax.random.split(key, 3)
     self.state["key"] = jax.random.key_data(key)
     roll, metrics = self.collect(collect_key)
+    self.interrupts.check()
     t1 = time.perf_counter()
     batch, dyn = self.pre_update(roll)
     # A non-finite entropy means the policy itself is broken: no batch to
@@ -326,6 +326,7 @@ class Trainer:
     self._non_finite({k: float(v) for k, v in dyn.items()},
                      ("entropy/mean",), where="")
     out = self.update(batch, update_key)
+    self.interrupts.check()
     t2 = time.perf_counter()
     metrics.update({k: float(v) for k, v in dyn.items()})
     # The iteration's entropy is the pre-update one from `pre_update`.
@@ -409,25 +410,26 @@ class Trainer:
       logger_lib.log(f"{self.workdir} is complete at iteration "
                      f"{self.meta['iteration']} (train.iterations = "
                      f"{c.train.iterations}); nothing to train")
-    try:
-      if self.meta["initial_entropy"] is None:
-        self.baseline()
-      while self.meta["iteration"] < c.train.iterations:
-        it = self.meta["iteration"]
-        metrics = self._guarded_iteration()
-        self.meta["iteration"] = it + 1
-        last = it + 1 == c.train.iterations
-        if (it + 1) % c.train.eval_every == 0 or last:
-          t = time.perf_counter()
-          metrics.update(self.evaluate())
-          metrics["time/eval"] = time.perf_counter() - t
-        logger.write(it, metrics)
-        self._count_clipping(metrics)
-        if (it + 1) % c.train.checkpoint_every == 0 or last:
-          self._save_through_interrupt()
-    finally:
-      self.checkpointer.close()
-      logger.close()
+    with self.interrupts:
+      try:
+        if self.meta["initial_entropy"] is None:
+          self.baseline()
+        while self.meta["iteration"] < c.train.iterations:
+          it = self.meta["iteration"]
+          metrics = self._guarded_iteration()
+          self.meta["iteration"] = it + 1
+          last = it + 1 == c.train.iterations
+          if (it + 1) % c.train.eval_every == 0 or last:
+            t = time.perf_counter()
+            metrics.update(self.evaluate())
+            metrics["time/eval"] = time.perf_counter() - t
+          logger.write(it, metrics)
+          self._count_clipping(metrics)
+          if (it + 1) % c.train.checkpoint_every == 0 or last:
+            self._save_through_interrupt()
+      finally:
+        self.checkpointer.close()
+        logger.close()
     self._warn_if_never_clipped()
     if c.train.plots and jax.process_index() == 0:
       files = logger_lib.plot_run(self.workdir / "metrics.jsonl",
@@ -476,6 +478,7 @@ class Trainer:
     """`iteration()`; on KeyboardInterrupt, saves the state before it."""
     snapshot = (dict(self.state), dict(self.meta), self.data_iter.get_state())
     try:
+      self.interrupts.check()  # a Ctrl-C since the last iteration
       return self.iteration()
     except KeyboardInterrupt:
       self.state, self.meta = snapshot[0], snapshot[1]
@@ -544,5 +547,6 @@ def train(config, workdir) -> dict[str, float]:
       iteration=trainer.meta["iteration"], precision=trainer.precision,
       sampler_precision=trainer.sampler_precision, model=trainer.model,
       model_section=trainer.config.model, lora=trainer.lora,
+      sampling_section=trainer.config.sampling,
       packing=trainer.config.train.packing))
   return trainer.run()

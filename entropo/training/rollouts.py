@@ -23,6 +23,7 @@ from jax.sharding import PartitionSpec
 
 from entropo import advantages as advantages_lib
 from entropo.models import sample
+from entropo.models import sample_in_flight
 from entropo.training import episodes as episodes_lib
 
 
@@ -90,10 +91,19 @@ class Rollouts:
       key = jax.random.wrap_key_data(jax.device_put(
           np.asarray(jax.random.key_data(key)),
           NamedSharding(self.placement.mesh, PartitionSpec())))
-    result = sample(model, prompt_tokens, prompt_mask, key=key,
-                    max_new_tokens=self.sampling.max_new_tokens,
-                    eos_id=self.tokenizer.eos_ids,
-                    steps_per_check=self.sampling.steps_per_check, **settings)
+    s = self.sampling
+    kwargs = dict(key=key, max_new_tokens=s.max_new_tokens,
+                  eos_id=self.tokenizer.eos_ids,
+                  steps_per_check=s.steps_per_check, **settings)
+    # Row b of the global batch is sample b % G of prompt b // G: its
+    # identity, and so its random stream, is b either way (sampler.py,
+    # "Randomness"); in-flight batching changes no token.
+    if s.in_flight_slots:
+      result = sample_in_flight(model, prompt_tokens, prompt_mask,
+                                slots=s.in_flight_slots,
+                                refill_rows=s.refill_rows or None, **kwargs)
+    else:
+      result = sample(model, prompt_tokens, prompt_mask, **kwargs)
     return self.placement.put(result)
 
   def score(self, tokens, completion_mask, problems):

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 
+from entropo import _checks
 from entropo import precision as precision_lib
 from entropo import tasks as tasks_lib
 from entropo.models import attention as attention_lib
@@ -23,12 +24,15 @@ from entropo.models import lora as lora_lib
 from entropo.models import tokenizer as tokenizer_lib
 from entropo.models import transformer as transformer_lib
 from entropo.tasks import data as data_lib
+from entropo.tasks import settings as task_settings
 from entropo.training.validation import check_bool
-from entropo.training.validation import check_choice
 from entropo.training.validation import check_number
 from entropo.training.validation import check_range
-from entropo.training.validation import did_you_mean
 from entropo.training.validation import fail
+
+
+def _check_choice(field: str, value, options) -> None:
+  _checks.check_choice(field, value, options, fail=fail)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -57,31 +61,35 @@ class TaskSection:
       if missing:
         fail("task.path", f"{self.path} has no {' or '.join(missing)} (the "
              f"{self.name} task reads one JSONL file per split)")
-    else:
-      self.make()  # the task's own checks of its settings
+    self.make()  # every setting's name, type and the task's own checks
 
   def make(self) -> "tasks_lib.Task":
-    """The task; a bad setting fails naming `task.settings.<field>`."""
+    """The task; a bad setting fails naming `task.settings.<field>`.
+
+    The settings are the task class's dataclass fields (entropo/tasks/
+    settings.py): an unknown name is refused with the closest one, a value
+    of another type than the field's annotation by name, and a value the
+    task's `__post_init__` refuses by the name it gives. Building a task
+    generates no data.
+    """
     settings = self.settings
     if hasattr(settings, "to_dict"):  # a ConfigDict
       settings = settings.to_dict()
     if not isinstance(settings, dict):
       fail("task.settings", f"must be a dict of the {self.name} task's "
            f"fields; got {settings!r}")
-    settings = dict(settings)
-    if self.file_backed:
-      settings["path"] = self.path
+    extra = {"path": self.path} if self.file_backed else None
+    if extra and "path" in settings:
+      fail("task.settings.path", f"the {self.name} task's files are set by "
+           f"task.path, not its settings")
     cls = tasks_lib.task_class(self.name)
-    fields = {f.name for f in dataclasses.fields(cls)
-              } if dataclasses.is_dataclass(cls) else ()
-    for key in settings:
-      if fields and key not in fields:
-        fail(f"task.settings.{key}", f"no such setting of the {self.name} "
-             f"task{did_you_mean(key, fields)}; its settings are "
-             f"{sorted(fields)}")
     try:
-      return tasks_lib.get_task(self.name, **settings)
-    except (ValueError, TypeError) as e:
+      return task_settings.check(cls, settings, task_name=self.name,
+                                 extra=extra)
+    except task_settings.SettingError as e:
+      fail(f"task.settings.{e.field}" if e.field else "task.settings",
+           e.message)
+    except (ValueError, TypeError) as e:  # a user task's own check
       message = str(e)
       named = [k for k in settings if message.startswith(k + " ")
                or f" {k}=" in message or f"{k} must" in message]
@@ -131,12 +139,12 @@ class ModelSection:
       _check_model_dir(self.init_from)
     else:
       self._check_shape()
-    check_choice("model.attention", self.attention,
+    _check_choice("model.attention", self.attention,
                  attention_lib.IMPLEMENTATIONS)
     check_number("model.attention_chunk_size", self.attention_chunk_size,
                  integer=True)
-    check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
-    check_choice("model.scan_layers", self.scan_layers, (False, True))
+    _check_choice("model.remat", self.remat, transformer_lib.REMAT_OPTIONS)
+    _check_choice("model.scan_layers", self.scan_layers, (False, True))
     check_number("model.lora_rank", self.lora_rank, allow_zero=True,
                  integer=True)
     check_range("model.lora_alpha", self.lora_alpha, 0, None, low_open=True)
@@ -145,7 +153,7 @@ class ModelSection:
     except ValueError as e:
       fail("model.lora_targets", str(e))
     object.__setattr__(self, "lora_targets", targets)
-    check_choice("model.lora_base_dtype", self.lora_base_dtype,
+    _check_choice("model.lora_base_dtype", self.lora_base_dtype,
                  ("param", "compute"))
     if self.lora_base_dtype != "param" and not self.lora_rank:
       fail("model.lora_base_dtype", "applies to LoRA runs only "
@@ -272,11 +280,27 @@ class SamplingSection:
   # beside an fp32 trainer: the mismatch the corrections (algo.correction)
   # and the `mismatch/*` metrics are about.
   precision: str = ""
+  # In-flight batching (entropo.models.inflight): 0 samples the whole batch
+  # in lock-step (entropo.models.sample); S >= 1 decodes S rows at a time
+  # and prefills the next prompt into a row's slot as soon as it ends. The
+  # tokens are the same either way (per-sample random streams); only the
+  # speed differs (docs/benchmarks.md, "In-flight batching").
+  in_flight_slots: int = 0
+  # Prompts per batched refill of free slots (in-flight only): 0 means a
+  # quarter of the slots; at most in_flight_slots.
+  refill_rows: int = 0
 
   def __post_init__(self):
     for field in ("prompts_per_batch", "group_size", "max_new_tokens",
                   "steps_per_check"):
       check_number(f"sampling.{field}", getattr(self, field), integer=True)
+    for field in ("in_flight_slots", "refill_rows"):
+      check_number(f"sampling.{field}", getattr(self, field), integer=True,
+                   allow_zero=True)
+    if self.refill_rows > self.in_flight_slots:
+      fail("sampling.refill_rows", f"must be at most sampling."
+           f"in_flight_slots={self.in_flight_slots} (0: a quarter of "
+           f"them); got {self.refill_rows}")
     if self.precision:
       try:
         precision_lib.get_precision(self.precision)

@@ -5,8 +5,9 @@ refused before any work; the message names the field and the accepted
 values.
 """
 
-import difflib
 import math
+
+from entropo import _checks
 
 
 class ConfigError(ValueError):
@@ -18,21 +19,9 @@ def fail(field: str, message: str):
   raise ConfigError(f"Invalid config: {field}: {message}")
 
 
-def did_you_mean(name: str, known) -> str:
-  """` (did you mean 'x'?)` for the closest of `known`, or ""."""
-  close = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
-  return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def check_choice(field: str, value, options) -> None:
-  """`value` is one of `options` (a bool only where an option is a bool:
-  `1` is not `True` here)."""
-  same = [o for o in options
-          if o == value and isinstance(o, bool) == isinstance(value, bool)]
-  if not same:
-    hint = (did_you_mean(value, options) if isinstance(value, str)
-            and all(isinstance(o, str) for o in options) else "")
-    fail(field, f"{value!r} is not one of {list(options)}{hint}")
+# A field's value among options: `entropo._checks.check_choice(field, value,
+# options, fail=fail)` (one implementation for the core and the config).
+did_you_mean = _checks.did_you_mean
 
 
 def check_bool(field: str, value) -> None:

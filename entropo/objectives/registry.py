@@ -1,0 +1,213 @@
+"""Where objectives register: a name, a terms function and typed settings.
+
+An objective is one module of `entropo/objectives/` that declares itself:
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class MySettings(registry.Settings):
+      my_eps: float = registry.setting(0.2, "the clip width", low=0)
+
+    @registry.register("mine", settings=MySettings)
+    def my_terms(x: TokenInputs, s: MySettings) -> PolicyTerms: ...
+
+Everything else reads the registry: `policy_loss` (`OBJECTIVE_TERMS`,
+`settings=`), the `algo` config section (one field per setting, named as
+the dataclass field, so setting names are unique over all objectives), its
+validation (the declared bounds, named `algo.<field>`), and the table of
+objectives (`table()`, printed by `python -m entropo.objectives`). Every
+module of the package is imported by `load_all()`, so a new module needs no
+edit anywhere else.
+"""
+
+import dataclasses
+import importlib
+import math
+import pkgutil
+from collections.abc import Callable, Mapping
+from typing import Any
+
+# Modules of the package that hold no objective.
+_INFRASTRUCTURE = ("loss", "ratio", "registry")
+# The first objectives' modules, imported in this order so that `OBJECTIVES`
+# keeps its historical order; any other module follows, by name.
+_FIRST = ("reinforce", "ppo", "gspo", "covariance")
+
+
+class SettingError(ValueError):
+  """A bad objective setting; `field` names it (e.g. `kl_cov_ratio`)."""
+
+  def __init__(self, field: str, message: str):
+    super().__init__(f"{field} {message}")
+    self.field = field
+    self.message = message
+
+
+def setting(default, doc: str, *, low=None, high=None,
+            low_open: bool = False, high_open: bool = False,
+            check: Callable[[Any], str | None] | None = None):
+  """A documented settings field with its accepted values.
+
+  Args:
+    default: the value of `policy_loss` and of the `algo` config section.
+    doc: one line: what it is (shown in the config docs and the table).
+    low, high: bounds of a number (None: unbounded), open at an end with
+      `low_open` / `high_open`; NaN and infinities are refused.
+    check: for a value that is not one number, a function returning why
+      the value is bad (a string), or None when it is good.
+  """
+  return dataclasses.field(default=default, metadata=dict(
+      doc=doc, bounds=(low, high, low_open, high_open), check=check))
+
+
+def _is_concrete_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _why_bad(field: dataclasses.Field, value) -> str | None:
+  """Why `value` is not accepted by `field` (None: accepted)."""
+  if field.metadata.get("check") is not None:
+    return field.metadata["check"](value)
+  low, high, low_open, high_open = field.metadata["bounds"]
+  if not _is_concrete_number(value):
+    # A traced value (under jit) is not checked; a string or bool is bad.
+    return None if hasattr(value, "dtype") else f"got {value!r}"
+  ok = math.isfinite(value)
+  if low is not None:
+    ok = ok and (value > low if low_open else value >= low)
+  if high is not None:
+    ok = ok and (value < high if high_open else value <= high)
+  if ok:
+    return None
+  left = "(" if low_open or low is None else "["
+  right = ")" if high_open or high is None else "]"
+  lo = "-inf" if low is None else low
+  hi = "inf" if high is None else high
+  return f"must be a number in {left}{lo}, {hi}{right}; got {value!r}"
+
+
+def bounds_text(field: dataclasses.Field) -> str:
+  """The accepted values of a setting, for docs (`[0, 1]`, `see doc`)."""
+  if field.metadata.get("check") is not None:
+    return ""
+  low, high, low_open, high_open = field.metadata["bounds"]
+  left = "(" if low_open or low is None else "["
+  right = ")" if high_open or high is None else "]"
+  return (f"{left}{'-inf' if low is None else low}, "
+          f"{'inf' if high is None else high}{right}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+  """Base of an objective's settings: checks every field's declared values
+  in `__post_init__` and raises `SettingError` naming the field."""
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      why = _why_bad(field, getattr(self, field.name))
+      if why is not None:
+        raise SettingError(field.name, why)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+  """A registered objective.
+
+  `terms(x, settings[, key=])` gives the `PolicyTerms`; `settings` is its
+  `Settings` subclass; `needs_key` whether it takes a PRNG key;
+  `uses_band` whether `policy_loss`'s ratio band (`clip_low`, `clip_high`,
+  `band`, `dual_clip`) shapes its update; `summary` its one-line formula.
+  """
+
+  name: str
+  terms: Callable
+  settings: type
+  needs_key: bool
+  uses_band: bool
+  summary: str
+  module: str
+
+
+OBJECTIVE_TERMS: dict[str, Objective] = {}
+
+
+def register(name: str, *, settings: type = Settings,
+             needs_key: bool = False, uses_band: bool = True,
+             summary: str = ""):
+  """Decorator registering a terms function under `name`.
+
+  Raises ValueError if `name` is taken or a setting's name is already
+  another objective's (they share the `algo` config section).
+  """
+  if not (isinstance(settings, type) and issubclass(settings, Settings)):
+    raise TypeError(f"objective {name!r}: settings must subclass "
+                    f"registry.Settings; got {settings!r}")
+
+  def decorate(fn):
+    if name in OBJECTIVE_TERMS:
+      raise ValueError(f"objective {name!r} is registered twice "
+                       f"({OBJECTIVE_TERMS[name].module}, {fn.__module__})")
+    taken = setting_fields()
+    for field in dataclasses.fields(settings):
+      owner = taken.get(field.name)
+      if owner is not None and owner.settings is not settings:
+        raise ValueError(f"objective {name!r}: setting {field.name!r} is "
+                         f"already objective {owner.name!r}'s")
+      if "doc" not in field.metadata:
+        raise ValueError(f"objective {name!r}: declare setting "
+                         f"{field.name!r} with registry.setting(...)")
+    doc = (fn.__doc__ or "").strip().splitlines()
+    OBJECTIVE_TERMS[name] = Objective(
+        name=name, terms=fn, settings=settings, needs_key=needs_key,
+        uses_band=uses_band, summary=summary or (doc[0] if doc else ""),
+        module=fn.__module__)
+    return fn
+
+  return decorate
+
+
+def load_all() -> None:
+  """Imports every objective module of the package (they register)."""
+  package = importlib.import_module("entropo.objectives")
+  names = sorted(info.name for info in pkgutil.iter_modules(package.__path__)
+                 if not info.name.startswith("_")
+                 and info.name not in _INFRASTRUCTURE)
+  for name in [*_FIRST, *(n for n in names if n not in _FIRST)]:
+    importlib.import_module(f"entropo.objectives.{name}")
+
+
+def setting_fields() -> dict[str, Objective]:
+  """`{setting name: objective}` over every registered objective."""
+  return {field.name: objective for objective in OBJECTIVE_TERMS.values()
+          for field in dataclasses.fields(objective.settings)}
+
+
+def config_defaults() -> dict[str, Any]:
+  """`{setting name: default}` of every registered objective: the
+  objectives' part of the `algo` config section."""
+  out = {}
+  for objective in OBJECTIVE_TERMS.values():
+    for field in dataclasses.fields(objective.settings):
+      out.setdefault(field.name, field.default)
+  return out
+
+
+def settings_of(name: str, values: Mapping[str, Any]) -> Settings:
+  """Objective `name`'s settings from `values` (missing fields: defaults;
+  fields of other objectives are ignored). Raises SettingError."""
+  cls = OBJECTIVE_TERMS[name].settings
+  own = {f.name for f in dataclasses.fields(cls)}
+  return cls(**{k: v for k, v in values.items() if k in own})
+
+
+def table() -> str:
+  """The markdown table of registered objectives and their settings."""
+  rows = ["| objective | per-token term | settings (default, accepted) |",
+          "|---|---|---|"]
+  cell = lambda text: text.replace("|", "\\|")
+  for objective in OBJECTIVE_TERMS.values():
+    settings = "; ".join(
+        f"`{f.name}`={f.default!r} {bounds_text(f)}: {f.metadata['doc']}"
+        for f in dataclasses.fields(objective.settings))
+    key = " (needs `key`)" if objective.needs_key else ""
+    rows.append(f"| `{objective.name}` | {cell(objective.summary)}{key} | "
+                f"{cell(settings) or '-'} |")
+  return "\n".join(rows)
