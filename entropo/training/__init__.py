@@ -14,5 +14,5 @@ from entropo.training.config import validate
 from entropo.training.guards import NonFiniteError
 from entropo.training.guards import check_resume
 from entropo.training.loop import Trainer
-from entropo.training.loop import load_policy
-from entropo.training.loop import train
+from entropo.training.runs import load_policy
+from entropo.training.runs import train
