@@ -156,9 +156,11 @@ def _batch(rng):
   return params, batch, packed
 
 
-def _learner(algo, agg):
+def _learner(algo, **algo_fields):
+  """A Learner of preset `algo` with `algo_fields` set, and its
+  hyperparameters."""
   c = training_setup.tiny_config(algo)
-  c.algo.update(agg=agg, kl_coef=0.1, entropy_coef=0.01)
+  c.algo.update(**algo_fields)
   algorithm = Algorithm.from_config(c.algo)
   graphdef, _ = _model_state()
   learner = step_lib.Learner(graphdef, algorithm,
@@ -202,7 +204,8 @@ def _forward_and_pullback():
 @pytest.mark.parametrize("algo", ["grpo", "gspo", "kl_cov", "clip_cov"])
 def test_packed_loss_metrics_and_gradients_equal_padded(rng, algo, agg):
   params, batch, packed = _batch(rng)
-  learner, hyper = _learner(algo, agg)
+  learner, hyper = _learner(algo, agg=agg, kl_coef=0.1,
+                           entropy_coef=0.01)
   forward, pullback = _forward_and_pullback()
   key = jax.random.key(4)
 
@@ -232,7 +235,8 @@ def test_packed_update_equals_padded_update(rng):
   """One optax step of the Learner end to end (its loss picks the packed
   forward from the batch's keys): the same parameters after it."""
   params, batch, packed = _batch(rng)
-  learner, hyper = _learner("dapo", "token_mean")
+  learner, hyper = _learner("dapo", agg="token_mean", kl_coef=0.1,
+                           entropy_coef=0.01)
   opt_state = learner.optimizer.init(params)
   key = jax.random.key(0)
   new, _, metrics = learner.update(params, opt_state, batch, hyper, key)
@@ -249,15 +253,7 @@ def test_packed_pre_update_equals_padded(rng, algo):
   the log-probs and entropy), old and reference log-probs on the loss
   mask, and the same metrics."""
   params, batch, packed = _batch(rng)
-  c = training_setup.tiny_config(algo)
-  c.algo.kl_coef = 0.1
-  algorithm = Algorithm.from_config(c.algo)
-  graphdef, _ = _model_state()
-  learner = step_lib.Learner(graphdef, algorithm,
-                             step_lib.make_optimizer(c.optim),
-                             max_new_tokens=LENGTH - PROMPT, group_size=4)
-  hyper = algorithm.hyperparameters(algorithm.init_controllers(),
-                                    algorithm.fixed_hyperparameters())
+  learner, hyper = _learner(algo, kl_coef=0.1)
   hyper["zeta"] = np.float32(0.5)
   mask = batch["mask"]
   args = (params, params, batch["tokens"], batch["attention_mask"], mask,
