@@ -4,7 +4,8 @@
 #   test-py311  .venv,    Python 3.11, the lower bounds (jax 0.10.2), with the
 #               torch/transformers peer of the Hugging Face parity tests;
 #   test-py312  .venv312, Python 3.12, jax 0.11; no torch or transformers (no
-#               CPU wheel for 3.12), so the parity tests skip.
+#               CPU wheel for 3.12), so the parity tests skip. Both legs run
+#               every test.
 # With a virtual environment active, `make test` runs one leg, in it: it
 # installs entropo's test extras there without constraints (the environment
 # is yours, e.g. beside a CUDA jax); the parity tests run if `.[hf]` is there.
@@ -23,7 +24,7 @@ PIP_QUIET ?= --quiet
 # and says so. $(1): the python, $(2): the leg's name, $(3): pytest options.
 define run_pytest
 	@echo "== $(2): $$($(1) -c 'import sys, jax, flax; print("Python", sys.version.split()[0], "jax", jax.__version__, "flax", flax.__version__)')"
-	@rc=0; $(1) -m pytest -n 2 --durations=30 $(3) $(PYTEST_ARGS) || rc=$$?; \
+	@rc=0; $(1) -m pytest -n 2 --dist worksteal --durations=30 $(3) $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then \
 	  echo "== $(2): FAILED: pytest collected no test (exit status 5)" >&2; \
 	elif [ $$rc -ne 0 ]; then \
@@ -61,24 +62,8 @@ install-py312: .venv312/.installed
 test-py311: .venv/.installed
 	$(call run_pytest,.venv/bin/python,test-py311 (.venv))
 
-# The second leg checks entropo on the newer Python and jax: the numeric
-# core, the model, attention, sampler and multi-turn sampler, the code
-# sandbox, the dot-precision walk, the install, and the trainer's exact
-# resume (full and LoRA), model options and config errors. The first leg
-# runs every test; running all of them twice took CI past an hour on 2
-# cores.
-PY312_TESTS := tests/test_precision.py tests/test_dot_precision.py \
-  tests/test_logprobs.py tests/test_fused.py tests/test_objectives.py \
-  tests/test_advantages.py tests/test_repo.py tests/test_diagnostics.py \
-  tests/test_models_transformer.py tests/test_attention.py \
-  tests/test_sampler.py tests/test_agents.py tests/test_sandbox.py \
-  tests/test_inflight.py tests/test_packing.py tests/test_cispo.py \
-  tests/test_objective_registry.py \
-  tests/test_install.py tests/test_training.py -m "not slow" \
-  -k "not test_training.py or resume_equals or model_section or bad_configs"
-
 test-py312: .venv312/.installed
-	$(call run_pytest,.venv312/bin/python,test-py312 (.venv312),$(PY312_TESTS))
+	$(call run_pytest,.venv312/bin/python,test-py312 (.venv312))
 
 ifdef VIRTUAL_ENV
 VENV_PY := $(VIRTUAL_ENV)/bin/python

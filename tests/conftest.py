@@ -17,10 +17,23 @@ import os
 NUM_DEVICES = 8
 ACCELERATOR = os.environ.get("ENTROPO_TEST_ACCELERATOR", "0") not in ("", "0")
 
+# The suite compiles a few thousand small programs and runs each briefly, so
+# most of its time is XLA:CPU compiling. LLVM's optimisation level 0 does
+# that about 1.5x faster (docs/benchmarks.md, "The test suite"); it changes
+# no result: XLA:CPU compiles without fast-math, so LLVM may neither
+# reassociate nor contract floating-point operations at any level, and the
+# HLO passes (fusion, layout, buffer assignment, memory analysis) do not
+# depend on it. Subprocesses the tests start inherit it. Set
+# ENTROPO_TEST_XLA_OPT=1 to test at XLA's default level instead.
+FAST_COMPILE = ("--xla_backend_optimization_level=0"
+                if os.environ.get("ENTROPO_TEST_XLA_OPT", "0") in ("", "0")
+                else "")
+
 if not ACCELERATOR:
   os.environ["XLA_FLAGS"] = (
       os.environ.get("XLA_FLAGS", "")
-      + f" --xla_force_host_platform_device_count={NUM_DEVICES}"
+      + f" --xla_force_host_platform_device_count={NUM_DEVICES} "
+      + FAST_COMPILE
   ).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 

@@ -173,7 +173,11 @@ def _launch_two_processes(workdir, log_dir) -> None:
   base = {k: v for k, v in os.environ.items()
           if not k.startswith(("ENTROPO_", "JAX_COORDINATOR"))}
   base.update(
-      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      # 4 devices per process; the other flags as in this session.
+      XLA_FLAGS=" ".join(
+          [f for f in os.environ.get("XLA_FLAGS", "").split()
+           if not f.startswith("--xla_force_host_platform_device_count")]
+          + ["--xla_force_host_platform_device_count=4"]),
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.pathsep.join([str(ROOT), base.get("PYTHONPATH", "")]),
       # The compilation cache this test session uses (tests/conftest.py).
