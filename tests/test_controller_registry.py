@@ -7,6 +7,7 @@ touches its module and its test.
 """
 
 import dataclasses
+import pathlib
 from typing import NamedTuple
 
 import jax
@@ -143,3 +144,9 @@ def test_from_config_takes_the_section_values():
   c.algo.zeta.update(max=0.5, law="pi")
   zeta = Algorithm.from_config(c.algo).controllers["zeta"]
   assert (zeta.zeta_max, zeta.law, zeta.init_zeta) == (0.5, "pi", 1e-3)
+
+
+def test_the_docs_table_is_the_registry_s():
+  docs = (pathlib.Path(__file__).resolve().parents[1] / "docs" /
+          "training.md").read_text()
+  assert registry.table() in docs, "paste `python -m entropo.controllers`"

@@ -45,7 +45,7 @@ _BASE = dict(
     # KL penalty to the starting policy (0: off) and its estimator.
     kl_coef=0.0,
     kl_estimator="k3",
-    # Entropy bonus coefficient (0: off unless algo.entropy_control is on).
+    # Entropy bonus coefficient (0: off unless algo.entropy_coef_control.on).
     entropy_coef=0.0,
     # Every registered objective's settings (Clip-Cov's clip_cov_ratio,
     # KL-Cov's kl_cov_ratio, ...), named, documented and bounded where the
