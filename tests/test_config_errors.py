@@ -241,6 +241,10 @@ def _launch(*flags):
      "algo.zeta.max"),
     ("--config.algo.zeta.maxx=0.1", "Invalid config: algo.zeta.maxx: no "
      "such field (did you mean 'algo.zeta.max'?)"),
+    # A nested field is overridden from the command line (here to a value
+    # below algo.zeta.min, so that the run stops before any work).
+    ("--config.algo.zeta.max=1e-5", "Invalid config: algo.zeta.max: must be "
+     ">= algo.zeta.min = 0.0001; got 1e-05"),
 ])
 def test_the_launcher_prints_one_line(flag, line, tmp_path):
   proc, seconds = _launch(f"--workdir={tmp_path}", flag)
