@@ -7,6 +7,7 @@ and suggests the closest field for a misspelt one.
 """
 
 import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -460,6 +461,23 @@ def test_an_old_flat_controller_field_names_where_it_moved(old, new):
   with pytest.raises(ValueError, match=f"Invalid config: algo.{old}: moved "
                      f"to algo.{new}"):
     validate(c)
+
+
+def test_a_run_saved_with_the_flat_names_resumes_with_the_same_values():
+  c = config_lib.default_config("adapo+repo_r")
+  saved = json.loads(c.to_json_best_effort())
+  algo = saved["algo"]
+  zeta, clip = algo.pop("zeta"), algo.pop("clip_high_control")
+  algo.pop("entropy_coef_control")
+  algo.update(zeta_init=zeta["init"], zeta_min=zeta["min"],
+              zeta_max=zeta["max"], zeta_law="doubling", adapo=True,
+              clip_high_max=clip["max"], entropy_control="none")
+  assert config_lib.config_changes(saved, c) == []
+  algo["zeta_max"] = 2.0
+  algo["adapo"] = False
+  assert config_lib.config_changes(saved, c) == [
+      "algo.clip_high_control.on: False -> True",
+      "algo.zeta.max: 2.0 -> 0.05"]
 
 
 def test_a_misspelt_controller_field_is_named_with_the_closest():
