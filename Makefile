@@ -73,7 +73,7 @@ PY312_TESTS := tests/test_precision.py tests/test_dot_precision.py \
   tests/test_models_transformer.py tests/test_attention.py \
   tests/test_sampler.py tests/test_agents.py tests/test_sandbox.py \
   tests/test_inflight.py tests/test_packing.py tests/test_cispo.py \
-  tests/test_objective_registry.py \
+  tests/test_objective_registry.py tests/test_controller_registry.py \
   tests/test_install.py tests/test_training.py -m "not slow" \
   -k "not test_training.py or resume_equals or model_section or bad_configs"
 
