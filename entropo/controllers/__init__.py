@@ -32,7 +32,7 @@ NaN entropy (a diverged batch) leaves the state unchanged.
 | `zeta` | `ZetaController` (REPO) | `algo.zeta` |
 | `clip_high` | `ClipHighController` (ADAPO) | `algo.clip_high_control` |
 | `entropy_coef` | `EntropyCoefController` | `algo.entropy_coef_control` |
-| `registry` | `register`, `Section`, `setting`: where controllers declare themselves | |
+| `registry` | `register`, `Section`, `setting`: where they declare themselves | |
 | `laws` | the laws' shared pieces (PI step, NaN hold) | |
 
 Any other module of this package is a controller too: it registers itself

@@ -1,4 +1,5 @@
-"""Prints the table of registered controllers: `python -m entropo.controllers`."""
+"""Prints the table of registered controllers (`python -m
+entropo.controllers`)."""
 
 from entropo.controllers import registry
 

@@ -4,7 +4,7 @@ A controller is one module of `entropo/controllers/` that declares itself:
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
     class MySection(registry.Section):
-      \"\"\"My controller of clip_high (what it does, in one paragraph).\"\"\"
+      # Its docstring: what it does (the table's summary).
       on: bool = registry.flag(False, "adapt clip_high my way")
       rate: float = registry.setting(0.1, "the step", low=0, low_open=True)
 

@@ -74,8 +74,9 @@ class Algorithm:
   spelled one way: `repo=None`, `dual_clip=None`, `tis_cap=None`,
   `correction_veto=None`, `correction_max_kl=None`, and a controller is on
   when the hyperparameter it moves is in `controllers` (the controllers'
-  sections `algo.<name>` are read from entropo/controllers/registry.py). `tis_cap = c` is the correction
-  `truncate` at the token level with `correction_high = c` (one code path).
+  sections `algo.<name>` are read from entropo/controllers/registry.py).
+  `tis_cap = c` is the correction `truncate` at the token level with
+  `correction_high = c` (one code path).
   """
 
   name: str
