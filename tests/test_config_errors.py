@@ -473,6 +473,15 @@ def test_a_run_saved_with_the_flat_names_resumes_with_the_same_values():
               zeta_max=zeta["max"], zeta_law="doubling", adapo=True,
               clip_high_max=clip["max"], entropy_control="none")
   assert config_lib.config_changes(saved, c) == []
+  upgraded = ml_collections.ConfigDict(config_lib.upgrade(saved))
+  assert validate(upgraded).algorithm == validate(c).algorithm
+  algo["entropy_control"] = "dual"
+  assert config_lib.upgrade(saved)["algo"]["entropy_coef_control"] == dict(
+      on=True, law="dual")
+  assert config_lib.config_changes(saved, c) == [
+      "algo.entropy_coef_control.law: 'dual' -> 'step'",
+      "algo.entropy_coef_control.on: True -> False"]
+  algo["entropy_control"] = "none"
   algo["zeta_max"] = 2.0
   algo["adapo"] = False
   assert config_lib.config_changes(saved, c) == [

@@ -104,7 +104,8 @@ class EntropyCoefControlSection(registry.Section):
     section=EntropyCoefControlSection,
     enabled=lambda section, algo: section.on,
     switch="`algo.entropy_coef_control.on` (the `entropy_adaptive` preset)",
-    moved=dict(entropy_control="on (and .law: step or dual)",
+    moved=dict(entropy_control=("on", lambda old: dict(
+        on=old != "none", law="step" if old == "none" else old)),
                entropy_coef_max="max", entropy_coef_delta="delta",
                entropy_coef_law_lr="lr"))
 def build(s: EntropyCoefControlSection, start: float

@@ -68,7 +68,8 @@ class Controller:
   `enabled(section, algo)` whether the run switches it on (`algo` is the
   whole `algo` config section), `build(section, start)` the controller
   starting at `start`, `switch` how it is switched on (for the docs),
-  `moved` `{old flat algo field: field of the section}`.
+  `moved` `{old flat algo field: field of the section}`, or `{old: (field,
+  convert)}` where `convert(old value)` gives the section's fields.
   """
 
   name: str
@@ -77,7 +78,7 @@ class Controller:
   enabled: Callable[[Any, Any], bool]
   build: Callable[[Any, float], Any]
   switch: str
-  moved: Mapping[str, str]
+  moved: Mapping[str, Any]
   summary: str
   module: str
 
@@ -87,7 +88,7 @@ CONTROLLERS: dict[str, Controller] = {}
 
 def register(name: str, *, moves: str, section: type,
              enabled: Callable[[Any, Any], bool], switch: str = "",
-             moved: Mapping[str, str] | None = None):
+             moved: Mapping[str, Any] | None = None):
   """Decorator registering `build(section, start)` under `name`."""
   if moves not in HYPERPARAMETERS:
     raise ValueError(f"controller {name!r} moves {moves!r}; controllers "
@@ -134,8 +135,22 @@ def config_defaults() -> dict[str, dict[str, Any]]:
 
 def moved_fields() -> dict[str, str]:
   """`{old flat algo field: its place now}`, e.g. `zeta_max: zeta.max`."""
-  return {old: f"{c.name}.{new}" for c in CONTROLLERS.values()
-          for old, new in c.moved.items()}
+  return {old: f"{c.name}.{new if isinstance(new, str) else new[0]}"
+          for c in CONTROLLERS.values() for old, new in c.moved.items()}
+
+
+def upgrade(algo: dict) -> dict:
+  """An `algo` section (a dict) saved before the controllers' sections,
+  its old flat fields moved into them with the same values."""
+  algo = dict(algo)
+  for c in CONTROLLERS.values():
+    for old, new in c.moved.items():
+      if old in algo:
+        value = algo.pop(old)
+        fields = ({new: value} if isinstance(new, str)
+                  else new[1](value))
+        algo[c.name] = {**algo.get(c.name, {}), **fields}
+  return algo
 
 
 def table() -> str:

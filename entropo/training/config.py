@@ -256,6 +256,14 @@ def _check_algo_known(algo) -> None:
       _check_known(algo[name], defaults[name], f"algo.{name}.")
 
 
+def upgrade(saved: dict) -> dict:
+  """A saved config (a parsed config.json) from before the controllers'
+  sections, its flat controller fields moved into them (same values)."""
+  if not isinstance(saved.get("algo"), dict):
+    return saved
+  return {**saved, "algo": controllers_lib.registry.upgrade(saved["algo"])}
+
+
 def moved(field: str) -> str | None:
   """Where an old flat controller field is now (`algo.zeta_max` ->
   `algo.zeta.max`), or None."""
@@ -302,11 +310,7 @@ def config_changes(saved: dict, config: ConfigDict) -> list[str]:
   Fields that only one of them has (added to or removed from entropo since
   the run started) are not compared.
   """
-  old = _flatten(saved)
-  for field in list(old):  # a run saved before the controllers' sections
-    new = moved(field)
-    if new and " " not in new:
-      old[new] = old.pop(field)
+  old = _flatten(upgrade(saved))
   new = _flatten(json.loads(config.to_json_best_effort()))
   return [f"{field}: {old[field]!r} -> {new[field]!r}"
           for field in sorted(old.keys() & new.keys())
