@@ -5,7 +5,7 @@
 
 The config file's `get_config(arg)` takes what follows a colon, here the
 algorithm: `--config=experiments/configs/countdown.py:dapo+repo_r`. Any
-field can be overridden: `--config.algo.zeta_max=0.05`,
+field can be overridden: `--config.algo.zeta.max=0.05`,
 `--config.train.iterations=200`, `--config.precision=bf16`. A rerun with the
 same `--workdir` resumes from its latest checkpoint; a rerun whose config
 differs from the run's in a field that may not change on resume
@@ -141,6 +141,9 @@ def _unknown_override(argv) -> str | None:
       keys = list(node.keys()) if hasattr(node, "keys") else []
       if name not in keys:
         field = ".".join(names[:depth + 1])
+        new = _moved(field)
+        if new:
+          return f"Invalid config: {field}: moved to {new}"
         close = difflib.get_close_matches(name, keys, n=1, cutoff=0.6)
         hint = (f" (did you mean {'.'.join(names[:depth] + close)!r}?)"
                 if close else "")
@@ -149,6 +152,15 @@ def _unknown_override(argv) -> str | None:
                 f"of {where} are {sorted(keys)}")
       node = node[name]
   return None
+
+
+def _moved(field: str) -> str | None:
+  """Where an old flat controller field is now (`algo.zeta_max` ->
+  `algo.zeta.max`), or None."""
+  if not field.startswith("algo."):
+    return None
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.moved(field)
 
 
 # Task settings that the config file does not set (its dataclass has them).

@@ -223,7 +223,7 @@ def _repo_ceiling(runs, out, files):
     s = list(seeds.values())
     h = _headline(s)
     algo, overrides = regimes.CEILING[name]
-    zeta_max = overrides.get("zeta_max", 1.0)
+    zeta_max = overrides.get("zeta", {}).get("max", 1.0)
     zetas = [np.array([r["controller/zeta"] for r in x["records"]])
              for x in s]
     at_bound = [float(np.mean(np.abs(z) >= 0.999 * zeta_max)) for z in zetas]

@@ -68,10 +68,10 @@ STAGES = ("warm_start", "algorithms", "sequential", "precision", "ratio_bias",
           "bounds", *study_regimes.REGIME_STAGES, study_mismatch.STAGE,
           "report")
 # The controllers' bounds, varied one at a time (the `bounds` stage): REPO-R's
-# zeta_max (the algorithms stage uses 1, the paper 0.05) and ADAPO's
-# clip_high_max (the algorithms stage uses 0.4).
-BOUNDS = (("grpo+repo_r", "zeta_max", (0.05, 4.0, 16.0)),
-          ("adapo", "clip_high_max", (1.0, 2.0)))
+# algo.zeta.max (the algorithms stage uses 1, the paper 0.05) and ADAPO's
+# algo.clip_high_control.max (the algorithms stage uses 0.4).
+BOUNDS = (("grpo+repo_r", "zeta.max", (0.05, 4.0, 16.0)),
+          ("adapo", "clip_high_control.max", (1.0, 2.0)))
 # The paper's comparison at small scale (ISSUE: GRPO, RLOO, DAPO, GSPO,
 # entropy bonus, REPO-R on GRPO and on DAPO, REPO-D, ADAPO).
 ALGORITHMS = ("grpo", "rloo", "dapo", "gspo", "entropy_bonus", "grpo+repo_r",
@@ -282,7 +282,8 @@ class Study:
             for s in self.seeds]
     for i, (algo, field, value, seed) in enumerate(jobs):
       c = self.config(algo, seed=seed)
-      c.algo[field] = value
+      section, name = field.split(".")
+      c.algo[section][name] = value
       self.run(c, run_dir(self.dir, "bounds", f"{algo}/{field}={value:g}",
                           seed),
                f"({i + 1}/{len(jobs)}) {algo} {field}={value:g} seed {seed}")

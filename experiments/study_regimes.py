@@ -51,8 +51,8 @@ START_ALGORITHMS = ("grpo", "dapo", "grpo+repo_r")
 CEILING = {
     "repo_r": ("grpo+repo_r", {}),
     "repo_r_no_sign_clamp": ("grpo+repo_r", {"repo_sign_clamp": False}),
-    "repo_r_pi": ("grpo+repo_r", {"zeta_law": "pi"}),
-    "repo_centred": ("grpo+repo", {"zeta_max": 1.0}),
+    "repo_r_pi": ("grpo+repo_r", {"zeta": {"law": "pi"}}),
+    "repo_centred": ("grpo+repo", {"zeta": {"max": 1.0}}),
 }
 BAND_PRESETS = ("fp32", "tf32", "bf16", "bf16_fp32_head")
 LORA_ALGORITHMS = ("grpo", "grpo+repo_r")

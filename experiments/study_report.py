@@ -247,9 +247,10 @@ def _bounds_section(runs, reference, out, files) -> tuple[list[str], dict]:
   md, data = [], {}
   if not runs:
     return md, data
-  defaults = {"grpo_repo_r": "zeta_max=1", "adapo": "clip_high_max=0.4"}
-  controller = {"zeta_max": "controller/zeta",
-                "clip_high_max": "controller/clip_high"}
+  defaults = {"grpo_repo_r": "zeta.max=1",
+              "adapo": "clip_high_control.max=0.4"}
+  controller = {"zeta.max": "controller/zeta",
+                "clip_high_control.max": "controller/clip_high"}
   rows_by_algo = collections.defaultdict(dict)
   for name, seeds in runs.items():
     algo, variant = name.split("/")

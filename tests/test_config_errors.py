@@ -7,6 +7,7 @@ and suggests the closest field for a misspelt one.
 """
 
 import dataclasses
+import json
 import pathlib
 import subprocess
 import sys
@@ -15,6 +16,8 @@ import time
 import ml_collections
 import pytest
 
+from entropo import _settings
+from entropo.controllers import registry as controllers_registry
 from entropo.objectives import registry
 from entropo.training import config as config_lib
 from entropo.training import sections
@@ -66,16 +69,8 @@ BAD = {
     "algo.dual_clip": 0.5, "algo.agg": "mean", "algo.norm": -1.0,
     "algo.dynamic_sampling": "yes", "algo.kl_coef": -1.0,
     "algo.kl_estimator": "k9", "algo.entropy_coef": -1.0,
-    "algo.repo": "repo_x", "algo.zeta_init": "x",
-    "algo.zeta_min": 0.0, "algo.zeta_max": -1.0, "algo.zeta_law": "linear",
-    "algo.zeta_sign_flip": "yes", "algo.zeta_kp": -1.0,
-    "algo.zeta_ki": -1.0, "algo.repo_positive_only": 1,
-    "algo.repo_sign_clamp": "no", "algo.adapo": 1,
-    "algo.clip_high_min": -1.0, "algo.clip_high_max": 0.0,
-    "algo.clip_high_factor": 1.0, "algo.clip_high_law": "linear",
-    "algo.clip_high_kp": -1.0, "algo.clip_high_ki": -1.0,
-    "algo.entropy_control": "pid", "algo.entropy_coef_max": -1.0,
-    "algo.entropy_coef_delta": 0.0, "algo.entropy_coef_law_lr": 0.0,
+    "algo.repo": "repo_x", "algo.repo_positive_only": 1,
+    "algo.repo_sign_clamp": "no",
     "algo.old_logps": "reference", "algo.tis_cap": 0.5,
     "algo.target_entropy": -1.0, "algo.target_scale": 0.0,
     "algo.epochs": 0, "algo.minibatches": 3, "algo.max_resample": -1,
@@ -102,7 +97,33 @@ def _objective_bad_values() -> dict:
   return out
 
 
+def _bad_value(field: dataclasses.Field):
+  """A value outside what a declared setting accepts."""
+  low, high, low_open, high_open = field.metadata["bounds"]
+  if field.metadata["check"] is not None:
+    return "x"
+  if low is not None:
+    return low if low_open else low - 1
+  if high is not None:
+    return high if high_open else high + 1
+  return "x"
+
+
+def _controller_bad_values() -> dict:
+  """One bad value per field of every registered controller's section
+  (entropo/controllers/registry.py), from the values it declares: a new
+  controller's section is covered here without an edit."""
+  out = {}
+  for controller in controllers_registry.CONTROLLERS.values():
+    for field in dataclasses.fields(controller.section):
+      value = _bad_value(field)
+      assert _settings.why_bad(field, value), (controller.name, field.name)
+      out[f"algo.{controller.name}.{field.name}"] = value
+  return out
+
+
 BAD.update(_objective_bad_values())
+BAD.update(_controller_bad_values())
 # Free-form fields, checked where they are used (tested elsewhere):
 # task.path (a file-backed task's JSONL dir, test_training.py).
 EXEMPT = {"task.path"}
@@ -110,7 +131,11 @@ EXEMPT = {"task.path"}
 
 def _fields() -> set[str]:
   c = config_lib.default_config()
-  out = {"seed", "precision"} | {f"algo.{k}" for k in c.algo}
+  out = {"seed", "precision"}
+  for k in c.algo:  # a controller's section: its fields
+    out |= ({f"algo.{k}.{f}" for f in c.algo[k]}
+            if isinstance(c.algo[k], ml_collections.ConfigDict)
+            else {f"algo.{k}"})
   for name, cls in sections.SECTIONS.items():
     out |= {f"{name}.{f.name}" for f in dataclasses.fields(cls)}
   return out
@@ -128,8 +153,11 @@ def test_a_bad_value_fails_naming_its_field(field):
   # reaches `validate` (a config file may build one; the launcher's flag
   # parser refuses those itself).
   values = tiny_config().to_dict()
-  section, _, name = field.rpartition(".")
-  (values[section] if section else values)[name] = BAD[field]
+  *sections_, name = field.split(".")
+  parent = values
+  for part in sections_:
+    parent = parent[part]
+  parent[name] = BAD[field]
   c = ml_collections.ConfigDict(values)
   start = time.monotonic()
   with pytest.raises(ValueError) as info:
@@ -210,6 +238,14 @@ def _launch(*flags):
     ("--config.optim.b2=1.0", "Invalid config: optim.b2: must be a number "
      "in [0, 1); got 1.0"),
     ("--config.algo.name=dapo", "Invalid config: algo.name: "),
+    ("--config.algo.zeta_max=0.1", "Invalid config: algo.zeta_max: moved to "
+     "algo.zeta.max"),
+    ("--config.algo.zeta.maxx=0.1", "Invalid config: algo.zeta.maxx: no "
+     "such field (did you mean 'algo.zeta.max'?)"),
+    # A nested field is overridden from the command line (here to a value
+    # below algo.zeta.min, so that the run stops before any work).
+    ("--config.algo.zeta.max=1e-5", "Invalid config: algo.zeta.max: must be "
+     ">= algo.zeta.min = 0.0001; got 1e-05"),
 ])
 def test_the_launcher_prints_one_line(flag, line, tmp_path):
   proc, seconds = _launch(f"--workdir={tmp_path}", flag)
@@ -387,20 +423,21 @@ def test_the_launcher_names_a_bad_task_setting(flag, line, tmp_path):
 
 
 @pytest.mark.parametrize("fields,named", [
-    (dict(zeta_kp=-1.0), "algo.zeta_kp"),
-    (dict(zeta_kp=0.0, zeta_ki=0.0), "algo.zeta_ki"),
-    (dict(zeta_min=0.1, zeta_max=0.05), "algo.zeta_max"),
-    (dict(zeta_init=0.5, zeta_max=0.05), "algo.zeta_init"),
-    (dict(adapo=True, clip_high_factor=0.9), "algo.clip_high_factor"),
-    (dict(adapo=True, clip_high_min=0.4, clip_high_max=0.3),
-     "algo.clip_high_max"),
+    (dict(zeta=dict(kp=-1.0)), "algo.zeta.kp"),
+    (dict(zeta=dict(kp=0.0, ki=0.0)), "algo.zeta.ki"),
+    (dict(zeta=dict(min=0.1, max=0.05)), "algo.zeta.max"),
+    (dict(zeta=dict(init=0.5, max=0.05)), "algo.zeta.init"),
+    (dict(clip_high_control=dict(on=True, factor=0.9)),
+     "algo.clip_high_control.factor"),
+    (dict(clip_high_control=dict(on=True, min=0.4, max=0.3)),
+     "algo.clip_high_control.max"),
     # No silent widening: a start outside the controller's bounds is
     # refused (it used to widen clip_high_max to 0.9).
-    (dict(adapo=True, clip_high=0.9), "algo.clip_high"),
-    (dict(adapo=True, clip_high=0.1), "algo.clip_high"),
-    (dict(adapo=True, clip_high_kp=0.0, clip_high_ki=0.0),
-     "algo.clip_high_ki"),
-    (dict(entropy_control="step", entropy_coef=0.5, entropy_coef_max=0.1),
+    (dict(clip_high_control=dict(on=True), clip_high=0.9), "algo.clip_high"),
+    (dict(clip_high_control=dict(on=True), clip_high=0.1), "algo.clip_high"),
+    (dict(clip_high_control=dict(on=True, kp=0.0, ki=0.0)),
+     "algo.clip_high_control.ki"),
+    (dict(entropy_coef_control=dict(on=True, max=0.1), entropy_coef=0.5),
      "algo.entropy_coef"),
 ])
 def test_controller_errors_name_the_field(fields, named):
@@ -411,9 +448,66 @@ def test_controller_errors_name_the_field(fields, named):
   assert str(info.value).startswith(f"Invalid config: {named}: "), info.value
 
 
+@pytest.mark.parametrize("old,new", [
+    ("zeta_init", "zeta.init"), ("zeta_max", "zeta.max"),
+    ("zeta_law", "zeta.law"), ("adapo", "clip_high_control.on"),
+    ("clip_high_max", "clip_high_control.max"),
+    ("entropy_control", "entropy_coef_control.on"),
+    ("entropy_coef_law_lr", "entropy_coef_control.lr"),
+])
+def test_an_old_flat_controller_field_names_where_it_moved(old, new):
+  c = tiny_config("grpo+repo_r")
+  c.algo[old] = 1.0
+  with pytest.raises(ValueError, match=f"Invalid config: algo.{old}: moved "
+                     f"to algo.{new}"):
+    validate(c)
+
+
+def test_a_run_saved_with_the_flat_names_resumes_with_the_same_values():
+  c = config_lib.default_config("adapo+repo_r")
+  saved = json.loads(c.to_json_best_effort())
+  algo = saved["algo"]
+  zeta, clip = algo.pop("zeta"), algo.pop("clip_high_control")
+  algo.pop("entropy_coef_control")
+  algo.update(zeta_init=zeta["init"], zeta_min=zeta["min"],
+              zeta_max=zeta["max"], zeta_law="doubling", adapo=True,
+              clip_high_max=clip["max"], entropy_control="none")
+  assert config_lib.config_changes(saved, c) == []
+  upgraded = ml_collections.ConfigDict(config_lib.upgrade(saved))
+  assert validate(upgraded).algorithm == validate(c).algorithm
+  algo["entropy_control"] = "dual"
+  assert config_lib.upgrade(saved)["algo"]["entropy_coef_control"] == dict(
+      on=True, law="dual")
+  assert config_lib.config_changes(saved, c) == [
+      "algo.entropy_coef_control.law: 'dual' -> 'step'",
+      "algo.entropy_coef_control.on: True -> False"]
+  algo["entropy_control"] = "none"
+  algo["zeta_max"] = 2.0
+  algo["adapo"] = False
+  assert config_lib.config_changes(saved, c) == [
+      "algo.clip_high_control.on: False -> True",
+      "algo.zeta.max: 2.0 -> 0.05"]
+
+
+def test_a_misspelt_controller_field_is_named_with_the_closest():
+  c = tiny_config("grpo+repo_r")
+  c.algo.zeta.maxx = 0.1
+  with pytest.raises(ValueError, match="Invalid config: algo.zeta.maxx: no "
+                     "such field \\(did you mean 'max'\\?\\)"):
+    validate(c)
+
+
+def test_a_controller_section_is_not_a_value():
+  values = tiny_config("grpo+repo_r").to_dict()
+  values["algo"]["zeta"] = 0.1
+  with pytest.raises(ValueError, match="Invalid config: algo.zeta: "):
+    validate(ml_collections.ConfigDict(values))
+
+
 def test_controllers_inside_their_bounds_are_valid():
   c = tiny_config("adapo+repo_r")
-  c.algo.update(clip_high=0.4, entropy_control="step", entropy_coef=0.1)
+  c.algo.update(clip_high=0.4, entropy_coef=0.1,
+                entropy_coef_control=dict(on=True))
   run = validate(c)
   assert run.algorithm.controllers["clip_high"].clip_high_max == 0.4
   assert run.algorithm.controllers["entropy_coef"].coef_max == 0.1

@@ -115,7 +115,7 @@ def test_smoke_study_end_to_end(tmp_path):
   study.sequential(["entropy_bonus", "warm_start"], "grpo")
   study.precision(["dapo"], ["fp32", "bf16"], [0])
   result = study.ratio_bias(["fp32", "bf16"])
-  study.bounds((("grpo+repo_r", "zeta_max", (4.0,)),))
+  study.bounds((("grpo+repo_r", "zeta.max", (4.0,)),))
   files = study_report.write_report(tmp_path)
 
   timing = json.loads((tmp_path / "timing.json").read_text())
@@ -125,7 +125,7 @@ def test_smoke_study_end_to_end(tmp_path):
       "runs/sequential/entropy_bonus/seed0",
       "runs/sequential/warm_start/seed0", "runs/precision/dapo/fp32/seed0",
       "runs/precision/dapo/bf16/seed0",
-      "runs/bounds/grpo_repo_r/zeta_max=4/seed0"])
+      "runs/bounds/grpo_repo_r/zeta.max=4/seed0"])
   for key in timing:
     if key.startswith("runs/"):
       records = logger.read_jsonl(tmp_path / key / "metrics.jsonl")
@@ -156,9 +156,9 @@ def test_smoke_study_end_to_end(tmp_path):
       (tmp_path / "runs/precision/dapo/bf16/seed0/config.json").read_text())
   assert prec["precision"] == "bf16"
   assert prec["algo"]["old_logps"] == "sampler"
-  bound = json.loads((tmp_path / "runs/bounds/grpo_repo_r/zeta_max=4/seed0/"
+  bound = json.loads((tmp_path / "runs/bounds/grpo_repo_r/zeta.max=4/seed0/"
                       "config.json").read_text())
-  assert bound["algo"]["zeta_max"] == 4.0
+  assert bound["algo"]["zeta"]["max"] == 4.0
   assert bound["algo"]["repo"] == "repo_r"
 
   # The controlled measurement: float32 sampler and trainer agree.
@@ -174,7 +174,7 @@ def test_smoke_study_end_to_end(tmp_path):
   summary = json.loads((tmp_path / "report" / "summary.json").read_text())
   assert set(summary) >= {"algorithms", "sequential", "precision",
                           "ratio_bias", "bounds", "timing"}
-  assert list(summary["bounds"]) == ["grpo_repo_r/zeta_max=4"]
+  assert list(summary["bounds"]) == ["grpo_repo_r/zeta.max=4"]
   assert {f.name for f in files} >= {
       "summary.md", "entropy_curves.png", "accuracy_vs_entropy.png",
       "pass_at_k.png", "sequential.png", "precision_entropy.png",

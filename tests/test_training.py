@@ -105,7 +105,7 @@ def test_controllers_move_toward_the_target(algo, key, direction, init_from,
   if algo == "entropy_adaptive" and direction == "down":
     c.algo.entropy_coef = 0.01
   if algo == "grpo+repo_r":
-    c.algo.zeta_sign_flip = False
+    c.algo.zeta.sign_flip = False
   train(c, tmp_path)
   values = [r[key] for r in _records(tmp_path)]
   steps = np.diff(values)

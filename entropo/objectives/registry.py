@@ -20,91 +20,22 @@ edit anywhere else.
 
 import dataclasses
 import importlib
-import math
 import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
+
+# The typed, documented settings fields, shared with the controllers'
+# registry (entropo/_settings.py).
+from entropo._settings import SettingError
+from entropo._settings import Settings
+from entropo._settings import bounds_text
+from entropo._settings import setting
 
 # Modules of the package that hold no objective.
 _INFRASTRUCTURE = ("loss", "ratio", "registry")
 # The first objectives' modules, imported in this order so that `OBJECTIVES`
 # keeps its historical order; any other module follows, by name.
 _FIRST = ("reinforce", "ppo", "gspo", "covariance")
-
-
-class SettingError(ValueError):
-  """A bad objective setting; `field` names it (e.g. `kl_cov_ratio`)."""
-
-  def __init__(self, field: str, message: str):
-    super().__init__(f"{field} {message}")
-    self.field = field
-    self.message = message
-
-
-def setting(default, doc: str, *, low=None, high=None,
-            low_open: bool = False, high_open: bool = False,
-            check: Callable[[Any], str | None] | None = None):
-  """A documented settings field with its accepted values.
-
-  Args:
-    default: the value of `policy_loss` and of the `algo` config section.
-    doc: one line: what it is (shown in the config docs and the table).
-    low, high: bounds of a number (None: unbounded), open at an end with
-      `low_open` / `high_open`; NaN and infinities are refused.
-    check: for a value that is not one number, a function returning why
-      the value is bad (a string), or None when it is good.
-  """
-  return dataclasses.field(default=default, metadata=dict(
-      doc=doc, bounds=(low, high, low_open, high_open), check=check))
-
-
-def _is_concrete_number(value) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _why_bad(field: dataclasses.Field, value) -> str | None:
-  """Why `value` is not accepted by `field` (None: accepted)."""
-  if field.metadata.get("check") is not None:
-    return field.metadata["check"](value)
-  low, high, low_open, high_open = field.metadata["bounds"]
-  if not _is_concrete_number(value):
-    # A traced value (under jit) is not checked; a string or bool is bad.
-    return None if hasattr(value, "dtype") else f"got {value!r}"
-  ok = math.isfinite(value)
-  if low is not None:
-    ok = ok and (value > low if low_open else value >= low)
-  if high is not None:
-    ok = ok and (value < high if high_open else value <= high)
-  if ok:
-    return None
-  left = "(" if low_open or low is None else "["
-  right = ")" if high_open or high is None else "]"
-  lo = "-inf" if low is None else low
-  hi = "inf" if high is None else high
-  return f"must be a number in {left}{lo}, {hi}{right}; got {value!r}"
-
-
-def bounds_text(field: dataclasses.Field) -> str:
-  """The accepted values of a setting, for docs (`[0, 1]`, `see doc`)."""
-  if field.metadata.get("check") is not None:
-    return ""
-  low, high, low_open, high_open = field.metadata["bounds"]
-  left = "(" if low_open or low is None else "["
-  right = ")" if high_open or high is None else "]"
-  return (f"{left}{'-inf' if low is None else low}, "
-          f"{'inf' if high is None else high}{right}")
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Settings:
-  """Base of an objective's settings: checks every field's declared values
-  in `__post_init__` and raises `SettingError` naming the field."""
-
-  def __post_init__(self):
-    for field in dataclasses.fields(self):
-      why = _why_bad(field, getattr(self, field.name))
-      if why is not None:
-        raise SettingError(field.name, why)
 
 
 @dataclasses.dataclass(frozen=True)

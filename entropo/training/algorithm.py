@@ -16,9 +16,11 @@ objective and its arguments, the regularisers and its controllers. The
 
 To add an objective, write its module in `entropo/objectives/`: it
 registers its name and its settings, which become fields of the `algo`
-config section, checked here and handed to `policy_loss`. To add a controller,
-write it in `entropo/controllers.py` and build it in `_controllers` under
-the name of the hyperparameter it moves.
+config section, checked here and handed to `policy_loss`. To add a
+controller, write its module in `entropo/controllers/`: it registers its
+config section `algo.<name>` (typed, documented, bounded fields), the
+hyperparameter it moves, how it is switched on and its build (which checks
+the relations between its fields); `from_config` reads them from there.
 """
 
 import dataclasses
@@ -41,16 +43,14 @@ from entropo.training import validation
 
 ADVANTAGES = ("rloo", "grpo", "dr_grpo")
 REPO_VARIANTS = ("none", "repo", "repo_r", "repo_d")
-ENTROPY_CONTROL = ("none", "step", "dual")
 OLD_LOGPS = ("trainer", "sampler")
 # The sampler/trainer mismatch correction's fields (entropo.corrections).
 CORRECTION_FIELDS = ("correction", "correction_level", "correction_low",
                      "correction_high", "correction_veto",
                      "correction_max_kl")
 # The hyperparameters controllers may move, each with the config field that
-# holds its value when no controller does.
-HYPERPARAMETERS = {"zeta": "zeta_init", "clip_high": "clip_high",
-                   "entropy_coef": "entropy_coef"}
+# holds its value when no controller does (entropo/controllers/registry.py).
+HYPERPARAMETERS = controllers_lib.HYPERPARAMETERS
 
 
 def _fail(field: str, message: str):
@@ -73,8 +73,10 @@ class Algorithm:
   of the `algo` config section (documented in config.py), with "off"
   spelled one way: `repo=None`, `dual_clip=None`, `tis_cap=None`,
   `correction_veto=None`, `correction_max_kl=None`, and a controller is on
-  when its name is in `controllers`. `tis_cap = c` is the correction
-  `truncate` at the token level with `correction_high = c` (one code path).
+  when the hyperparameter it moves is in `controllers` (the controllers'
+  sections `algo.<name>` are read from entropo/controllers/registry.py).
+  `tis_cap = c` is the correction `truncate` at the token level with
+  `correction_high = c` (one code path).
   """
 
   name: str
@@ -186,11 +188,7 @@ class Algorithm:
                   "correction_high", "correction_veto", "correction_max_kl"):
       _check_number(field, algo[field], allow_zero=True)
     _check_ranges(algo)
-    _check_choice("entropy_control", algo.entropy_control, ENTROPY_CONTROL)
-    _check_choice("zeta_law", algo.zeta_law,
-                  controllers_lib.ZetaController.LAWS)
-    _check_choice("clip_high_law", algo.clip_high_law,
-                  controllers_lib.ClipHighController.LAWS)
+    sections = _controller_sections(algo)
     algorithm = cls(
         name=algo.name, advantage=algo.advantage, grpo_scale=algo.grpo_scale,
         repo=None if algo.repo == "none" else algo.repo,
@@ -201,8 +199,7 @@ class Algorithm:
         norm=algo.norm or None,
         settings=_objective_settings(algo),
         kl_coef=algo.kl_coef, kl_estimator=algo.kl_estimator,
-        entropy_bonus=(algo.entropy_coef > 0
-                       or algo.entropy_control != "none"),
+        entropy_bonus=algo.entropy_coef > 0,
         old_logps=algo.old_logps, tis_cap=algo.tis_cap or None,
         correction=algo.correction, correction_level=algo.correction_level,
         correction_low=algo.correction_low,
@@ -210,13 +207,17 @@ class Algorithm:
         correction_veto=algo.correction_veto or None,
         correction_max_kl=algo.correction_max_kl or None,
         controllers={},
-        initial={k: algo[v] for k, v in HYPERPARAMETERS.items()},
+        initial={k: _lookup(algo, v) for k, v in HYPERPARAMETERS.items()},
         target_entropy=algo.target_entropy, target_scale=algo.target_scale,
         epochs=algo.epochs, minibatches=algo.minibatches,
         dynamic_sampling=algo.dynamic_sampling,
         max_resample=algo.max_resample)
-    # The controllers last, so that a bad plain field is named first.
-    return dataclasses.replace(algorithm, controllers=_controllers(algo))
+    # The controllers last, so that a bad plain field is named first; one
+    # that moves entropy_coef turns the entropy bonus on.
+    controllers = _controllers(algo, sections, algorithm.initial)
+    return dataclasses.replace(
+        algorithm, controllers=controllers,
+        entropy_bonus=algorithm.entropy_bonus or "entropy_coef" in controllers)
 
   # -- controllers
 
@@ -316,21 +317,8 @@ class Algorithm:
 
 # Fields of `algo` checked by `_check_ranges` alone: (low, high, open at
 # low); None is unbounded.
-_RANGES = {
-    "target_scale": (0, None, True),
-    "zeta_kp": (0, None, False), "zeta_ki": (0, None, False),
-    "clip_high_kp": (0, None, False), "clip_high_ki": (0, None, False),
-    "clip_high_factor": (1, None, True), "entropy_coef_max": (0, None, False),
-    "entropy_coef_delta": (0, None, True),
-    "entropy_coef_law_lr": (0, None, True),
-    # Checked here even when their controller is off (the controllers check
-    # how they order when on).
-    "zeta_init": (None, None, False), "zeta_min": (0, None, True),
-    "zeta_max": (0, None, True), "clip_high_min": (0, None, False),
-    "clip_high_max": (0, None, True),
-}
-_BOOLS = ("dynamic_sampling", "repo_positive_only", "repo_sign_clamp",
-          "adapo", "zeta_sign_flip")
+_RANGES = {"target_scale": (0, None, True)}
+_BOOLS = ("dynamic_sampling", "repo_positive_only", "repo_sign_clamp")
 
 
 def _check_ranges(algo) -> None:
@@ -359,91 +347,65 @@ def _objective_settings(algo) -> objectives.Settings:
   return chosen
 
 
-def _controllers(algo) -> dict[str, Any]:
-  """`{hyperparameter: controller}` of the controllers `algo` enables.
+def _lookup(algo, path: str):
+  """The value of `algo` at a dotted `path` (`zeta.init`)."""
+  for name in path.split("."):
+    algo = algo[name]
+  return algo
 
-  Each relation between fields is checked here first, naming the field
-  that breaks it; a starting value outside its controller's bounds is
-  refused (the bounds are never widened to include it).
-  """
+
+def _controller_sections(algo) -> dict[str, Any]:
+  """`{name: section}` of every registered controller, switched on or not:
+  each field's declared values checked, naming `algo.<name>.<field>`."""
   out = {}
-  if algo.repo != "none":
-    out["zeta"] = _build(controllers_lib.ZetaController, _check_zeta(algo),
-                         "zeta_init")
-  if algo.adapo:
-    out["clip_high"] = _build(controllers_lib.ClipHighController,
-                              _check_clip_high(algo), "clip_high")
-  if algo.entropy_control != "none":
-    out["entropy_coef"] = _build(controllers_lib.EntropyCoefController,
-                                 _check_entropy_coef(algo), "entropy_coef")
+  for name, controller in controllers_lib.CONTROLLERS.items():
+    values = algo[name] if name in algo else {}
+    if not hasattr(values, "keys"):
+      _fail(name, f"is the section of the {name} controller, not a value; "
+            f"set its fields: algo.{name}.<field> (got {values!r})")
+    values = dict(values)
+    known = [f.name for f in dataclasses.fields(controller.section)]
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+      _fail(f"{name}.{unknown[0]}", f"no such field"
+            f"{validation.did_you_mean(unknown[0], known)}; the fields are "
+            f"{known}")
+    try:
+      out[name] = controller.section(**values)
+    except controllers_lib.registry.SettingError as e:
+      _fail(f"{name}.{e.field}", e.message)
   return out
 
 
-def _build(cls, settings: dict, field: str):
-  """`cls(**settings)`; a ValueError it still raises is filed under the
-  controller's starting-value field `algo.<field>`."""
-  try:
-    return cls(**settings)
-  except ValueError as e:
-    _fail(field, str(e))
+def _controllers(algo, sections: dict, initial: Mapping[str, float]
+                 ) -> dict[str, Any]:
+  """`{hyperparameter: controller}` of the controllers `algo` switches on.
 
-
-def _check_gains(algo, prefix: str) -> None:
-  if algo[f"{prefix}_kp"] + algo[f"{prefix}_ki"] == 0:
-    _fail(f"{prefix}_ki", f"the PI gains algo.{prefix}_kp and "
-          f"algo.{prefix}_ki must not both be 0")
-
-
-def _check_zeta(algo) -> dict:
-  """The ZetaController's settings, each relation checked by name."""
-  if not algo.zeta_min <= algo.zeta_max:
-    _fail("zeta_max", f"must be >= algo.zeta_min = {algo.zeta_min}; got "
-          f"{algo.zeta_max}")
-  _check_gains(algo, "zeta")
-  zeta, lo, hi = algo.zeta_init, algo.zeta_min, algo.zeta_max
-  if algo.zeta_law == "pi":
-    low = -hi if algo.zeta_sign_flip else 0.0
-    ok, accepted = low <= zeta <= hi, f"[{low}, {hi}] (the pi law)"
-  elif algo.zeta_sign_flip:
-    ok = zeta == 0 or lo <= abs(zeta) <= hi
-    accepted = f"0 or +-[{lo}, {hi}] (the doubling law)"
-  else:
-    ok = lo <= zeta <= hi
-    accepted = f"[{lo}, {hi}] (the doubling law without sign flip)"
-  if not ok:
-    _fail("zeta_init", f"{zeta} is outside {accepted}, from algo.zeta_min "
-          f"and algo.zeta_max")
-  return dict(init_zeta=zeta, zeta_min=lo, zeta_max=hi, law=algo.zeta_law,
-              sign_flip=algo.zeta_sign_flip, kp=algo.zeta_kp,
-              ki=algo.zeta_ki)
-
-
-def _check_clip_high(algo) -> dict:
-  """ADAPO's ClipHighController settings, each relation checked by name."""
-  lo, hi = algo.clip_high_min, algo.clip_high_max
-  if not lo < hi:
-    _fail("clip_high_max", f"must be > algo.clip_high_min = {lo}; got {hi}")
-  if not lo <= algo.clip_high <= hi:
-    _fail("clip_high", f"{algo.clip_high} is outside ADAPO's band [algo."
-          f"clip_high_min, algo.clip_high_max] = [{lo}, {hi}], where its "
-          f"controller starts; move the start or the bounds (they are not "
-          f"widened)")
-  _check_gains(algo, "clip_high")
-  return dict(init_clip_high=algo.clip_high, clip_high_min=lo,
-              clip_high_max=hi, factor=algo.clip_high_factor,
-              law=algo.clip_high_law, kp=algo.clip_high_kp,
-              ki=algo.clip_high_ki)
-
-
-def _check_entropy_coef(algo) -> dict:
-  """The EntropyCoefController's settings, checked by name."""
-  if not algo.entropy_coef <= algo.entropy_coef_max:
-    _fail("entropy_coef", f"{algo.entropy_coef} is above algo."
-          f"entropy_coef_max = {algo.entropy_coef_max}, the controller's "
-          f"ceiling (it is not widened)")
-  return dict(init_coef=algo.entropy_coef, coef_max=algo.entropy_coef_max,
-              delta=algo.entropy_coef_delta, lr=algo.entropy_coef_law_lr,
-              law=algo.entropy_control)
+  Each controller's build checks the relations between its fields, naming
+  the field that breaks one; a starting value outside its controller's
+  bounds is refused (the bounds are never widened to include it). Two
+  controllers may not move one hyperparameter.
+  """
+  out, by = {}, {}
+  for name, controller in controllers_lib.CONTROLLERS.items():
+    section = sections[name]
+    if not controller.enabled(section, algo):
+      continue
+    hyper = controller.moves
+    if hyper in out:
+      _fail(name, f"moves {hyper}, which algo.{by[hyper]} moves already; "
+            f"switch one of them off")
+    start_field = HYPERPARAMETERS[hyper]
+    try:
+      out[hyper] = controller.build(section, initial[hyper])
+    except controllers_lib.registry.SettingError as e:
+      field = (start_field if e.field == controllers_lib.registry.START
+               else f"{name}.{e.field}")
+      _fail(field, e.message)
+    except ValueError as e:  # the controller's own check
+      _fail(start_field, str(e))
+    by[hyper] = name
+  return out
 
 
 # Objectives whose ratio band (`clip_low` / `clip_high`) shapes the update.

@@ -14,6 +14,7 @@ import os
 
 import ml_collections
 
+from entropo import controllers as controllers_lib
 from entropo import objectives as objectives_lib
 from entropo import tasks as tasks_lib
 from entropo.training import run_config as run_config_lib
@@ -44,7 +45,7 @@ _BASE = dict(
     # KL penalty to the starting policy (0: off) and its estimator.
     kl_coef=0.0,
     kl_estimator="k3",
-    # Entropy bonus coefficient (0: off unless algo.entropy_control is on).
+    # Entropy bonus coefficient (0: off unless algo.entropy_coef_control.on).
     entropy_coef=0.0,
     # Every registered objective's settings (Clip-Cov's clip_cov_ratio,
     # KL-Cov's kl_cov_ratio, ...), named, documented and bounded where the
@@ -74,21 +75,19 @@ ALGORITHMS = {
                        clip_high=4e-4),
     # GRPO plus a fixed entropy bonus, or one adapted toward the target.
     "entropy_bonus": dict(entropy_coef=5e-3),
-    "entropy_adaptive": dict(entropy_control="step"),
+    "entropy_adaptive": dict(entropy_coef_control=dict(on=True)),
     # Cui et al.: covariance-selected tokens detached / KL-penalised.
     "clip_cov": dict(objective="clip_cov"),
     "kl_cov": dict(objective="kl_cov"),
     # ADAPO: DAPO with epsilon_high adapted toward the target entropy.
     "adapo": dict(clip_high=0.28, agg="token_mean", dynamic_sampling=True,
-                  adapo=True),
+                  clip_high_control=dict(on=True)),
 }
 # Modifiers stack on any base algorithm: "grpo+repo_r".
 MODIFIERS = {
-    "repo": dict(repo="repo", zeta_init=1e-3, zeta_min=1e-4, zeta_max=0.05),
-    "repo_r": dict(repo="repo_r", zeta_init=1e-3, zeta_min=1e-4,
-                   zeta_max=0.05),
-    "repo_d": dict(repo="repo_d", zeta_init=1e-1, zeta_min=1e-3,
-                   zeta_max=10.0),
+    "repo": dict(repo="repo", zeta=dict(init=1e-3, min=1e-4, max=0.05)),
+    "repo_r": dict(repo="repo_r", zeta=dict(init=1e-3, min=1e-4, max=0.05)),
+    "repo_d": dict(repo="repo_d", zeta=dict(init=1e-1, min=1e-3, max=10.0)),
     # Sampler/trainer mismatch corrections (docs/api.md, "Corrections"):
     # token TIS with cap 2 (Yao et al. 2025), IcePop's token masking to
     # [0.5, 5] (arXiv:2510.18855), sequence-level MIS with cap 2 (Liu, Li
@@ -113,25 +112,19 @@ def _algo_defaults() -> dict:
       name="grpo",  # the preset, e.g. "dapo+repo_r"
       **_BASE,
       # REPO (Petrenko, Lipkin et al.): the variant (none, repo, repo_r,
-      # repo_d) and its zeta controller (entropo.ZetaController): starting
-      # value, bounds, law (doubling or pi), sign flip, PI gains.
-      repo="none", zeta_init=1e-3, zeta_min=1e-4, zeta_max=0.05,
-      zeta_law="doubling", zeta_sign_flip=True, zeta_kp=2.0, zeta_ki=0.2,
+      # repo_d); its zeta is the section algo.zeta (below).
+      repo="none",
       # REPO-R on positive advantages only; REPO-R keeping each advantage's
       # sign (clamping at 0 where |zeta log pi| > 1).
       repo_positive_only=False, repo_sign_clamp=True,
-      # ADAPO: adapt epsilon_high (entropo.ClipHighController) from
-      # algo.clip_high within [clip_high_min, clip_high_max] (clip_high
-      # must lie in it: the bounds are not widened); law multiplicative
-      # (by factor) or pi (gains).
-      adapo=False, clip_high_min=0.2, clip_high_max=0.4,
-      clip_high_factor=1.1, clip_high_law="multiplicative",
-      clip_high_kp=2.0, clip_high_ki=0.2,
-      # Adaptive entropy-bonus coefficient (entropo.EntropyCoefController):
-      # none, step (+/- delta) or dual (ascent at rate lr), from
-      # algo.entropy_coef (at most entropy_coef_max) up to entropy_coef_max.
-      entropy_control="none", entropy_coef_max=0.1,
-      entropy_coef_delta=1e-3, entropy_coef_law_lr=0.01,
+      # The controllers' sections, one per registered controller
+      # (entropo/controllers/; `python -m entropo.controllers` prints them):
+      # algo.zeta (REPO's zeta: start, bounds, law, gains),
+      # algo.clip_high_control (ADAPO: epsilon_high adapted from
+      # algo.clip_high) and algo.entropy_coef_control (the entropy bonus's
+      # coefficient adapted from algo.entropy_coef). Each field is
+      # documented where its controller is defined.
+      **controllers_lib.registry.config_defaults(),
       # Where the importance ratio's denominator comes from (trainer or
       # sampler), and truncated importance weights between trainer and
       # sampler (a cap >= 1; 0: off; the same as correction="truncate"
@@ -170,14 +163,23 @@ def preset(name: str) -> dict:
                      f"{sorted(ALGORITHMS)} (optionally +"
                      f"{'/+'.join(sorted(MODIFIERS))}).")
   fields = _algo_defaults()
-  fields.update(ALGORITHMS[base])
+  _merge(fields, ALGORITHMS[base])
   for mod in mods:
     if mod not in MODIFIERS:
       raise ValueError(f"Unknown algorithm modifier {mod!r} in {name!r}; "
                        f"choose one of {sorted(MODIFIERS)}.")
-    fields.update(MODIFIERS[mod])
+    _merge(fields, MODIFIERS[mod])
   fields["name"] = name
   return fields
+
+
+def _merge(fields: dict, update: dict) -> None:
+  """`fields.update(update)`, a nested section updated field by field."""
+  for key, value in update.items():
+    if isinstance(value, dict) and isinstance(fields.get(key), dict):
+      fields[key] = {**fields[key], **value}
+    else:
+      fields[key] = value
 
 
 # The old name of `preset`, kept for code that imports it from this module
@@ -224,7 +226,7 @@ def validate(config: ConfigDict) -> run_config_lib.RunConfig:
   """The typed config; raises ValueError naming the first invalid field."""
   _check_known(config, {"seed", "precision", "algo",
                         *sections_lib.SECTIONS}, "")
-  _check_known(config.algo, _algo_defaults(), "algo.")
+  _check_algo_known(config.algo)
   try:
     preset(config.algo.name)
   except ValueError as e:
@@ -236,9 +238,38 @@ def _check_known(values, known, prefix: str) -> None:
   """Every key of `values` is one of `known` (else: did you mean)."""
   unknown = sorted(set(values.keys()) - set(known))
   if unknown:
+    new = moved(f"{prefix}{unknown[0]}")
+    if new:
+      validation.fail(f"{prefix}{unknown[0]}", f"moved to {new}")
     validation.fail(f"{prefix}{unknown[0]}", f"no such field"
                     f"{validation.did_you_mean(unknown[0], known)}; the "
                     f"fields are {sorted(known)}")
+
+
+def _check_algo_known(algo) -> None:
+  """Every field of `algo` and of its controllers' sections is known; an
+  old flat controller field is refused naming where it moved."""
+  defaults = _algo_defaults()
+  _check_known(algo, defaults, "algo.")
+  for name in controllers_lib.CONTROLLERS:
+    if name in algo and hasattr(algo[name], "keys"):
+      _check_known(algo[name], defaults[name], f"algo.{name}.")
+
+
+def upgrade(saved: dict) -> dict:
+  """A saved config (a parsed config.json) from before the controllers'
+  sections, its flat controller fields moved into them (same values)."""
+  if not isinstance(saved.get("algo"), dict):
+    return saved
+  return {**saved, "algo": controllers_lib.registry.upgrade(saved["algo"])}
+
+
+def moved(field: str) -> str | None:
+  """Where an old flat controller field is now (`algo.zeta_max` ->
+  `algo.zeta.max`), or None."""
+  section, _, name = field.partition(".")
+  new = controllers_lib.registry.moved_fields().get(name)
+  return f"algo.{new}" if section == "algo" and new else None
 
 
 # The fields a run resumed in its workdir may change without
@@ -279,7 +310,7 @@ def config_changes(saved: dict, config: ConfigDict) -> list[str]:
   Fields that only one of them has (added to or removed from entropo since
   the run started) are not compared.
   """
-  old = _flatten(saved)
+  old = _flatten(upgrade(saved))
   new = _flatten(json.loads(config.to_json_best_effort()))
   return [f"{field}: {old[field]!r} -> {new[field]!r}"
           for field in sorted(old.keys() & new.keys())

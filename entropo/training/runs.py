@@ -35,7 +35,8 @@ def load_policy(config, workdir=None) -> tuple[Transformer, object]:
                      f"one every train.checkpoint_every iterations and at "
                      f"the end)")
   if config is None:
-    config = config_lib.ConfigDict(saved)
+    # (a run saved before the controllers' sections: the same values)
+    config = config_lib.ConfigDict(config_lib.upgrade(saved))
   else:
     changes = config_lib.config_changes(saved, config)
     if changes:

@@ -58,5 +58,5 @@ def get_config(arg: str = "countdown_calc"):
   c.sampling.update(prompts_per_batch=8, group_size=8)
   c.train.update(iterations=40, eval_every=10, checkpoint_every=10)
   if c.algo.repo == "repo_r":
-    c.algo.zeta_max = 1.0  # as in countdown.py: the tiny model's bound
+    c.algo.zeta.max = 1.0  # as in countdown.py: the tiny model's bound
   return c

@@ -35,5 +35,5 @@ def get_config(algorithm: str = "grpo+repo_r"):
     # tiny model zeta saturates at 0.05 within 10 iterations and entropy
     # falls as under plain GRPO (-50 % vs -52 % after 60 iterations, see
     # docs/training.md), so the tiny runs allow zeta up to 1.
-    config.algo.zeta_max = 1.0
+    config.algo.zeta.max = 1.0
   return config
