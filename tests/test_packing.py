@@ -349,3 +349,26 @@ def test_packed_equals_padded_to_bf16_rounding(rng, preset):
     error = float(jnp.max(jnp.abs(want - ref)))
     diff = float(jnp.max(jnp.abs(got - want)))
     assert diff <= 2 * error, (jax.tree_util.keystr(path), diff, error)
+
+
+def test_minibatches_by_tokens_keep_the_constant_normaliser(rng):
+  """seq_mean_token_sum_norm divides by the constant B x norm: a Learner
+  of minibatches by tokens (`batch_rows`, train.minibatch_tokens) keeps the
+  whole batch's B for minibatches of any row count, so the losses of a
+  split add up to the whole batch's (every token weighs 1 / (B norm)); a
+  row-split Learner divides each by its own rows."""
+  params, batch, _ = _batch(rng)
+  key = jax.random.key(4)
+  split = (np.asarray([0, 3, 5]), np.asarray([1, 2]), np.asarray([4, 6, 7]))
+  sums = {}
+  for batch_rows in (None, 8):
+    learner, hyper = _learner("grpo", agg="seq_mean_token_sum_norm",
+                              kl_coef=0.1, entropy_coef=0.01)
+    learner.batch_rows = batch_rows
+    loss = jax.jit(lambda b, learner=learner, hyper=hyper: learner.loss(
+        params, b, hyper, key)[0])
+    whole = float(loss(batch))
+    sums[batch_rows] = sum(float(loss({k: v[rows] for k, v in batch.items()}))
+                           for rows in split)
+  assert sums[8] == pytest.approx(whole, rel=1e-5)
+  assert abs(sums[None] - whole) > 0.1 * abs(whole)
