@@ -12,7 +12,8 @@ the final metrics. One iteration (see docs/training.md):
    `Algorithm`'s advantages (algorithm.py);
 3. `epochs` x `minibatches` optax steps on the algorithm's loss (with
    `train.packing`, steps 2 and 3 run the model on packed rows:
-   `entropo.packing`);
+   `entropo.packing`; with `train.minibatch_tokens`, the minibatches are
+   formed by tokens);
 4. the algorithm's controllers step from the measured entropy; metrics are
    logged (logger.py); evaluation (evaluation.py) and checkpoints at their
    intervals.
