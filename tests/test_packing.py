@@ -321,7 +321,9 @@ def test_packed_equals_padded_to_bf16_rounding(rng, preset):
   propagates like any bf16 rounding: measured here 0.01-0.03 nats per token
   packed vs padded against 0.023-0.025 padded vs fp32, gradients 0.076-0.078
   against 0.072-0.080 (max-abs), i.e. the size of bf16 rounding itself and
-  no more.
+  no more (worst ratio to the padded path's own error: 1.25 for the
+  log-probs under `bf16`, where 93 % of them are bit-identical, 1.13 for a
+  gradient leaf; the bound is 2).
   """
   params, batch, packed = _batch(rng)
   mask = np.asarray(batch["mask"])
