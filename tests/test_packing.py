@@ -374,3 +374,43 @@ def test_minibatches_by_tokens_keep_the_constant_normaliser(rng):
                            for rows in split)
   assert sums[8] == pytest.approx(whole, rel=1e-5)
   assert abs(sums[None] - whole) > 0.1 * abs(whole)
+
+
+@pytest.mark.parametrize("agg", entropo.AGGREGATION_MODES)
+@pytest.mark.parametrize("algo", ["grpo", "gspo", "kl_cov", "clip_cov"])
+def test_empty_rows_change_no_loss_metric_or_gradient(rng, algo, agg):
+  """The trainer pads a minibatch by tokens with empty rows (no token, no
+  loss) to one of 8 row counts: with `batch_rows` set (the constant of
+  seq_mean_token_sum_norm stays the batch's), the loss, every metric and
+  the cotangents of the real rows' log-probs and entropy (so the
+  gradient) are those of the minibatch without them, and the empty rows
+  get none."""
+  _, batch, _ = _batch(rng)
+  learner, hyper = _learner(algo, agg=agg, kl_coef=0.1, entropy_coef=0.01)
+  learner.batch_rows = 8
+  key = jax.random.key(4)
+  rows = np.asarray([0, 2, 5, 6, 7])  # a minibatch of 5
+  mb = {k: v[rows] for k, v in batch.items()}
+  padded = {k: jnp.concatenate([v, jnp.zeros((3,) + v.shape[1:], v.dtype)])
+            for k, v in mb.items()}
+  rng_logps = rng.normal(-1.0, 0.3, (8, LENGTH - 1)).astype(np.float32)
+  logps = jnp.asarray(rng_logps)[rows]
+  entropy = jnp.abs(logps)
+
+  def loss(logps, entropy, b):
+    norm = learner.norm * learner.batch_rows / b["tokens"].shape[0]
+    return learner.algorithm.loss(logps, entropy, b, hyper, key, norm=norm,
+                                  precision="fp32")
+
+  loss_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (want, want_metrics), want_cot = loss_fn(logps, entropy, mb)
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((3,) + x.shape[1:])])  # noqa
+  (got, got_metrics), got_cot = loss_fn(pad(logps), pad(entropy), padded)
+  assert float(want) != 0.0
+  _close(got, want, "loss")
+  assert got_metrics.keys() == want_metrics.keys()
+  for name in want_metrics:
+    _close(got_metrics[name], want_metrics[name], name)
+  for w, g in zip(want_cot, got_cot):
+    _close(g[:5], w, "cotangent")
+    assert not np.asarray(g[5:]).any()

@@ -1444,13 +1444,17 @@ def test_bad_mismatch_configs_name_the_field(fields, match):
     validate(c)
 
 
-def test_minibatches_by_tokens(init_from, data_dir, tmp_path):
+def test_minibatches_by_tokens(init_from, data_dir, tmp_path, monkeypatch):
   """`train.minibatch_tokens`: a tiny training runs and records it; the
   update takes one optax step per minibatch of the token-budget batcher's
-  plan (two epochs, each of a fresh permutation), each within the budget;
-  and a budget that holds the whole batch is the row split's one minibatch,
-  bit for bit."""
+  plan (two epochs, each of a fresh permutation), each within the budget
+  and padded with empty rows to its row bucket (here even counts: 8 rows
+  make 8 buckets of 1); and a budget that holds the whole batch is the row
+  split's one minibatch, bit for bit."""
   from entropo import packing  # pylint: disable=g-import-not-at-top
+  real_bucket = packing.rows_bucket
+  monkeypatch.setattr(packing, "rows_bucket", lambda needed, **kw: (
+      real_bucket(needed + needed % 2, **kw)))
   rows = Trainer(_config(init_from, data_dir), tmp_path / "rows")
   roll, _ = rows.collect(jax.random.key(3))
   budget = 2 * roll.tokens.shape[1]  # two rows' slots: every sequence fits
@@ -1483,9 +1487,12 @@ def test_minibatches_by_tokens(init_from, data_dir, tmp_path):
     for _ in plan:
       key, _ = jax.random.split(key)
   assert 2 < len(want) < 2 * len(lengths)  # it splits, not row by row
+  assert any(len(w) % 2 for w in want)  # and pads
   assert metrics["train/optimizer_steps"] == len(seen) == len(want)
-  for got, expected in zip(seen, want):
-    np.testing.assert_array_equal(got, expected)
+  for got, expected in zip(seen, want):  # then empty rows to the bucket
+    assert len(got) == len(expected) + len(expected) % 2
+    np.testing.assert_array_equal(got[:len(expected)], expected)
+    assert not got[len(expected):].any()
 
   # A budget >= the batch's tokens: one minibatch, the whole batch.
   whole = _config(init_from, data_dir,

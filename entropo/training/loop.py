@@ -247,8 +247,7 @@ class Trainer:
     for epoch in range(a.epochs):
       key, perm_key = jax.random.split(key)
       for m, rows in enumerate(self.minibatch_rows(batch, perm_key)):
-        mb = batch if len(rows) == n else rollouts_lib.gather_rows(
-            self.placement.sharding, [batch], rows)
+        mb = batch if len(rows) == n else self._gather(batch, rows)
         mb = self._packed(mb)
         key, sub = jax.random.split(key)
         params, opt_state, metrics = self.learner.update(
@@ -307,6 +306,23 @@ class Trainer:
           f"rollouts' row length, {batch['tokens'].shape[1]}")
     return [np.sort(rows) for rows in packing_lib.token_budget_batches(
         lengths, tokens_per_batch=budget, order=order)]
+
+  def _gather(self, batch: dict, rows: np.ndarray) -> dict:
+    """The minibatch of `rows`; by tokens (`train.minibatch_tokens`: any
+    row count) padded with empty rows (no token, no loss) to one of 8 row
+    counts (`rows_bucket`), so the update compiles a bounded number of
+    times: empty rows change no loss or metric (`Learner(batch_rows=)`
+    keeps seq_mean_token_sum_norm's constant, the other modes count tokens
+    or sequences with tokens)."""
+    n = batch["tokens"].shape[0]
+    if not self.config.train.minibatch_tokens:
+      return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows)
+    size = packing_lib.rows_bucket(len(rows), max_rows=n)
+    empty = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype),
+                         batch)
+    rows = np.concatenate([rows, np.full(size - len(rows), n)])
+    return rollouts_lib.gather_rows(self.placement.sharding, [batch, empty],
+                                    rows)
 
   def _packed(self, mb: dict) -> dict:
     """`mb` with the index arrays of its packing plan when

@@ -404,7 +404,8 @@ class TrainSection:
   # sequences), except that seq_mean_token_sum_norm keeps the whole batch's
   # constant B x norm: every token weighs the same whatever minibatch, and
   # however many sequences, it falls in. Needs algo.minibatches = 1 and one
-  # data shard; each distinct minibatch size compiles the update once.
+  # data shard. Minibatches are padded with empty rows to one of 8 row
+  # counts, which bounds the update's compilations.
   minibatch_tokens: int = 0
 
   def __post_init__(self):
