@@ -146,7 +146,9 @@ def test_a_bad_value_fails_naming_its_field(field):
 
 def test_minibatches_by_tokens_replace_the_row_split():
   """`train.minibatch_tokens` with `algo.minibatches` > 1 (two splits of
-  one batch) is refused, naming it."""
+  one batch) is refused, naming it; it changes the optax steps, so a
+  resume may not change it."""
+  assert "train.minibatch_tokens" not in config_lib.RESUMABLE
   c = tiny_config()
   c.train.minibatch_tokens = 64
   validate(c)
