@@ -21,7 +21,9 @@ time includes the host's packing plan. Cases:
   missing), a padded and a packed `Trainer` side by side, one iteration of
   each in turn for N iterations: the training phase's seconds (trainer
   forward and update; recompilations for new packed row counts included),
-  the compilations and the metrics of both runs;
+  the compilations and the metrics of both runs; `--plot PNG` draws the
+  two runs' reward, entropy and training-phase seconds per iteration side
+  by side (docs/results/packing_demo.png);
 * `qwen3_0.6b` (`--memory`): the whole Qwen3-0.6B (28 layers, 151936
   vocabulary, `scan_layers`, `remat=block`, bf16_fp32_head), B = 16,
   L = 4096, compiled only: XLA's temporary bytes of each update
@@ -31,6 +33,7 @@ Usage:
 
     python benchmarks/packing.py [--cases near_full tiny qwen_width] \\
         [--repeats 3] [--memory] [--trainer 14] [--workdir DIR] \\
+        [--plot docs/results/packing_demo.png] \\
         [--out benchmarks/out/packing.json]
 
 Writes JSON to `--out` and prints a Markdown table.
@@ -225,6 +228,48 @@ def trainer_case(iterations: int, workdir: pathlib.Path) -> dict:
   return row
 
 
+def plot_trainer(row: dict, path: pathlib.Path) -> None:
+  """The `--trainer` row's two runs per iteration, side by side: reward,
+  entropy and training-phase seconds, padded and packed."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt  # pylint: disable=g-import-not-at-top
+  panels = (("reward", "reward/mean"), ("entropy", "entropy/mean (nats)"),
+            ("train_s", "training phase (s), log scale"))
+  fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+  for ax, (key, label) in zip(axes, panels):
+    for name, style in (("padded", dict(color="tab:blue", lw=2.5,
+                                        alpha=0.6)),
+                        ("packed", dict(color="tab:orange", lw=1.2,
+                                        ls="--"))):
+      ys = row[f"{name}_{key}"]
+      ax.plot(range(len(ys)), ys, label=f"train.packing="
+              f"{name == 'packed'} ({name})", **style)
+    ax.set_xlabel("iteration")
+    ax.set_title(label)
+    ax.grid(alpha=0.3)
+  axes[2].set_yscale("log")
+  gap = max(abs(a - b) for a, b in zip(row["padded_entropy"],
+                                       row["packed_entropy"]))
+  same = sum(a == b for a, b in zip(row["padded_reward"],
+                                    row["packed_reward"]))
+  axes[0].text(0.02, 0.02, f"rewards equal in {same} of "
+               f"{row['iterations']} iterations", transform=axes[0].transAxes)
+  axes[1].text(0.02, 0.02, f"max |packed - padded| = {gap:.1e}",
+               transform=axes[1].transAxes)
+  axes[2].text(0.02, 0.02, f"median it. 2+: padded "
+               f"{row['padded_train_median_s']:.3f} s, packed "
+               f"{row['packed_train_median_s']:.3f} s",
+               transform=axes[2].transAxes)
+  axes[0].legend()
+  fig.suptitle(f"main job (countdown, GRPO + REPO-R), same seed and warm "
+               f"start, padded vs packed, {row['iterations']} iterations")
+  fig.tight_layout()
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+
+
 def table(rows) -> str:
   out = ["| case | B x L | lengths | useful tokens | packed rows | "
          "padded s | packed s | padded tok/s | packed tok/s | speedup |",
@@ -269,6 +314,9 @@ def main(argv=None):
                       help="also run the main job padded and packed, N "
                       "iterations each, in turn")
   parser.add_argument("--workdir", default="/tmp/entropo-bench-packing")
+  parser.add_argument("--plot", default="", metavar="PNG",
+                      help="with --trainer: plot both runs' reward, "
+                      "entropy and training seconds per iteration here")
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" /
                                            "packing.json"))
   args = parser.parse_args(argv)
@@ -288,6 +336,8 @@ def main(argv=None):
                              "devices": jax.device_count(), "rows": rows},
                             indent=2))
   print(table(rows))
+  if args.trainer and args.plot:
+    plot_trainer(rows[-1], pathlib.Path(args.plot))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ gradient back to the packed rows. (Only `O(B L)` elementwise work is left
 padded; attention, MLP and the vocabulary head, which cost
 `O(L D^2 + L^2 D + L D V)` per row, run on the packed rows.)
 
-`token_budget_batches` forms minibatches by tokens instead of rows.
+`token_budget_batches` forms minibatches by tokens instead of rows (the
+trainer's `train.minibatch_tokens`).
 """
 
 import dataclasses

@@ -218,3 +218,20 @@ def test_packing_benchmark_runs(tmp_path, monkeypatch, capsys):
   assert row["padded_s"] > 0 and row["packed_s"] > 0
   assert row["speedup"] == pytest.approx(row["padded_s"] / row["packed_s"])
   assert "| micro | 16 x 64 | lognormal |" in capsys.readouterr().out
+
+
+def test_packing_benchmark_plots_the_trainer_runs(tmp_path):
+  """`--plot` draws a `--trainer` row (a made-up 2-iteration one: the real
+  runs take minutes to compile) into a PNG."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "bench_packing", ROOT / "benchmarks" / "packing.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  row = {"case": "trainer", "iterations": 2}
+  for name in ("padded", "packed"):
+    row.update({f"{name}_train_s": [3.0, 1.0], f"{name}_reward": [0.1, 0.2],
+                f"{name}_entropy": [0.6, 0.5], f"{name}_train_median_s": 1.0})
+  path = tmp_path / "plot" / "demo.png"
+  bench.plot_trainer(row, path)
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -61,7 +61,7 @@ BAD = {
     "train.max_checkpoints": 0, "train.log_every": 0,
     "train.tensorboard": "yes", "train.plots": 2, "train.progress": None,
     "train.allow_config_change": "no", "train.skip_non_finite": 1,
-    "train.packing": "yes",
+    "train.packing": "yes", "train.minibatch_tokens": -1,
     "mesh.data": 0, "mesh.fsdp": 0, "mesh.tensor": 16,
     "algo.name": "ppo", "algo.advantage": "gae", "algo.grpo_scale": "row",
     "algo.objective": "ppo2", "algo.clip_low": -0.1,
@@ -170,6 +170,21 @@ def test_a_bad_value_fails_naming_its_field(field):
     assert named == field, message
   assert field.startswith(named) or named.startswith(field), message
   assert "\n" not in message
+
+
+def test_minibatches_by_tokens_replace_the_row_split():
+  """`train.minibatch_tokens` with `algo.minibatches` > 1 (two splits of
+  one batch) is refused, naming it; it changes the optax steps, so a
+  resume may not change it."""
+  assert "train.minibatch_tokens" not in config_lib.RESUMABLE
+  c = tiny_config()
+  c.train.minibatch_tokens = 64
+  validate(c)
+  c.algo.minibatches = 2
+  with pytest.raises(ValueError, match=r"^Invalid config: "
+                     r"train\.minibatch_tokens: 64 .*algo\.minibatches "
+                     r"must then be 1, got 2"):
+    validate(c)
 
 
 def test_the_warm_start_examples_must_fit():

@@ -5,7 +5,8 @@ The plan and the gathers are checked against the loop-style reference
 gradients on packed rows must equal the padded computation to float32
 rounding, for every aggregation mode and the objectives whose reductions
 are per sequence (GSPO) or over the whole batch (Clip-Cov, KL-Cov), under
-jit as the trainer runs them.
+jit as the trainer runs them; under the bf16 presets, to bf16 rounding
+(twice the padded path's own error against fp32).
 """
 
 import functools
@@ -269,3 +270,147 @@ def test_packed_pre_update_equals_padded(rng, algo):
   assert got_metrics.keys() == want_metrics.keys()
   for name in want_metrics:
     _close(got_metrics[name], want_metrics[name], name)
+
+
+# -- packed = padded under the bf16 presets
+
+
+@functools.cache
+def _precision_learner(preset):
+  """A GRPO Learner (token_mean, KL and entropy terms) whose model runs
+  under `preset`, the same float32 parameters as `_model_state`'s, and its
+  jitted loss-and-gradient (XLA:CPU runs the bf16 backward's transposed
+  dots only inside jit)."""
+  c = training_setup.tiny_config("grpo")
+  c.algo.update(agg="token_mean", kl_coef=0.1, entropy_coef=0.01)
+  algorithm = Algorithm.from_config(c.algo)
+  graphdef, _ = nnx.split(Transformer(CONFIG, precision=preset,
+                                      rngs=nnx.Rngs(0)))
+  learner = step_lib.Learner(graphdef, algorithm,
+                             step_lib.make_optimizer(c.optim),
+                             max_new_tokens=LENGTH - PROMPT, group_size=4)
+  hyper = algorithm.hyperparameters(algorithm.init_controllers(),
+                                    algorithm.fixed_hyperparameters())
+
+  def forward(params, batch):
+    keys = step_lib.PACK_KEYS
+    packed = {k: batch[k] for k in keys} if keys[0] in batch else None
+    return step_lib.sequence_logps(
+        nnx.merge(graphdef, params), batch["tokens"],
+        batch["attention_mask"], packing=packed)
+
+  grad = jax.jit(jax.value_and_grad(
+      lambda p, b: learner.loss(p, b, hyper, jax.random.key(4)),
+      has_aux=True))
+  return jax.jit(forward), grad
+
+
+@pytest.mark.parametrize("preset", ["bf16", "bf16_fp32_head",
+                                    "bf16_fp32_logits"])
+def test_packed_equals_padded_to_bf16_rounding(rng, preset):
+  """Under a bf16 preset packed and padded are two bf16 computations of
+  the same float32 function: each differs from the exact (fp32) values by
+  its own bf16 rounding, so they differ from each other by at most twice
+  the padded path's own error against fp32 (the triangle inequality; the
+  bound the test checks, per quantity and per gradient leaf).
+
+  They are not bit-identical: in fp32 the two layouts already differ by
+  ~1e-6 (differently-shaped matmuls and attention blocks reduce in another
+  order), and under bf16 such a difference flips the rounding of an
+  intermediate activation now and then (one bf16 ulp, 2^-8 relative), which
+  propagates like any bf16 rounding: measured here 0.01-0.03 nats per token
+  packed vs padded against 0.023-0.025 padded vs fp32, gradients 0.076-0.078
+  against 0.072-0.080 (max-abs), i.e. the size of bf16 rounding itself and
+  no more (worst ratio to the padded path's own error: 1.25 for the
+  log-probs under `bf16`, where 93 % of them are bit-identical, 1.13 for a
+  gradient leaf; the bound is 2).
+  """
+  params, batch, packed = _batch(rng)
+  mask = np.asarray(batch["mask"])
+  exact_forward, exact_grad = _precision_learner("fp32")
+  forward, grad = _precision_learner(preset)
+  (exact_loss, _), exact_grads = exact_grad(params, batch)
+  exact = [np.asarray(x)[mask] for x in exact_forward(params, batch)]
+  padded, packed_ = ([np.asarray(x)[mask] for x in forward(params, b)]
+                     for b in (batch, packed))
+  for name, want, got, ref in zip(("logps", "entropy"), padded, packed_,
+                                  exact):
+    error = np.max(np.abs(want - ref))
+    assert 0 < error < 0.1, (name, error)  # bf16 rounding, not a bug
+    assert np.max(np.abs(got - want)) <= 2 * error, name
+  (loss, _), grads = grad(params, batch)
+  (p_loss, _), p_grads = grad(params, packed)
+  loss_error = abs(float(loss) - float(exact_loss))
+  # (The loss is a mean over ~50 tokens: its own rounding error may cancel
+  # by chance, so its bound is that of the per-token log-probs.)
+  assert abs(float(p_loss) - float(loss)) <= 2 * max(
+      loss_error, float(np.max(np.abs(padded[0] - exact[0])))), preset
+  for (path, want), (_, got), (_, ref) in zip(
+      *(jax.tree_util.tree_leaves_with_path(g)
+        for g in (grads, p_grads, exact_grads))):
+    error = float(jnp.max(jnp.abs(want - ref)))
+    diff = float(jnp.max(jnp.abs(got - want)))
+    assert diff <= 2 * error, (jax.tree_util.keystr(path), diff, error)
+
+
+def test_minibatches_by_tokens_keep_the_constant_normaliser(rng):
+  """seq_mean_token_sum_norm divides by the constant B x norm: a Learner
+  of minibatches by tokens (`batch_rows`, train.minibatch_tokens) keeps the
+  whole batch's B for minibatches of any row count, so the losses of a
+  split add up to the whole batch's (every token weighs 1 / (B norm)); a
+  row-split Learner divides each by its own rows."""
+  params, batch, _ = _batch(rng)
+  key = jax.random.key(4)
+  split = (np.asarray([0, 3, 5]), np.asarray([1, 2]), np.asarray([4, 6, 7]))
+  sums = {}
+  for batch_rows in (None, 8):
+    learner, hyper = _learner("grpo", agg="seq_mean_token_sum_norm",
+                              kl_coef=0.1, entropy_coef=0.01)
+    learner.batch_rows = batch_rows
+    loss = jax.jit(lambda b, learner=learner, hyper=hyper: learner.loss(
+        params, b, hyper, key)[0])
+    whole = float(loss(batch))
+    sums[batch_rows] = sum(float(loss({k: v[rows] for k, v in batch.items()}))
+                           for rows in split)
+  assert sums[8] == pytest.approx(whole, rel=1e-5)
+  assert abs(sums[None] - whole) > 0.1 * abs(whole)
+
+
+@pytest.mark.parametrize("agg", entropo.AGGREGATION_MODES)
+@pytest.mark.parametrize("algo", ["grpo", "gspo", "kl_cov", "clip_cov"])
+def test_empty_rows_change_no_loss_metric_or_gradient(rng, algo, agg):
+  """The trainer pads a minibatch by tokens with empty rows (no token, no
+  loss) to one of 8 row counts: with `batch_rows` set (the constant of
+  seq_mean_token_sum_norm stays the batch's), the loss, every metric and
+  the cotangents of the real rows' log-probs and entropy (so the
+  gradient) are those of the minibatch without them, and the empty rows
+  get none."""
+  _, batch, _ = _batch(rng)
+  learner, hyper = _learner(algo, agg=agg, kl_coef=0.1, entropy_coef=0.01)
+  learner.batch_rows = 8
+  key = jax.random.key(4)
+  rows = np.asarray([0, 2, 5, 6, 7])  # a minibatch of 5
+  mb = {k: v[rows] for k, v in batch.items()}
+  padded = {k: jnp.concatenate([v, jnp.zeros((3,) + v.shape[1:], v.dtype)])
+            for k, v in mb.items()}
+  rng_logps = rng.normal(-1.0, 0.3, (8, LENGTH - 1)).astype(np.float32)
+  logps = jnp.asarray(rng_logps)[rows]
+  entropy = jnp.abs(logps)
+
+  def loss(logps, entropy, b):
+    norm = learner.norm * learner.batch_rows / b["tokens"].shape[0]
+    return learner.algorithm.loss(logps, entropy, b, hyper, key, norm=norm,
+                                  precision="fp32")
+
+  loss_fn = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True))
+  (want, want_metrics), want_cot = loss_fn(logps, entropy, mb)
+  pad = lambda x: jnp.concatenate([x, jnp.zeros((3,) + x.shape[1:])])  # noqa
+  (got, got_metrics), got_cot = loss_fn(pad(logps), pad(entropy), padded)
+  assert float(want) != 0.0
+  _close(got, want, "loss")
+  assert got_metrics.keys() == want_metrics.keys()
+  for name in want_metrics:
+    _close(got_metrics[name], want_metrics[name], name)
+  for w, g in zip(want_cot, got_cot):
+    _close(g[:5], w, "cotangent")
+    assert not np.asarray(g[5:]).any()

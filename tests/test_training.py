@@ -1442,3 +1442,68 @@ def test_bad_mismatch_configs_name_the_field(fields, match):
     c[section].update(values)
   with pytest.raises(ValueError, match=match):
     validate(c)
+
+
+def test_minibatches_by_tokens(init_from, data_dir, tmp_path, monkeypatch):
+  """`train.minibatch_tokens`: a tiny training runs and records it; the
+  update takes one optax step per minibatch of the token-budget batcher's
+  plan (two epochs, each of a fresh permutation), each within the budget
+  and padded with empty rows to its row bucket (here even counts: 8 rows
+  make 8 buckets of 1); and a budget that holds the whole batch is the row
+  split's one minibatch, bit for bit."""
+  from entropo import packing  # pylint: disable=g-import-not-at-top
+  real_bucket = packing.rows_bucket
+  monkeypatch.setattr(packing, "rows_bucket", lambda needed, **kw: (
+      real_bucket(needed + needed % 2, **kw)))
+  rows = Trainer(_config(init_from, data_dir), tmp_path / "rows")
+  roll, _ = rows.collect(jax.random.key(3))
+  budget = 2 * roll.tokens.shape[1]  # two rows' slots: every sequence fits
+  c = _config(init_from, data_dir, train=dict(iterations=1,
+                                              minibatch_tokens=budget))
+  c.algo.epochs = 2
+  train(c, tmp_path / "tokens")
+  launch = json.loads((tmp_path / "tokens" / "run.json").read_text())[
+      "launches"][0]
+  assert launch["minibatch_tokens"] == budget
+  assert _records(tmp_path / "tokens")[-1]["train/optimizer_steps"] > 2
+
+  trainer = Trainer(c, tmp_path / "tokens2")
+  seen, real = [], trainer.learner.update
+  def spy(params, opt_state, mb, *args):
+    seen.append(np.asarray(mb["tokens"]))
+    assert np.asarray(mb["attention_mask"]).sum() <= budget
+    return real(params, opt_state, mb, *args)
+  trainer.learner.update = spy
+  batch, _ = trainer.pre_update(roll)
+  metrics = trainer.update(batch, jax.random.key(4))
+  lengths = roll.attention_mask.sum(axis=1)
+  key, want = jax.random.key(4), []
+  for _ in range(2):  # the update's keys: a permutation, then one per step
+    key, perm_key = jax.random.split(key)
+    order = np.asarray(jax.random.permutation(perm_key, len(lengths)))
+    plan = packing.token_budget_batches(lengths, tokens_per_batch=budget,
+                                        order=order)
+    want += [np.asarray(roll.tokens)[np.sort(b)] for b in plan]
+    for _ in plan:
+      key, _ = jax.random.split(key)
+  assert 2 < len(want) < 2 * len(lengths)  # it splits, not row by row
+  assert any(len(w) % 2 for w in want)  # and pads
+  assert metrics["train/optimizer_steps"] == len(seen) == len(want)
+  for got, expected in zip(seen, want):  # then empty rows to the bucket
+    assert len(got) == len(expected) + len(expected) % 2
+    np.testing.assert_array_equal(got[:len(expected)], expected)
+    assert not got[len(expected):].any()
+
+  # A budget >= the batch's tokens: one minibatch, the whole batch.
+  whole = _config(init_from, data_dir,
+                  train=dict(minibatch_tokens=int(lengths.sum())))
+  results = []
+  for t in (rows, Trainer(whole, tmp_path / "whole")):
+    batch, _ = t.pre_update(roll)
+    metrics = t.update(batch, jax.random.key(4))
+    results.append((metrics, t.state["params"]))
+  (m1, p1), (m2, p2) = results
+  assert m2.pop("train/optimizer_steps") == 1.0
+  assert m1 == m2
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p2)):
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

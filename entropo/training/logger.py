@@ -107,7 +107,8 @@ def read_json(path, *, default=None):
 
 def launch_record(*, iteration: int, precision, model, model_section,
                   lora: bool = False, sampler_precision=None,
-                  sampling_section=None, packing: bool = False) -> dict:
+                  sampling_section=None, packing: bool = False,
+                  minibatch_tokens: int = 0) -> dict:
   """How this launch computes, for the `launches` of `run.json`.
 
   The precision policy's `describe()` (preset, backend, the dot algorithm
@@ -118,7 +119,8 @@ def launch_record(*, iteration: int, precision, model, model_section,
   its slots and refill rows, from `sampling_section`), LoRA (rank,
   alpha, targets, the base projections' dtype; None for full
   fine-tuning), whether the trainer runs on packed rows
-  (`train.packing`), versions and devices.
+  (`train.packing`), its minibatches' token budget
+  (`train.minibatch_tokens`, 0: minibatches of rows), versions and devices.
   """
   devices = jax.devices()
   return {
@@ -138,6 +140,7 @@ def launch_record(*, iteration: int, precision, model, model_section,
       "scan_layers": model_section.scan_layers,
       "sampler_batching": sampler_batching(sampling_section),
       "packing": packing,
+      "minibatch_tokens": minibatch_tokens,
       "lora": None if not lora else {
           "rank": model.lora_config.rank, "alpha": model.lora_config.alpha,
           "targets": list(model.lora_config.targets),

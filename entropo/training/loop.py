@@ -12,7 +12,8 @@ the final metrics. One iteration (see docs/training.md):
    `Algorithm`'s advantages (algorithm.py);
 3. `epochs` x `minibatches` optax steps on the algorithm's loss (with
    `train.packing`, steps 2 and 3 run the model on packed rows:
-   `entropo.packing`);
+   `entropo.packing`; with `train.minibatch_tokens`, the minibatches are
+   formed by tokens);
 4. the algorithm's controllers step from the measured entropy; metrics are
    logged (logger.py); evaluation (evaluation.py) and checkpoints at their
    intervals.
@@ -105,7 +106,9 @@ class Trainer:
         self.graphdef, self.algorithm, self.optimizer,
         max_new_tokens=self._completion_budget(),
         group_size=config.sampling.group_size,
-        reference_without_adapters=kl and self.lora)
+        reference_without_adapters=kl and self.lora,
+        batch_rows=config.sampling.batch_size if (
+            config.train.minibatch_tokens) else None)
     # The KL reference: the starting weights (full fine-tuning) or the base
     # model, i.e. the same weights with the adapters off (LoRA).
     self.ref_params = params if kl and not self.lora else None
@@ -234,21 +237,17 @@ class Trainer:
         self.frozen, packing)
 
   def update(self, batch: dict, key) -> dict:
-    """`epochs` passes of `minibatches` optax steps; mean metrics."""
+    """`epochs` passes of `minibatches` optax steps (or of minibatches by
+    tokens: `train.minibatch_tokens`); mean metrics."""
     a = self.algorithm
     n = batch["tokens"].shape[0]
-    size = n // a.minibatches
     hyper = self.hyperparameters()
     sums: dict[str, float] = {}
     steps = skipped = 0
     for epoch in range(a.epochs):
       key, perm_key = jax.random.split(key)
-      order = np.asarray(jax.random.permutation(perm_key, n)) if (
-          a.minibatches > 1) else np.arange(n)
-      for m in range(a.minibatches):
-        rows = order[m * size:(m + 1) * size]
-        mb = rollouts_lib.gather_rows(self.placement.sharding, [batch],
-                                      rows) if a.minibatches > 1 else batch
+      for m, rows in enumerate(self.minibatch_rows(batch, perm_key)):
+        mb = batch if len(rows) == n else self._gather(batch, rows)
         mb = self._packed(mb)
         key, sub = jax.random.split(key)
         params, opt_state, metrics = self.learner.update(
@@ -272,11 +271,58 @@ class Trainer:
     self.meta["skipped_minibatches"] = self.meta.get(
         "skipped_minibatches", 0) + skipped
     out = {k: v / steps for k, v in sums.items()}
+    if self.config.train.minibatch_tokens:
+      out["train/optimizer_steps"] = float(steps + skipped)
     if self.config.train.skip_non_finite:
       out["train/skipped_minibatches"] = float(skipped)
       out["train/skipped_minibatches_total"] = float(
           self.meta["skipped_minibatches"])
     return out
+
+  def minibatch_rows(self, batch: dict, key) -> list[np.ndarray]:
+    """The rows of each minibatch of one epoch, in index order.
+
+    `algo.minibatches` equal slices of a random permutation (the whole
+    batch, unpermuted, for one); with `train.minibatch_tokens`, the same
+    permutation cut by `entropo.packing.token_budget_batches` into
+    minibatches of at most that many real tokens (a budget that holds the
+    batch gives the batch itself: the row split's one minibatch).
+    """
+    a = self.algorithm
+    n = batch["tokens"].shape[0]
+    budget = self.config.train.minibatch_tokens
+    if not budget and a.minibatches == 1:
+      return [np.arange(n)]
+    order = np.asarray(jax.random.permutation(key, n))
+    if not budget:
+      size = n // a.minibatches
+      return [order[m * size:(m + 1) * size] for m in range(a.minibatches)]
+    lengths = self.placement.to_host(batch["attention_mask"]).sum(axis=1)
+    if lengths.max() > budget:
+      raise ValueError(
+          f"train.minibatch_tokens={budget} is less than a sequence of "
+          f"{int(lengths.max())} tokens (prompt and completion) in "
+          f"iteration {self.meta['iteration']}; set it to at least the "
+          f"rollouts' row length, {batch['tokens'].shape[1]}")
+    return [np.sort(rows) for rows in packing_lib.token_budget_batches(
+        lengths, tokens_per_batch=budget, order=order)]
+
+  def _gather(self, batch: dict, rows: np.ndarray) -> dict:
+    """The minibatch of `rows`; by tokens (`train.minibatch_tokens`: any
+    row count) padded with empty rows (no token, no loss) to one of 8 row
+    counts (`rows_bucket`), so the update compiles a bounded number of
+    times: empty rows change no loss or metric (`Learner(batch_rows=)`
+    keeps seq_mean_token_sum_norm's constant, the other modes count tokens
+    or sequences with tokens)."""
+    n = batch["tokens"].shape[0]
+    if not self.config.train.minibatch_tokens:
+      return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows)
+    size = packing_lib.rows_bucket(len(rows), max_rows=n)
+    empty = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype),
+                         batch)
+    rows = np.concatenate([rows, np.full(size - len(rows), n)])
+    return rollouts_lib.gather_rows(self.placement.sharding, [batch, empty],
+                                    rows)
 
   def _packed(self, mb: dict) -> dict:
     """`mb` with the index arrays of its packing plan when
@@ -396,7 +442,7 @@ class Trainer:
     """
     c = self.config
     inert = inert_band(self.algorithm)
-    if inert and jax.process_index() == 0:
+    if inert and jax.process_index() == 0 and not c.train.minibatch_tokens:
       logger_lib.warn(inert)
     logger = logger_lib.MetricLogger(
         self.workdir, total=c.train.iterations, start=self.meta["iteration"],

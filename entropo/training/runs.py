@@ -64,5 +64,6 @@ def train(config, workdir) -> dict[str, float]:
       sampler_precision=trainer.sampler_precision, model=trainer.model,
       model_section=trainer.config.model, lora=trainer.lora,
       sampling_section=trainer.config.sampling,
-      packing=trainer.config.train.packing))
+      packing=trainer.config.train.packing,
+      minibatch_tokens=trainer.config.train.minibatch_tokens))
   return trainer.run()

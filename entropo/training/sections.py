@@ -391,11 +391,29 @@ class TrainSection:
   # its 60 iterations with the extra compilations (docs/benchmarks.md,
   # "Packing").
   packing: bool = True
+  # Minibatches by tokens instead of rows (0: off, the batch split into
+  # algo.minibatches minibatches of rows). Each epoch walks the batch in a
+  # new random order and closes a minibatch before it would hold more than
+  # this many real tokens (prompt and completion, the attention mask:
+  # `entropo.packing.token_budget_batches`), one optax step per minibatch:
+  # the number of steps per iteration is then epochs x (about the batch's
+  # real tokens / this budget), more for a batch of long sequences, fewer
+  # for short ones (logged as train/optimizer_steps). Each minibatch's loss
+  # is the algorithm's loss on its sequences, normalised as for a minibatch
+  # of rows (token_mean: by its loss tokens, the seq_mean_* modes: by its
+  # sequences), except that seq_mean_token_sum_norm keeps the whole batch's
+  # constant B x norm: every token weighs the same whatever minibatch, and
+  # however many sequences, it falls in. Needs algo.minibatches = 1 and one
+  # data shard. Minibatches are padded with empty rows to one of 8 row
+  # counts, which bounds the update's compilations.
+  minibatch_tokens: int = 0
 
   def __post_init__(self):
     for field in ("iterations", "eval_every", "eval_samples",
                   "checkpoint_every", "log_every"):
       check_number(f"train.{field}", getattr(self, field), integer=True)
+    check_number("train.minibatch_tokens", self.minibatch_tokens,
+                 integer=True, allow_zero=True)
     # 0 would keep no checkpoint: a rerun would silently start over.
     check_number("train.max_checkpoints", self.max_checkpoints, integer=True)
     for field in ("tensorboard", "plots", "progress", "allow_config_change",

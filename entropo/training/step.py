@@ -107,15 +107,22 @@ class Learner:
   reference is the same model with its adapters switched off
   (`lora_disabled`), so no second copy of the weights is held and
   `ref_params` is ignored.
+
+  `batch_rows` (minibatches by tokens, `train.minibatch_tokens`: any
+  number of rows) keeps `seq_mean_token_sum_norm`'s constant at the whole
+  batch's `batch_rows x norm` for a minibatch of any size; None (minibatches
+  of rows, all of one size) divides by the minibatch's rows x norm.
   """
 
   def __init__(self, graphdef, algorithm, optimizer: optax.GradientTransformation,
                *, max_new_tokens: int, group_size: int,
-               reference_without_adapters: bool = False):
+               reference_without_adapters: bool = False,
+               batch_rows: int | None = None):
     self.graphdef = graphdef
     self.algorithm = algorithm
     self.optimizer = optimizer
     self.norm = algorithm.norm or float(max_new_tokens)
+    self.batch_rows = batch_rows
     self.group_size = group_size
     self.reference_without_adapters = reference_without_adapters
     self.pre_update = jax.jit(self._pre_update)
@@ -192,8 +199,13 @@ class Learner:
     logps, entropy = sequence_logps(model, batch["tokens"],
                                     batch["attention_mask"],
                                     head_grad=frozen is None, packing=packing)
+    norm = self.norm
+    rows = batch["tokens"].shape[0]
+    if self.batch_rows is not None and rows != self.batch_rows:
+      # seq_mean_token_sum_norm divides by rows x norm: the batch's B x norm.
+      norm = self.norm * self.batch_rows / rows
     loss, metrics = self.algorithm.loss(logps, entropy, batch, hyper, key,
-                                        norm=self.norm,
+                                        norm=norm,
                                         precision=model.policy)
     metrics["loss"] = loss
     return loss, metrics
