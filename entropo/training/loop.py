@@ -194,9 +194,7 @@ class Trainer:
 
   def model_at(self, params) -> Transformer:
     """The model with trained variables `params` (and the frozen rest)."""
-    if self.frozen is None:
-      return nnx.merge(self.graphdef, params)
-    return nnx.merge(self.graphdef, params, self.frozen)
+    return self.learner.model(params, self.frozen)
 
   def policy(self) -> Transformer:
     """The current policy pi_theta as a model."""

@@ -121,21 +121,23 @@ class Learner:
     self.pre_update = jax.jit(self._pre_update)
     self.update = jax.jit(self._update)
 
-  def _model(self, params, frozen=None):
+  def model(self, params, frozen=None):
+    """The model with trained variables `params` (and `frozen`, the rest
+    with LoRA); `Trainer.model_at` is this with the run's frozen part."""
     if frozen is None:
       return nnx.merge(self.graphdef, params)
     return nnx.merge(self.graphdef, params, frozen)
 
   def _forward(self, params, tokens, attention_mask, frozen=None,
                packing=None):
-    return sequence_logps(self._model(params, frozen), tokens,
+    return sequence_logps(self.model(params, frozen), tokens,
                           attention_mask, packing=packing)
 
   def _reference_logps(self, params, ref_params, tokens, attention_mask,
                        frozen, packing=None):
     """The KL reference's log-probs, or None without a reference."""
     if self.reference_without_adapters:
-      model = self._model(params, frozen)
+      model = self.model(params, frozen)
       with lora_lib.lora_disabled(model):
         return sequence_logps(model, tokens, attention_mask,
                               packing=packing)[0]
@@ -183,7 +185,7 @@ class Learner:
   def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],
            key, frozen=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss of a (mini)batch and its metrics."""
-    model = self._model(params, frozen)
+    model = self.model(params, frozen)
     # With frozen weights (LoRA) the head is frozen: no head gradient.
     # A packed minibatch (PACK_KEYS) runs the forward on packed rows; the
     # loss below sees the same [B, L - 1] layout either way.
