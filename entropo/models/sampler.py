@@ -333,7 +333,7 @@ def step_keys(rows, steps):
   return jax.vmap(jax.random.fold_in)(rows, steps)
 
 
-def _choose(z, keys, temperature, top_p, *, policy, greedy, top_k,
+def _choose(z, keys, temperature, top_p, *, precision, greedy, top_k,
             use_top_p):
   """Samples one token per row from logits `z: [B, V]` (float32, rounded),
   row `b` with its own key `keys[b]` (`[B]` keys, `step_keys`).
@@ -344,14 +344,14 @@ def _choose(z, keys, temperature, top_p, *, policy, greedy, top_k,
     token = jnp.argmax(z, axis=-1).astype(jnp.int32)
     processed = jnp.zeros(z.shape[:1], jnp.float32)
   else:
-    s = policy.round_logits(z / temperature)
+    s = precision.round_logits(z / temperature)
     s = truncation.truncate_logits(s, top_k=top_k,
                                    top_p=top_p if use_top_p else None)
     draw = lambda k, x: jax.random.categorical(k, x, axis=-1)  # noqa
     token = jax.vmap(draw)(keys, s).astype(jnp.int32)
-    processed = logprobs_lib.token_logprobs(s, token, precision=policy)
-  logp = logprobs_lib.token_logprobs(z, token, precision=policy)
-  entropy = logprobs_lib.token_entropy(z, precision=policy)
+    processed = logprobs_lib.token_logprobs(s, token, precision=precision)
+  logp = logprobs_lib.token_logprobs(z, token, precision=precision)
+  entropy = logprobs_lib.token_entropy(z, precision=precision)
   return token, logp, processed, entropy
 
 
@@ -369,7 +369,7 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
               greedy, top_k, use_top_p, use_cache, block=1):
   model = nnx.merge(graphdef, state)
   pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
-  policy = model.policy
+  precision = model.precision
   batch, width = tokens.shape
   n = max_new_tokens
   total = width + n
@@ -389,12 +389,12 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
     sample_ids = jnp.arange(batch, dtype=jnp.int32)
   keys = row_keys(key, sample_ids)  # [B]
   choose = lambda h, j: _choose(
-      policy.round_logits(policy.head_product(h, lm_head)),
-      step_keys(keys, j), temperature, top_p, policy=policy,
+      precision.round_logits(precision.head_product(h, lm_head)),
+      step_keys(keys, j), temperature, top_p, precision=precision,
       greedy=greedy, top_k=top_k, use_top_p=use_top_p)
 
   if use_cache:
-    cache = model.init_cache(batch, total, dtype=policy.sampler_dtype)
+    cache = model.init_cache(batch, total, dtype=precision.sampler_dtype)
     hidden, cache = model(
         tokens, attention_mask=mask,
         positions=transformer_lib.default_positions(mask), cache=cache,

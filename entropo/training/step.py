@@ -83,7 +83,7 @@ def sequence_logps(model, tokens, attention_mask, *, head_grad=True,
   hidden = model(tokens, attention_mask=attention_mask)
   return fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
-      precision=model.policy, head_grad=head_grad)
+      precision=model.precision, head_grad=head_grad)
 
 
 def _packed_sequence_logps(model, tokens, packing, *, head_grad):
@@ -92,7 +92,7 @@ def _packed_sequence_logps(model, tokens, packing, *, head_grad):
   hidden = model(packed, segment_ids=packing["segment_ids"])
   logps, entropy = fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), packed[:, 1:],
-      precision=model.policy, head_grad=head_grad)  # [R, W - 1] each
+      precision=model.precision, head_grad=head_grad)  # [R, W - 1] each
   index = packing["unpack_index"]
   return packing_lib.unpack(logps, index), packing_lib.unpack(entropy, index)
 
@@ -196,7 +196,7 @@ class Learner:
                                     head_grad=frozen is None, packing=packing)
     loss, metrics = self.algorithm.loss(logps, entropy, batch, hyper, key,
                                         norm=self.norm,
-                                        precision=model.policy)
+                                        precision=model.precision)
     metrics["loss"] = loss
     return loss, metrics
 
