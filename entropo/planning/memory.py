@@ -290,7 +290,7 @@ def _check_shape(batch, minibatches, shards, seq_len, prompt_len) -> int:
   return prompt_len
 
 
-def _check_options(remat, lora_rank, lora_targets) -> None:
+def _check_options(remat, lora_rank, lora_targets, lora_base_dtype) -> None:
   if remat not in transformer_lib.REMAT_OPTIONS:
     raise ValueError(f"remat must be one of {transformer_lib.REMAT_OPTIONS};"
                      f" got {remat!r}.")
@@ -301,6 +301,10 @@ def _check_options(remat, lora_rank, lora_targets) -> None:
   if unknown or not lora_targets:
     raise ValueError(f"lora_targets must name some of {LORA_TARGETS}; got "
                      f"{tuple(lora_targets)}.")
+  if lora_base_dtype not in ("param", "compute") or (
+      lora_base_dtype == "compute" and not lora_rank):
+    raise ValueError(f"lora_base_dtype must be 'param', or 'compute' with "
+                     f"lora_rank > 0; got {lora_base_dtype!r}.")
 
 
 def _lora_bytes(cfg, mesh, rules, lora_rank, lora_targets, *, tokens, c,
@@ -345,6 +349,28 @@ def _update_bytes(cfg, remat, tokens, block, *, extra, head, c):
   activations = tokens * (cfg.num_layers * saved_per_layer + extra + head[0])
   layer_work = work if remat == "none" else saved + work
   return activations, tokens * (layer_work + head[1])
+
+
+def _trainer_bytes(cfg, mesh, *, c, h_bytes, rollout_tokens, update_tokens,
+                   seq_len, remat, attention, attention_chunk_size,
+                   chunk_size, fused_head, gathers):
+  """`(prepare_working, activations, update_working)` of the trainer: its
+  forward over the whole rollout (`rollout_tokens` per device, one layer
+  live at a time) and the update on `update_tokens` per device (without
+  FSDP's gathered gradients and LoRA, which the caller adds)."""
+  head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
+                                            fused_head)
+  # Token ids of the embedding lookup; the final norm as in a block.
+  extra = 4 + (8 + 2 * c) * cfg.hidden_size + 8
+  saved, work, dots = block_token_bytes(cfg, mesh, c, seq_len, attention,
+                                        attention_chunk_size)
+  prepare_working = (rollout_tokens * (saved + extra + head_work + head_saved)
+                     + gathers)
+  activations, update_working = _update_bytes(
+      cfg, remat, update_tokens, (saved, work, dots), extra=extra,
+      head=(head_saved, head_work), c=c)
+  update_working += gathers
+  return prepare_working, activations, update_working
 
 
 def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
@@ -392,11 +418,7 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   precision = precision_lib.get_precision(precision)
   shards = mesh.batch_shards
   prompt_len = _check_shape(batch, minibatches, shards, seq_len, prompt_len)
-  _check_options(remat, lora_rank, lora_targets)
-  if lora_base_dtype not in ("param", "compute") or (
-      lora_base_dtype == "compute" and not lora_rank):
-    raise ValueError(f"lora_base_dtype must be 'param', or 'compute' with "
-                     f"lora_rank > 0; got {lora_base_dtype!r}.")
+  _check_options(remat, lora_rank, lora_targets, lora_base_dtype)
   p_bytes = _itemsize(precision.param_dtype)
   c = _itemsize(precision.compute_dtype)
   h_bytes = _itemsize(precision.head_dtype)
@@ -409,21 +431,12 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
       cfg, precision, mesh, rows=rows, seq_len=seq_len, prompt_len=prompt_len,
       n_params=n_params, attention=attention,
       attention_chunk_size=attention_chunk_size, gathers=gathers)
-  head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
-                                            fused_head)
-  # Token ids of the embedding lookup; the final norm as in a block.
-  extra = 4 + (8 + 2 * c) * cfg.hidden_size + 8
-  saved, work, dots = block_token_bytes(cfg, mesh, c, seq_len, attention,
-                                        attention_chunk_size)
-  # The trainer's forward over the whole rollout: one layer live at a time.
-  tokens = rows * seq_len
-  prepare_working = (tokens * (saved + extra + head_work + head_saved)
-                     + gathers)
-  tokens = (batch // minibatches // shards) * seq_len
-  activations, update_working = _update_bytes(
-      cfg, remat, tokens, (saved, work, dots), extra=extra,
-      head=(head_saved, head_work), c=c)
-  update_working += gathers
+  tokens = (batch // minibatches // shards) * seq_len  # of an update
+  prepare_working, activations, update_working = _trainer_bytes(
+      cfg, mesh, c=c, h_bytes=h_bytes, rollout_tokens=rows * seq_len,
+      update_tokens=tokens, seq_len=seq_len, remat=remat,
+      attention=attention, attention_chunk_size=attention_chunk_size,
+      chunk_size=chunk_size, fused_head=fused_head, gathers=gathers)
   if mesh.fsdp > 1:
     update_working += layer_gathered * p_bytes  # before reduce-scatter
   weight_casts = _weight_cast_bytes(cfg, precision, mesh, rules, layer=layer,
