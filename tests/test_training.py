@@ -30,6 +30,7 @@ from entropo.training import train
 from entropo.training import validate
 from entropo.training import logger as logger_lib
 from entropo.training import step as step_lib
+from entropo.training.state import LaunchCounts
 from tests.training_setup import tiny_config
 from tests.training_setup import warm_started
 
@@ -1369,7 +1370,7 @@ def test_a_band_that_never_clipped_is_reported():
   c.algo.minibatches = 4
   trainer = Trainer.__new__(Trainer)  # only the counters are needed
   trainer.algorithm = algorithm_lib.Algorithm.from_config(c.algo)
-  trainer.clipping = {"iterations": 0, "clipped": False}
+  trainer.clipping = LaunchCounts()
   for _ in range(10):
     trainer._count_clipping({"pg/clipfrac_high": 0.0,  # pylint: disable=protected-access
                              "pg/clipfrac_low": 0.0})

@@ -63,6 +63,7 @@ from entropo.training import logger as logger_lib
 from entropo.training import rollouts as rollouts_lib
 from entropo.training import step as step_lib
 from entropo.training.placement import BatchPlacement
+from entropo.training.state import LaunchCounts
 from entropo.training.state import RunMeta
 from entropo.training.state import TrainState
 from entropo.training.warm_start import initial_policy
@@ -132,8 +133,7 @@ class Trainer:
         self.workdir / "checkpoints",
         max_to_keep=config.train.max_checkpoints)
     self._restore()
-    # Iterations of this launch, and whether any clipped a token.
-    self.clipping = {"iterations": 0, "clipped": False}
+    self.clipping = LaunchCounts()
 
   # -- setup
 
@@ -435,8 +435,8 @@ class Trainer:
     return metrics
 
   def _count_clipping(self, metrics: dict) -> None:
-    self.clipping["iterations"] += 1
-    self.clipping["clipped"] |= any(
+    self.clipping.iterations += 1
+    self.clipping.clipped |= any(
         metrics.get(k, 0.0) > 0 for k in ("pg/clipfrac_high",
                                           "pg/clipfrac_low"))
 
@@ -447,10 +447,10 @@ class Trainer:
     a = self.algorithm
     if (a.objective in CLIPPED_OBJECTIVES
         and not on_policy_single_step(a)
-        and self.clipping["iterations"] >= at_least
-        and not self.clipping["clipped"] and jax.process_index() == 0):
+        and self.clipping.iterations >= at_least
+        and not self.clipping.clipped and jax.process_index() == 0):
       logger_lib.warn(
-          f"algo {a.name!r} clipped no token in {self.clipping['iterations']}"
+          f"algo {a.name!r} clipped no token in {self.clipping.iterations}"
           f" iterations (pg/clipfrac_high and pg/clipfrac_low were 0): its "
           f"band [1 - clip_low, 1 + clip_high] had no effect on this run")
 

@@ -1,5 +1,6 @@
 """The typed state of a training run: `TrainState` (arrays) and `RunMeta`
-(JSON values), each field documented in one place.
+(JSON values), each field documented in one place; and `LaunchCounts`,
+what one launch counts for its own warnings (never saved).
 
 Both are frozen dataclasses: a change is `state.replace(field=...)`, a
 misspelt field is an AttributeError (or a TypeError in `replace`), and the
@@ -90,3 +91,14 @@ class RunMeta:
           f"fields are {', '.join(sorted(names))}")
     return cls(**meta)
 
+
+
+@dataclasses.dataclass
+class LaunchCounts:
+  """Counters of this launch alone (not checkpointed): what the end-of-run
+  warnings read (`Trainer._warn_if_never_clipped`)."""
+
+  # Iterations run by this launch.
+  iterations: int = 0
+  # Whether any of them clipped a token (`pg/clipfrac_high` or `_low` > 0).
+  clipped: bool = False
