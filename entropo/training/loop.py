@@ -19,7 +19,8 @@ the final metrics. One iteration (see docs/training.md):
 
 Everything that decides the future of the run (parameters, optimizer and
 controller states, PRNG key, data-iterator position, entropy target,
-running sums) is checkpointed, so a resumed run continues exactly.
+running sums) is checkpointed, so a resumed run continues exactly: it is
+`Trainer.state` and `Trainer.meta`, typed and documented in state.py.
 
 With `model.lora_rank > 0` the policy is the `init_from` model with LoRA
 adapters (`entropo.models.add_lora`): only the adapters are trained,
