@@ -61,7 +61,7 @@ def update_step(config, *, precision, remat, batch, length,
     hidden = model(tokens)
     logps, entropy = entropo.fused_logprobs_entropy(
         hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
-        precision=model.policy)
+        precision=model.precision)
     return jnp.sum(logps) + jnp.sum(entropy)
 
   step = jax.jit(jax.grad(loss_fn))

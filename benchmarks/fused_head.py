@@ -71,9 +71,9 @@ def _config_arg(text):
 
 
 def make_inputs(n, d, v, precision="fp32", seed=0):
-  policy = entropo.get_precision(precision)
+  precision = entropo.get_precision(precision)
   k = jax.random.split(jax.random.key(seed), 5)
-  hidden = jax.random.normal(k[0], (n, d), policy.compute_dtype)
+  hidden = jax.random.normal(k[0], (n, d), precision.compute_dtype)
   lm_head = jax.random.normal(k[1], (d, v), jnp.float32) / np.sqrt(d)
   targets = jax.random.randint(k[2], (n,), 0, v)
   g_lp = jax.random.normal(k[3], (n,), jnp.float32)
@@ -82,17 +82,17 @@ def make_inputs(n, d, v, precision="fp32", seed=0):
 
 
 def loss_fn(variant, chunk_size, precision="fp32"):
-  policy = entropo.get_precision(precision)
+  precision = entropo.get_precision(precision)
 
   def materialised(hidden, lm_head, targets, g_lp, g_h):
-    logits = policy.head_product(hidden, lm_head)  # [N, V]
-    logps = entropo.token_logprobs(logits, targets, precision=policy)
-    ent = entropo.token_entropy(logits, precision=policy)
+    logits = precision.head_product(hidden, lm_head)  # [N, V]
+    logps = entropo.token_logprobs(logits, targets, precision=precision)
+    ent = entropo.token_entropy(logits, precision=precision)
     return jnp.sum(g_lp * logps) + jnp.sum(g_h * ent)
 
   def fused(hidden, lm_head, targets, g_lp, g_h):
     logps, ent = entropo.fused_logprobs_entropy(
-        hidden, lm_head, targets, chunk_size=chunk_size, precision=policy
+        hidden, lm_head, targets, chunk_size=chunk_size, precision=precision
     )
     return jnp.sum(g_lp * logps) + jnp.sum(g_h * ent)
 
@@ -112,7 +112,7 @@ def products(mode, chunk_size, precision="fp32"):
   low-precision head, each float32 chunk transposed in the loop). Assumes
   `chunk_size` divides V.
   """
-  policy = entropo.get_precision(precision)
+  precision = entropo.get_precision(precision)
   dot = functools.partial(jnp.matmul, preferred_element_type=jnp.float32)
 
   def forward(h_op, w, n_chunks):
@@ -120,31 +120,31 @@ def products(mode, chunk_size, precision="fp32"):
       w_c = jax.lax.dynamic_slice_in_dim(w, c * chunk_size, chunk_size, 1)
       # A max, as the fused forward takes: a sum of the product could be
       # rewritten by XLA as a matrix-vector product.
-      z = policy.head_product(h_op, w_c)
+      z = precision.head_product(h_op, w_c)
       return jnp.maximum(acc, jnp.max(z, axis=1).astype(jnp.float32)), None
     acc = jnp.full(h_op.shape[0], -jnp.inf, jnp.float32)
     return jax.lax.scan(step, acc, jnp.arange(n_chunks))[0]
 
   def fwd(hidden, lm_head, *_):
-    h_op = hidden.astype(policy.head_dtype)
+    h_op = hidden.astype(precision.head_dtype)
     return jnp.sum(forward(h_op, lm_head, lm_head.shape[1] // chunk_size))
 
   def fwd_bwd(hidden, lm_head, *_):
     n_chunks = lm_head.shape[1] // chunk_size
-    h_op = hidden.astype(policy.head_dtype)
+    h_op = hidden.astype(precision.head_dtype)
     row = forward(h_op, lm_head, n_chunks)  # [N], feeds the second loop
-    low_precision = jnp.dtype(policy.head_dtype).itemsize < 4
-    w_t = lm_head.astype(policy.head_dtype).T if low_precision else None
+    low_precision = jnp.dtype(precision.head_dtype).itemsize < 4
+    w_t = lm_head.astype(precision.head_dtype).T if low_precision else None
     h_t, w_t = jax.lax.optimization_barrier((h_op.T, w_t))
 
     def step(carry, c):
       dh, dw = carry
       start = c * chunk_size
       w_c = jax.lax.dynamic_slice_in_dim(lm_head, start, chunk_size, 1)
-      z = policy.head_product(h_op, w_c).astype(jnp.float32)
-      dz = (z * row[:, None]).astype(policy.head_dtype)
+      z = precision.head_product(h_op, w_c).astype(jnp.float32)
+      dz = (z * row[:, None]).astype(precision.head_dtype)
       w_c_t = (jax.lax.dynamic_slice_in_dim(w_t, start, chunk_size, 0)
-               if low_precision else w_c.astype(policy.head_dtype).T)
+               if low_precision else w_c.astype(precision.head_dtype).T)
       dh = dh + dot(dz, w_c_t)
       dw = jax.lax.dynamic_update_slice_in_dim(dw, dot(h_t, dz), start, 1)
       return (dh, dw), None

@@ -213,7 +213,7 @@ def trainer_case(iterations: int, workdir: pathlib.Path) -> dict:
   for it in range(iterations):
     for packing_on, trainer in trainers.items():
       metrics[packing_on].append(trainer.iteration())
-      trainer.meta["iteration"] = it + 1
+      trainer.meta = trainer.meta.replace(iteration=it + 1)
   row = {"case": "trainer", "iterations": iterations}
   for packing_on, trainer in trainers.items():
     name = "packed" if packing_on else "padded"

@@ -69,7 +69,7 @@ def main():
   rows = []
   for it in range(args.iterations):
     metrics = trainer.iteration()
-    trainer.meta["iteration"] = it + 1
+    trainer.meta = trainer.meta.replace(iteration=it + 1)
     t = time.perf_counter()
     logger.write(it, metrics)
     log_time = time.perf_counter() - t

@@ -99,7 +99,7 @@ def fused_logprobs_entropy(
     raise ValueError("lm_head has no columns: the vocabulary must be "
                      "non-empty ([D, V] with V >= 1).")
   _checks.check_token_ids("targets", targets, lm_head.shape[1])
-  policy = precision_lib.get_precision(precision)
+  precision = precision_lib.get_precision(precision)
   lead = hidden.shape[:-1]
   chunk = min(chunk_size, lm_head.shape[1])
   logps, entropy = _fused(
@@ -107,13 +107,13 @@ def fused_logprobs_entropy(
       lm_head,
       targets.reshape(-1),
       chunk,
-      policy,
+      precision,
       head_grad,
   )
   inside = (targets >= 0) & (targets < lm_head.shape[1])
   logps = jnp.where(inside.reshape(-1), logps, jnp.nan)
-  logps = policy.round_output(logps).reshape(lead)
-  entropy = policy.round_output(entropy).reshape(lead)
+  logps = precision.round_output(logps).reshape(lead)
+  entropy = precision.round_output(entropy).reshape(lead)
   return logps, entropy
 
 
@@ -161,14 +161,14 @@ def _cols(x, start, width, axis):
   return jax.lax.dynamic_slice_in_dim(x, start, width, axis=axis)
 
 
-def _forward(h, w, targets, chunk, policy):
+def _forward(h, w, targets, chunk, precision):
   n = h.shape[0]
-  h_op = h.astype(policy.head_dtype)  # cast once, not per chunk
+  h_op = h.astype(precision.head_dtype)  # cast once, not per chunk
 
   def body(carry, start, width):
     m, s, u, z_t = carry  # each [N]
     w_c = _cols(w, start, width, axis=1)  # [D, C]
-    z = policy.round_logits(policy.head_product(h_op, w_c))  # [N, C] f32
+    z = precision.round_logits(precision.head_product(h_op, w_c))  # [N, C] f32
     m_new = jnp.maximum(m, jnp.max(z, axis=-1))  # [N], finite
     delta = jnp.where(jnp.isfinite(m), m - m_new, 0.0)  # [N]
     scale = jnp.exp(delta)
@@ -195,22 +195,22 @@ def _forward(h, w, targets, chunk, policy):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _fused(h, w, targets, chunk, policy, head_grad):
+def _fused(h, w, targets, chunk, precision, head_grad):
   del head_grad  # the backward pass's business
-  logps, entropy, _ = _forward(h, w, targets, chunk, policy)
+  logps, entropy, _ = _forward(h, w, targets, chunk, precision)
   return logps, entropy
 
 
-def _fused_fwd(h, w, targets, chunk, policy, head_grad):
+def _fused_fwd(h, w, targets, chunk, precision, head_grad):
   del head_grad
-  logps, entropy, (m, log_s) = _forward(h, w, targets, chunk, policy)
+  logps, entropy, (m, log_s) = _forward(h, w, targets, chunk, precision)
   return (logps, entropy), (h, w, targets, m, log_s, entropy)
 
 
-def _fused_bwd(chunk, policy, head_grad, residuals, cotangents):
+def _fused_bwd(chunk, precision, head_grad, residuals, cotangents):
   h, w, targets, m, log_s, entropy = residuals
   g_lp, g_h = (g.astype(jnp.float32) for g in cotangents)  # [N] each
-  h_op = h.astype(policy.head_dtype)
+  h_op = h.astype(precision.head_dtype)
   rows = jnp.arange(h.shape[0])
   # Both gradient products take operands transposed once, here, outside the
   # loop: XLA:CPU runs a bfloat16 dot whose operand is transposed inside
@@ -224,15 +224,15 @@ def _fused_bwd(chunk, policy, head_grad, residuals, cotangents):
   # -> float32 dot with a transposed operand is one XLA:CPU (jax 0.10)
   # cannot run ("Unsupported element type for DotThunk"), which is what
   # happens when the whole vocabulary is a single chunk, outside the loop.
-  low_precision = jnp.dtype(policy.head_dtype).itemsize < 4
-  w_t = w.astype(policy.head_dtype).T if low_precision else None  # [V, D]
+  low_precision = jnp.dtype(precision.head_dtype).itemsize < 4
+  w_t = w.astype(precision.head_dtype).T if low_precision else None  # [V, D]
   h_t, w_t = jax.lax.optimization_barrier((h_op.T, w_t))  # [D, N], [V, D]
-  dot = functools.partial(policy.matmul, preferred_element_type=jnp.float32)
+  dot = functools.partial(precision.matmul, preferred_element_type=jnp.float32)
 
   def body(carry, start, width):
     dh, dw = carry  # [N, D], [D, V] float32
     w_c = _cols(w, start, width, axis=1)  # [D, C]
-    z = policy.round_logits(policy.head_product(h_op, w_c))  # [N, C]
+    z = precision.round_logits(precision.head_product(h_op, w_c))  # [N, C]
     logp = (z - m[:, None]) - log_s[:, None]
     p = jnp.exp(logp)
     # dz = g_lp (onehot - p) - g_h p (log p + H): the dense part here, the
@@ -242,9 +242,9 @@ def _fused_bwd(chunk, policy, head_grad, residuals, cotangents):
         0.0)
     col, inside = _target_column(targets, start, width)
     dz = dz.at[rows, col].add(jnp.where(inside, g_lp, 0.0))
-    dz_op = dz.astype(policy.head_dtype)
+    dz_op = dz.astype(precision.head_dtype)
     w_c_t = (_cols(w_t, start, width, axis=0) if low_precision
-             else w_c.astype(policy.head_dtype).T)  # [C, D]
+             else w_c.astype(precision.head_dtype).T)  # [C, D]
     dh = dh + dot(dz_op, w_c_t)
     if not head_grad:  # a frozen head: no [D, V] gradient is built
       return dh, dw

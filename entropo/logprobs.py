@@ -18,8 +18,8 @@ from entropo import precision as precision_lib
 
 
 def _log_softmax(logits: jax.Array, precision) -> jax.Array:
-  policy = precision_lib.get_precision(precision)
-  z = policy.round_logits(logits)  # [..., V] float32
+  precision = precision_lib.get_precision(precision)
+  z = precision.round_logits(logits)  # [..., V] float32
   z = z - jax.lax.stop_gradient(jnp.max(z, axis=-1, keepdims=True))
   return z - jnp.log(jnp.sum(jnp.exp(z), axis=-1, keepdims=True))
 

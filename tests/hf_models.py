@@ -66,7 +66,7 @@ def to_entropo(hf, *, precision="fp32") -> Transformer:
   cfg = ModelConfig.from_hf(hf.config.to_dict())
   model = Transformer(cfg, precision=precision, rngs=nnx.Rngs(0))
   sd = {k: v.detach().float().numpy() for k, v in hf.state_dict().items()}
-  dt = model.policy.param_dtype
+  dt = model.precision.param_dtype
   arr = lambda x: jnp.asarray(np.asarray(x), dt)
   d, h, kv, hd = (cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads,
                   cfg.head_dim)

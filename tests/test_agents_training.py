@@ -80,8 +80,8 @@ def test_resume_equals_an_uninterrupted_run(shared, tmp_path):
   train(c, tmp_path / "split")
   split = _records(tmp_path / "split")
   assert [_stable(r) for r in split] == [_stable(r) for r in whole]
-  a = Trainer(c, tmp_path / "whole").state["params"]
-  b = Trainer(c, tmp_path / "split").state["params"]
+  a = Trainer(c, tmp_path / "whole").state.params
+  b = Trainer(c, tmp_path / "split").state.params
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 

@@ -42,9 +42,9 @@ def _inputs(rng, *, b=3, t=9, s=9, kv=2, g=3, hd=8, dtype=jnp.float32):
           jnp.asarray(valid))
 
 
-def _attend(implementation, chunk_size=4, policy=FP32):
+def _attend(implementation, chunk_size=4, precision=FP32):
   def f(q, k, v, valid, slots):
-    return attention_lib.attend(q, k, v, valid, slots, policy=policy,
+    return attention_lib.attend(q, k, v, valid, slots, precision=precision,
                                 implementation=implementation,
                                 chunk_size=chunk_size)
   return f
@@ -140,7 +140,7 @@ def _loss(model, tokens, mask):
   hidden = model(tokens, attention_mask=mask)
   logps, entropy = entropo.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:], chunk_size=32,
-      precision=model.policy)
+      precision=model.precision)
   valid = mask[:, 1:]
   return jnp.sum(jnp.where(valid, logps + 0.1 * entropy, 0.0))
 
@@ -318,7 +318,7 @@ def test_pallas_kernel_matches_float64_reference(rng, t, kv, g):
   (q, k, v, valid), slots, live, cot = _kernel_case(rng, t, kv, g)
 
   def pallas(q, k, v):
-    return attention_lib._pallas_tpu(q, k, v, valid, policy=FP32)  # pylint: disable=protected-access
+    return attention_lib._pallas_tpu(q, k, v, valid, precision=FP32)  # pylint: disable=protected-access
 
   def grads(f):
     return jax.grad(lambda q, k, v: jnp.sum(f(q, k, v) * cot),
@@ -376,15 +376,15 @@ def test_bad_options_raise():
     _model("auto", remat="all")
   with pytest.raises(ValueError, match="needs bfloat16 or float16"):
     attention_lib.attend(*_inputs(np.random.default_rng(0)), jnp.arange(9),
-                         policy=FP32, implementation="cudnn")
+                         precision=FP32, implementation="cudnn")
   with pytest.raises(ValueError, match="'pallas' needs bfloat16 or float16"):
     attention_lib.attend(*_inputs(np.random.default_rng(0)), jnp.arange(9),
-                         policy=FP32, implementation="pallas")
+                         precision=FP32, implementation="pallas")
   # Decode calls (T != S) would take blockwise, but a float32 kernel choice
   # is refused there too, and when the model is built.
   q, k, v, valid = _inputs(np.random.default_rng(0), t=1)
   with pytest.raises(ValueError, match="'cudnn' needs bfloat16 or float16"):
-    attention_lib.attend(q, k, v, valid, jnp.asarray([8]), policy=FP32,
+    attention_lib.attend(q, k, v, valid, jnp.asarray([8]), precision=FP32,
                          implementation="cudnn")
   for kernel in ("cudnn", "pallas"):
     with pytest.raises(ValueError, match=f"'{kernel}' needs bfloat16"):
@@ -416,7 +416,7 @@ def test_cudnn_kernel_matches_float64_reference(rng, t, kv, g):
 
   def cudnn(q, k, v):
     return attention_lib._cudnn(q, k, v, valid, slots,  # pylint: disable=protected-access
-                                policy=entropo.get_precision("bf16"))
+                                precision=entropo.get_precision("bf16"))
 
   got = np.asarray(jax.jit(cudnn)(q, k, v).astype(jnp.float32))
   want = ref_attention.attention(q, k, v, valid, slots)
@@ -446,14 +446,14 @@ def test_cudnn_serves_only_calls_whose_queries_fill_the_keys(rng,
                       lambda *a, **k: calls.append(a[0].shape) or a[0])
   bf16 = entropo.get_precision("bf16")
   q, k, v, valid = _inputs(rng, t=1, dtype=jnp.bfloat16)
-  got = jax.jit(_attend("cudnn", policy=bf16))(q, k, v, valid,
+  got = jax.jit(_attend("cudnn", precision=bf16))(q, k, v, valid,
                                                jnp.asarray([8]))
-  want = jax.jit(_attend("blockwise", policy=bf16))(q, k, v, valid,
+  want = jax.jit(_attend("blockwise", precision=bf16))(q, k, v, valid,
                                                     jnp.asarray([8]))
   np.testing.assert_array_equal(got, want)
   assert not calls
   q, k, v, valid = _inputs(rng, dtype=jnp.bfloat16)
-  _attend("cudnn", policy=bf16)(q, k, v, valid, jnp.arange(9))
+  _attend("cudnn", precision=bf16)(q, k, v, valid, jnp.arange(9))
   assert calls == [q.shape]
 
 
@@ -474,10 +474,11 @@ def _segment_case(rng, dtype=jnp.float32, **kwargs):
   return q, k, v, jnp.asarray(valid), seg
 
 
-def _attend_segments(implementation, chunk_size=4, policy=FP32):
+def _attend_segments(implementation, chunk_size=4, precision=FP32):
   def f(q, k, v, valid, seg):
     return attention_lib.attend(q, k, v, valid, jnp.arange(q.shape[1]),
-                                policy=policy, implementation=implementation,
+                                precision=precision,
+                                implementation=implementation,
                                 chunk_size=chunk_size, query_segments=seg,
                                 key_segments=seg)
   return f
@@ -519,10 +520,10 @@ def test_segments_go_together():
   q, k, v, valid = _inputs(np.random.default_rng(0))
   seg = jnp.ones(valid.shape, jnp.int32)
   with pytest.raises(ValueError, match="go together"):
-    attention_lib.attend(q, k, v, valid, jnp.arange(9), policy=FP32,
+    attention_lib.attend(q, k, v, valid, jnp.arange(9), precision=FP32,
                          implementation="blockwise", query_segments=seg)
   with pytest.raises(ValueError, match=r"query_segments must be \[B, T\]"):
-    attention_lib.attend(q, k, v, valid, jnp.arange(9), policy=FP32,
+    attention_lib.attend(q, k, v, valid, jnp.arange(9), precision=FP32,
                          implementation="blockwise", query_segments=seg[:, 1:],
                          key_segments=seg)
 
@@ -537,7 +538,7 @@ def test_pallas_segments_match_float64_reference(rng):
                     jnp.float32)
 
   def pallas(q, k, v):
-    return attention_lib._pallas_tpu(q, k, v, valid, policy=FP32,  # pylint: disable=protected-access
+    return attention_lib._pallas_tpu(q, k, v, valid, precision=FP32,  # pylint: disable=protected-access
                                      segments=(seg, seg))
 
   got = _pallas_interpret(pallas, q, k, v)
@@ -566,7 +567,7 @@ def test_cudnn_gets_the_segment_mask(rng, monkeypatch):
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", xla_kernel)
   q, k, v, valid, seg = _segment_case(rng)
-  got = attention_lib._cudnn(q, k, v, valid, jnp.arange(9), policy=FP32,  # pylint: disable=protected-access
+  got = attention_lib._cudnn(q, k, v, valid, jnp.arange(9), precision=FP32,  # pylint: disable=protected-access
                              segments=(seg, seg))
   segs = np.asarray(seg)
   want_mask = (np.tril(np.ones((9, 9), bool))[None]
@@ -590,7 +591,7 @@ def test_cudnn_kernel_with_segments_matches_float64_reference(rng):
   q, k, v, valid, seg = _segment_case(rng, dtype=jnp.bfloat16, hd=64)
   live = np.asarray(valid)
   got = jax.jit(lambda q, k, v: attention_lib._cudnn(  # pylint: disable=protected-access
-      q, k, v, valid, jnp.arange(9), policy=entropo.get_precision("bf16"),
+      q, k, v, valid, jnp.arange(9), precision=entropo.get_precision("bf16"),
       segments=(seg, seg)))(q, k, v)
   want = ref_attention.attention(q, k, v, valid, np.arange(9), (seg, seg))
   bound = 2 * u * float(jnp.max(jnp.abs(v.astype(jnp.float32))))

@@ -68,11 +68,11 @@ def _canonical(precision):
   return precision
 
 
-def expected_precision(policy, eqn):
+def expected_precision(precision, eqn):
   """What `policy` must put on a dot with these operands, on this backend."""
   lhs, rhs = (v.aval.dtype for v in eqn.invars)
   dtype = precision_lib._narrower(lhs, rhs)  # pylint: disable=protected-access
-  algorithm = policy.algorithm_for(dtype)
+  algorithm = precision.algorithm_for(dtype)
   native = precision_lib.native_precision(algorithm, dtype)
   if native is None:  # emulated: rounded operands, the float32 algorithm
     native = precision_lib.native_precision(
@@ -80,13 +80,13 @@ def expected_precision(policy, eqn):
   return native
 
 
-def violations(policy, jaxpr):
+def violations(precision, jaxpr):
   """`(count, [description of each dot that escapes the policy])`."""
   dots = list(dot_equations(jaxpr))
   bad = []
   for eqn in dots:
     actual = _canonical(eqn.params["precision"])
-    expected = _canonical(expected_precision(policy, eqn))
+    expected = _canonical(expected_precision(precision, eqn))
     if actual != expected:
       shapes = [f"{v.aval.dtype}{list(v.aval.shape)}" for v in eqn.invars]
       bad.append(f"dot {' x '.join(shapes)}: precision {actual}, policy "
@@ -94,8 +94,8 @@ def violations(policy, jaxpr):
   return len(dots), bad
 
 
-def _assert_all_dots_follow(policy, jaxpr, *, at_least):
-  count, bad = violations(policy, jaxpr)
+def _assert_all_dots_follow(precision, jaxpr, *, at_least):
+  count, bad = violations(precision, jaxpr)
   assert count >= at_least, f"only {count} dots traced: the walk missed some"
   assert not bad, "\n".join(bad)
 
@@ -114,19 +114,19 @@ def _tokens(batch=2, length=6, vocab=37):
 
 
 def test_checker_flags_a_contraction_without_the_policy():
-  policy = entropo.get_precision("fp32")
+  precision = entropo.get_precision("fp32")
   x = jnp.ones((4, 8), jnp.float32)
-  good = jax.make_jaxpr(lambda a: policy.einsum("ij,kj->ik", a, a))(x)
+  good = jax.make_jaxpr(lambda a: precision.einsum("ij,kj->ik", a, a))(x)
   stray = jax.make_jaxpr(
-      lambda a: policy.einsum("ij,kj->ik", a, a) + jnp.einsum("ij,kj->ik", a, a)
-  )(x)
-  assert violations(policy, good) == (1, [])
-  count, bad = violations(policy, stray)
+      lambda a: (precision.einsum("ij,kj->ik", a, a)
+                 + jnp.einsum("ij,kj->ik", a, a)))(x)
+  assert violations(precision, good) == (1, [])
+  count, bad = violations(precision, stray)
   assert count == 2 and len(bad) == 1 and "precision None" in bad[0]
 
 
 def test_checker_walks_into_scan_while_cond_and_custom_vjp():
-  policy = entropo.get_precision("fp32")
+  precision = entropo.get_precision("fp32")
   x = jnp.ones((4, 4), jnp.float32)
 
   @jax.custom_vjp
@@ -143,7 +143,7 @@ def test_checker_walks_into_scan_while_cond_and_custom_vjp():
                                 jax.lax.stop_gradient(a))
     return jnp.sum(jax.jit(f)(a)) + jnp.sum(looped)
 
-  count, bad = violations(policy, jax.make_jaxpr(jax.grad(program))(x))
+  count, bad = violations(precision, jax.make_jaxpr(jax.grad(program))(x))
   assert count >= 5 and len(bad) == count
 
 
@@ -152,22 +152,22 @@ def test_checker_walks_into_scan_while_cond_and_custom_vjp():
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_fused_head_forward_and_backward(preset, rng):
-  policy = entropo.get_precision(preset)
+  precision = entropo.get_precision(preset)
   hidden = jnp.asarray(rng.normal(size=(6, 16)), jnp.float32)
   head = jnp.asarray(rng.normal(size=(16, 40)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 40, 6), jnp.int32)
 
   def loss(h, w):
     lp, ent = entropo.fused_logprobs_entropy(h, w, targets, chunk_size=16,
-                                             precision=policy)
+                                             precision=precision)
     return jnp.sum(lp) + jnp.sum(ent)
 
   # Forward: one dot per chunk body (the scan, and the narrower last chunk);
   # the backward adds a recomputation and two gradient products per chunk.
-  _assert_all_dots_follow(policy, jax.make_jaxpr(loss)(hidden, head),
+  _assert_all_dots_follow(precision, jax.make_jaxpr(loss)(hidden, head),
                           at_least=2)
   _assert_all_dots_follow(
-      policy, jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, head),
+      precision, jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(hidden, head),
       at_least=8)
 
 
@@ -191,15 +191,15 @@ def test_trainer_forward_and_update(preset, config):
   pre_update = jax.make_jaxpr(learner._pre_update)(*inputs)  # pylint: disable=protected-access
   # Two forwards (policy and reference) of 7 contractions per layer + head.
   per_forward = 7 * config.num_layers + 1
-  policy = model.policy
-  _assert_all_dots_follow(policy, pre_update, at_least=2 * per_forward)
+  precision = model.precision
+  _assert_all_dots_follow(precision, pre_update, at_least=2 * per_forward)
 
   batch, _ = learner._pre_update(*inputs)  # pylint: disable=protected-access
   opt_state = learner.optimizer.init(params)
   update = jax.make_jaxpr(learner._update)(  # pylint: disable=protected-access
       params, opt_state, batch, hyper, jax.random.key(0))
   # Forward and backward: about three products per forward one.
-  _assert_all_dots_follow(policy, update, at_least=3 * per_forward)
+  _assert_all_dots_follow(precision, update, at_least=3 * per_forward)
 
 
 @pytest.mark.parametrize("preset", PRESETS)
@@ -229,15 +229,15 @@ def test_lora_trainer_forward_and_update(preset):
   # and the head; the reference: the base projections and the head.
   adapted = (7 + 14) * CONFIG.num_layers + 1
   base = 7 * CONFIG.num_layers + 1
-  policy = model.policy
-  _assert_all_dots_follow(policy, pre_update, at_least=adapted + base)
+  precision = model.precision
+  _assert_all_dots_follow(precision, pre_update, at_least=adapted + base)
 
   batch, _ = learner._pre_update(*inputs)  # pylint: disable=protected-access
   opt_state = learner.optimizer.init(lora)
   update = jax.make_jaxpr(learner._update)(  # pylint: disable=protected-access
       lora, opt_state, batch, hyper, jax.random.key(0), frozen)
   # The forward, and both operands' gradients of every adapter product.
-  _assert_all_dots_follow(policy, update,
+  _assert_all_dots_follow(precision, update,
                           at_least=adapted + 2 * 14 * CONFIG.num_layers)
 
 
@@ -257,9 +257,9 @@ def test_sampler_decode_step(preset):
   assert loops, "the decode loop was not traced"
   per_forward = 7 * CONFIG.num_layers + 1
   # The decode step alone (the loop body), then prefill and decode together.
-  _assert_all_dots_follow(model.policy, loops[0].params["body_jaxpr"],
+  _assert_all_dots_follow(model.precision, loops[0].params["body_jaxpr"],
                           at_least=per_forward)
-  _assert_all_dots_follow(model.policy, jaxpr, at_least=2 * per_forward)
+  _assert_all_dots_follow(model.precision, jaxpr, at_least=2 * per_forward)
 
 
 def test_fp32_trace_has_only_float32_dots():

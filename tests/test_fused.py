@@ -35,10 +35,10 @@ def _fused(hidden, lm_head, targets, chunk=None, precision=None):
 
 
 def _materialised(hidden, lm_head, targets, precision=None):
-  policy = entropo.get_precision(precision)
-  logits = policy.head_product(jnp.asarray(hidden), jnp.asarray(lm_head))
-  return (entropo.token_logprobs(logits, targets, precision=policy),
-          entropo.token_entropy(logits, precision=policy))
+  precision = entropo.get_precision(precision)
+  logits = precision.head_product(jnp.asarray(hidden), jnp.asarray(lm_head))
+  return (entropo.token_logprobs(logits, targets, precision=precision),
+          entropo.token_entropy(logits, precision=precision))
 
 
 def _loss(fn, g_lp, g_h):

@@ -206,11 +206,11 @@ def test_attention_takes_query_slots_per_row(impl, t):
           for _ in range(2))
   valid = jax.numpy.asarray(rng.random((b, s)) < 0.8)
   slots = np.array([[3, 4], [7, 8], [10, 11]])[:, :t]
-  policy = precision.get_precision("fp32")
+  fp32 = precision.get_precision("fp32")
   got = attention.attend(q, k, v, valid, jax.numpy.asarray(slots),
-                         policy=policy, implementation=impl, chunk_size=4)
+                         precision=fp32, implementation=impl, chunk_size=4)
   for r in range(b):
     want = attention.attend(q[r:r + 1], k[r:r + 1], v[r:r + 1],
                             valid[r:r + 1], jax.numpy.asarray(slots[r]),
-                            policy=policy, implementation=impl, chunk_size=4)
+                            precision=fp32, implementation=impl, chunk_size=4)
     np.testing.assert_allclose(got[r], want[0], rtol=0, atol=1e-6)

@@ -238,7 +238,7 @@ def test_adapters_under_every_precision_preset(preset):
     assert var.get_value().dtype == jnp.float32
   tokens, mask = _tokens()
   hidden = model(tokens, attention_mask=mask)
-  assert hidden.dtype == model.policy.compute_dtype
+  assert hidden.dtype == model.precision.compute_dtype
   got = _logits(model, tokens, mask)
   fp32 = add_lora(_model(), rank=4, alpha=8, targets=ALL)
   nnx.update(fp32, nnx.state(model))
@@ -249,14 +249,14 @@ def test_adapters_under_every_precision_preset(preset):
   # The base weights may be stored in the compute dtype, adapters float32.
   low = add_lora(_model(precision=preset), rank=4, alpha=8, targets=ALL)
   nnx.update(low, nnx.state(model))
-  compute = model.policy.compute_dtype
+  compute = model.precision.compute_dtype
   entropo.models.cast_base(low, compute)
   for block in low.layers:
     for name in ALL:
       module = getattr(block, lora_lib._WHERE[name][0])  # pylint: disable=protected-access
       assert getattr(module, name).get_value().dtype == compute
   # Embeddings and norms keep param_dtype (the head may compute in f32).
-  assert low.embed_tokens.get_value().dtype == model.policy.param_dtype
+  assert low.embed_tokens.get_value().dtype == model.precision.param_dtype
   np.testing.assert_array_equal(_logits(low, tokens, mask), got)
 
 

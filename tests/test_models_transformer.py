@@ -217,9 +217,9 @@ def test_with_precision_is_the_same_weights_under_another_policy():
   fp32 = _model("qwen3")
   bf16 = entropo.models.with_precision(fp32, "bf16")
   assert entropo.models.with_precision(fp32, "fp32") is fp32
-  assert fp32.policy.name == "fp32"  # the original is unchanged
-  assert {m.policy.name for _, m in nnx.iter_modules(bf16)
-          if hasattr(m, "policy")} == {"bf16"}
+  assert fp32.precision.name == "fp32"  # the original is unchanged
+  assert {m.precision.name for _, m in nnx.iter_modules(bf16)
+          if hasattr(m, "precision")} == {"bf16"}
   assert bf16.embed_tokens[...] is fp32.embed_tokens[...]  # no copy
   tokens = _tokens((3, 12))
   built = _model("qwen3", precision="bf16")  # same weights, built as bf16

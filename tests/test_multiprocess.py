@@ -254,9 +254,9 @@ def test_two_processes_train_like_one(tmp_path):
   # Both checkpoints restore here, into the same 8-device mesh.
   a = Trainer(c, multi)
   b = Trainer(c, single)
-  assert a.meta["iteration"] == b.meta["iteration"] == 3
-  assert a.meta["data_state"] == b.meta["data_state"]
-  for x, y in zip(jax.tree.leaves(a.state["params"]),
-                  jax.tree.leaves(b.state["params"])):
+  assert a.meta.iteration == b.meta.iteration == 3
+  assert a.meta.data_state == b.meta.data_state
+  for x, y in zip(jax.tree.leaves(a.state.params),
+                  jax.tree.leaves(b.state.params)):
     np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=RTOL,
                                atol=ATOL)

@@ -36,24 +36,24 @@ def test_presets_are_exactly_the_documented_ones():
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
 def test_preset_dtypes_match_the_documented_table(name):
-  policy = entropo.get_precision(name)
+  precision = entropo.get_precision(name)
   param, compute, head, logits = DOCUMENTED[name]
-  assert policy.name == name
-  assert policy.param_dtype == jnp.dtype(param)
-  assert policy.compute_dtype == jnp.dtype(compute)
-  assert policy.head_dtype == jnp.dtype(head)
-  assert policy.logits_dtype == jnp.dtype(logits)
+  assert precision.name == name
+  assert precision.param_dtype == jnp.dtype(param)
+  assert precision.compute_dtype == jnp.dtype(compute)
+  assert precision.head_dtype == jnp.dtype(head)
+  assert precision.logits_dtype == jnp.dtype(logits)
   # The sampler runs the model body, so it uses the compute dtype.
-  assert policy.sampler_dtype == jnp.dtype(compute)
-  assert policy.max_log_ratio == precision_lib.DEFAULT_MAX_LOG_RATIO == 20.0
+  assert precision.sampler_dtype == jnp.dtype(compute)
+  assert precision.max_log_ratio == precision_lib.DEFAULT_MAX_LOG_RATIO == 20.0
 
 
 def test_get_precision_none_is_fp32():
-  policy = entropo.get_precision(None)
-  assert policy is entropo.PRESETS["fp32"]
+  precision = entropo.get_precision(None)
+  assert precision is entropo.PRESETS["fp32"]
   for field in ("param_dtype", "compute_dtype", "head_dtype", "logits_dtype",
                 "sampler_dtype"):
-    assert getattr(policy, field) == jnp.dtype(jnp.float32)
+    assert getattr(precision, field) == jnp.dtype(jnp.float32)
 
 
 def test_get_precision_passes_a_policy_through():
@@ -88,17 +88,17 @@ def test_precision_rejects_non_positive_max_log_ratio(bound):
 
 
 def test_precision_normalises_dtypes_is_frozen_and_replaceable():
-  policy = entropo.Precision(head_dtype="bfloat16")
-  assert policy.head_dtype == jnp.dtype(jnp.bfloat16)
-  assert isinstance(policy.head_dtype, np.dtype)
+  precision = entropo.Precision(head_dtype="bfloat16")
+  assert precision.head_dtype == jnp.dtype(jnp.bfloat16)
+  assert isinstance(precision.head_dtype, np.dtype)
   with pytest.raises(dataclasses.FrozenInstanceError):
-    policy.head_dtype = jnp.float32
-  changed = policy.replace(logits_dtype=jnp.float16)
+    precision.head_dtype = jnp.float32
+  changed = precision.replace(logits_dtype=jnp.float16)
   assert changed.logits_dtype == jnp.dtype(jnp.float16)
   assert changed.head_dtype == jnp.dtype(jnp.bfloat16)
-  assert policy.logits_dtype == jnp.dtype(jnp.float32)  # original untouched
+  assert precision.logits_dtype == jnp.dtype(jnp.float32)  # original untouched
   with pytest.raises(ValueError, match="logits_dtype.*int8"):
-    policy.replace(logits_dtype=jnp.int8)
+    precision.replace(logits_dtype=jnp.int8)
 
 
 def test_precision_is_keyword_only():
@@ -110,19 +110,19 @@ def test_precision_is_keyword_only():
 
 
 def test_cast_params_and_compute_touch_only_floating_leaves():
-  policy = entropo.get_precision("bf16")
+  precision = entropo.get_precision("bf16")
   tree = {
       "w": jnp.ones((2, 3), jnp.float32),
       "ids": jnp.arange(3, dtype=jnp.int32),
       "flag": jnp.array([True]),
       "nested": [jnp.zeros((1,), jnp.float16)],
   }
-  compute = policy.cast_compute(tree)
+  compute = precision.cast_compute(tree)
   assert compute["w"].dtype == jnp.bfloat16
   assert compute["nested"][0].dtype == jnp.bfloat16
   assert compute["ids"].dtype == jnp.int32
   assert compute["flag"].dtype == jnp.bool_
-  params = policy.cast_params(compute)
+  params = precision.cast_params(compute)
   assert params["w"].dtype == jnp.float32
   assert params["nested"][0].dtype == jnp.float32
   assert params["ids"].dtype == jnp.int32
@@ -133,15 +133,15 @@ def test_cast_params_and_compute_touch_only_floating_leaves():
                                              ("fp32", "float32")])
 def test_round_logits_and_output_round_to_logits_dtype_return_f32(
     rng, name, dtype_name):
-  policy = entropo.get_precision(name)
+  precision = entropo.get_precision(name)
   x = (rng.standard_normal((4, 9)) * 5).astype(np.float32)
   expected = ref.round_to(x, dtype_name)
-  for fn in (policy.round_logits, policy.round_output):
+  for fn in (precision.round_logits, precision.round_output):
     out = fn(jnp.asarray(x))
     assert out.dtype == jnp.float32
     np.testing.assert_array_equal(np.asarray(out, np.float64), expected)
   if name == "fp32":
-    np.testing.assert_array_equal(np.asarray(policy.round_logits(x)), x)
+    np.testing.assert_array_equal(np.asarray(precision.round_logits(x)), x)
   else:
     # The rounding is real: most values move.
     assert np.mean(expected != x) > 0.9
@@ -152,12 +152,12 @@ def test_round_logits_and_output_round_to_logits_dtype_return_f32(
 
 @pytest.mark.parametrize("name", sorted(DOCUMENTED))
 def test_head_product_returns_logits_dtype(rng, name):
-  policy = entropo.get_precision(name)
+  precision = entropo.get_precision(name)
   h = jnp.asarray(rng.standard_normal((3, 5, 8)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((8, 11)), jnp.float32)
-  out = policy.head_product(h, w)
+  out = precision.head_product(h, w)
   assert out.shape == (3, 5, 11)
-  assert out.dtype == policy.logits_dtype
+  assert out.dtype == precision.logits_dtype
 
 
 def test_head_product_hand_computed():
@@ -222,10 +222,10 @@ def test_head_product_casts_operands_to_head_dtype(rng):
 
 
 def test_head_product_gradient_dtypes_follow_inputs(rng):
-  policy = entropo.get_precision("bf16_fp32_logits")
+  precision = entropo.get_precision("bf16_fp32_logits")
   h = jnp.asarray(rng.standard_normal((4, 8)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((8, 5)), jnp.float32)
-  gh, gw = jax.grad(lambda a, b: jnp.sum(policy.head_product(a, b)),
+  gh, gw = jax.grad(lambda a, b: jnp.sum(precision.head_product(a, b)),
                     argnums=(0, 1))(h, w)
   assert gh.dtype == jnp.float32 and gw.dtype == jnp.float32
   # d sum(h W) / dh = rows of bf16-rounded W summed (in float32); the cast
@@ -243,25 +243,26 @@ def test_head_product_gradient_dtypes_follow_inputs(rng):
 
 
 def test_log_ratio_clamps_to_max_log_ratio():
-  policy = entropo.get_precision("fp32")
+  precision = entropo.get_precision("fp32")
   logps = jnp.array([-50.0, -1.0, 0.0, -30.0, -0.5], jnp.float32)
   old = jnp.array([-1.0, -50.0, 0.0, -29.0, -0.25], jnp.float32)
-  out = policy.log_ratio(logps, old)
+  out = precision.log_ratio(logps, old)
   assert out.dtype == jnp.float32
   np.testing.assert_allclose(np.asarray(out), [-20.0, 20.0, 0.0, -1.0, -0.25],
                              rtol=0, atol=1e-6)
-  custom = policy.replace(max_log_ratio=0.5)
+  custom = precision.replace(max_log_ratio=0.5)
   np.testing.assert_allclose(np.asarray(custom.log_ratio(logps, old)),
                              [-0.5, 0.5, 0.0, -0.5, -0.25], rtol=0, atol=1e-6)
   assert np.all(np.isfinite(np.exp(np.asarray(out))))
 
 
 def test_log_ratio_gradient_is_zero_outside_the_clamp():
-  policy = entropo.get_precision("fp32")
+  precision = entropo.get_precision("fp32")
   logps = jnp.array([-50.0, -1.0, -30.0], jnp.float32)
   old = jnp.array([-1.0, -50.0, -29.0], jnp.float32)
   g_new, g_old = jax.grad(
-      lambda a, b: jnp.sum(policy.log_ratio(a, b)), argnums=(0, 1))(logps, old)
+      lambda a, b: jnp.sum(precision.log_ratio(a, b)),
+      argnums=(0, 1))(logps, old)
   np.testing.assert_array_equal(np.asarray(g_new), [0.0, 0.0, 1.0])
   np.testing.assert_array_equal(np.asarray(g_old), [0.0, 0.0, -1.0])
 
@@ -339,13 +340,13 @@ def test_fp32_preset_does_not_change_logprobs(rng):
 def test_rounding_survives_jit_after_a_dot(rng, name, dtype_name):
   # Regression: under jit XLA (CPU) folded `convert(dot -> bf16) -> f32`
   # into a float32 dot, so the `bf16` policy silently kept float32 logits.
-  policy = entropo.get_precision(name)
+  precision = entropo.get_precision(name)
   h = jnp.asarray(rng.standard_normal((6, 16)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((16, 9)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 9, (6,)))
 
   def logits(a, b):
-    return policy.round_logits(policy.head_product(a, b))
+    return precision.round_logits(precision.head_product(a, b))
 
   eager = np.asarray(logits(h, w))
   jitted = np.asarray(jax.jit(logits)(h, w))
@@ -353,8 +354,8 @@ def test_rounding_survives_jit_after_a_dot(rng, name, dtype_name):
   np.testing.assert_array_equal(jitted, eager)
 
   def logps(a, b):
-    return entropo.token_logprobs(policy.head_product(a, b), targets,
-                                  precision=policy)
+    return entropo.token_logprobs(precision.head_product(a, b), targets,
+                                  precision=precision)
 
   np.testing.assert_array_equal(np.asarray(jax.jit(logps)(h, w)),
                                 np.asarray(logps(h, w)))
@@ -364,23 +365,23 @@ def test_rounding_survives_jit_after_a_dot(rng, name, dtype_name):
 # lacks it, and the `tf32` preset's error band.
 
 
-def _emulated_tf32_policy():
+def _emulated_tf32_precision():
   """The tf32 preset, which this backend must emulate for the tests below."""
-  policy = entropo.get_precision("tf32")
+  precision = entropo.get_precision("tf32")
   algorithm = jax.lax.DotAlgorithmPreset.TF32_TF32_F32
   if precision_lib.native_precision(algorithm, F32) is not None:
     pytest.skip("TF32 is native here: the emulation is not what runs")
-  return policy
+  return precision
 
 
 def test_dot_algorithm_of_each_preset():
   algo = jax.lax.DotAlgorithmPreset
   expected = {"fp32": algo.F32_F32_F32, "tf32": algo.TF32_TF32_F32}
-  for name, policy in entropo.PRESETS.items():
-    assert policy.dot_algorithm == expected.get(name, algo.F32_F32_F32)
-    assert policy.algorithm_for(F32) == policy.dot_algorithm
-    assert policy.algorithm_for(BF16) == algo.BF16_BF16_F32
-    assert policy.algorithm_for(F16) == algo.F16_F16_F32
+  for name, precision in entropo.PRESETS.items():
+    assert precision.dot_algorithm == expected.get(name, algo.F32_F32_F32)
+    assert precision.algorithm_for(F32) == precision.dot_algorithm
+    assert precision.algorithm_for(BF16) == algo.BF16_BF16_F32
+    assert precision.algorithm_for(F16) == algo.F16_F16_F32
 
 
 def test_dot_algorithm_accepts_names_and_presets_and_rejects_others():
@@ -419,10 +420,10 @@ def test_round_to_tf32_matches_the_float64_reference(rng):
 
 
 def test_emulated_tf32_matmul_is_the_exact_product_of_rounded_operands(rng):
-  policy = _emulated_tf32_policy()
+  precision = _emulated_tf32_precision()
   a = rng.standard_normal((24, 300)).astype(np.float32)
   b = rng.standard_normal((300, 16)).astype(np.float32)
-  got = np.asarray(jax.jit(policy.matmul)(a, b), np.float64)
+  got = np.asarray(jax.jit(precision.matmul)(a, b), np.float64)
   want = dots_ref.matmul(dots_ref.round_to_tf32(a), dots_ref.round_to_tf32(b))
   # Only the float32 sums differ: at most K ulps of the magnitudes summed.
   bound = 300 * 2.0 ** -24 * dots_ref.matmul(np.abs(a), np.abs(b))
@@ -430,7 +431,7 @@ def test_emulated_tf32_matmul_is_the_exact_product_of_rounded_operands(rng):
 
 
 def test_emulated_tf32_error_sits_between_fp32_and_bf16_operands(rng):
-  policy = _emulated_tf32_policy()
+  precision = _emulated_tf32_precision()
   a = rng.standard_normal((64, 512)).astype(np.float32)
   b = rng.standard_normal((512, 64)).astype(np.float32)
   exact = dots_ref.matmul(a, b)
@@ -440,7 +441,7 @@ def test_emulated_tf32_error_sits_between_fp32_and_bf16_operands(rng):
     return np.abs(np.asarray(x, np.float64) - exact).max() / scale
 
   fp32 = rel_err(jax.jit(entropo.get_precision("fp32").matmul)(a, b))
-  tf32 = rel_err(jax.jit(policy.matmul)(a, b))
+  tf32 = rel_err(jax.jit(precision.matmul)(a, b))
   bf16_matmul = functools.partial(entropo.get_precision("bf16").matmul,
                                   preferred_element_type=F32)
   bf16 = rel_err(jax.jit(bf16_matmul)(jnp.asarray(a, BF16),
@@ -455,12 +456,12 @@ def test_emulated_tf32_error_sits_between_fp32_and_bf16_operands(rng):
 
 
 def test_emulated_tf32_gradient_rounds_the_backward_products_too(rng):
-  policy = _emulated_tf32_policy()
+  precision = _emulated_tf32_precision()
   a = rng.standard_normal((8, 40)).astype(np.float32)
   b = rng.standard_normal((40, 6)).astype(np.float32)
   g = rng.standard_normal((8, 6)).astype(np.float32)
   da, db = jax.jit(jax.grad(
-      lambda x, y: jnp.sum(g * policy.einsum("ik,kj->ij", x, y)),
+      lambda x, y: jnp.sum(g * precision.einsum("ik,kj->ij", x, y)),
       argnums=(0, 1)))(a, b)
   ra, rb, rg = (dots_ref.round_to_tf32(x) for x in (a, b, g))
   want_da = dots_ref.matmul(rg, rb.T)

@@ -60,7 +60,7 @@ def _trainer_logps(model, result):
   hidden = model(result.tokens, attention_mask=result.attention_mask)
   logps, _ = entropo.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), result.tokens[:, 1:],
-      precision=model.policy)
+      precision=model.precision)
   return jnp.pad(logps, ((0, 0), (1, 0)))
 
 

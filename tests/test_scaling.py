@@ -151,9 +151,9 @@ def _residual_bytes(fn, *args):
 
 
 def _block_residuals(cfg, precision, batch, length):
-  policy = precision_lib.get_precision(precision)
+  precision = precision_lib.get_precision(precision)
   block = nnx.eval_shape(
-      lambda: transformer_lib.Block(cfg, policy, rngs=nnx.Rngs(0)))
+      lambda: transformer_lib.Block(cfg, precision, rngs=nnx.Rngs(0)))
   graphdef, params = nnx.split(block)
 
   def loss(params, x):
@@ -165,7 +165,7 @@ def _block_residuals(cfg, precision, batch, length):
     return jnp.sum(out.astype(jnp.float32))
 
   x = jax.ShapeDtypeStruct((batch, length, cfg.hidden_size),
-                           policy.compute_dtype)
+                           precision.compute_dtype)
   return _residual_bytes(loss, params, x)
 
 

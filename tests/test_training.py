@@ -30,6 +30,7 @@ from entropo.training import train
 from entropo.training import validate
 from entropo.training import logger as logger_lib
 from entropo.training import step as step_lib
+from entropo.training.state import LaunchCounts
 from tests.training_setup import tiny_config
 from tests.training_setup import warm_started
 
@@ -127,8 +128,8 @@ def test_resume_equals_an_uninterrupted_run(init_from, data_dir, tmp_path):
   train(c, tmp_path / "split")
   split = _records(tmp_path / "split")
   assert [_stable(r) for r in split] == [_stable(r) for r in whole]
-  a = Trainer(c, tmp_path / "whole").state["params"]
-  b = Trainer(c, tmp_path / "split").state["params"]
+  a = Trainer(c, tmp_path / "whole").state.params
+  b = Trainer(c, tmp_path / "split").state.params
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   # Each launch is recorded: where it started, how it computed.
@@ -405,13 +406,13 @@ def _base_weights(init_from):
 
 def _assert_only_adapters_train(trainer, init_from):
   """The state holds adapters only; the frozen weights are init_from's."""
-  params = nnx.to_flat_state(trainer.state["params"])
+  params = nnx.to_flat_state(trainer.state.params)
   assert params and all(isinstance(v, nnx.LoRAParam) for _, v in params)
   # 4 targets x (A, B) x 1 layer, and the optimizer's moments match them.
   assert len(params) == 8
   adapter_size = sum(v.get_value().size for _, v in params)
   opt_size = sum(np.size(x) for x in jax.tree.leaves(
-      trainer.state["opt_state"]))
+      trainer.state.opt_state))
   assert adapter_size < opt_size <= 2 * adapter_size + 8
   frozen = dict(nnx.to_flat_state(trainer.frozen))
   base = _base_weights(init_from)
@@ -437,7 +438,7 @@ def test_lora_trains_every_preset(algo, init_from, data_dir, tmp_path):
   if algo.endswith("+kl"):
     assert all(np.isfinite(r["kl/mean"]) for r in records)
   trainer = Trainer(c, tmp_path)
-  assert trainer.meta["iteration"] == 2
+  assert trainer.meta.iteration == 2
   _assert_only_adapters_train(trainer, init_from)
   launch = json.loads((tmp_path / "run.json").read_text())["launches"][0]
   assert launch["lora"] == {"rank": 4, "alpha": 8.0, "targets": [
@@ -474,10 +475,10 @@ def test_lora_base_in_the_compute_dtype_trains_identically(
 def _random_adapters(trainer, seed=0, scale=0.3):
   """Random non-zero adapters, each keeping its sharding."""
   rng = np.random.default_rng(seed)
-  trainer.state["params"] = jax.tree.map(
+  trainer.state = trainer.state.replace(params=jax.tree.map(
       lambda x: jax.device_put(
           np.asarray(rng.normal(size=x.shape) * scale, x.dtype), x.sharding),
-      trainer.state["params"])
+      trainer.state.params))
 
 
 def test_lora_samples_the_adapted_policy_and_kl_is_to_the_base(
@@ -504,11 +505,11 @@ def test_lora_samples_the_adapted_policy_and_kl_is_to_the_base(
   assert np.abs(np.asarray(batch["old_logps"]) - np.asarray(
       batch["ref_logps"]))[mask].max() > 1e-2
   # One update moves the adapters, never the frozen base.
-  before = jax.tree.map(np.asarray, trainer.state["params"])
+  before = jax.tree.map(np.asarray, trainer.state.params)
   metrics = trainer.update(batch, jax.random.key(4))
   assert metrics["grad_norm"] > 0 and metrics["kl/mean"] > 0
   moved = [np.abs(np.asarray(x) - y).max() for x, y in zip(
-      jax.tree.leaves(trainer.state["params"]), jax.tree.leaves(before))]
+      jax.tree.leaves(trainer.state.params), jax.tree.leaves(before))]
   assert min(moved) > 0
   _assert_only_adapters_train(trainer, init_from)
 
@@ -529,8 +530,8 @@ def test_lora_resume_equals_an_uninterrupted_run(init_from, data_dir,
   a = Trainer(c, tmp_path / "whole")
   b = Trainer(c, tmp_path / "split")
   for tree in ("params", "opt_state"):
-    for x, y in zip(jax.tree.leaves(a.state[tree]),
-                    jax.tree.leaves(b.state[tree])):
+    for x, y in zip(jax.tree.leaves(getattr(a.state, tree)),
+                    jax.tree.leaves(getattr(b.state, tree))):
       np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
   _assert_only_adapters_train(b, init_from)
   # The checkpoint holds the adapters and their optimizer state only.
@@ -606,7 +607,7 @@ def test_half_written_checkpoint_is_ignored(init_from, data_dir, tmp_path):
   (junk / "state").mkdir(parents=True)
   (junk / "state" / "partial").write_bytes(b"\0" * 10)
   trainer = Trainer(c, tmp_path)
-  assert trainer.meta["iteration"] == 2
+  assert trainer.meta.iteration == 2
 
 
 def _damage(step_dir: pathlib.Path, how: str) -> None:
@@ -637,7 +638,7 @@ def test_a_damaged_latest_checkpoint_falls_back(how, init_from, data_dir,
   with pytest.warns(UserWarning, match="checkpoints/4 does not restore"):
     trainer = Trainer(c, tmp_path)
   trainer.checkpointer.close()
-  assert trainer.meta["iteration"] == 2
+  assert trainer.meta.iteration == 2
   assert (tmp_path / "checkpoints_corrupt" / "4").is_dir()
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()
                 if p.name.isdigit()) == ["2"]
@@ -645,7 +646,7 @@ def test_a_damaged_latest_checkpoint_falls_back(how, init_from, data_dir,
   train(c, tmp_path)
   assert [_stable(r) for r in _records(tmp_path)] == [_stable(r)
                                                        for r in whole]
-  assert Trainer(c, tmp_path).meta["iteration"] == 4
+  assert Trainer(c, tmp_path).meta.iteration == 4
 
 
 def test_no_checkpoint_restores_is_a_clear_error(init_from, data_dir,
@@ -682,7 +683,7 @@ def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path,
   for trainer in (one, eight):
     batch, dyn = trainer.pre_update(roll)
     metrics = trainer.update(batch, jax.random.key(4))
-    results.append((dyn, metrics, trainer.state["params"]))
+    results.append((dyn, metrics, trainer.state.params))
   (dyn1, m1, p1), (dyn8, m8, p8) = results
   assert m1["grad_norm"] > 0
   for k in m1:
@@ -695,10 +696,10 @@ def test_sharded_update_equals_one_device(init_from, data_dir, tmp_path,
                                atol=1e-6)
   if lora:
     spec = eight.frozen["embed_tokens"][...].sharding.spec
-    adapter = eight.state["params"]["layers"][0]["mlp"]["lora"]["down_proj"]
+    adapter = eight.state.params["layers"][0]["mlp"]["lora"]["down_proj"]
     assert any(axis is not None for axis in adapter["a"][...].sharding.spec)
   else:
-    spec = eight.state["params"]["embed_tokens"][...].sharding.spec
+    spec = eight.state.params["embed_tokens"][...].sharding.spec
   assert any(axis is not None for axis in spec)  # really sharded
 
 
@@ -727,7 +728,7 @@ def test_packed_update_equals_the_padded_update(init_from, data_dir, tmp_path,
     batch, dyn = trainer.pre_update(roll)
     assert ("segment_ids" in trainer._packed(batch)) == (trainer is packed)  # pylint: disable=protected-access
     metrics = trainer.update(batch, jax.random.key(4))
-    results.append(({**dyn, **metrics}, trainer.state["params"]))
+    results.append(({**dyn, **metrics}, trainer.state.params))
   (m1, p1), (m2, p2) = results
   assert m1["grad_norm"] > 0 and m1.keys() == m2.keys()
   for k in m1:  # the pre-update metrics (entropy, mismatch) too
@@ -754,7 +755,7 @@ def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
   monkeypatch.setattr(trainer.learner, "update", poisoned)
   with pytest.raises(NonFiniteError, match="grad_norm=nan at iteration 4"):
     trainer.run()
-  assert Trainer(c, tmp_path).meta["iteration"] == 4
+  assert Trainer(c, tmp_path).meta.iteration == 4
 
 
 @pytest.fixture(name="resumed")
@@ -790,46 +791,46 @@ def test_infinite_loss_stops_and_names_it(resumed, monkeypatch):
   with pytest.raises(NonFiniteError, match="Non-finite loss=inf at iteration "
                      "4 \\(epoch 0, minibatch 0\\); stopping"):
     trainer.run()
-  assert Trainer(c, workdir).meta["iteration"] == 4
+  assert Trainer(c, workdir).meta.iteration == 4
 
 
 def test_a_broken_policy_stops_before_the_controllers_step(resumed):
   c, workdir = resumed
   trainer = Trainer(c, workdir)
-  trainer.state["params"] = jax.tree.map(lambda x: x * np.nan,
-                                         trainer.state["params"])
+  trainer.state = trainer.state.replace(params=jax.tree.map(
+      lambda x: x * np.nan, trainer.state.params))
   with pytest.raises(NonFiniteError, match="Non-finite entropy/mean=nan at "
                      "iteration 4; also non-finite: .* and \\d+ more; "
                      "stopping"):
     trainer.run()
-  assert Trainer(c, workdir).meta["iteration"] == 4
+  assert Trainer(c, workdir).meta.iteration == 4
 
 
 def test_non_finite_parameters_are_never_saved(resumed):
   c, workdir = resumed
   trainer = Trainer(c, workdir)
-  trainer.state["params"] = jax.tree.map(lambda x: x * np.inf,
-                                         trainer.state["params"])
-  trainer.meta["iteration"] = 6
+  trainer.state = trainer.state.replace(params=jax.tree.map(
+      lambda x: x * np.inf, trainer.state.params))
+  trainer.meta = trainer.meta.replace(iteration=6)
   with pytest.raises(NonFiniteError, match="Non-finite state\\['params'\\]"
                      ".* after iteration 5 .*; not saving it"):
     trainer.save()
   trainer.checkpointer.close()
-  assert Trainer(c, workdir).meta["iteration"] == 4
+  assert Trainer(c, workdir).meta.iteration == 4
 
 
 def test_skip_non_finite_skips_and_counts(resumed, monkeypatch):
   c, workdir = resumed
   c.train.skip_non_finite = True
   trainer = Trainer(c, workdir)
-  before = jax.tree.map(np.asarray, trainer.state["params"])
+  before = jax.tree.map(np.asarray, trainer.state.params)
   _poison(monkeypatch, trainer, times=1, grad_norm=np.nan)
   update = trainer.update
   applied = []
 
   def checked(*args):
     out = update(*args)
-    applied.append(jax.tree.map(np.asarray, trainer.state["params"]))
+    applied.append(jax.tree.map(np.asarray, trainer.state.params))
     return out
 
   monkeypatch.setattr(trainer, "update", checked)
@@ -843,7 +844,7 @@ def test_skip_non_finite_skips_and_counts(resumed, monkeypatch):
   assert [r["train/skipped_minibatches"] for r in records] == [1, 0]
   assert [r["train/skipped_minibatches_total"] for r in records] == [1, 1]
   assert "loss" not in records[0] and np.isfinite(records[1]["loss"])
-  assert Trainer(c, workdir).meta["skipped_minibatches"] == 1
+  assert Trainer(c, workdir).meta.skipped_minibatches == 1
 
 
 def _adam_with_b2_one(trainer):
@@ -871,8 +872,8 @@ def test_a_non_finite_update_is_caught_before_it_is_applied(resumed):
                      "in .*checkpoints, is good"):
     trainer.run()
   assert all(np.isfinite(x).all()
-             for x in jax.tree.leaves(trainer.state["params"]))
-  assert Trainer(c, workdir).meta["iteration"] == 4
+             for x in jax.tree.leaves(trainer.state.params))
+  assert Trainer(c, workdir).meta.iteration == 4
 
 
 def test_a_non_finite_update_before_any_checkpoint_says_so(
@@ -910,7 +911,7 @@ def test_ctrl_c_during_a_save_finishes_it_and_says_so(init_from, data_dir,
     trainer.run()
   assert ("interrupted while saving the checkpoint of iteration 2; finished "
           "the save first" in capsys.readouterr().out)
-  assert Trainer(c, tmp_path).meta["iteration"] == 2
+  assert Trainer(c, tmp_path).meta.iteration == 2
 
 
 def test_ctrl_c_during_an_iteration_saves_the_state_before_it(
@@ -933,7 +934,7 @@ def test_ctrl_c_during_an_iteration_saves_the_state_before_it(
     with pytest.raises(KeyboardInterrupt):
       trainer.run()
     assert line in capsys.readouterr().out
-    assert Trainer(c, workdir).meta["iteration"] == 5
+    assert Trainer(c, workdir).meta.iteration == 5
 
 
 def test_a_ctrl_c_in_training_waits_for_a_safe_point(capfd):
@@ -1369,7 +1370,7 @@ def test_a_band_that_never_clipped_is_reported():
   c.algo.minibatches = 4
   trainer = Trainer.__new__(Trainer)  # only the counters are needed
   trainer.algorithm = algorithm_lib.Algorithm.from_config(c.algo)
-  trainer.clipping = {"iterations": 0, "clipped": False}
+  trainer.clipping = LaunchCounts()
   for _ in range(10):
     trainer._count_clipping({"pg/clipfrac_high": 0.0,  # pylint: disable=protected-access
                              "pg/clipfrac_low": 0.0})

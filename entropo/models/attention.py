@@ -100,7 +100,7 @@ def check_compute_dtype(implementation: str, compute_dtype) -> None:
     )
 
 
-def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
+def attend(q, k, v, key_valid, query_slots, *, precision, implementation,
            chunk_size=DEFAULT_CHUNK_SIZE, query_segments=None,
            key_segments=None):
   """Masked grouped-query attention (see the module docstring).
@@ -111,7 +111,7 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
     key_valid: `[B, S]` bool, keys that exist (not padding, filled slots).
     query_slots: `[T]` int, the slot of each query (causal mask), or
       `[B, T]`, per row.
-    policy: the model's `Precision`.
+    precision: the model's `Precision`.
     implementation: one of `IMPLEMENTATIONS`.
     chunk_size: keys per chunk (`blockwise`).
     query_segments: optional `[B, T]` int, the segment of each query;
@@ -125,15 +125,16 @@ def attend(q, k, v, key_valid, query_slots, *, policy, implementation,
   check_compute_dtype(implementation, q.dtype)  # decode calls too
   segments = _check_segments(query_segments, key_segments, q, k)
   if implementation == "reference":
-    return reference(q, k, v, key_valid, query_slots, policy=policy,
+    return reference(q, k, v, key_valid, query_slots, precision=precision,
                      segments=segments)
   fills_cache = q.shape[1] == k.shape[2]  # training, a whole prefill
   if implementation == "cudnn" and fills_cache:
-    return _cudnn(q, k, v, key_valid, query_slots, policy=policy,
+    return _cudnn(q, k, v, key_valid, query_slots, precision=precision,
                   segments=segments)
   if implementation == "pallas" and fills_cache:
-    return _pallas_tpu(q, k, v, key_valid, policy=policy, segments=segments)
-  return blockwise(q, k, v, key_valid, query_slots, policy=policy,
+    return _pallas_tpu(q, k, v, key_valid, precision=precision,
+                       segments=segments)
+  return blockwise(q, k, v, key_valid, query_slots, precision=precision,
                    chunk_size=chunk_size, segments=segments)
 
 
@@ -168,29 +169,29 @@ def _allowed(key_valid, key_slots, query_slots):
   return causal & key_valid[:, None, :]
 
 
-def _scores(q, k, policy):
+def _scores(q, k, precision):
   """`[B, KV, G, T, C]` float32 scaled scores."""
-  scores = policy.einsum("btkgh,bksh->bkgts", q, k.astype(q.dtype),
+  scores = precision.einsum("btkgh,bksh->bkgts", q, k.astype(q.dtype),
                          preferred_element_type=jnp.float32)
   return scores / math.sqrt(q.shape[-1])
 
 
-def reference(q, k, v, key_valid, query_slots, *, policy, segments=None):
+def reference(q, k, v, key_valid, query_slots, *, precision, segments=None):
   """The materialised softmax: `[B, KV, G, T, S]` float32 scores.
 
   `segments`: None or `(query_segments [B, T], key_segments [B, S])`.
   """
-  scores = _scores(q, k, policy)
+  scores = _scores(q, k, precision)
   allowed = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)
   if segments is not None:
     allowed = allowed & _same_segment(segments, segments[1])
   scores = jnp.where(allowed[:, None, None], scores, _NEG)
   probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-  out = policy.einsum("bkgts,bksh->btkgh", probs, v.astype(probs.dtype))
+  out = precision.einsum("bkgts,bksh->btkgh", probs, v.astype(probs.dtype))
   return out.astype(q.dtype)
 
 
-def blockwise(q, k, v, key_valid, query_slots, *, policy,
+def blockwise(q, k, v, key_valid, query_slots, *, precision,
               chunk_size=DEFAULT_CHUNK_SIZE, segments=None):
   """Online-softmax attention over key chunks (see the module docstring).
 
@@ -200,7 +201,7 @@ def blockwise(q, k, v, key_valid, query_slots, *, policy,
     raise ValueError(f"chunk_size must be a positive int; got {chunk_size!r}.")
   chunk = min(chunk_size, k.shape[2])
   return _blockwise(q, k.astype(q.dtype), v.astype(q.dtype), key_valid,
-                    query_slots, chunk, policy, segments)
+                    query_slots, chunk, precision, segments)
 
 
 def _split(x, chunk, fill, axis):
@@ -239,7 +240,7 @@ def _scan(body, init, xs):
   return carry, jax.tree.map(lambda y: y[None], ys)
 
 
-def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy,
+def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, precision,
                    segments=None, key_segments_c=None):
   """A chunk's scores, masked as the reference masks them.
 
@@ -248,7 +249,7 @@ def _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots, policy,
   padding that completes the last chunk scores -inf and weighs nothing.
   Returns the scores `[B, KV, G, T, C]` and `allowed` `[B, 1, 1, T, C]`.
   """
-  scores = _scores(q, k_c, policy)
+  scores = _scores(q, k_c, precision)
   allowed = _allowed(valid_c, slots_c, query_slots)
   if segments is not None:
     allowed = allowed & _same_segment(segments, key_segments_c)
@@ -295,7 +296,7 @@ def _decode_loop(body, init, k, v, key_valid, query_slots, chunk):
   return jax.lax.fori_loop(0, used, step, init)
 
 
-def _forward(q, k, v, key_valid, query_slots, chunk, policy, segments):
+def _forward(q, k, v, key_valid, query_slots, chunk, precision, segments):
   b, t, kv, g, hd = q.shape
   stat = jnp.full((b, kv, g, t), -jnp.inf, jnp.float32)
 
@@ -303,12 +304,12 @@ def _forward(q, k, v, key_valid, query_slots, chunk, policy, segments):
     m, l, acc = carry  # [B, KV, G, T] twice, [B, KV, G, T, hd] float32
     k_c, v_c, valid_c, slots_c, exists_c, seg_c = xs
     s, _ = _masked_scores(q, k_c, valid_c, slots_c, exists_c, query_slots,
-                          policy, segments, seg_c)
+                          precision, segments, seg_c)
     m_new = jnp.maximum(m, jnp.max(s, axis=-1))
     alpha = jnp.exp(m - m_new)  # 0 on the first chunk (m = -inf)
     p = jnp.exp(s - m_new[..., None])  # [B, KV, G, T, C]
     l = l * alpha + jnp.sum(p, axis=-1)
-    pv = policy.einsum("bkgts,bksh->bkgth", p.astype(v_c.dtype), v_c,
+    pv = precision.einsum("bkgts,bksh->bkgth", p.astype(v_c.dtype), v_c,
                        preferred_element_type=jnp.float32)
     return (m_new, l, acc * alpha[..., None] + pv), None
 
@@ -329,18 +330,18 @@ def _forward(q, k, v, key_valid, query_slots, chunk, policy, segments):
 # `segments` (None or two int arrays) comes last, so that the positions
 # of the other arguments stay as they were.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def _blockwise(q, k, v, key_valid, query_slots, chunk, policy, segments):
-  return _forward(q, k, v, key_valid, query_slots, chunk, policy,
+def _blockwise(q, k, v, key_valid, query_slots, chunk, precision, segments):
+  return _forward(q, k, v, key_valid, query_slots, chunk, precision,
                   segments)[0]
 
 
-def _blockwise_fwd(q, k, v, key_valid, query_slots, chunk, policy, segments):
-  out, stats = _forward(q, k, v, key_valid, query_slots, chunk, policy,
+def _blockwise_fwd(q, k, v, key_valid, query_slots, chunk, precision, segments):
+  out, stats = _forward(q, k, v, key_valid, query_slots, chunk, precision,
                         segments)
   return out, (q, k, v, key_valid, query_slots, segments, out, stats)
 
 
-def _blockwise_bwd(chunk, policy, residuals, d_out):
+def _blockwise_bwd(chunk, precision, residuals, d_out):
   q, k, v, key_valid, query_slots, segments, out, (m, l) = residuals
   s_len, dt = k.shape[2], q.dtype
   scale = 1.0 / math.sqrt(q.shape[-1])
@@ -358,20 +359,20 @@ def _blockwise_bwd(chunk, policy, residuals, d_out):
   def body(dq, xs):
     k_c, v_c, valid_c, slots_c, exists_c, seg_c = xs
     s, allowed = _masked_scores(q, k_c, valid_c, slots_c, exists_c,
-                                query_slots, policy, segments, seg_c)
+                                query_slots, precision, segments, seg_c)
     p = jnp.exp(s - m[..., None]) / l[..., None]  # [B, KV, G, T, C]
-    dp = policy.einsum("btkgh,bksh->bkgts", d_out, v_c,
+    dp = precision.einsum("btkgh,bksh->bkgts", d_out, v_c,
                        preferred_element_type=jnp.float32)
     ds = jnp.where(allowed, p * (dp - delta[..., None]), 0.0) * scale
     p_t, ds_t = jax.lax.optimization_barrier(
         (jnp.swapaxes(p, 3, 4).astype(dt), jnp.swapaxes(ds, 3, 4).astype(dt)))
-    dv_c = policy.einsum("bkgst,bkgth->bksh", p_t, d_out_t,
+    dv_c = precision.einsum("bkgst,bkgth->bksh", p_t, d_out_t,
                          preferred_element_type=jnp.float32)
-    dk_c = policy.einsum("bkgst,bkgth->bksh", ds_t, q_t,
+    dk_c = precision.einsum("bkgst,bkgth->bksh", ds_t, q_t,
                          preferred_element_type=jnp.float32)
     # dq accumulates head-major, the dot's natural output; transposed once
     # after the loop.
-    dq = dq + policy.einsum("bkgts,bksh->bkgth", ds.astype(dt), k_c,
+    dq = dq + precision.einsum("bkgts,bksh->bkgth", ds.astype(dt), k_c,
                             preferred_element_type=jnp.float32)
     return dq, (dk_c, dv_c)
 
@@ -391,7 +392,7 @@ def _blockwise_bwd(chunk, policy, residuals, d_out):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
-def _cudnn(q, k, v, key_valid, query_slots, *, policy, segments=None):
+def _cudnn(q, k, v, key_valid, query_slots, *, precision, segments=None):
   """`jax.nn.dot_product_attention` with cuDNN's fused kernel (GPU only).
 
   The API takes no `precision`: cuDNN's flash-attention kernel multiplies
@@ -410,7 +411,7 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy, segments=None):
   runs on GPUs only (`benchmarks/gpu.sh`); no GPU has run it yet.
   """
   dt = jnp.dtype(q.dtype)
-  del policy  # the kernel's algorithm is fixed; see the docstring
+  del precision  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
   mask = _allowed(key_valid, jnp.arange(k.shape[2]), query_slots)
   if segments is not None:
@@ -426,7 +427,7 @@ def _cudnn(q, k, v, key_valid, query_slots, *, policy, segments=None):
 PALLAS_BLOCK = 128  # the kernel's default block; lengths are padded to it
 
 
-def _pallas_tpu(q, k, v, key_valid, *, policy, segments=None):
+def _pallas_tpu(q, k, v, key_valid, *, precision, segments=None):
   """jax's Pallas flash-attention kernel for TPUs, for T == S.
 
   With as many queries as keys, the query slots are `arange(T)` and the
@@ -451,7 +452,7 @@ def _pallas_tpu(q, k, v, key_valid, *, policy, segments=None):
   """
   from jax.experimental.pallas.ops.tpu import flash_attention as fa  # pylint: disable=g-import-not-at-top
   dt = jnp.dtype(q.dtype)
-  del policy  # the kernel's algorithm is fixed; see the docstring
+  del precision  # the kernel's algorithm is fixed; see the docstring
   b, t, kv, g, hd = q.shape
   pad = -t % PALLAS_BLOCK
   pad_keys = lambda x: jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0)))  # noqa

@@ -262,9 +262,9 @@ def from_pretrained(path, *, precision="fp32", attention="auto",
       attention=attention)
   if attention_chunk_size is not None:
     config = config.replace(attention_chunk_size=attention_chunk_size)
-  policy = precision_lib.get_precision(precision)
+  precision = precision_lib.get_precision(precision)
   abstract = nnx.eval_shape(
-      lambda: Transformer(config, precision=policy, rngs=nnx.Rngs(0),
+      lambda: Transformer(config, precision=precision, rngs=nnx.Rngs(0),
                           remat=remat, scan_layers=scan_layers))
   graphdef, state = nnx.split(abstract)
   flat = nnx.to_flat_state(state)
@@ -289,7 +289,7 @@ def from_pretrained(path, *, precision="fp32", attention="auto",
           f"Tensor {name!r} has dtype {array.dtype}; expected a floating "
           f"dtype."
       )
-    value = policy.cast_params(jnp.asarray(layout.to_ours(array, shape)))
+    value = precision.cast_params(jnp.asarray(layout.to_ours(array, shape)))
     leaves.append((var_path, variable.replace(value)))
   return nnx.merge(graphdef, nnx.from_flat_state(leaves))
 

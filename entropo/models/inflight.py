@@ -153,10 +153,10 @@ def sample_in_flight(model, prompt_tokens, prompt_mask, *, key,
 def _start(model, tokens, mask, *, slots, total, pad_id, n):
   """Empty slots and the result's arrays with the prompts in place."""
   batch, width = tokens.shape
-  policy, cfg = model.policy, model.config
+  precision, cfg = model.precision, model.config
   s = _Slots(
-      cache=model.init_cache(slots, total, dtype=policy.sampler_dtype),
-      h=jnp.zeros((slots, cfg.hidden_size), policy.compute_dtype),
+      cache=model.init_cache(slots, total, dtype=precision.sampler_dtype),
+      h=jnp.zeros((slots, cfg.hidden_size), precision.compute_dtype),
       row=jnp.full((slots,), batch, jnp.int32),
       j=jnp.zeros((slots,), jnp.int32), pos=jnp.zeros((slots,), jnp.int32),
       live=jnp.zeros((slots,), bool), next=jnp.int32(0))
@@ -183,7 +183,7 @@ def _prefill(model, s: _Slots, *, tokens, mask, prompt_len, rows):
   target = jnp.where(i < take, first_free, slots)  # slots: dropped
   new_rows = jnp.minimum(s.next + i, batch - 1)
   t, m = tokens[new_rows], mask[new_rows]  # [rows, P]
-  cache = model.init_cache(rows, total, dtype=model.policy.sampler_dtype)
+  cache = model.init_cache(rows, total, dtype=model.precision.sampler_dtype)
   hidden, cache = model(t, attention_mask=m,
                         positions=transformer_lib.default_positions(m),
                         cache=cache, cache_index=0)
@@ -248,10 +248,10 @@ def _decode_step(model, s: _Slots, out: _Out, keys, limits, eos_ids, pad_id,
                  choose, lm_head, *, width, n):
   """Every live slot samples its next token from `s.h`, records it in its
   row of `out` and feeds it to the model at its own cache slot."""
-  policy = model.policy
+  precision = model.precision
   batch = out.tokens.shape[0]
   live = s.live
-  z = policy.round_logits(policy.head_product(s.h, lm_head))
+  z = precision.round_logits(precision.head_product(s.h, lm_head))
   row = jnp.minimum(s.row, batch - 1)
   token, lp, plp, ent = choose(z, sampler_lib.step_keys(keys[row], s.j))
   token = jnp.where(live, token, pad_id)
@@ -275,7 +275,7 @@ def _in_flight(graphdef, state, tokens, mask, key, temperature, top_p,
                eos_ids, sample_ids, row_limits, *, max_new_tokens, greedy,
                top_k, use_top_p, slots, refill_rows, block):
   model = nnx.merge(graphdef, state)
-  policy = model.policy
+  precision = model.precision
   pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
   batch, width = tokens.shape
   n = max_new_tokens
@@ -288,7 +288,7 @@ def _in_flight(graphdef, state, tokens, mask, key, temperature, top_p,
             else row_limits)
   lm_head = model.lm_head_matrix()
   choose = lambda z, k: sampler_lib._choose(  # pylint: disable=protected-access  # noqa
-      z, k, temperature, top_p, policy=policy, greedy=greedy, top_k=top_k,
+      z, k, temperature, top_p, precision=precision, greedy=greedy, top_k=top_k,
       use_top_p=use_top_p)
   s, out = _start(model, tokens, mask, slots=slots, total=width + n,
                   pad_id=pad_id, n=n)

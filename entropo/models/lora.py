@@ -25,7 +25,7 @@ PEFT's default, a Kaiming-uniform init with `a = sqrt(5)` over the
 `in` inputs (gain `sqrt(2 / (1 + 5))` times `sqrt(3 / in)`).
 
 Both adapter products run through the model's precision policy
-(`policy.einsum`), on operands cast to the compute dtype, like the base
+(`precision.einsum`), on operands cast to the compute dtype, like the base
 projection they are added to.
 
 `lora_disabled(model)` switches every adapter off for the calls traced
@@ -117,7 +117,7 @@ class LoRA(nnx.Module):
   """One adapter: `x -> scaling * (x A) B` under the policy."""
 
   def __init__(self, in_shape, out_shape, *, rank: int, alpha: float,
-               in_axes, out_axes, policy, rngs: nnx.Rngs):
+               in_axes, out_axes, precision, rngs: nnx.Rngs):
     fan_in = math.prod(in_shape)
     bound = 1.0 / math.sqrt(fan_in)
     self.a = nnx.LoRAParam(
@@ -130,15 +130,15 @@ class LoRA(nnx.Module):
     self.num_in, self.num_out = len(in_shape), len(out_shape)
     self.scaling = float(alpha) / rank
     self.enabled = True
-    self.policy = policy
+    self.precision = precision
 
   def __call__(self, x):
     """The adapter's output for `x: [..., *in_shape]` (compute dtype)."""
-    policy = self.policy
-    cast = policy.cast_compute
+    precision = self.precision
+    cast = precision.cast_compute
     ins, outs = _letters(self.num_in, self.num_out)
-    low = policy.einsum(f"...{ins},{ins}z->...z", x, cast(self.a[...]))
-    delta = policy.einsum(f"...z,z{outs}->...{outs}", low, cast(self.b[...]))
+    low = precision.einsum(f"...{ins},{ins}z->...z", x, cast(self.a[...]))
+    delta = precision.einsum(f"...z,z{outs}->...{outs}", low, cast(self.b[...]))
     return delta * jnp.asarray(self.scaling, delta.dtype)
 
 
@@ -214,7 +214,7 @@ def add_lora(model, *, rank: int, alpha: float, targets,
       adapters.setdefault(attr, {})[name] = LoRA(
           shape[:num_in], shape[num_in:], rank=rank, alpha=alpha,
           in_axes=tuple(axes[:num_in]), out_axes=tuple(axes[num_in:]),
-          policy=module.policy, rngs=rngs)
+          precision=module.precision, rngs=rngs)
     for attr, named in adapters.items():
       getattr(block, attr).lora = nnx.Dict(named)
   model.lora_config = LoRAConfig(rank=rank, alpha=float(alpha),

@@ -122,9 +122,9 @@ def start(model, prompt_tokens, prompt_mask, *, slots: int,
     raise ValueError(f"slots={slots} must hold the {width} prompt slots and "
                      f"fit the model's context of "
                      f"{model.config.max_position_embeddings}.")
-  cache = model.init_cache(batch, slots, dtype=model.policy.sampler_dtype)
+  cache = model.init_cache(batch, slots, dtype=model.precision.sampler_dtype)
   ctx = Context(cache, jnp.zeros((batch, model.config.hidden_size),
-                                 model.policy.compute_dtype),
+                                 model.precision.compute_dtype),
                 jnp.zeros((batch,), jnp.int32), 0, 0)
   return extend(model, ctx, tokens, mask, pad_id=pad_id)
 
@@ -211,18 +211,18 @@ def _act(graphdef, state, cache, hidden, positions, slot, live, key,
          temperature, top_p, ends, eos_ids, pad_id, *, max_tokens, greedy,
          top_k, use_top_p):
   model = nnx.merge(graphdef, state)
-  policy = model.policy
+  precision = model.precision
   lm_head = model.lm_head_matrix()
   batch, n = live.shape[0], max_tokens
   choose = functools.partial(
-      sampler_lib._choose, policy=policy, greedy=greedy, top_k=top_k,  # pylint: disable=protected-access
+      sampler_lib._choose, precision=precision, greedy=greedy, top_k=top_k,  # pylint: disable=protected-access
       use_top_p=use_top_p)
 
   keys = sampler_lib.row_keys(key, jnp.arange(batch, dtype=jnp.int32))
 
   def step(carry):
     j, cache, h, pos, live, bufs, eos, stopped = carry
-    z = policy.round_logits(policy.head_product(h, lm_head))
+    z = precision.round_logits(precision.head_product(h, lm_head))
     token, lp, plp, ent = choose(z, sampler_lib.step_keys(keys, j),
                                  temperature, top_p)
     token = jnp.where(live, token, pad_id)

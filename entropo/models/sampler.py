@@ -78,6 +78,7 @@ cached by jit per model structure, shapes and static settings (`greedy`,
 temperature, `top_p` and the EOS ids themselves are traced.
 """
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -88,7 +89,7 @@ import numpy as np
 from flax import nnx
 
 from entropo import logprobs as logprobs_lib
-from entropo.models import transformer as transformer_lib
+from entropo.models import decode_loop
 from entropo.models import truncation
 # Re-exported: multiturn.py, inflight.py and the tests validate with them.
 from entropo.models.sampling_checks import _check_key  # pylint: disable=unused-import
@@ -333,7 +334,7 @@ def step_keys(rows, steps):
   return jax.vmap(jax.random.fold_in)(rows, steps)
 
 
-def _choose(z, keys, temperature, top_p, *, policy, greedy, top_k,
+def _choose(z, keys, temperature, top_p, *, precision, greedy, top_k,
             use_top_p):
   """Samples one token per row from logits `z: [B, V]` (float32, rounded),
   row `b` with its own key `keys[b]` (`[B]` keys, `step_keys`).
@@ -344,14 +345,14 @@ def _choose(z, keys, temperature, top_p, *, policy, greedy, top_k,
     token = jnp.argmax(z, axis=-1).astype(jnp.int32)
     processed = jnp.zeros(z.shape[:1], jnp.float32)
   else:
-    s = policy.round_logits(z / temperature)
+    s = precision.round_logits(z / temperature)
     s = truncation.truncate_logits(s, top_k=top_k,
                                    top_p=top_p if use_top_p else None)
     draw = lambda k, x: jax.random.categorical(k, x, axis=-1)  # noqa
     token = jax.vmap(draw)(keys, s).astype(jnp.int32)
-    processed = logprobs_lib.token_logprobs(s, token, precision=policy)
-  logp = logprobs_lib.token_logprobs(z, token, precision=policy)
-  entropy = logprobs_lib.token_entropy(z, precision=policy)
+    processed = logprobs_lib.token_logprobs(s, token, precision=precision)
+  logp = logprobs_lib.token_logprobs(z, token, precision=precision)
+  entropy = logprobs_lib.token_entropy(z, precision=precision)
   return token, logp, processed, entropy
 
 
@@ -369,7 +370,7 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
               greedy, top_k, use_top_p, use_cache, block=1):
   model = nnx.merge(graphdef, state)
   pad_id = eos_ids[0] if eos_ids.shape[0] else jnp.int32(0)
-  policy = model.policy
+  precision = model.precision
   batch, width = tokens.shape
   n = max_new_tokens
   total = width + n
@@ -389,40 +390,15 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
     sample_ids = jnp.arange(batch, dtype=jnp.int32)
   keys = row_keys(key, sample_ids)  # [B]
   choose = lambda h, j: _choose(
-      policy.round_logits(policy.head_product(h, lm_head)),
-      step_keys(keys, j), temperature, top_p, policy=policy,
+      precision.round_logits(precision.head_product(h, lm_head)),
+      step_keys(keys, j), temperature, top_p, precision=precision,
       greedy=greedy, top_k=top_k, use_top_p=use_top_p)
+  record = functools.partial(decode_loop.record, choose=choose, width=width,
+                             pad_id=pad_id, eos_ids=eos_ids,
+                             row_limits=row_limits)
 
-  if use_cache:
-    cache = model.init_cache(batch, total, dtype=policy.sampler_dtype)
-    hidden, cache = model(
-        tokens, attention_mask=mask,
-        positions=transformer_lib.default_positions(mask), cache=cache,
-        cache_index=0)
-  else:
-    cache = None
-    hidden = model(buf[:, :total], attention_mask=prompt_mask)
-  h = hidden[:, width - 1]  # [B, D]; the last prompt slot is always valid
-
-  def record(carry, j, h):
-    buf, comp, lps, plps, ents, done = carry
-    token, lp, plp, ent = choose(h, j)
-    live = ~done
-    token = jnp.where(live, token, pad_id)
-    slot = width + j
-    put = lambda a, v: jax.lax.dynamic_update_slice_in_dim(
-        a, v[:, None].astype(a.dtype), slot, axis=1)
-    zero = jnp.zeros_like(lp)
-    buf = put(buf, token)
-    comp = put(comp, live)
-    lps = put(lps, jnp.where(live, lp, zero))
-    plps = put(plps, jnp.where(live, plp, zero))
-    ents = put(ents, jnp.where(live, ent, zero))
-    done = done | jnp.any(token[:, None] == eos_ids[None, :], axis=1)
-    if row_limits is not None:
-      done = done | (j + 1 >= row_limits)
-    return buf, comp, lps, plps, ents, done
-
+  h, cache = decode_loop.prefill(model, tokens, mask, buf, prompt_mask,
+                                 total=total, use_cache=use_cache)
   zeros = jnp.zeros((batch, total + spare), jnp.float32)
   carry = (buf, jnp.zeros((batch, total + spare), bool), zeros, zeros, zeros,
            jnp.zeros((batch,), bool))
@@ -430,34 +406,14 @@ def _generate(graphdef, state, tokens, mask, key, temperature, top_p,
 
   def step(state):
     j, cache, carry = state
-    buf, comp = carry[0], carry[1]
-    if use_cache:
-      # Feed token j - 1 (slot P + j - 1) and read the logits for token j.
-      last = jax.lax.dynamic_slice_in_dim(buf, width + j - 1, 1, axis=1)
-      hidden, cache = model(
-          last, attention_mask=jnp.ones((batch, 1), bool),
-          positions=(prompt_len + j - 1)[:, None], cache=cache,
-          cache_index=width + j - 1)
-      h = hidden[:, 0]
-    else:
-      seen = (prompt_mask | comp[:, :total])
-      hidden = model(buf[:, :total], attention_mask=seen)
-      h = jax.lax.dynamic_index_in_dim(hidden, width + j - 1, axis=1,
-                                       keepdims=False)
+    h, cache = decode_loop.next_hidden(
+        model, carry[0], carry[1], cache, j, width=width,
+        prompt_len=prompt_len, prompt_mask=prompt_mask, use_cache=use_cache)
     return j + 1, cache, record(carry, j, h)
 
-  def cond(state):
-    j, _, carry = state
-    return (j < n) & ~jnp.all(carry[-1])
-
-  def run_block(state):  # a loop of known length: no check inside
-    return jax.lax.fori_loop(0, block, lambda _, s: step(s), state)
-
-  state = (jnp.int32(1), cache, carry)
-  if eos_ids.shape[0] or row_limits is not None:
-    state = jax.lax.while_loop(cond, step if block == 1 else run_block, state)
-  else:  # no row can stop early: one loop of known length
-    state = jax.lax.fori_loop(1, n, lambda _, s: step(s), state)
+  state = decode_loop.decode(
+      step, (jnp.int32(1), cache, carry), n=n, block=block,
+      can_stop=bool(eos_ids.shape[0]) or row_limits is not None)
   carry = state[-1]
   buf, comp, lps, plps, ents = (x[:, :total] for x in carry[:-1])
   return SampleResult(

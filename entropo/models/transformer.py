@@ -108,10 +108,10 @@ def apply_rope(x, cos, sin):
 class Attention(nnx.Module):
   """Grouped-query attention with RoPE and an optional KV cache."""
 
-  def __init__(self, config: ModelConfig, policy, *, rngs: nnx.Rngs):
+  def __init__(self, config: ModelConfig, precision, *, rngs: nnx.Rngs):
     d, h, kv, hd = (config.hidden_size, config.num_heads, config.num_kv_heads,
                     config.head_dim)
-    dt = policy.param_dtype
+    dt = precision.param_dtype
     std = 1.0 / math.sqrt(d)
     self.q_proj = _param(rngs, (d, h, hd), ("embed", "heads", "head_dim"),
                          std=std, dtype=dt)
@@ -134,7 +134,7 @@ class Attention(nnx.Module):
       self.k_norm = RMSNorm(hd, eps=config.rms_norm_eps, axes=("head_dim",),
                             dtype=dt)
     self.config = config
-    self.policy = policy
+    self.precision = precision
 
   def __call__(self, x, cos, sin, key_valid, query_slots, cache=None,
                cache_index=None, segment_ids=None):
@@ -144,8 +144,8 @@ class Attention(nnx.Module):
     Returns `(out [B, T, D], (k, v))` where `(k, v)` are the keys/values
     attended over (`[B, KV, S, hd]`, the updated cache when given).
     """
-    cfg, policy = self.config, self.policy
-    cast = policy.cast_compute
+    cfg, precision = self.config, self.precision
+    cast = precision.cast_compute
     q = self._project("q_proj", "btd,dhk->bthk", x)
     k = self._project("k_proj", "btd,dhk->bthk", x)
     v = self._project("v_proj", "btd,dhk->bthk", x)
@@ -164,7 +164,8 @@ class Attention(nnx.Module):
     b, t = x.shape[:2]
     group = cfg.num_heads // cfg.num_kv_heads
     q = q.reshape(b, t, cfg.num_kv_heads, group, cfg.head_dim)
-    out = attention_lib.attend(q, k, v, key_valid, query_slots, policy=policy,
+    out = attention_lib.attend(q, k, v, key_valid, query_slots,
+                               precision=precision,
                                implementation=cfg.attention,
                                chunk_size=cfg.attention_chunk_size,
                                query_segments=segment_ids,
@@ -175,8 +176,9 @@ class Attention(nnx.Module):
 
   def _project(self, name, spec, x):
     """Projection `name` of `x` under the policy, plus its LoRA adapter."""
-    policy = self.policy
-    y = policy.einsum(spec, x, policy.cast_compute(getattr(self, name)[...]))
+    precision = self.precision
+    y = precision.einsum(spec, x,
+                         precision.cast_compute(getattr(self, name)[...]))
     return lora_lib.adapted(self, name, x, y)
 
 
@@ -196,15 +198,16 @@ def _write_cache(cache, new, index):
 class MLP(nnx.Module):
   """SwiGLU: `down(silu(gate(x)) * up(x))`."""
 
-  def __init__(self, config: ModelConfig, policy, *, rngs: nnx.Rngs):
-    d, f, dt = config.hidden_size, config.intermediate_size, policy.param_dtype
+  def __init__(self, config: ModelConfig, precision, *, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    dt = precision.param_dtype
     self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"),
                             std=1.0 / math.sqrt(d), dtype=dt)
     self.up_proj = _param(rngs, (d, f), ("embed", "mlp"),
                           std=1.0 / math.sqrt(d), dtype=dt)
     self.down_proj = _param(rngs, (f, d), ("mlp", "embed"),
                             std=1.0 / math.sqrt(f), dtype=dt)
-    self.policy = policy
+    self.precision = precision
 
   def __call__(self, x):
     gate = self._project("gate_proj", x)
@@ -213,24 +216,24 @@ class MLP(nnx.Module):
 
   def _project(self, name, x):
     """Projection `name` of `x` under the policy, plus its LoRA adapter."""
-    policy = self.policy
-    y = policy.matmul(x, policy.cast_compute(getattr(self, name)[...]))
+    precision = self.precision
+    y = precision.matmul(x, precision.cast_compute(getattr(self, name)[...]))
     return lora_lib.adapted(self, name, x, y)
 
 
 class Block(nnx.Module):
   """Pre-norm decoder block: attention and MLP with residuals."""
 
-  def __init__(self, config: ModelConfig, policy, *, rngs: nnx.Rngs):
-    dt = policy.param_dtype
+  def __init__(self, config: ModelConfig, precision, *, rngs: nnx.Rngs):
+    dt = precision.param_dtype
     self.input_layernorm = RMSNorm(config.hidden_size,
                                    eps=config.rms_norm_eps, axes=("embed",),
                                    dtype=dt)
-    self.attn = Attention(config, policy, rngs=rngs)
+    self.attn = Attention(config, precision, rngs=rngs)
     self.post_attention_layernorm = RMSNorm(config.hidden_size,
                                             eps=config.rms_norm_eps,
                                             axes=("embed",), dtype=dt)
-    self.mlp = MLP(config, policy, rngs=rngs)
+    self.mlp = MLP(config, precision, rngs=rngs)
 
   def __call__(self, x, cos, sin, key_valid, query_slots, cache=None,
                cache_index=None, segment_ids=None):
@@ -278,17 +281,17 @@ class Transformer(nnx.Module):
           f"Unknown remat {remat!r}; expected one of "
           f"{', '.join(repr(r) for r in REMAT_OPTIONS)}."
       )
-    policy = precision_lib.get_precision(precision)
-    attention_lib.check_compute_dtype(config.attention, policy.compute_dtype)
+    precision = precision_lib.get_precision(precision)
+    attention_lib.check_compute_dtype(config.attention, precision.compute_dtype)
     self.remat = remat
     self.scan_layers = bool(scan_layers)
-    dt = policy.param_dtype
+    dt = precision.param_dtype
     self.config = config
-    self.policy = policy
+    self.precision = precision
     self.embed_tokens = _param(rngs, (config.vocab_size, config.hidden_size),
                                ("vocab", "embed"), std=1.0, dtype=dt)
     self.layers = nnx.List(
-        [Block(config, policy, rngs=rngs) for _ in range(config.num_layers)]
+        [Block(config, precision, rngs=rngs) for _ in range(config.num_layers)]
     )
     self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps,
                         axes=("embed",), dtype=dt)
@@ -307,7 +310,7 @@ class Transformer(nnx.Module):
   def init_cache(self, batch: int, length: int, *, dtype=None) -> dict:
     """An empty KV cache for `batch` rows and `length` slots."""
     cfg = self.config
-    dtype = self.policy.compute_dtype if dtype is None else dtype
+    dtype = self.precision.compute_dtype if dtype is None else dtype
     shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)
     return {
         "k": [jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
@@ -343,7 +346,7 @@ class Transformer(nnx.Module):
           f"tokens must be a [B, T] int array; got {tokens.dtype} "
           f"{tokens.shape}."
       )
-    cfg, policy = self.config, self.policy
+    cfg, precision = self.config, self.precision
     b, t = tokens.shape
     if segment_ids is not None:
       if cache is not None:
@@ -356,7 +359,7 @@ class Transformer(nnx.Module):
       attention_mask = jnp.ones((b, t), bool)
     if positions is None:
       positions = default_positions(attention_mask)
-    x = policy.cast_compute(jnp.take(self.embed_tokens[...], tokens, axis=0))
+    x = precision.cast_compute(jnp.take(self.embed_tokens[...], tokens, axis=0))
     cos, sin = rope_tables(positions, cfg.head_dim, cfg.rope_theta)
     if cache is None:
       key_valid, query_slots = attention_mask, jnp.arange(t)
@@ -386,15 +389,15 @@ class Transformer(nnx.Module):
   def attention_implementation(self) -> str:
     """What `config.attention` resolves to here (for run metadata)."""
     return attention_lib.resolve(self.config.attention,
-                                 self.policy.compute_dtype)
+                                 self.precision.compute_dtype)
 
   def logits(self, tokens, *, attention_mask=None, positions=None,
              segment_ids=None):
     """`[B, T, V]` float32 logits through the precision policy's head."""
     hidden = self(tokens, attention_mask=attention_mask, positions=positions,
                   segment_ids=segment_ids)
-    logits = self.policy.head_product(hidden, self.lm_head_matrix())
-    return self.policy.round_logits(logits)
+    logits = self.precision.head_product(hidden, self.lm_head_matrix())
+    return self.precision.round_logits(logits)
 
 
 def _cache_slots(valid, attention_mask, cache_index):
@@ -442,7 +445,7 @@ def _block_apply(remat: str):
 def with_precision(model: Transformer, precision) -> Transformer:
   """The same model (the same parameter arrays) under another precision.
 
-  Every module's policy is replaced by `precision`'s, on a new module graph
+  Every module's `precision` is replaced by the given one, on a new module graph
   over the same variables' values, so `model` itself is unchanged and no
   weight is copied. This is the sampler of a run whose sampling precision
   differs from the trainer's (`sampling.precision`): bf16 sampling of an
@@ -450,19 +453,22 @@ def with_precision(model: Transformer, precision) -> Transformer:
   `model` itself when the policies are equal. The parameters' storage
   dtype must agree (every preset keeps float32 master weights).
   """
-  policy = precision_lib.get_precision(precision)
-  if policy == model.policy:
+  precision = precision_lib.get_precision(precision)
+  if precision == model.precision:
     return model
-  if jnp.dtype(policy.param_dtype) != jnp.dtype(model.policy.param_dtype):
+  if jnp.dtype(precision.param_dtype) != jnp.dtype(model.precision.param_dtype):
     raise ValueError(
         f"with_precision keeps the weights as they are: the precision "
-        f"{policy.name!r} stores parameters in {policy.param_dtype}, the "
-        f"model's {model.policy.name!r} in {model.policy.param_dtype}.")
+        f"{precision.name!r} stores parameters in {precision.param_dtype}, the "
+        f"model's {model.precision.name!r} in {model.precision.param_dtype}.")
   attention_lib.check_compute_dtype(model.config.attention,
-                                    policy.compute_dtype)
+                                    precision.compute_dtype)
   graphdef, state = nnx.split(model)
   clone = nnx.merge(graphdef, state)
   for _, module in nnx.iter_modules(clone):
-    if hasattr(module, "policy"):
-      module.policy = policy
+    # (A flax module such as `nnx.Linear` has a `precision` too, a
+    # `jax.lax.Precision`: left alone.)
+    if isinstance(getattr(module, "precision", None),
+                  precision_lib.Precision):
+      module.precision = precision
   return clone

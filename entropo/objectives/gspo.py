@@ -28,7 +28,7 @@ def gspo_terms(x: ratio_lib.TokenInputs, *, token_level: bool = False
     seq = jax.lax.stop_gradient(seq) + (
         x.logps - jax.lax.stop_gradient(x.logps)
     )
-  log_ratio = x.policy.log_ratio(
+  log_ratio = x.precision.log_ratio(
       jnp.broadcast_to(seq, x.logps.shape), jnp.zeros_like(x.logps)
   )
   ratio = jnp.exp(log_ratio)  # [B, T]

@@ -90,7 +90,7 @@ def policy_loss(
   x = _token_inputs(logps, old_logps, advantages, mask,
                     band=ratio_lib.clip_band(clip_low, clip_high, band),
                     dual_clip=dual_clip, axis_name=axis_name,
-                    policy=precision_lib.get_precision(precision))
+                    precision=precision_lib.get_precision(precision))
   entry = OBJECTIVE_TERMS[objective]
   if settings is None:
     settings = registry.settings_of(objective, dict(
@@ -164,7 +164,7 @@ def _check_clips(**clips) -> None:
 
 
 def _token_inputs(logps, old_logps, advantages, mask, *, band, dual_clip,
-                  axis_name, policy) -> ratio_lib.TokenInputs:
+                  axis_name, precision) -> ratio_lib.TokenInputs:
   """float32 inputs, advantages broadcast to `[B, T]`, padding zeroed."""
   logps = logps.astype(jnp.float32)
   old = jax.lax.stop_gradient(old_logps.astype(jnp.float32))
@@ -178,7 +178,7 @@ def _token_inputs(logps, old_logps, advantages, mask, *, band, dual_clip,
   adv = jnp.where(mask, adv, 0.0)
   lo, hi = band
   return ratio_lib.TokenInputs(logps, old, adv, mask, lo, hi, dual_clip,
-                               policy, axis_name)
+                               precision, axis_name)
 
 
 def _metrics(x: ratio_lib.TokenInputs, out: ratio_lib.PolicyTerms, loss,

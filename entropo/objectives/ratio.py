@@ -26,7 +26,7 @@ class TokenInputs(NamedTuple):
 
   `logps`, `old_logps` and `advantages` are `[B, T]` float32 with padding
   zeroed; `old_logps` and `advantages` are stop-gradient. `lo`, `hi` are the
-  ratio band, `dual_clip` is None or c > 1, `policy` is the `Precision`.
+  ratio band, `dual_clip` is None or c > 1, `precision` is the `Precision`.
   """
 
   logps: jax.Array
@@ -36,7 +36,7 @@ class TokenInputs(NamedTuple):
   lo: jax.Array | float
   hi: jax.Array | float
   dual_clip: float | None
-  policy: object
+  precision: object
   axis_name: object
 
 
@@ -69,7 +69,7 @@ def clip_band(clip_low, clip_high, band: str = "additive"):
 
 def token_ratio(x: TokenInputs) -> tuple[jax.Array, jax.Array]:
   """`(log_ratio, ratio)` per token, each `[B, T]` float32."""
-  log_ratio = x.policy.log_ratio(x.logps, x.old_logps)  # [B, T]
+  log_ratio = x.precision.log_ratio(x.logps, x.old_logps)  # [B, T]
   return log_ratio, jnp.exp(log_ratio)
 
 

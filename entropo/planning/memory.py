@@ -241,33 +241,34 @@ def _head_token_bytes(cfg, c, h_bytes, chunk_size, fused_head):
   return v * 8.0, v * 4.0 + head_cast
 
 
-def _weight_cast_bytes(cfg, policy, mesh, rules, *, layer, remat) -> float:
+def _weight_cast_bytes(cfg, precision, mesh, rules, *, layer, remat) -> float:
   """Weights cast to the compute dtype, kept as residuals (one block's with
   remat), and the output projection cast to the head dtype."""
   d, v = cfg.hidden_size, cfg.vocab_size
-  c, h_bytes = _itemsize(policy.compute_dtype), _itemsize(policy.head_dtype)
+  c = _itemsize(precision.compute_dtype)
+  h_bytes = _itemsize(precision.head_dtype)
   weight_casts = 0.0
-  if policy.compute_dtype != policy.param_dtype:
+  if precision.compute_dtype != precision.param_dtype:
     weight_casts = (layer if remat else cfg.num_layers * layer) * c
-  if policy.head_dtype != policy.param_dtype:
+  if precision.head_dtype != precision.param_dtype:
     weight_casts += local_elements(
         ParamShape("head", (d, v), ("embed", "vocab")), mesh, rules) * h_bytes
   return weight_casts
 
 
-def _sampling_bytes(cfg, policy, mesh, *, rows, seq_len, prompt_len,
+def _sampling_bytes(cfg, precision, mesh, *, rows, seq_len, prompt_len,
                     n_params, attention, attention_chunk_size, gathers):
   """`(kv_cache, sample_weights, sample_working)` bytes per device.
 
   The rollout batch's `rows` per device, `seq_len` cache slots and
   `prompt_len` prompt tokens (the prefill).
   """
-  s_bytes = _itemsize(policy.sampler_dtype)
+  s_bytes = _itemsize(precision.sampler_dtype)
   v, n_layers = cfg.vocab_size, cfg.num_layers
   kv_split = mesh.tensor if cfg.num_kv_heads % mesh.tensor == 0 else 1
   kv_cache = (2 * n_layers * rows * seq_len * cfg.num_kv_heads
               * cfg.head_dim * s_bytes / kv_split + rows * seq_len)
-  cast = policy.sampler_dtype != policy.param_dtype
+  cast = precision.sampler_dtype != precision.param_dtype
   sample_weights = n_params * s_bytes if cast else 0.0
   prefill = rows * prompt_len * block_token_bytes(
       cfg, mesh, s_bytes, seq_len, attention, attention_chunk_size)[0]
@@ -289,7 +290,7 @@ def _check_shape(batch, minibatches, shards, seq_len, prompt_len) -> int:
   return prompt_len
 
 
-def _check_options(remat, lora_rank, lora_targets) -> None:
+def _check_options(remat, lora_rank, lora_targets, lora_base_dtype) -> None:
   if remat not in transformer_lib.REMAT_OPTIONS:
     raise ValueError(f"remat must be one of {transformer_lib.REMAT_OPTIONS};"
                      f" got {remat!r}.")
@@ -300,6 +301,10 @@ def _check_options(remat, lora_rank, lora_targets) -> None:
   if unknown or not lora_targets:
     raise ValueError(f"lora_targets must name some of {LORA_TARGETS}; got "
                      f"{tuple(lora_targets)}.")
+  if lora_base_dtype not in ("param", "compute") or (
+      lora_base_dtype == "compute" and not lora_rank):
+    raise ValueError(f"lora_base_dtype must be 'param', or 'compute' with "
+                     f"lora_rank > 0; got {lora_base_dtype!r}.")
 
 
 def _lora_bytes(cfg, mesh, rules, lora_rank, lora_targets, *, tokens, c,
@@ -346,6 +351,28 @@ def _update_bytes(cfg, remat, tokens, block, *, extra, head, c):
   return activations, tokens * (layer_work + head[1])
 
 
+def _trainer_bytes(cfg, mesh, *, c, h_bytes, rollout_tokens, update_tokens,
+                   seq_len, remat, attention, attention_chunk_size,
+                   chunk_size, fused_head, gathers):
+  """`(prepare_working, activations, update_working)` of the trainer: its
+  forward over the whole rollout (`rollout_tokens` per device, one layer
+  live at a time) and the update on `update_tokens` per device (without
+  FSDP's gathered gradients and LoRA, which the caller adds)."""
+  head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
+                                            fused_head)
+  # Token ids of the embedding lookup; the final norm as in a block.
+  extra = 4 + (8 + 2 * c) * cfg.hidden_size + 8
+  saved, work, dots = block_token_bytes(cfg, mesh, c, seq_len, attention,
+                                        attention_chunk_size)
+  prepare_working = (rollout_tokens * (saved + extra + head_work + head_saved)
+                     + gathers)
+  activations, update_working = _update_bytes(
+      cfg, remat, update_tokens, (saved, work, dots), extra=extra,
+      head=(head_saved, head_work), c=c)
+  update_working += gathers
+  return prepare_working, activations, update_working
+
+
 def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
                     batch: int, seq_len: int, prompt_len: int | None = None,
                     minibatches: int = 1, remat: str = "none",
@@ -388,43 +415,31 @@ def memory_estimate(cfg: ModelConfig, precision, mesh: MeshShape, *,
   Returns:
     A `MemoryEstimate` in bytes per device.
   """
-  policy = precision_lib.get_precision(precision)
+  precision = precision_lib.get_precision(precision)
   shards = mesh.batch_shards
   prompt_len = _check_shape(batch, minibatches, shards, seq_len, prompt_len)
-  _check_options(remat, lora_rank, lora_targets)
-  if lora_base_dtype not in ("param", "compute") or (
-      lora_base_dtype == "compute" and not lora_rank):
-    raise ValueError(f"lora_base_dtype must be 'param', or 'compute' with "
-                     f"lora_rank > 0; got {lora_base_dtype!r}.")
-  p_bytes, c = _itemsize(policy.param_dtype), _itemsize(policy.compute_dtype)
-  h_bytes = _itemsize(policy.head_dtype)
+  _check_options(remat, lora_rank, lora_targets, lora_base_dtype)
+  p_bytes = _itemsize(precision.param_dtype)
+  c = _itemsize(precision.compute_dtype)
+  h_bytes = _itemsize(precision.head_dtype)
   rules = rules_key(rules)
   outside, layer = split_params(cfg, mesh, rules)
   n_params = outside + cfg.num_layers * layer
   gathers, layer_gathered = _gather_bytes(cfg, mesh, rules, c, h_bytes)
   rows = batch // shards
   kv_cache, sample_weights, sample_working = _sampling_bytes(
-      cfg, policy, mesh, rows=rows, seq_len=seq_len, prompt_len=prompt_len,
+      cfg, precision, mesh, rows=rows, seq_len=seq_len, prompt_len=prompt_len,
       n_params=n_params, attention=attention,
       attention_chunk_size=attention_chunk_size, gathers=gathers)
-  head_saved, head_work = _head_token_bytes(cfg, c, h_bytes, chunk_size,
-                                            fused_head)
-  # Token ids of the embedding lookup; the final norm as in a block.
-  extra = 4 + (8 + 2 * c) * cfg.hidden_size + 8
-  saved, work, dots = block_token_bytes(cfg, mesh, c, seq_len, attention,
-                                        attention_chunk_size)
-  # The trainer's forward over the whole rollout: one layer live at a time.
-  tokens = rows * seq_len
-  prepare_working = (tokens * (saved + extra + head_work + head_saved)
-                     + gathers)
-  tokens = (batch // minibatches // shards) * seq_len
-  activations, update_working = _update_bytes(
-      cfg, remat, tokens, (saved, work, dots), extra=extra,
-      head=(head_saved, head_work), c=c)
-  update_working += gathers
+  tokens = (batch // minibatches // shards) * seq_len  # of an update
+  prepare_working, activations, update_working = _trainer_bytes(
+      cfg, mesh, c=c, h_bytes=h_bytes, rollout_tokens=rows * seq_len,
+      update_tokens=tokens, seq_len=seq_len, remat=remat,
+      attention=attention, attention_chunk_size=attention_chunk_size,
+      chunk_size=chunk_size, fused_head=fused_head, gathers=gathers)
   if mesh.fsdp > 1:
     update_working += layer_gathered * p_bytes  # before reduce-scatter
-  weight_casts = _weight_cast_bytes(cfg, policy, mesh, rules, layer=layer,
+  weight_casts = _weight_cast_bytes(cfg, precision, mesh, rules, layer=layer,
                                     remat=remat != "none")
   params = trained = n_params * p_bytes
   if lora_rank:

@@ -3,7 +3,8 @@
 A checkpoint holds two items: `state`, the array pytree (parameters,
 optimizer state, controller states, PRNG key data) saved with
 `StandardSave`, and `meta`, a JSON dict (next iteration, data-iterator
-state, entropy target, running sums) saved with `JsonSave`. Orbax writes a
+state, entropy target, running sums) saved with `JsonSave`: the dict forms
+of the loop's typed `TrainState` and `RunMeta` (state.py). Orbax writes a
 step into a temporary directory and renames it when complete, so a crash
 while saving leaves the previous step as the latest readable checkpoint;
 `latest_step` never returns a half-written one. A complete step that no

@@ -20,7 +20,8 @@ the final metrics. One iteration (see docs/training.md):
 
 Everything that decides the future of the run (parameters, optimizer and
 controller states, PRNG key, data-iterator position, entropy target,
-running sums) is checkpointed, so a resumed run continues exactly.
+running sums) is checkpointed, so a resumed run continues exactly: it is
+`Trainer.state` and `Trainer.meta`, typed and documented in state.py.
 
 With `model.lora_rank > 0` the policy is the `init_from` model with LoRA
 adapters (`entropo.models.add_lora`): only the adapters are trained,
@@ -37,7 +38,6 @@ restores; the data set and the warm start are written by process 0 while
 the others wait.
 """
 
-import json
 import pathlib
 import time
 
@@ -65,6 +65,9 @@ from entropo.training import logger as logger_lib
 from entropo.training import rollouts as rollouts_lib
 from entropo.training import step as step_lib
 from entropo.training.placement import BatchPlacement
+from entropo.training.state import LaunchCounts
+from entropo.training.state import RunMeta
+from entropo.training.state import TrainState
 from entropo.training.warm_start import initial_policy
 
 
@@ -114,15 +117,13 @@ class Trainer:
     self.ref_params = params if kl and not self.lora else None
     self.fixed_hyper = self.placement.replicate(
         self.algorithm.fixed_hyperparameters())
-    self.state = self.placement.replicate({
-        "params": params,
-        "opt_state": self.optimizer.init(params),
-        "controllers": self.algorithm.init_controllers(),
-        "key": jax.random.key_data(jax.random.key(config.seed)),
-    })
-    self.meta = {"iteration": 0, "data_state": None, "initial_entropy": None,
-                 "target_entropy": None, "cumulative_entropy": 0.0,
-                 "skipped_minibatches": 0}
+    # What decides the rest of the run (state.py): arrays and JSON values.
+    self.state = self.placement.replicate(TrainState(
+        params=params,
+        opt_state=self.optimizer.init(params),
+        controllers=self.algorithm.init_controllers(),
+        key=jax.random.key_data(jax.random.key(config.seed))))
+    self.meta = RunMeta()
     self._init_data()
     kind = rollouts_lib.Rollouts
     extra = {}
@@ -136,8 +137,7 @@ class Trainer:
         self.workdir / "checkpoints",
         max_to_keep=config.train.max_checkpoints)
     self._restore()
-    # Iterations of this launch, and whether any clipped a token.
-    self.clipping = {"iterations": 0, "clipped": False}
+    self.clipping = LaunchCounts()
 
   # -- setup
 
@@ -175,41 +175,38 @@ class Trainer:
     self.data_iter = iter(self.batches)
 
   def _restore(self):
-    found = self.checkpointer.restore_latest(self.state)
+    found = self.checkpointer.restore_latest(self.state.to_tree())
     if found is None:
       return
-    _, self.state, self.meta = found
-    self.meta = dict(self.meta)
-    if self.meta["data_state"] is not None:
-      self.data_iter.set_state(self.meta["data_state"])
+    _, tree, meta = found
+    self.state, self.meta = TrainState.from_tree(tree), RunMeta.from_json(meta)
+    if self.meta.data_state is not None:
+      self.data_iter.set_state(self.meta.data_state)
     logger_lib.log(f"resumed from {self.checkpointer.directory} at "
-                   f"iteration {self.meta['iteration']}")
+                   f"iteration {self.meta.iteration}")
 
   def save(self) -> None:
     """Checkpoints the state; raises NonFiniteError instead of saving a
     NaN/inf parameter or optimizer moment."""
-    guards.check_finite_state(
-        {k: self.state[k] for k in ("params", "opt_state", "controllers")},
-        self.meta["iteration"] - 1, self.checkpoint_note)
-    self.meta["data_state"] = self.data_iter.get_state()
-    self.checkpointer.save(self.meta["iteration"], self.state,
-                           json.loads(json.dumps(self.meta)))
+    guards.check_finite_state(self.state.to_tree(), self.meta.iteration - 1,
+                              self.checkpoint_note)
+    self.meta = self.meta.replace(data_state=self.data_iter.get_state())
+    self.checkpointer.save(self.meta.iteration, self.state.to_tree(),
+                           self.meta.to_json())
 
   # -- one iteration
 
   def model_at(self, params) -> Transformer:
     """The model with trained variables `params` (and the frozen rest)."""
-    if self.frozen is None:
-      return nnx.merge(self.graphdef, params)
-    return nnx.merge(self.graphdef, params, self.frozen)
+    return self.learner.model(params, self.frozen)
 
   def policy(self) -> Transformer:
     """The current policy pi_theta as a model."""
-    return self.model_at(self.state["params"])
+    return self.model_at(self.state.params)
 
   def hyperparameters(self) -> dict:
     """The current value of every hyperparameter a controller may move."""
-    return self.algorithm.hyperparameters(self.state["controllers"],
+    return self.algorithm.hyperparameters(self.state.controllers,
                                           self.fixed_hyper)
 
   def sampler(self) -> Transformer:
@@ -231,7 +228,7 @@ class Trainer:
     packing = {k: packing[k] for k in step_lib.PACK_KEYS} if (
         self.config.train.packing) else None
     return self.learner.pre_update(
-        self.state["params"], self.ref_params, put(roll.tokens),
+        self.state.params, self.ref_params, put(roll.tokens),
         attention_mask, loss_mask, put(roll.sampler_logps[:, 1:]),
         self.placement.from_host(roll.rewards), self.hyperparameters(),
         self.frozen, packing)
@@ -251,32 +248,31 @@ class Trainer:
         mb = self._packed(mb)
         key, sub = jax.random.split(key)
         params, opt_state, metrics = self.learner.update(
-            self.state["params"], self.state["opt_state"], mb, hyper, sub,
+            self.state.params, self.state.opt_state, mb, hyper, sub,
             self.frozen)
         metrics = {k: float(v) for k, v in metrics.items()}
         state_finite = metrics.pop(step_lib.STATE_FINITE, 1.0) == 1.0
         where = f"epoch {epoch}, minibatch {m}"
         if self._non_finite(metrics, ("loss", "grad_norm"), where) or (
             not state_finite and guards.non_finite_update(
-                iteration=self.meta["iteration"], where=where,
+                iteration=self.meta.iteration, where=where,
                 skip=self.config.train.skip_non_finite,
                 checkpoints=self.checkpoint_note)):
           skipped += 1  # the update is not applied
           continue
-        self.state["params"], self.state["opt_state"] = params, opt_state
+        self.state = self.state.replace(params=params, opt_state=opt_state)
         for k, v in metrics.items():
           sums[k] = sums.get(k, 0.0) + v
         steps += 1
-    # (Checkpoints from before this counter have no such key.)
-    self.meta["skipped_minibatches"] = self.meta.get(
-        "skipped_minibatches", 0) + skipped
+    self.meta = self.meta.replace(
+        skipped_minibatches=self.meta.skipped_minibatches + skipped)
     out = {k: v / steps for k, v in sums.items()}
     if self.config.train.minibatch_tokens:
       out["train/optimizer_steps"] = float(steps + skipped)
     if self.config.train.skip_non_finite:
       out["train/skipped_minibatches"] = float(skipped)
       out["train/skipped_minibatches_total"] = float(
-          self.meta["skipped_minibatches"])
+          self.meta.skipped_minibatches)
     return out
 
   def minibatch_rows(self, batch: dict, key) -> list[np.ndarray]:
@@ -347,7 +343,7 @@ class Trainer:
 
   def _non_finite(self, metrics: dict, names, where: str) -> bool:
     return guards.non_finite(
-        metrics, names, iteration=self.meta["iteration"], where=where,
+        metrics, names, iteration=self.meta.iteration, where=where,
         skip=self.config.train.skip_non_finite,
         checkpoints=self.checkpoint_note)
 
@@ -360,9 +356,9 @@ class Trainer:
   def iteration(self) -> dict[str, float]:
     """Runs one RL iteration and returns its metrics."""
     timing = self.rollouts.reset_timing()
-    key = jax.random.wrap_key_data(self.state["key"])
+    key = jax.random.wrap_key_data(self.state.key)
     key, collect_key, update_key = jax.random.split(key, 3)
-    self.state["key"] = jax.random.key_data(key)
+    self.state = self.state.replace(key=jax.random.key_data(key))
     roll, metrics = self.collect(collect_key)
     self.interrupts.check()
     t1 = time.perf_counter()
@@ -381,17 +377,18 @@ class Trainer:
     entropy = metrics["entropy/mean"]
     metrics.update({f"controller/{k}": float(v)
                     for k, v in self.hyperparameters().items()})
-    self.state["controllers"] = self.algorithm.step_controllers(
-        self.state["controllers"], entropy,
-        target=self.meta["target_entropy"])
-    initial = self.meta["initial_entropy"]
-    self.meta["cumulative_entropy"] += entropy
+    self.state = self.state.replace(
+        controllers=self.algorithm.step_controllers(
+            self.state.controllers, entropy, target=self.meta.target_entropy))
+    initial = self.meta.initial_entropy
+    self.meta = self.meta.replace(
+        cumulative_entropy=self.meta.cumulative_entropy + entropy)
     metrics.update(logger_lib.rollout_metrics(roll))
     generated = int(jnp.sum(roll.completion_mask))
     metrics.update({
         "entropy/change_pct": 100.0 * (entropy - initial) / initial,
-        "entropy/cumulative": self.meta["cumulative_entropy"],
-        "target_entropy": self.meta["target_entropy"],
+        "entropy/cumulative": self.meta.cumulative_entropy,
+        "target_entropy": self.meta.target_entropy,
         **timing,
         "time/train": t2 - t1,
         "throughput/generated_tokens_per_s": generated / max(
@@ -409,7 +406,7 @@ class Trainer:
     sampled like the rollouts, under the sampler's precision."""
     c = self.config
     key = jax.random.fold_in(jax.random.key(c.seed + 1),
-                             self.meta["iteration"])
+                             self.meta.iteration)
     return evaluation.evaluate(
         self.sampler(), self.eval_records, self.rollouts, key,
         samples=c.train.eval_samples, pass_k=c.train.pass_k,
@@ -420,10 +417,10 @@ class Trainer:
     """Evaluates the starting policy and fixes the entropy target."""
     evaluation_ = self.evaluate()
     h0 = evaluation_["eval/entropy"]
-    self.meta["baseline"] = evaluation_
-    self.meta["initial_entropy"] = h0
-    self.meta["target_entropy"] = (self.algorithm.target_entropy
-                                   or h0 * self.algorithm.target_scale)
+    self.meta = self.meta.replace(
+        baseline=evaluation_, initial_entropy=h0,
+        target_entropy=(self.algorithm.target_entropy
+                        or h0 * self.algorithm.target_scale))
     logger_lib.write_baseline(self.workdir, evaluation_)
     logger_lib.log(f"before RL: entropy {h0:.4f} nats/token, " + ", ".join(
         f"{k[5:]} {v:.3f}" for k, v in evaluation_.items() if "pass" in k))
@@ -445,25 +442,25 @@ class Trainer:
     if inert and jax.process_index() == 0 and not c.train.minibatch_tokens:
       logger_lib.warn(inert)
     logger = logger_lib.MetricLogger(
-        self.workdir, total=c.train.iterations, start=self.meta["iteration"],
+        self.workdir, total=c.train.iterations, start=self.meta.iteration,
         tensorboard=c.train.tensorboard, progress=c.train.progress,
         enabled=jax.process_index() == 0)
     metrics: dict[str, float] = {}
-    if self.meta["iteration"] >= c.train.iterations:
+    if self.meta.iteration >= c.train.iterations:
       records = logger_lib.read_jsonl(self.workdir / "metrics.jsonl")
       metrics = {k: v for k, v in records[-1].items()
                  if k != "iteration"} if records else {}
       logger_lib.log(f"{self.workdir} is complete at iteration "
-                     f"{self.meta['iteration']} (train.iterations = "
+                     f"{self.meta.iteration} (train.iterations = "
                      f"{c.train.iterations}); nothing to train")
     with self.interrupts:
       try:
-        if self.meta["initial_entropy"] is None:
+        if self.meta.initial_entropy is None:
           self.baseline()
-        while self.meta["iteration"] < c.train.iterations:
-          it = self.meta["iteration"]
+        while self.meta.iteration < c.train.iterations:
+          it = self.meta.iteration
           metrics = self._guarded_iteration()
-          self.meta["iteration"] = it + 1
+          self.meta = self.meta.replace(iteration=it + 1)
           last = it + 1 == c.train.iterations
           if (it + 1) % c.train.eval_every == 0 or last:
             t = time.perf_counter()
@@ -480,13 +477,13 @@ class Trainer:
     if c.train.plots and jax.process_index() == 0:
       files = logger_lib.plot_run(self.workdir / "metrics.jsonl",
                                   self.workdir / "plots",
-                                  baseline=self.meta.get("baseline"))
+                                  baseline=self.meta.baseline)
       logger_lib.log(f"plots: {', '.join(str(f) for f in files)}")
     return metrics
 
   def _count_clipping(self, metrics: dict) -> None:
-    self.clipping["iterations"] += 1
-    self.clipping["clipped"] |= any(
+    self.clipping.iterations += 1
+    self.clipping.clipped |= any(
         metrics.get(k, 0.0) > 0 for k in ("pg/clipfrac_high",
                                           "pg/clipfrac_low"))
 
@@ -497,10 +494,10 @@ class Trainer:
     a = self.algorithm
     if (a.objective in CLIPPED_OBJECTIVES
         and not on_policy_single_step(a)
-        and self.clipping["iterations"] >= at_least
-        and not self.clipping["clipped"] and jax.process_index() == 0):
+        and self.clipping.iterations >= at_least
+        and not self.clipping.clipped and jax.process_index() == 0):
       logger_lib.warn(
-          f"algo {a.name!r} clipped no token in {self.clipping['iterations']}"
+          f"algo {a.name!r} clipped no token in {self.clipping.iterations}"
           f" iterations (pg/clipfrac_high and pg/clipfrac_low were 0): its "
           f"band [1 - clip_low, 1 + clip_high] had no effect on this run")
 
@@ -515,21 +512,22 @@ class Trainer:
       self.checkpointer.wait()
       logger_lib.log(
           f"interrupted while saving the checkpoint of iteration "
-          f"{self.meta['iteration']}; finished the save first "
-          f"({self.checkpointer.directory / str(self.meta['iteration'])}), "
+          f"{self.meta.iteration}; finished the save first "
+          f"({self.checkpointer.directory / str(self.meta.iteration)}), "
           f"so a rerun resumes from it")
       raise KeyboardInterrupt
 
   def _guarded_iteration(self) -> dict[str, float]:
     """`iteration()`; on KeyboardInterrupt, saves the state before it."""
-    snapshot = (dict(self.state), dict(self.meta), self.data_iter.get_state())
+    # (Both are frozen: the iteration replaces them, never changes them.)
+    snapshot = (self.state, self.meta, self.data_iter.get_state())
     try:
       self.interrupts.check()  # a Ctrl-C since the last iteration
       return self.iteration()
     except KeyboardInterrupt:
       self.state, self.meta = snapshot[0], snapshot[1]
       self.data_iter.set_state(snapshot[2])
-      it = self.meta["iteration"]
+      it = self.meta.iteration
       if self.checkpointer.latest_step() == it:
         logger_lib.log(f"interrupted in iteration {it}; the checkpoint of "
                        f"the state before it exists already")

@@ -92,10 +92,10 @@ class RunConfig:
                      sections["sampling"], sections["warm_start"])
     sampler = precision_lib.get_precision(sections["sampling"].precision
                                           or precision)
-    for name, policy in (("precision", precision),
+    for name, chosen in (("precision", precision),
                          ("sampling.precision", sampler)):
-      _check_attention(sections["model"].attention, policy,
-                       f"{name} {policy.name!r}")
+      _check_attention(sections["model"].attention, chosen,
+                       f"{name} {chosen.name!r}")
     return cls(seed=config.seed, precision=precision,
                sampler_precision=sampler, algorithm=algorithm, **sections)
 

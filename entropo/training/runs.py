@@ -60,7 +60,7 @@ def train(config, workdir) -> dict[str, float]:
   logger_lib.write_run_metadata(workdir, config)
   trainer = Trainer(config, workdir)
   logger_lib.write_run_metadata(workdir, config, logger_lib.launch_record(
-      iteration=trainer.meta["iteration"], precision=trainer.precision,
+      iteration=trainer.meta.iteration, precision=trainer.precision,
       sampler_precision=trainer.sampler_precision, model=trainer.model,
       model_section=trainer.config.model, lora=trainer.lora,
       sampling_section=trainer.config.sampling,

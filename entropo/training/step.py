@@ -83,7 +83,7 @@ def sequence_logps(model, tokens, attention_mask, *, head_grad=True,
   hidden = model(tokens, attention_mask=attention_mask)
   return fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), tokens[:, 1:],
-      precision=model.policy, head_grad=head_grad)
+      precision=model.precision, head_grad=head_grad)
 
 
 def _packed_sequence_logps(model, tokens, packing, *, head_grad):
@@ -92,7 +92,7 @@ def _packed_sequence_logps(model, tokens, packing, *, head_grad):
   hidden = model(packed, segment_ids=packing["segment_ids"])
   logps, entropy = fused.fused_logprobs_entropy(
       hidden[:, :-1], model.lm_head_matrix(), packed[:, 1:],
-      precision=model.policy, head_grad=head_grad)  # [R, W - 1] each
+      precision=model.precision, head_grad=head_grad)  # [R, W - 1] each
   index = packing["unpack_index"]
   return packing_lib.unpack(logps, index), packing_lib.unpack(entropy, index)
 
@@ -128,21 +128,23 @@ class Learner:
     self.pre_update = jax.jit(self._pre_update)
     self.update = jax.jit(self._update)
 
-  def _model(self, params, frozen=None):
+  def model(self, params, frozen=None):
+    """The model with trained variables `params` (and `frozen`, the rest
+    with LoRA); `Trainer.model_at` is this with the run's frozen part."""
     if frozen is None:
       return nnx.merge(self.graphdef, params)
     return nnx.merge(self.graphdef, params, frozen)
 
   def _forward(self, params, tokens, attention_mask, frozen=None,
                packing=None):
-    return sequence_logps(self._model(params, frozen), tokens,
+    return sequence_logps(self.model(params, frozen), tokens,
                           attention_mask, packing=packing)
 
   def _reference_logps(self, params, ref_params, tokens, attention_mask,
                        frozen, packing=None):
     """The KL reference's log-probs, or None without a reference."""
     if self.reference_without_adapters:
-      model = self._model(params, frozen)
+      model = self.model(params, frozen)
       with lora_lib.lora_disabled(model):
         return sequence_logps(model, tokens, attention_mask,
                               packing=packing)[0]
@@ -190,7 +192,7 @@ class Learner:
   def loss(self, params, batch: dict[str, jax.Array], hyper: dict[str, Any],
            key, frozen=None) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The total loss of a (mini)batch and its metrics."""
-    model = self._model(params, frozen)
+    model = self.model(params, frozen)
     # With frozen weights (LoRA) the head is frozen: no head gradient.
     # A packed minibatch (PACK_KEYS) runs the forward on packed rows; the
     # loss below sees the same [B, L - 1] layout either way.
@@ -206,7 +208,7 @@ class Learner:
       norm = self.norm * self.batch_rows / rows
     loss, metrics = self.algorithm.loss(logps, entropy, batch, hyper, key,
                                         norm=norm,
-                                        precision=model.policy)
+                                        precision=model.precision)
     metrics["loss"] = loss
     return loss, metrics
 

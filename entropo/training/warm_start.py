@@ -283,5 +283,5 @@ def initial_policy(config, task, workdir, precision):
     add_lora(model, rank=m.lora_rank, alpha=m.lora_alpha,
              targets=m.lora_targets, rngs=nnx.Rngs(config.seed))
     if m.lora_base_dtype == "compute":
-      cast_base(model, model.policy.compute_dtype)
+      cast_base(model, model.precision.compute_dtype)
   return model, tokenizer, path
