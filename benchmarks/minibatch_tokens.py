@@ -57,7 +57,7 @@ def main(argv=None):
   for it in range(args.iterations):
     for name, trainer in trainers.items():
       metrics[name].append(trainer.iteration())
-      trainer.meta["iteration"] = it + 1
+      trainer.meta = trainer.meta.replace(iteration=it + 1)
   for name, trainer in trainers.items():
     spent = [m["time/train"] for m in metrics[name]]
     print(name, "steps", [m.get("train/optimizer_steps", 4.0)

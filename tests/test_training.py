@@ -1502,7 +1502,7 @@ def test_minibatches_by_tokens(init_from, data_dir, tmp_path, monkeypatch):
   for t in (rows, Trainer(whole, tmp_path / "whole")):
     batch, _ = t.pre_update(roll)
     metrics = t.update(batch, jax.random.key(4))
-    results.append((metrics, t.state["params"]))
+    results.append((metrics, t.state.params))
   (m1, p1), (m2, p2) = results
   assert m2.pop("train/optimizer_steps") == 1.0
   assert m1 == m2
