@@ -102,7 +102,7 @@ def padded_batch(lengths, length: int, vocab: int, rng) -> dict:
 
 
 def packed_batch(batch: dict) -> dict:
-  """`batch` with its packing plan, as `Trainer._packed` makes it."""
+  """`batch` with its packing plan, as `Trainer.minibatches.packed` makes it."""
   mask = np.asarray(batch["attention_mask"])
   b, length = mask.shape
   plan = packing.plan(mask, row_tokens=length)

@@ -726,7 +726,8 @@ def test_packed_update_equals_the_padded_update(init_from, data_dir, tmp_path,
   results = []
   for trainer in (padded, packed):
     batch, dyn = trainer.pre_update(roll)
-    assert ("segment_ids" in trainer._packed(batch)) == (trainer is packed)  # pylint: disable=protected-access
+    assert ("segment_ids" in trainer.minibatches.packed(batch)) == (
+        trainer is packed)
     metrics = trainer.update(batch, jax.random.key(4))
     results.append(({**dyn, **metrics}, trainer.state.params))
   (m1, p1), (m2, p2) = results

@@ -43,10 +43,8 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
-from entropo import packing as packing_lib
 from entropo import sharding
 from entropo import tasks as tasks_lib
 from entropo.models import Transformer
@@ -62,6 +60,7 @@ from entropo.training import distributed
 from entropo.training import evaluation
 from entropo.training import guards
 from entropo.training import logger as logger_lib
+from entropo.training import minibatches as minibatches_lib
 from entropo.training import rollouts as rollouts_lib
 from entropo.training import step as step_lib
 from entropo.training.placement import BatchPlacement
@@ -103,6 +102,9 @@ class Trainer:
         self.model, *((nnx.LoRAParam, ...) if self.lora else ()))
     self.frozen = frozen[0] if frozen else None
     self.placement = BatchPlacement(self.mesh)
+    self.minibatches = minibatches_lib.Minibatches(
+        self.placement, self.algorithm.minibatches,
+        config.train.minibatch_tokens, config.train.packing)
     self.optimizer = step_lib.make_optimizer(config.optim)
     kl = self.algorithm.kl_coef > 0
     self.learner = step_lib.Learner(
@@ -223,7 +225,7 @@ class Trainer:
     put = self.placement.put
     attention_mask = put(roll.attention_mask)
     loss_mask = put(roll.completion_mask[:, 1:])
-    packing = self._packed({"attention_mask": attention_mask,
+    packing = self.minibatches.packed({"attention_mask": attention_mask,
                             "mask": loss_mask})
     packing = {k: packing[k] for k in step_lib.PACK_KEYS} if (
         self.config.train.packing) else None
@@ -237,15 +239,14 @@ class Trainer:
     """`epochs` passes of `minibatches` optax steps (or of minibatches by
     tokens: `train.minibatch_tokens`); mean metrics."""
     a = self.algorithm
-    n = batch["tokens"].shape[0]
     hyper = self.hyperparameters()
     sums: dict[str, float] = {}
     steps = skipped = 0
     for epoch in range(a.epochs):
       key, perm_key = jax.random.split(key)
-      for m, rows in enumerate(self.minibatch_rows(batch, perm_key)):
-        mb = batch if len(rows) == n else self._gather(batch, rows)
-        mb = self._packed(mb)
+      for m, rows in enumerate(self.minibatches.rows(
+          batch, perm_key, iteration=self.meta.iteration)):
+        mb = self.minibatches.packed(self.minibatches.gather(batch, rows))
         key, sub = jax.random.split(key)
         params, opt_state, metrics = self.learner.update(
             self.state.params, self.state.opt_state, mb, hyper, sub,
@@ -274,72 +275,6 @@ class Trainer:
       out["train/skipped_minibatches_total"] = float(
           self.meta.skipped_minibatches)
     return out
-
-  def minibatch_rows(self, batch: dict, key) -> list[np.ndarray]:
-    """The rows of each minibatch of one epoch, in index order.
-
-    `algo.minibatches` equal slices of a random permutation (the whole
-    batch, unpermuted, for one); with `train.minibatch_tokens`, the same
-    permutation cut by `entropo.packing.token_budget_batches` into
-    minibatches of at most that many real tokens (a budget that holds the
-    batch gives the batch itself: the row split's one minibatch).
-    """
-    a = self.algorithm
-    n = batch["tokens"].shape[0]
-    budget = self.config.train.minibatch_tokens
-    if not budget and a.minibatches == 1:
-      return [np.arange(n)]
-    order = np.asarray(jax.random.permutation(key, n))
-    if not budget:
-      size = n // a.minibatches
-      return [order[m * size:(m + 1) * size] for m in range(a.minibatches)]
-    lengths = self.placement.to_host(batch["attention_mask"]).sum(axis=1)
-    if lengths.max() > budget:
-      raise ValueError(
-          f"train.minibatch_tokens={budget} is less than a sequence of "
-          f"{int(lengths.max())} tokens (prompt and completion) in "
-          f"iteration {self.meta['iteration']}; set it to at least the "
-          f"rollouts' row length, {batch['tokens'].shape[1]}")
-    return [np.sort(rows) for rows in packing_lib.token_budget_batches(
-        lengths, tokens_per_batch=budget, order=order)]
-
-  def _gather(self, batch: dict, rows: np.ndarray) -> dict:
-    """The minibatch of `rows`; by tokens (`train.minibatch_tokens`: any
-    row count) padded with empty rows (no token, no loss) to one of 8 row
-    counts (`rows_bucket`), so the update compiles a bounded number of
-    times: empty rows change no loss or metric (`Learner(batch_rows=)`
-    keeps seq_mean_token_sum_norm's constant, the other modes count tokens
-    or sequences with tokens)."""
-    n = batch["tokens"].shape[0]
-    if not self.config.train.minibatch_tokens:
-      return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows)
-    size = packing_lib.rows_bucket(len(rows), max_rows=n)
-    empty = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype),
-                         batch)
-    rows = np.concatenate([rows, np.full(size - len(rows), n)])
-    return rollouts_lib.gather_rows(self.placement.sharding, [batch, empty],
-                                    rows)
-
-  def _packed(self, mb: dict) -> dict:
-    """`mb` with the index arrays of its packing plan when
-    `train.packing` is on (the Learner then runs the forward on packed
-    rows: the pre-update pass over the whole batch and each minibatch's
-    update); `mb` itself when off.
-
-    Rows of the batch's length L, so every sequence fits one; the row count
-    is rounded up to one of 8 sizes (`rows_bucket`, a multiple of the data
-    shards), so the update compiles at most 8 times.
-    """
-    if not self.config.train.packing:
-      return mb
-    mask = self.placement.to_host(mb["attention_mask"])
-    b, length = mask.shape
-    plan = packing_lib.plan(mask, row_tokens=length,
-                            loss_mask=self.placement.to_host(mb["mask"]))
-    plan = packing_lib.with_rows(plan, packing_lib.rows_bucket(
-        plan.rows, max_rows=b, multiple=self.placement.shards))
-    return {**mb, **{k: self.placement.from_host(v)
-                     for k, v in plan.arrays().items()}}
 
   def _non_finite(self, metrics: dict, names, where: str) -> bool:
     return guards.non_finite(
