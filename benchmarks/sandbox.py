@@ -33,7 +33,7 @@ import time
 
 from entropo import tasks
 from entropo.tasks import code_env
-from entropo.tasks import sandbox as sandbox_lib
+from entropo.tasks import local_sandbox
 
 
 def _median_ms(values):
@@ -46,7 +46,7 @@ def sandbox_costs(isolate: bool, repeats: int) -> dict:
   info = {}
   for _ in range(repeats):
     t0 = time.perf_counter()
-    box = sandbox_lib.LocalSandbox(isolate=isolate)
+    box = local_sandbox.LocalSandbox(isolate=isolate)
     box.run("pass")
     t1 = time.perf_counter()
     warm = []
@@ -125,7 +125,7 @@ def main(argv=None):
   bare = []
   for _ in range(args.repeats):
     t = time.perf_counter()
-    subprocess.run([sandbox_lib.worker_python(os.geteuid() == 0), "-I", "-S",
+    subprocess.run([local_sandbox.worker_python(os.geteuid() == 0), "-I", "-S",
                     "-c", "pass"], check=True)
     bare.append(time.perf_counter() - t)
   result = {

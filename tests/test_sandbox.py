@@ -24,6 +24,7 @@ from entropo import tasks
 from entropo.tasks import apps_world
 from entropo.tasks import code_env
 from entropo.tasks import environment as env_lib
+from entropo.tasks import local_sandbox
 from entropo.tasks import sandbox as sandbox_lib
 
 WALL = 1.0
@@ -82,7 +83,7 @@ class Episode:
     if proc is not None:
       assert proc.poll() is not None
     if info.get("uid") not in (None, os.getuid()):
-      assert sandbox_lib.uid_processes(info["uid"]) == []
+      assert local_sandbox.uid_processes(info["uid"]) == []
 
 
 @pytest.fixture
@@ -212,10 +213,10 @@ def test_background_processes_die_after_each_run(episode):
   if not info["pid_isolated"]:
     pytest.skip("no PID namespace here: stray processes die only at close")
   deadline = time.monotonic() + 2  # orphans are reaped by the init
-  left = sandbox_lib.uid_processes(info["uid"])
+  left = local_sandbox.uid_processes(info["uid"])
   while len(left) > 2 and time.monotonic() < deadline:
     time.sleep(0.05)
-    left = sandbox_lib.uid_processes(info["uid"])
+    left = local_sandbox.uid_processes(info["uid"])
   assert len(left) == 2  # the init and the worker
 
 
@@ -231,7 +232,7 @@ def test_state_persists_within_an_episode_and_not_across():
 
 
 def test_isolation_is_reported():
-  box = sandbox_lib.LocalSandbox(LIMITS)
+  box = local_sandbox.LocalSandbox(LIMITS)
   try:
     assert box.run("1").stdout == "1\n"
     info = box.info
@@ -239,7 +240,7 @@ def test_isolation_is_reported():
     assert (info["uid"] != os.getuid()) == ROOT
   finally:
     box.close()
-  off = sandbox_lib.LocalSandbox(LIMITS, isolate=False)
+  off = local_sandbox.LocalSandbox(LIMITS, isolate=False)
   try:
     assert off.run("1").status == "ok"
     assert off.info["network_isolated"] is False
@@ -420,17 +421,17 @@ def test_hostile_programs_in_a_rollout(run_dir, monkeypatch, request):
 
 @pytest.mark.skipif(not ROOT, reason="a fresh uid needs root")
 def test_fresh_uid_without_namespaces_kills_escaped_processes():
-  box = sandbox_lib.LocalSandbox(LIMITS, namespaces=False)
+  box = local_sandbox.LocalSandbox(LIMITS, namespaces=False)
   try:
     out = box.run("import os, time\nfor _ in range(3):\n  if os.fork() == 0:"
                   "\n    os.setsid(); time.sleep(600)\nprint('forked')")
     assert out.stdout == "forked\n"
     uid = box.info["uid"]
     assert box.info["network_isolated"] is False and uid != os.getuid()
-    assert len(sandbox_lib.uid_processes(uid)) >= 5  # init, worker, 3 more
+    assert len(local_sandbox.uid_processes(uid)) >= 5  # init, worker, 3 more
   finally:
     box.close()
-  assert sandbox_lib.uid_processes(uid) == []
+  assert local_sandbox.uid_processes(uid) == []
 
 
 @pytest.mark.parametrize("name", ["calc_code", "apps_world"])
@@ -505,7 +506,7 @@ def test_apps_world_reward_needs_done():
 
 
 def test_no_descriptor_of_the_host_tree_and_cleanup_without_parent(tmp_path):
-  box = sandbox_lib.LocalSandbox(LIMITS)
+  box = local_sandbox.LocalSandbox(LIMITS)
   try:
     out = box.run("import os\nfor f in os.listdir('/proc/self/fd'):\n"
                   "  try: print(os.readlink('/proc/self/fd/' + f))\n"

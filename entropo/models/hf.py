@@ -35,6 +35,7 @@ from flax import nnx
 
 from entropo import precision as precision_lib
 from entropo.models import lora as lora_lib
+from entropo.models import lora_peft
 from entropo.models.config import ModelConfig
 from entropo.models.transformer import Transformer
 
@@ -405,13 +406,13 @@ def save_pretrained(model: Transformer, path, *, dtype=None,
   metadata = {"format": "pt"}
   shards = _shard(tensors, max_shard_bytes)
   if len(shards) == 1:
-    lora_lib.write_safetensors(shards[0], directory / WEIGHTS_NAME,
+    lora_peft.write_safetensors(shards[0], directory / WEIGHTS_NAME,
                                metadata)
     return
   weight_map = {}
   for i, shard in enumerate(shards):
     file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    lora_lib.write_safetensors(shard, directory / file, metadata)
+    lora_peft.write_safetensors(shard, directory / file, metadata)
     weight_map.update({name: file for name in shard})
   index = {
       "metadata": {"total_size": sum(t.nbytes for t in tensors.values())},

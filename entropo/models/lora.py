@@ -31,7 +31,7 @@ projection they are added to.
 `lora_disabled(model)` switches every adapter off for the calls traced
 inside it (the base model: the KL reference of a LoRA run, without a
 second copy of the weights). `merge_lora(model)` folds the adapters into the
-base weights; `save_lora` / `load_lora` (lora_peft.py, re-exported here)
+base weights; `save_lora` / `load_lora` (lora_peft.py)
 write and read PEFT adapter folders (`adapter_config.json` and
 `adapter_model.safetensors`), which
 `peft.PeftModel.from_pretrained(hf_model, path)` loads onto the
@@ -302,13 +302,3 @@ def merge_lora(model):
       delattr(getattr(block, attr), "lora")
   del model.lora_config
   return model
-
-
-# Reading and writing PEFT adapter folders (lora_peft.py), importable from
-# here as before (that module reads this one's adapters, so it comes last).
-from entropo.models.lora_peft import ADAPTER_CONFIG_NAME  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.models.lora_peft import ADAPTER_WEIGHTS_NAME  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.models.lora_peft import load_lora  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.models.lora_peft import peft_tensors  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.models.lora_peft import save_lora  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.models.lora_peft import write_safetensors  # pylint: disable=g-import-not-at-top,wrong-import-position

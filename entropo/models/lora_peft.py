@@ -6,7 +6,7 @@ entropo's flattened adapters (lora.py): `lora_A.weight = A.reshape(in,
 r).T` (`[r, in]`) and `lora_B.weight = B.reshape(r, out).T` (`[out, r]`).
 `peft.PeftModel.from_pretrained(hf_model, path)` loads what `save_lora`
 writes onto the `transformers` model of the same checkpoint. Import these
-from `entropo.models` or `entropo.models.lora`, which re-export them.
+from here or from `entropo.models`, which re-exports them.
 """
 
 import json

@@ -32,6 +32,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from entropo.tasks import environment
+from entropo.tasks import local_sandbox as local_sandbox_lib
 from entropo.tasks import sandbox as sandbox_lib
 from entropo.tasks.settings import SettingError
 
@@ -95,7 +96,7 @@ def check_limits(task) -> None:
 def local_sandbox(limits: sandbox_lib.Limits) -> Callable[[],
                                                           sandbox_lib.Sandbox]:
   """A factory of `LocalSandbox` with `limits` (the default sandbox)."""
-  return lambda: sandbox_lib.LocalSandbox(limits)
+  return lambda: local_sandbox_lib.LocalSandbox(limits)
 
 
 class CodeEnvironment(environment.Environment):

@@ -8,12 +8,12 @@ a `status`, seconds); whatever the code does, `run` returns within its wall
 limit (plus the time to kill the processes) and never raises on the code's
 behalf.
 
-    with LocalSandbox(Limits(wall_seconds=2)) as box:
+    with local_sandbox.LocalSandbox(Limits(wall_seconds=2)) as box:
       box.run("x = 6 * 7")
       box.run("x + 1").stdout        # "43\\n": state persists, as in a notebook
       box.info["network_isolated"]   # True as root where namespaces work
 
-`LocalSandbox` (local_sandbox.py, re-exported here) is a persistent worker
+`LocalSandbox` (local_sandbox.py) is a persistent worker
 process per episode (see sandbox_worker.py for the child side): a scrubbed
 environment, resource limits (CPU, address space, processes, file size, open
 files, no core dumps), a new session killed as a whole; as root also a fresh
@@ -142,11 +142,3 @@ class Sandbox(abc.ABC):
 
   def __exit__(self, *exc):
     self.close()
-
-
-# The local implementation, importable from here as before (it imports the
-# interface above, so it comes last).
-from entropo.tasks.local_sandbox import LocalSandbox  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.tasks.local_sandbox import default_hidden  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.tasks.local_sandbox import uid_processes  # pylint: disable=g-import-not-at-top,wrong-import-position
-from entropo.tasks.local_sandbox import worker_python  # pylint: disable=g-import-not-at-top,wrong-import-position
