@@ -92,7 +92,6 @@ class RunMeta:
     return cls(**meta)
 
 
-
 @dataclasses.dataclass
 class LaunchCounts:
   """Counters of this launch alone (not checkpointed): what the end-of-run
