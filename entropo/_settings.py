@@ -9,7 +9,9 @@ tables print each field with `bounds_text`.
 """
 
 import dataclasses
+import importlib
 import math
+import pkgutil
 from collections.abc import Callable, Collection
 from typing import Any
 
@@ -55,7 +57,6 @@ def choice(default: str, doc: str, options: Collection[str]):
     hint = (_checks.did_you_mean(value, options) if isinstance(value, str)
             else "")
     return f"must be one of {list(options)}; got {value!r}{hint}"
-
 
   return setting(default, doc, check=check,
                  accepted=" / ".join(map(str, options)))
@@ -122,3 +123,28 @@ def documented(cls, owner: str) -> None:
     if "doc" not in field.metadata:
       raise ValueError(f"{owner}: declare setting {field.name!r} with "
                        f"setting(...)")
+
+
+def fields_text(cls) -> str:
+  """The fields of a settings dataclass for a docs table: `name`=default,
+  accepted values, doc; joined by "; "."""
+  return "; ".join(
+      f"`{f.name}`={f.default!r} {bounds_text(f)}: {f.metadata['doc']}"
+      for f in dataclasses.fields(cls))
+
+
+def table_cell(text: str) -> str:
+  """`text` inside a markdown table cell (its pipes escaped)."""
+  return text.replace("|", "\\|")
+
+
+def import_modules(package: str, *, first: tuple[str, ...],
+                   skip: tuple[str, ...]) -> None:
+  """Imports every public module of `package` (modules that register
+  themselves when imported): `first` in that order, then the others by
+  name; `skip` and names starting with "_" are not imported."""
+  path = importlib.import_module(package).__path__
+  names = sorted(info.name for info in pkgutil.iter_modules(path)
+                 if not info.name.startswith("_") and info.name not in skip)
+  for name in [*first, *(n for n in names if n not in first)]:
+    importlib.import_module(f"{package}.{name}")

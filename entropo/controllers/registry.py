@@ -30,18 +30,18 @@ new module needs no edit anywhere else.
 """
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from entropo._settings import SettingError
 from entropo._settings import Settings as Section
-from entropo._settings import bounds_text
 from entropo._settings import choice
 from entropo._settings import documented
+from entropo._settings import fields_text
 from entropo._settings import flag
+from entropo._settings import import_modules
 from entropo._settings import setting
+from entropo._settings import table_cell
 
 __all__ = ["SettingError", "Section", "choice", "flag", "setting",
            "register", "CONTROLLERS", "HYPERPARAMETERS", "START"]
@@ -119,12 +119,7 @@ def unregister(name: str) -> None:
 
 def load_all() -> None:
   """Imports every controller module of the package (they register)."""
-  package = importlib.import_module("entropo.controllers")
-  names = sorted(info.name for info in pkgutil.iter_modules(package.__path__)
-                 if not info.name.startswith("_")
-                 and info.name not in _INFRASTRUCTURE)
-  for name in [*_FIRST, *(n for n in names if n not in _FIRST)]:
-    importlib.import_module(f"entropo.controllers.{name}")
+  import_modules("entropo.controllers", first=_FIRST, skip=_INFRASTRUCTURE)
 
 
 def config_defaults() -> dict[str, dict[str, Any]]:
@@ -157,11 +152,7 @@ def table() -> str:
   """The markdown table of registered controllers and their sections."""
   rows = ["| section | moves | switched on | fields (default, accepted) |",
           "|---|---|---|---|"]
-  cell = lambda text: text.replace("|", "\\|")
   for c in CONTROLLERS.values():
-    fields = "; ".join(
-        f"`{f.name}`={f.default!r} {bounds_text(f)}: {f.metadata['doc']}"
-        for f in dataclasses.fields(c.section))
-    rows.append(f"| `algo.{c.name}` | `{c.moves}` | {cell(c.switch)} | "
-                f"{cell(fields)} |")
+    rows.append(f"| `algo.{c.name}` | `{c.moves}` | {table_cell(c.switch)} | "
+                f"{table_cell(fields_text(c.section))} |")
   return "\n".join(rows)

@@ -19,8 +19,6 @@ edit anywhere else.
 """
 
 import dataclasses
-import importlib
-import pkgutil
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -28,8 +26,10 @@ from typing import Any
 # registry (entropo/_settings.py).
 from entropo._settings import SettingError
 from entropo._settings import Settings
-from entropo._settings import bounds_text
+from entropo._settings import fields_text
+from entropo._settings import import_modules
 from entropo._settings import setting
+from entropo._settings import table_cell
 
 # Modules of the package that hold no objective.
 _INFRASTRUCTURE = ("loss", "ratio", "registry")
@@ -97,12 +97,7 @@ def register(name: str, *, settings: type = Settings,
 
 def load_all() -> None:
   """Imports every objective module of the package (they register)."""
-  package = importlib.import_module("entropo.objectives")
-  names = sorted(info.name for info in pkgutil.iter_modules(package.__path__)
-                 if not info.name.startswith("_")
-                 and info.name not in _INFRASTRUCTURE)
-  for name in [*_FIRST, *(n for n in names if n not in _FIRST)]:
-    importlib.import_module(f"entropo.objectives.{name}")
+  import_modules("entropo.objectives", first=_FIRST, skip=_INFRASTRUCTURE)
 
 
 def setting_fields() -> dict[str, Objective]:
@@ -133,12 +128,9 @@ def table() -> str:
   """The markdown table of registered objectives and their settings."""
   rows = ["| objective | per-token term | settings (default, accepted) |",
           "|---|---|---|"]
-  cell = lambda text: text.replace("|", "\\|")
   for objective in OBJECTIVE_TERMS.values():
-    settings = "; ".join(
-        f"`{f.name}`={f.default!r} {bounds_text(f)}: {f.metadata['doc']}"
-        for f in dataclasses.fields(objective.settings))
+    settings = table_cell(fields_text(objective.settings))
     key = " (needs `key`)" if objective.needs_key else ""
-    rows.append(f"| `{objective.name}` | {cell(objective.summary)}{key} | "
-                f"{cell(settings) or '-'} |")
+    rows.append(f"| `{objective.name}` | {table_cell(objective.summary)}"
+                f"{key} | {settings or '-'} |")
   return "\n".join(rows)
