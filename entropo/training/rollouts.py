@@ -204,7 +204,8 @@ class AgentRollouts(Rollouts):
     self.limits = episodes_lib.EpisodeLimits(
         max_turns=agent.max_turns, max_action_tokens=agent.max_action_tokens,
         max_observation_tokens=agent.max_observation_tokens,
-        context=agent.max_context, step_timeout=agent.step_timeout)
+        context=agent.max_context, step_timeout=agent.step_timeout,
+        env_workers=agent.env_workers)
     self.stop_ids = episodes_lib.stop_token_ids(tokenizer, task.stop)
     self.eval_rows = task.max_concurrent_episodes or Rollouts.eval_rows
 
