@@ -14,6 +14,7 @@ import time
 import pytest
 
 from entropo.training import env_calls
+from entropo.training import episodes as episodes_lib
 
 
 def _sleeper(seconds: float, value):
@@ -101,3 +102,14 @@ def test_small_batches_and_defaults():
   assert time.perf_counter() - t0 < 0.6
   with pytest.raises(ValueError, match="workers"):
     env_calls.call_all([lambda: 1], timeout=1.0, workers=-1)
+
+
+def test_the_rollout_uses_the_limits_pool():
+  """`EpisodeLimits.env_workers` sizes the rollout's pool: 6 episodes whose
+  step takes 0.3 s, on 2 places with a 0.5 s limit, all go on."""
+  limits = episodes_lib.EpisodeLimits(step_timeout=0.5, env_workers=2)
+  # pylint: disable-next=protected-access
+  book = episodes_lib._Book([None] * 6, limits)
+  out = book.call(range(6), lambda row: _sleeper(0.3, row)())
+  assert out == [("ok", i) for i in range(6)]
+  assert book.live.all() and book.env_seconds > 0.85
