@@ -469,7 +469,8 @@ def test_evaluation_plays_at_most_eval_rows_episodes_at_once():
       rows = len(batch["problem"])
       sizes.append(rows)
       return (np.ones(rows, bool), np.ones((rows, 3)),
-              np.ones((rows, 3), bool))
+              np.ones((rows, 3), bool),
+              [env_lib.SOLVED] * (rows - 1) + [env_lib.ENV_TIMEOUT])
 
   task = tasks.get_task("calc_code")
   records = list(task.records(0, 20))
@@ -480,4 +481,8 @@ def test_evaluation_plays_at_most_eval_rows_episodes_at_once():
                             temperature=1.0)
   assert max(sizes) <= 64 and sum(sizes) == 20 * 16
   assert out["eval/pass@1"] == 1.0
+  # The end reasons of the episodes, the padding rows left out.
+  timeouts = len(sizes) / (20 * 16)
+  assert out["eval/end/env_timeout"] == pytest.approx(timeouts)
+  assert out["eval/end/solved"] == pytest.approx(1 - timeouts)
   assert rollouts_lib.Rollouts.eval_rows == 512

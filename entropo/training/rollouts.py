@@ -220,8 +220,10 @@ class AgentRollouts(Rollouts):
         limits=self.limits, stop_ids=self.stop_ids, temperature=temperature)
 
   def evaluate_rows(self, model, batch, key, temperature):
+    """As `Rollouts.evaluate_rows`, and each row's end reason."""
     episodes = self.play(model, batch, key, temperature)
-    return episodes.solved, episodes.entropy, episodes.action_mask
+    return (episodes.solved, episodes.entropy, episodes.action_mask,
+            list(episodes.reasons))
 
   def rollout(self, model, batch: dict, key) -> Rollout:
     t0 = time.perf_counter()
