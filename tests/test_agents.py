@@ -342,15 +342,6 @@ def test_bad_environments_end_their_own_episode(char_model):
   assert seq["completion_mask"].sum() == ep.action_mask.sum()
 
 
-def test_call_all_returns_within_its_limit():
-  t0 = time.perf_counter()
-  out = episodes_lib.call_all([lambda: 1, lambda: time.sleep(5),
-                               lambda: 1 / 0], timeout=0.5)
-  assert time.perf_counter() - t0 < 2
-  assert out[0] == ("ok", 1) and out[1] == ("timeout", None)
-  assert out[2][0] == "error" and isinstance(out[2][1], ZeroDivisionError)
-
-
 def test_context_full_and_turn_budget_are_truncations(char_model):
   modes = ["plain"] * len(BATCH_MODES)
   ep = _play(char_model, modes, max_turns=12, max_observation_tokens=4)
@@ -478,7 +469,8 @@ def test_evaluation_plays_at_most_eval_rows_episodes_at_once():
       rows = len(batch["problem"])
       sizes.append(rows)
       return (np.ones(rows, bool), np.ones((rows, 3)),
-              np.ones((rows, 3), bool))
+              np.ones((rows, 3), bool),
+              [env_lib.SOLVED] * (rows - 1) + [env_lib.ENV_TIMEOUT])
 
   task = tasks.get_task("calc_code")
   records = list(task.records(0, 20))
@@ -489,4 +481,8 @@ def test_evaluation_plays_at_most_eval_rows_episodes_at_once():
                             temperature=1.0)
   assert max(sizes) <= 64 and sum(sizes) == 20 * 16
   assert out["eval/pass@1"] == 1.0
+  # The end reasons of the episodes, the padding rows left out.
+  timeouts = len(sizes) / (20 * 16)
+  assert out["eval/end/env_timeout"] == pytest.approx(timeouts)
+  assert out["eval/end/solved"] == pytest.approx(1 - timeouts)
   assert rollouts_lib.Rollouts.eval_rows == 512

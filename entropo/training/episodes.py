@@ -7,7 +7,8 @@ the device between turns (entropo.models.multiturn):
 1. every row's environment is built and `reset` (in parallel threads);
 2. each turn, the live rows sample an action (until a stop id, an EOS id
    or `max_action_tokens`); their actions are decoded and handed to
-   `step`, all episodes at once, each in its own thread with a time limit;
+   `step`, on a pool of `env_workers` threads (`call_all`), each call with
+   its own time limit from the moment it starts;
 3. the observations are tokenized and appended to the context (only the
    new tokens are fed), and the next turn starts;
 4. when every episode has ended, `final_reward` and `close` run once per
@@ -33,9 +34,8 @@ sequence per episode.
 """
 
 import dataclasses
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -43,6 +43,7 @@ import numpy as np
 
 from entropo.models import multiturn
 from entropo.tasks import environment as env_lib
+from entropo.training.env_calls import call_all
 
 # An observation longer than this many characters per allowed token is too
 # long without tokenizing it (a guard against huge strings).
@@ -58,32 +59,10 @@ class EpisodeLimits:
   max_observation_tokens: int = 16
   context: int = 128  # slots of the shared context
   step_timeout: float = 10.0  # seconds per environment call
+  # Environment calls running at once (env_calls.call_all's pool); 0:
+  # sized to the machine (env_calls.default_workers()).
+  env_workers: int = 0
   observation_bucket: int = 4  # observation chunks padded to a multiple
-
-
-def call_all(calls: Sequence[Callable[[], Any]], timeout: float
-             ) -> list[tuple[str, Any]]:
-  """Runs `calls` at once, each in a daemon thread, for `timeout` seconds.
-
-  Returns `("ok", value)`, `("error", exception)` or `("timeout", None)`
-  per call, in order. A call still running at the deadline is abandoned.
-  """
-  results: list[tuple[str, Any] | None] = [None] * len(calls)
-
-  def run(i, fn):
-    try:
-      results[i] = ("ok", fn())
-    except BaseException as e:  # pylint: disable=broad-except
-      results[i] = ("error", e)
-
-  threads = [threading.Thread(target=run, args=(i, fn), daemon=True)
-             for i, fn in enumerate(calls)]
-  for t in threads:
-    t.start()
-  deadline = time.monotonic() + timeout
-  for t in threads:
-    t.join(max(0.0, deadline - time.monotonic()))
-  return [r if r is not None else ("timeout", None) for r in list(results)]
 
 
 def stop_token_ids(tokenizer, stops: Sequence[str]) -> list[int]:
@@ -188,11 +167,11 @@ class _Book:
       self.reasons[row] = reason
 
   def call(self, rows, fn) -> list[tuple[str, Any]]:
-    """`fn(row)` for each of `rows` at once; errors and time-outs end their
-    episode."""
+    """`fn(row)` for each of `rows` on the pool (`call_all`); errors and
+    time-outs end their episode."""
     t = time.perf_counter()
     results = call_all([lambda r=r: fn(r) for r in rows],
-                       self.limits.step_timeout)
+                       self.limits.step_timeout, self.limits.env_workers)
     self.env_seconds += time.perf_counter() - t
     for row, (status, _) in zip(rows, results):
       if status != "ok":
@@ -212,14 +191,15 @@ class _Book:
     scored = [r for r in rows if self.reasons[r] != env_lib.ENV_TIMEOUT]
     t = time.perf_counter()
     finals = call_all([lambda r=r: self.envs[r].final_reward(self.reasons[r])
-                       for r in scored], self.limits.step_timeout)
+                       for r in scored], self.limits.step_timeout,
+                       self.limits.env_workers)
     for row, (status, value) in zip(scored, finals):
       if status == "ok" and _is_number(value):
         self.returns[row] += float(value)
       else:
         self.reasons[row] = env_lib.ENV_ERROR
     call_all([lambda r=r: self.envs[r].close() for r in rows],
-             self.limits.step_timeout)
+             self.limits.step_timeout, self.limits.env_workers)
     self.env_seconds += time.perf_counter() - t
 
 

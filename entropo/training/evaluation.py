@@ -16,7 +16,9 @@ def evaluate(model, records, rollouts, key, *, samples: int,
   its devices hold, and the counts, entropies and lengths are gathered
   (`rollouts.placement`), so every process returns the same numbers. For
   an agent task a sample is a whole episode: correct means solved, its
-  length and entropy are those of the policy's tokens.
+  length and entropy are those of the policy's tokens, and the fraction of
+  episodes ending with each reason is `eval/end/<reason>` (`evaluate_rows`
+  returns the rows' end reasons as a fourth element).
 
   Args:
     model: the policy.
@@ -29,12 +31,13 @@ def evaluate(model, records, rollouts, key, *, samples: int,
     temperature: sampling temperature.
 
   Returns:
-    `eval/pass@k` for each k, `eval/entropy` (nats per token) and
-    `eval/length` (tokens per completion).
+    `eval/pass@k` for each k, `eval/entropy` (nats per token),
+    `eval/length` (tokens per completion) and, for an agent task,
+    `eval/end/<reason>` (fraction of episodes).
   """
   placement, n = rollouts.placement, samples
   correct = np.zeros(len(records), np.int64)
-  entropies, lengths = [], []
+  entropies, lengths, reasons = [], [], {}
   chunk = max(1, rollouts.eval_rows // n)  # prompts per sampler call
   for start in range(0, len(records), chunk):
     part = records[start:start + chunk]
@@ -45,9 +48,11 @@ def evaluate(model, records, rollouts, key, *, samples: int,
     size = -(-len(rows) // placement.shards) * placement.shards
     batch = {k: np.concatenate([v, np.repeat(v[-1:], size - len(v), 0)])
              for k, v in batch.items()}
-    correct_rows, entropy, cmask = (x[:len(rows)] for x in (
+    correct_rows, entropy, cmask, *ends = (x[:len(rows)] for x in (
         rollouts.evaluate_rows(model, batch, jax.random.fold_in(key, start),
                                temperature)))
+    for reason in ends[0] if ends else ():
+      reasons[reason] = reasons.get(reason, 0) + 1
     np.add.at(correct, rows, correct_rows.astype(np.int64))
     entropies.append(entropy[cmask])
     lengths.append(cmask.sum(1))
@@ -55,4 +60,6 @@ def evaluate(model, records, rollouts, key, *, samples: int,
       correct, n, int(k)))) for k in pass_k}
   out["eval/entropy"] = float(np.concatenate(entropies).mean())
   out["eval/length"] = float(np.concatenate(lengths).mean())
+  out.update({f"eval/end/{r}": c / (len(records) * n)
+              for r, c in sorted(reasons.items())})
   return out

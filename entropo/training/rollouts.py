@@ -204,7 +204,8 @@ class AgentRollouts(Rollouts):
     self.limits = episodes_lib.EpisodeLimits(
         max_turns=agent.max_turns, max_action_tokens=agent.max_action_tokens,
         max_observation_tokens=agent.max_observation_tokens,
-        context=agent.max_context, step_timeout=agent.step_timeout)
+        context=agent.max_context, step_timeout=agent.step_timeout,
+        env_workers=agent.env_workers)
     self.stop_ids = episodes_lib.stop_token_ids(tokenizer, task.stop)
     self.eval_rows = task.max_concurrent_episodes or Rollouts.eval_rows
 
@@ -219,8 +220,10 @@ class AgentRollouts(Rollouts):
         limits=self.limits, stop_ids=self.stop_ids, temperature=temperature)
 
   def evaluate_rows(self, model, batch, key, temperature):
+    """As `Rollouts.evaluate_rows`, and each row's end reason."""
     episodes = self.play(model, batch, key, temperature)
-    return episodes.solved, episodes.entropy, episodes.action_mask
+    return (episodes.solved, episodes.entropy, episodes.action_mask,
+            list(episodes.reasons))
 
   def rollout(self, model, batch: dict, key) -> Rollout:
     t0 = time.perf_counter()

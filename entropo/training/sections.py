@@ -333,12 +333,18 @@ class AgentSection:
   # the next observation and a whole action would not fit.
   max_context: int = 112
   step_timeout: float = 10.0  # seconds per environment call (env_timeout)
+  # Environment calls of a batch running at once (a pool; each call's
+  # step_timeout starts when it starts running); 0: sized to the machine
+  # (4 per CPU, at least 8: entropo.training.env_calls).
+  env_workers: int = 0
 
   def __post_init__(self):
     for field in ("max_turns", "max_action_tokens", "max_observation_tokens",
                   "max_context"):
       check_number(f"agent.{field}", getattr(self, field), integer=True)
     check_number("agent.step_timeout", self.step_timeout)
+    check_number("agent.env_workers", self.env_workers, allow_zero=True,
+                 integer=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
