@@ -10,9 +10,10 @@ as in `entropo.models.inflight`), so the host can drive the rows apart
 while others wait for their environment, a row takes its observation
 alone, and a row whose episode ended takes the next episode's prompt.
 
+    bound = bind(model)                  # split once: flat weights
     s = open_slots(model, rows=S, context=C)
-    s = feed(model, s, tokens, mask, rows=..., start=..., reset=...)
-    s, block = decode(model, s, slot=..., active=..., ...)
+    s = feed(bound, s, tokens, mask, rows=..., start=..., reset=...)
+    s, block = decode(bound, s, slot=..., active=..., ...)
 
 Layout. A row's tokens are contiguous from slot 0, without holes: the
 prompt left-aligned at `[0, P_b)`, then each action and observation where
@@ -31,7 +32,7 @@ for the same key (log-probs to float32 rounding: other batch shapes).
 """
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
@@ -120,21 +121,50 @@ def open_slots(model, *, rows: int, context: int) -> Slots:
                          precision.compute_dtype))
 
 
-def feed(model, s: Slots, tokens, mask, *, rows, start, reset) -> Slots:
+class Bound(NamedTuple):
+  """A model's weights as flat leaves and its compiled calls (`bind`)."""
+
+  leaves: list
+  feed: Callable
+  decode: Callable
+
+
+def bind(model) -> Bound:
+  """The model split once per episode batch: a call then passes a flat list
+  of arrays (no module graph to flatten and hash per call, which cost more
+  than a short decode call on the host)."""
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree.flatten(state)
+  return Bound(leaves, *_compiled(graphdef, treedef))
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef, treedef):
+  merge = lambda leaves: nnx.merge(  # noqa: E731
+      graphdef, jax.tree.unflatten(treedef, leaves))
+  feed_fn = jax.jit(lambda leaves, *a: _feed(merge(leaves), *a))
+  decode_fn = jax.jit(
+      lambda leaves, *a, **k: _decode(merge(leaves), *a, **k),
+      static_argnames=("max_tokens", "block", "greedy", "top_k",
+                       "use_top_p"))
+  return feed_fn, decode_fn
+
+
+def feed(bound: Bound, s: Slots, tokens, mask, *, rows, start,
+         reset) -> Slots:
   """Appends a chunk `[S, W]` to the `rows` (`[S]` bool), row `b`'s valid
   tokens left-aligned and written from slot `start[b]`; a `reset` row
   first forgets its whole cache (a new episode's prompt, `start` 0). The
   other rows are untouched."""
-  graphdef, state = nnx.split(model)
-  cache, hidden = _feed_jit(
-      graphdef, state, s.cache, s.hidden, _copy(tokens, np.int32),
-      _copy(mask, bool), _copy(rows, bool), _copy(start, np.int32),
-      _copy(reset, bool))
+  per_row = _copy(np.stack([rows, start, reset]), np.int32)
+  cache, hidden = bound.feed(bound.leaves, s.cache, s.hidden,
+                             _copy(tokens, np.int32), _copy(mask, bool),
+                             per_row)
   return Slots(cache, hidden)
 
 
-def _feed(graphdef, state, cache, hidden, tokens, mask, rows, start, reset):
-  model = nnx.merge(graphdef, state)
+def _feed(model, cache, hidden, tokens, mask, per_row):
+  rows, start, reset = per_row[0] > 0, per_row[1], per_row[2] > 0
   batch, width = tokens.shape
   context = cache["valid"].shape[1]
   cache = {**cache, "valid": cache["valid"] & ~reset[:, None]}
@@ -149,17 +179,14 @@ def _feed(graphdef, state, cache, hidden, tokens, mask, rows, start, reset):
   return cache, hidden
 
 
-_feed_jit = jax.jit(_feed, static_argnums=0)
-
-
 def _copy(a, dtype):
   """A device copy of host array `a`: the call runs asynchronously, and
   `jnp.asarray` may alias a numpy buffer that the caller updates next."""
   return jnp.asarray(np.array(a, dtype, copy=True))
 
 
-def decode(model, s: Slots, *, key, slot, active, step, turn, episode,
-           settings: Sampling, max_tokens: int, block: int,
+def decode(bound: Bound, s: Slots, *, key, slot, active, step, turn,
+           episode, settings: Sampling, max_tokens: int, block: int,
            pad_id: int = 0) -> tuple[Slots, Block]:
   """Up to `block` decode steps of the `active` rows (`[S]` host arrays).
 
@@ -168,26 +195,24 @@ def decode(model, s: Slots, *, key, slot, active, step, turn, episode,
   stops acting after a stop or EOS id (kept) or its `max_tokens`-th
   token. The call returns after `block` steps or once no row is active.
   """
-  graphdef, state = nnx.split(model)
-  i32 = lambda a: _copy(a, np.int32)  # noqa: E731
-  out = _decode_jit(
-      graphdef, state, s.cache, s.hidden, sampler_lib._check_key(key),  # pylint: disable=protected-access
-      i32(slot), _copy(active, bool), i32(step), i32(turn),
-      i32(episode), settings.ends, settings.eos_ids, settings.temperature,
+  per_row = _copy(np.stack([slot, active, step, turn, episode]), np.int32)
+  out = bound.decode(
+      bound.leaves, s.cache, s.hidden, sampler_lib._check_key(key),  # pylint: disable=protected-access
+      per_row, settings.ends, settings.eos_ids, settings.temperature,
       settings.top_p, jnp.int32(pad_id), max_tokens=int(max_tokens),
       block=int(block), greedy=settings.greedy, top_k=settings.top_k,
       use_top_p=settings.use_top_p)
-  cache, hidden, steps, bufs, active, eos = out
-  steps = int(steps)
-  tokens, mask, lps, ents = (np.asarray(b)[:, :steps] for b in bufs)
+  cache, hidden = out[:2]
+  steps, bufs, active, eos = jax.device_get(out[2:])  # one wait
+  tokens, mask, lps, ents = (b[:, :int(steps)] for b in bufs)
   return Slots(cache, hidden), Block(tokens, mask, lps, ents,
-                                     np.asarray(active), np.asarray(eos))
+                                     np.array(active), eos)
 
 
-def _decode(graphdef, state, cache, hidden, key, slot, active, step, turn,
-            episode, ends, eos_ids, temperature, top_p, pad_id, *,
-            max_tokens, block, greedy, top_k, use_top_p):
-  model = nnx.merge(graphdef, state)
+def _decode(model, cache, hidden, key, per_row, ends, eos_ids, temperature,
+            top_p, pad_id, *, max_tokens, block, greedy, top_k, use_top_p):
+  slot, active, step, turn, episode = per_row
+  active = active > 0
   precision = model.precision
   lm_head = model.lm_head_matrix()
   batch, context = slot.shape[0], cache["valid"].shape[1]
@@ -231,7 +256,3 @@ def _decode(graphdef, state, cache, hidden, key, slot, active, step, turn,
                    jnp.zeros((batch,), bool)))
   return cache, hidden, i, bufs, active, eos
 
-
-_decode_jit = jax.jit(
-    _decode, static_argnums=0,
-    static_argnames=("max_tokens", "block", "greedy", "top_k", "use_top_p"))

@@ -157,6 +157,7 @@ class _Player:
         prompts, problems, key, block)
     self.pad, self.eos = tokenizer.pad_id, [int(i) for i in
                                             tokenizer.eos_ids]
+    self.bound = agent_slots.bind(model)
     self.settings = agent_slots.sampling(model, stop_ids=stop_ids,
                                          eos_ids=self.eos, **sampling)
     self.s = agent_slots.open_slots(model, rows=slots,
@@ -210,7 +211,7 @@ class _Player:
       problem = env_lib.problem_dict(self.problems[e])
       self.calls.submit(e, "reset",
                         lambda e=e, p=problem: self.book.envs[e].reset(p))
-    self.s = agent_slots.feed(self.model, self.s, chunk, valid, rows=rows,
+    self.s = agent_slots.feed(self.bound, self.s, chunk, valid, rows=rows,
                               start=np.zeros(self.rows, np.int32),
                               reset=rows)
     self.slot[rows] = valid[rows].sum(axis=1)
@@ -222,7 +223,7 @@ class _Player:
     turn = np.asarray([self.book.turns[e] if e >= 0 else 0
                        for e in self.episode], np.int32)
     self.s, out = agent_slots.decode(
-        self.model, self.s, key=self.key, slot=self.slot, active=was,
+        self.bound, self.s, key=self.key, slot=self.slot, active=was,
         step=self.step, turn=turn, episode=np.maximum(self.episode, 0),
         settings=self.settings,
         max_tokens=self.book.limits.max_action_tokens, block=self.block,
@@ -231,7 +232,7 @@ class _Player:
     grew = out.mask.sum(axis=1).astype(np.int32)
     self.slot += grew
     self.step += grew
-    self.active = out.active.copy()
+    self.active = out.active
     for r in np.flatnonzero(was):
       self.action[r].append((out.tokens[r], out.mask[r], out.logps[r],
                              out.entropy[r], bool(out.eos[r])))
@@ -299,7 +300,7 @@ class _Player:
       chunk[r, :len(ids)], valid[r, :len(ids)], rows[r] = ids, True, True
       self.cols[self.episode[r]].add(chunk[r:r + 1, :len(ids)],
                                      valid[r:r + 1, :len(ids)])
-    self.s = agent_slots.feed(self.model, self.s, chunk, valid, rows=rows,
+    self.s = agent_slots.feed(self.bound, self.s, chunk, valid, rows=rows,
                               start=self.slot, reset=np.zeros_like(rows))
     self.slot += valid.sum(axis=1).astype(np.int32)
     self.fed += chunk.size
