@@ -142,11 +142,14 @@ def bind(model) -> Bound:
 def _compiled(graphdef, treedef):
   merge = lambda leaves: nnx.merge(  # noqa: E731
       graphdef, jax.tree.unflatten(treedef, leaves))
-  feed_fn = jax.jit(lambda leaves, *a: _feed(merge(leaves), *a))
+  # The cache and hidden states (arguments 1 and 2) are donated: updated
+  # in place, not copied whole at every call.
+  feed_fn = jax.jit(lambda leaves, *a: _feed(merge(leaves), *a),
+                    donate_argnums=(1, 2))
   decode_fn = jax.jit(
       lambda leaves, *a, **k: _decode(merge(leaves), *a, **k),
       static_argnames=("max_tokens", "block", "greedy", "top_k",
-                       "use_top_p"))
+                       "use_top_p"), donate_argnums=(1, 2))
   return feed_fn, decode_fn
 
 
@@ -194,23 +197,53 @@ def decode(bound: Bound, s: Slots, *, key, slot, active, step, turn,
   key of (`turn[b]`, `episode[b]`, `step[b]`) (module docstring), and
   stops acting after a stop or EOS id (kept) or its `max_tokens`-th
   token. The call returns after `block` steps or once no row is active.
+  Only the active rows are computed: they are gathered into a batch of
+  the next size of `row_buckets` (padded with frozen rows), so a step
+  costs what its active rows do (one compiled call per size).
   """
-  per_row = _copy(np.stack([slot, active, step, turn, episode]), np.int32)
+  rows = active.shape[0]
+  count = int(np.sum(active))
+  size = min(b for b in row_buckets(rows) if b >= count)
+  take = np.argsort(~np.asarray(active, bool), kind="stable")[:size]
+  per_row = np.stack([slot, active, step, turn, episode])[:, take]
   out = bound.decode(
-      bound.leaves, s.cache, s.hidden, sampler_lib._check_key(key),  # pylint: disable=protected-access
-      per_row, settings.ends, settings.eos_ids, settings.temperature,
-      settings.top_p, jnp.int32(pad_id), max_tokens=int(max_tokens),
-      block=int(block), greedy=settings.greedy, top_k=settings.top_k,
+      bound.leaves, s.cache, s.hidden, _copy(take, np.int32),
+      sampler_lib._check_key(key), _copy(per_row, np.int32),  # pylint: disable=protected-access
+      settings.ends, settings.eos_ids, settings.temperature, settings.top_p,
+      jnp.int32(pad_id), max_tokens=int(max_tokens), block=int(block),
+      greedy=settings.greedy, top_k=settings.top_k,
       use_top_p=settings.use_top_p)
   cache, hidden = out[:2]
-  steps, bufs, active, eos = jax.device_get(out[2:])  # one wait
-  tokens, mask, lps, ents = (b[:, :int(steps)] for b in bufs)
-  return Slots(cache, hidden), Block(tokens, mask, lps, ents,
-                                     np.array(active), eos)
+  steps, bufs, live, eos = jax.device_get(out[2:])  # one wait
+  full = []
+  for b, fill in zip(bufs, (pad_id, False, 0.0, 0.0)):
+    a = np.full((rows, int(steps)), fill, b.dtype)
+    a[take] = b[:, :int(steps)]
+    full.append(a)
+  flags = [np.zeros(rows, bool) for _ in range(2)]
+  flags[0][take], flags[1][take] = live, eos
+  return Slots(cache, hidden), Block(*full, *flags)
 
 
-def _decode(model, cache, hidden, key, per_row, ends, eos_ids, temperature,
-            top_p, pad_id, *, max_tokens, block, greedy, top_k, use_top_p):
+def row_buckets(rows: int) -> tuple[int, ...]:
+  """The decode batch sizes of `rows` slots: powers of two below, and
+  `rows`."""
+  return tuple(1 << i for i in range(rows.bit_length())
+               if 1 << i < rows) + (rows,)
+
+
+def _decode(model, cache, hidden, take, key, per_row, *args, **kwargs):
+  """`_decode_rows` on the rows `take` of the cache, written back."""
+  sub = jax.tree.map(lambda a: a[take], cache)
+  sub, h, *out = _decode_rows(model, sub, hidden[take], key, per_row, *args,
+                              **kwargs)
+  cache = jax.tree.map(lambda a, b: a.at[take].set(b), cache, sub)
+  return (cache, hidden.at[take].set(h), *out)
+
+
+def _decode_rows(model, cache, hidden, key, per_row, ends, eos_ids,
+                 temperature, top_p, pad_id, *, max_tokens, block, greedy,
+                 top_k, use_top_p):
   slot, active, step, turn, episode = per_row
   active = active > 0
   precision = model.precision
