@@ -66,6 +66,7 @@ class Block(NamedTuple):
     entropy: float32 full-vocabulary entropy (0 off the mask).
     active: `[S]` bool, the row is still acting after the block.
     eos: `[S]` bool, the row sampled an EOS id in this block.
+    fed: token slots the call computed (its batch size times its steps).
   """
 
   tokens: np.ndarray
@@ -74,6 +75,7 @@ class Block(NamedTuple):
   entropy: np.ndarray
   active: np.ndarray
   eos: np.ndarray
+  fed: int
 
 
 class Sampling(NamedTuple):
@@ -222,7 +224,7 @@ def decode(bound: Bound, s: Slots, *, key, slot, active, step, turn,
     full.append(a)
   flags = [np.zeros(rows, bool) for _ in range(2)]
   flags[0][take], flags[1][take] = live, eos
-  return Slots(cache, hidden), Block(*full, *flags)
+  return Slots(cache, hidden), Block(*full, *flags, size * int(steps))
 
 
 def row_buckets(rows: int) -> tuple[int, ...]:

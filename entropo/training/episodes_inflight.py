@@ -39,9 +39,10 @@ next observation and a whole action would not fit (`play` counts the
 batch's shared slots, holes included, so it ends episodes sooner).
 `Episodes` holds each episode in one row (no holes), which gives the
 same `sequences()` as `play`; `fed` counts the token slots of every
-forward pass (`S` per decode step, frozen rows included), and
-`env_seconds` the time the host waited on environments with no row to
-decode (plus `finish`): the time environments added to the rollout.
+forward pass (a decode step runs the active rows, padded to a power of
+two), and `env_seconds` the time the host waited on environments with no
+row to decode (plus `finish`): the time environments added to the
+rollout.
 """
 
 import collections
@@ -228,7 +229,7 @@ class _Player:
         settings=self.settings,
         max_tokens=self.book.limits.max_action_tokens, block=self.block,
         pad_id=self.pad)
-    self.fed += out.tokens.size
+    self.fed += out.fed
     grew = out.mask.sum(axis=1).astype(np.int32)
     self.slot += grew
     self.step += grew
