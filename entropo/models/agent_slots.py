@@ -160,15 +160,45 @@ def feed(bound: Bound, s: Slots, tokens, mask, *, rows, start,
   """Appends a chunk `[S, W]` to the `rows` (`[S]` bool), row `b`'s valid
   tokens left-aligned and written from slot `start[b]`; a `reset` row
   first forgets its whole cache (a new episode's prompt, `start` 0). The
-  other rows are untouched."""
-  per_row = _copy(np.stack([rows, start, reset]), np.int32)
+  other rows are untouched; only the `rows` are computed (gathered into
+  the next size of `row_buckets`, as in `decode`)."""
+  take = _take(rows)
+  per_row = np.stack([rows, start, reset])[:, take]
   cache, hidden = bound.feed(bound.leaves, s.cache, s.hidden,
-                             _copy(tokens, np.int32), _copy(mask, bool),
-                             per_row)
+                             _copy(take, np.int32),
+                             _copy(np.asarray(tokens)[take], np.int32),
+                             _copy(np.asarray(mask)[take], bool),
+                             _copy(per_row, np.int32))
   return Slots(cache, hidden)
 
 
-def _feed(model, cache, hidden, tokens, mask, per_row):
+def computed_rows(rows) -> int:
+  """How many rows a call on the `rows` (`[S]` bool) computes."""
+  return _take(rows).size
+
+
+def _take(rows) -> np.ndarray:
+  """The `rows` (`[S]` bool) first, then others, `row_buckets` long."""
+  rows = np.asarray(rows, bool)
+  size = min(b for b in row_buckets(rows.shape[0]) if b >= rows.sum())
+  return np.argsort(~rows, kind="stable")[:size]
+
+
+def _on_rows(fn, cache, hidden, take, *args, **kwargs):
+  """`fn` on the rows `take` of the cache and hidden states, written
+  back; returns the cache, the hidden states and `fn`'s other outputs."""
+  sub = jax.tree.map(lambda a: a[take], cache)
+  sub, h, *out = fn(sub, hidden[take], *args, **kwargs)
+  cache = jax.tree.map(lambda a, b: a.at[take].set(b), cache, sub)
+  return (cache, hidden.at[take].set(h), *out)
+
+
+def _feed(model, cache, hidden, take, tokens, mask, per_row):
+  return _on_rows(functools.partial(_feed_rows, model), cache, hidden, take,
+                  tokens, mask, per_row)
+
+
+def _feed_rows(model, cache, hidden, tokens, mask, per_row):
   rows, start, reset = per_row[0] > 0, per_row[1], per_row[2] > 0
   batch, width = tokens.shape
   context = cache["valid"].shape[1]
@@ -204,9 +234,7 @@ def decode(bound: Bound, s: Slots, *, key, slot, active, step, turn,
   costs what its active rows do (one compiled call per size).
   """
   rows = active.shape[0]
-  count = int(np.sum(active))
-  size = min(b for b in row_buckets(rows) if b >= count)
-  take = np.argsort(~np.asarray(active, bool), kind="stable")[:size]
+  take = _take(active)
   per_row = np.stack([slot, active, step, turn, episode])[:, take]
   out = bound.decode(
       bound.leaves, s.cache, s.hidden, _copy(take, np.int32),
@@ -224,7 +252,7 @@ def decode(bound: Bound, s: Slots, *, key, slot, active, step, turn,
     full.append(a)
   flags = [np.zeros(rows, bool) for _ in range(2)]
   flags[0][take], flags[1][take] = live, eos
-  return Slots(cache, hidden), Block(*full, *flags, size * int(steps))
+  return Slots(cache, hidden), Block(*full, *flags, take.size * int(steps))
 
 
 def row_buckets(rows: int) -> tuple[int, ...]:
@@ -234,13 +262,9 @@ def row_buckets(rows: int) -> tuple[int, ...]:
                if 1 << i < rows) + (rows,)
 
 
-def _decode(model, cache, hidden, take, key, per_row, *args, **kwargs):
-  """`_decode_rows` on the rows `take` of the cache, written back."""
-  sub = jax.tree.map(lambda a: a[take], cache)
-  sub, h, *out = _decode_rows(model, sub, hidden[take], key, per_row, *args,
-                              **kwargs)
-  cache = jax.tree.map(lambda a, b: a.at[take].set(b), cache, sub)
-  return (cache, hidden.at[take].set(h), *out)
+def _decode(model, cache, hidden, take, *args, **kwargs):
+  return _on_rows(functools.partial(_decode_rows, model), cache, hidden,
+                  take, *args, **kwargs)
 
 
 def _decode_rows(model, cache, hidden, key, per_row, ends, eos_ids,

@@ -216,7 +216,7 @@ class _Player:
                               start=np.zeros(self.rows, np.int32),
                               reset=rows)
     self.slot[rows] = valid[rows].sum(axis=1)
-    self.fed += chunk.size
+    self.fed += agent_slots.computed_rows(rows) * chunk.shape[1]
 
   def _decode(self) -> None:
     """One `decode` call; ended actions go to their environments."""
@@ -304,7 +304,7 @@ class _Player:
     self.s = agent_slots.feed(self.bound, self.s, chunk, valid, rows=rows,
                               start=self.slot, reset=np.zeros_like(rows))
     self.slot += valid.sum(axis=1).astype(np.int32)
-    self.fed += chunk.size
+    self.fed += agent_slots.computed_rows(rows) * chunk.shape[1]
 
   def episodes(self) -> ep_lib.Episodes:
     """The played episodes, one row each (the longest's width)."""
