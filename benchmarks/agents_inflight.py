@@ -21,10 +21,17 @@ action tokens/s, the token slots the model ran (`fed`, holes and frozen
 rows included), the host's seconds waiting on environments, and the
 speed-up over lock-step.
 
+`--demo ENV` plays the demo-scale agent config instead
+(experiments/configs/agents.py:ENV: its task, character tokenizer, model
+shape and `agent` limits, 8 x 8 episodes), with random weights: the
+actions are noise, so episodes mostly run to their turn budget or end on
+a malformed action; its environments answer in microseconds.
+
 Usage:
 
     python benchmarks/agents_inflight.py            # the documented run
-    python benchmarks/agents_inflight.py --episodes 64 --slots 64 16
+    python benchmarks/agents_inflight.py --latency_ms 200
+    python benchmarks/agents_inflight.py --demo countdown_calc --slots 64 16
 """
 
 import argparse
@@ -118,6 +125,48 @@ def _run(fn):
           "tokens": [ep.sequences(ep.valid.sum(1).max(), PAD)["tokens"]]}
 
 
+def _synthetic(args):
+  """The synthetic episodes of the module docstring."""
+  cfg = MODELS[args.model]
+  model = Transformer(cfg, precision="fp32", rngs=nnx.Rngs(0))
+  tokens, mask = prompts(args.episodes, args.prompt_len, cfg.vocab_size)
+  problems = _problems(args, cfg.vocab_size)
+  limits = episodes_lib.EpisodeLimits(
+      max_turns=args.turns, max_action_tokens=args.action,
+      max_observation_tokens=args.obs, step_timeout=30.0,
+      context=args.prompt_len + args.turns * (args.action + args.obs)
+      + args.action)
+  common = dict(key=jax.random.key(0), limits=limits,
+                stop_ids=list(range(2, 2 + args.stops)))
+  return (model, _Task(), _Ids(), tokens, mask, problems), common
+
+
+def _demo(args):
+  """The demo-scale agent config's episodes (`--demo ENV`)."""
+  from entropo import tasks  # pylint: disable=g-import-not-at-top
+  from entropo.tasks import pipeline  # pylint: disable=g-import-not-at-top
+  from entropo.training import config as config_lib  # pylint: disable=g-import-not-at-top
+  from entropo.training import warm_start  # pylint: disable=g-import-not-at-top
+  from experiments.configs import agents  # pylint: disable=g-import-not-at-top
+  c = agents.get_config(args.demo)
+  task, tok = config_lib.make_task(c.task), tasks.char_tokenizer()
+  model = Transformer(warm_start.tiny_model_config(c.model, tok.vocab_size),
+                      precision="fp32", rngs=nnx.Rngs(0))
+  n = c.sampling.prompts_per_batch * c.sampling.group_size
+  batch = pipeline.prompt_batch(list(task.records(0, n)), tok,
+                                max_prompt_len=c.data.max_prompt_len)
+  a = c.agent
+  limits = episodes_lib.EpisodeLimits(
+      max_turns=a.max_turns, max_action_tokens=a.max_action_tokens,
+      max_observation_tokens=a.max_observation_tokens, context=a.max_context,
+      step_timeout=a.step_timeout)
+  common = dict(key=jax.random.key(0), limits=limits,
+                stop_ids=episodes_lib.stop_token_ids(tok, task.stop))
+  args.episodes = n
+  return (model, task, tok, batch["prompt_tokens"], batch["prompt_mask"],
+          list(batch["problem"])), common
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="tiny", choices=sorted(MODELS))
@@ -131,20 +180,10 @@ def main():
   parser.add_argument("--latency_ms", type=float, default=50.0)
   parser.add_argument("--steps_per_check", type=int, default=8)
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--demo", default="")
   parser.add_argument("--out", default="benchmarks/out/agents_inflight.json")
   args = parser.parse_args()
-  cfg = MODELS[args.model]
-  model = Transformer(cfg, precision="fp32", rngs=nnx.Rngs(0))
-  tokens, mask = prompts(args.episodes, args.prompt_len, cfg.vocab_size)
-  problems = _problems(args, cfg.vocab_size)
-  limits = episodes_lib.EpisodeLimits(
-      max_turns=args.turns, max_action_tokens=args.action,
-      max_observation_tokens=args.obs, step_timeout=30.0,
-      context=args.prompt_len + args.turns * (args.action + args.obs)
-      + args.action)
-  common = dict(key=jax.random.key(0), limits=limits,
-                stop_ids=list(range(2, 2 + args.stops)))
-  play_args = (model, _Task(), _Ids(), tokens, mask, problems)
+  play_args, common = _demo(args) if args.demo else _synthetic(args)
   variants = {"lock-step": lambda: episodes_lib.play(*play_args, **common)}
   for s in args.slots:
     variants[f"in-flight S={s}"] = lambda s=s: play_in_flight(
@@ -182,9 +221,11 @@ def _report(args, runs):
     json.dump({"args": vars(args), "backend": jax.default_backend(),
                "turns": first["turns"], "reasons": first["reasons"],
                "rows": rows}, f, indent=2)
-  print(f"{args.model} N={args.episodes} P={args.prompt_len} "
-        f"turns 1-{args.turns} A<={args.action} O<=1-{args.obs} "
-        f"latency 0-{args.latency_ms:g} ms; {first['turns']} turns, "
+  what = (f"demo {args.demo}" if args.demo else
+          f"{args.model} P={args.prompt_len} turns 1-{args.turns} "
+          f"A<={args.action} O<=1-{args.obs} latency 0-{args.latency_ms:g} "
+          f"ms")
+  print(f"{what} N={args.episodes}; {first['turns']} turns, "
         f"{first['useful_tokens']} useful tokens ({jax.default_backend()})")
   print("| variant | s / batch | episodes/s | useful tokens/s | "
         "action tokens/s | token slots fed | env wait s | speed-up | "
