@@ -53,7 +53,7 @@ BAD = {
     "algo.correction_veto": -1.0, "algo.correction_max_kl": -1.0,
     "agent.max_turns": 0, "agent.max_action_tokens": 0,
     "agent.max_observation_tokens": -1, "agent.max_context": 0,
-    "agent.step_timeout": 0.0,
+    "agent.step_timeout": 0.0, "agent.in_flight_slots": -1,
     "optim.learning_rate": -1.0, "optim.b1": 1.5, "optim.b2": 1.0,
     "optim.weight_decay": -0.5, "optim.max_grad_norm": -1.0,
     "train.iterations": 0, "train.eval_every": 0, "train.eval_samples": 0,

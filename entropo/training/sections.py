@@ -333,12 +333,23 @@ class AgentSection:
   # the next observation and a whole action would not fit.
   max_context: int = 112
   step_timeout: float = 10.0  # seconds per environment call (env_timeout)
+  # In-flight episodes (entropo.training.episodes_inflight): 0 plays a
+  # batch's episodes in lock-step (every row acts, then every environment
+  # steps); S >= 1 plays them S rows at a time, each row acting as soon as
+  # its own environment answered and taking the next episode when its own
+  # ended. Same tokens for a fixed key, but each episode counts only its
+  # own tokens against max_context (fewer context_full ends). Off by
+  # default: not faster on the measured CPU (docs/benchmarks.md,
+  # "In-flight multi-turn episodes").
+  in_flight_slots: int = 0
 
   def __post_init__(self):
     for field in ("max_turns", "max_action_tokens", "max_observation_tokens",
                   "max_context"):
       check_number(f"agent.{field}", getattr(self, field), integer=True)
     check_number("agent.step_timeout", self.step_timeout)
+    check_number("agent.in_flight_slots", self.in_flight_slots,
+                 integer=True, allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
