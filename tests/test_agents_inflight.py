@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from entropo import tasks
+from entropo.models import agent_slots
 from entropo.tasks import environment as env_lib
 from entropo.tasks import pipeline
 from entropo.training import episodes as episodes_lib
@@ -198,3 +199,37 @@ def test_turn_budget(char_model):
 def test_bad_arguments(char_model):
   with pytest.raises(ValueError, match="slots"):
     _run(char_model, _ToyTask(), _toy_problems(2), slots=0)
+
+
+def test_frozen_rows_keep_their_cache(char_model):
+  """`feed` and `decode` leave the rows outside the call bitwise as they
+  were (cache entries, validity, hidden state), the padding rows of a
+  call's power-of-two batch included."""
+  rows, context = 5, 24
+  bound = agent_slots.bind(char_model)
+  s = agent_slots.open_slots(char_model, rows=rows, context=context)
+  tokens = np.random.default_rng(0).integers(3, 20, (rows, 6))
+  s = agent_slots.feed(bound, s, tokens, np.ones((rows, 6), bool),
+                       rows=np.ones(rows, bool), start=np.zeros(rows),
+                       reset=np.ones(rows, bool))
+  snap = lambda s: jax.tree.leaves(jax.tree.map(np.array, s))  # noqa: E731
+  before = snap(s)
+  on = np.array([True, False, True, True, False])  # 3 rows: a batch of 4
+  settings = agent_slots.sampling(char_model, stop_ids=[], eos_ids=[])
+  s, block = agent_slots.decode(
+      bound, s, key=jax.random.key(0), slot=np.full(rows, 6), active=on,
+      step=np.zeros(rows), turn=np.zeros(rows), episode=np.arange(rows),
+      settings=settings, max_tokens=4, block=4)
+  assert block.mask[on].all() and not block.mask[~on].any()
+  assert block.fed == 4 * 4
+  decoded = snap(s)
+  for a, b in zip(before, decoded):
+    np.testing.assert_array_equal(a[~on], b[~on])
+  fed = np.arange(rows) == 1
+  s = agent_slots.feed(bound, s, tokens, np.ones((rows, 6), bool),
+                       rows=fed, start=np.full(rows, 6),
+                       reset=np.zeros(rows, bool))
+  for a, b in zip(decoded, snap(s)):
+    np.testing.assert_array_equal(a[~fed], b[~fed])
+  valid = np.asarray(s.cache["valid"])
+  assert (valid.sum(1) == [10, 12, 10, 10, 6]).all()
