@@ -13,8 +13,9 @@ KV cache (`entropo.models.agent_slots`), each row at its own position:
   rows go on decoding meanwhile;
 * an answer is booked as soon as it comes (`_answer`: returns, end
   reasons, limits as in `play`); its observation is fed into that row
-  alone (rows answered at the same time share one call) and the row acts
-  again;
+  alone (rows answered at the same time share one call, `[rows,
+  max_observation_tokens]`: one width, so no call compiles mid-rollout
+  for a new one) and the row acts again;
 * when an episode ends its row is freed, and the next pending episode's
   prompt is prefilled into it (its `reset` runs meanwhile; it acts once
   the reset answered).
@@ -288,13 +289,14 @@ class _Player:
       self.active[r], self.step[r] = True, 0
 
   def _observe(self, observations: dict) -> None:
-    """Feeds each row's observation ids (one call, padded to the bucket)."""
+    """Feeds each row's observation ids (one call)."""
     if not observations:
       return
-    bucket = self.book.limits.observation_bucket
-    longest = max(len(ids) for ids in observations.values())
-    chunk = np.full((self.rows, -(-longest // bucket) * bucket), self.pad,
-                    np.int32)
+    # One width, the longest observation allowed: the calls' shapes are
+    # then the row batches only, so no call compiles mid-rollout for a
+    # width that the rows' timing happened to make new.
+    chunk = np.full((self.rows, self.book.limits.max_observation_tokens),
+                    self.pad, np.int32)
     valid = np.zeros(chunk.shape, bool)
     rows = np.zeros(self.rows, bool)
     for r, ids in observations.items():
