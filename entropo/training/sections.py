@@ -338,9 +338,10 @@ class AgentSection:
   # steps); S >= 1 plays them S rows at a time, each row acting as soon as
   # its own environment answered and taking the next episode when its own
   # ended. Same tokens for a fixed key, but each episode counts only its
-  # own tokens against max_context (fewer context_full ends). Off by
-  # default: not faster on the measured CPU (docs/benchmarks.md,
-  # "In-flight multi-turn episodes").
+  # own tokens against max_context (fewer context_full ends). Faster when
+  # environments take time (1.3-1.8x at 0-200 ms steps), slower on the
+  # demo's instant ones (docs/benchmarks.md, "In-flight multi-turn
+  # episodes"): off by default.
   in_flight_slots: int = 0
 
   def __post_init__(self):
