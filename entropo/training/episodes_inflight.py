@@ -20,8 +20,11 @@ KV cache (`entropo.models.agent_slots`), each row at its own position:
   prompt is prefilled into it (its `reset` runs meanwhile; it acts once
   the reset answered).
 
-Rows waiting for their environment, or free, are frozen: their writes go
-past the cache and are dropped. The environment calls are `play`'s: a
+Rows waiting for their environment, or free, are frozen: a call computes
+only its own rows (gathered into a power-of-two batch and written back),
+and the frozen rows that pad that batch write past the cache, where the
+writes are dropped. Each environment call runs in a daemon thread of its
+own (at most one per row at a time) and is booked as `play` books it: a
 call that raises ends its episode with `env_error`, one past
 `step_timeout` with `env_timeout` (its thread is abandoned); the others
 go on. `final_reward` and `close` run once per environment at the end
