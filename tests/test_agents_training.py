@@ -70,6 +70,23 @@ def test_an_agent_run_logs_episode_metrics(shared):
   assert last["mismatch/max_abs_diff"] < 1e-4
 
 
+def test_in_flight_episodes_train(shared, tmp_path):
+  """`agent.in_flight_slots` plays the episodes in flight: the trainer's
+  log-probs of their sequences equal the sampler's, and run.json records
+  the batching (the first run's: lock-step)."""
+  c = _with_shared(_config(iterations=1, eval_every=1), shared)
+  c.agent.update(in_flight_slots=3)
+  train(c, tmp_path)
+  last = _records(tmp_path)[-1]
+  assert last["mismatch/max_abs_diff"] < 1e-4
+  assert 1 <= last["agent/turns"] <= 3 and "eval/pass@1" in last
+  batching = {name: json.loads((root / "run.json").read_text())[
+      "launches"][0]["episode_batching"] for name, root in (
+          ("lock", shared / "first"), ("flight", tmp_path))}
+  assert batching == {"lock": {"mode": "lock_step"},
+                      "flight": {"mode": "in_flight", "slots": 3}}
+
+
 def test_resume_equals_an_uninterrupted_run(shared, tmp_path):
   c = _with_shared(_config(algo="loop+repo_r", iterations=4), shared)
   train(c, tmp_path / "whole")

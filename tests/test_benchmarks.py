@@ -199,6 +199,22 @@ def test_inflight_benchmark_runs(tmp_path):
   assert "| inflight@4 |" in proc.stdout
 
 
+def test_agents_inflight_benchmark_runs(tmp_path):
+  # Lock-step and in-flight episodes at a micro size: the same tokens.
+  out = tmp_path / "agents_inflight.json"
+  proc = subprocess.run(
+      [sys.executable, str(ROOT / "benchmarks" / "agents_inflight.py"),
+       "--episodes", "4", "--slots", "2", "--turns", "2", "--action", "4",
+       "--obs", "4", "--prompt_len", "12", "--latency_ms", "5",
+       "--repeats", "1", "--out", str(out)],
+      cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
+  assert proc.returncode == 0, proc.stderr
+  rows = json.loads(out.read_text())["rows"]
+  assert [r["variant"] for r in rows] == ["lock-step", "in-flight S=2"]
+  assert all(r["same_tokens_as_lock_step"] for r in rows)
+  assert "| in-flight S=2 |" in proc.stdout
+
+
 def test_packing_benchmark_runs(tmp_path, monkeypatch, capsys):
   """benchmarks/packing.py end to end on a micro case: both layouts timed,
   the packed one on fewer rows, the JSON and the table."""

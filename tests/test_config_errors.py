@@ -54,6 +54,7 @@ BAD = {
     "agent.max_turns": 0, "agent.max_action_tokens": 0,
     "agent.max_observation_tokens": -1, "agent.max_context": 0,
     "agent.step_timeout": 0.0, "agent.env_workers": -1,
+    "agent.in_flight_slots": -1,
     "optim.learning_rate": -1.0, "optim.b1": 1.5, "optim.b2": 1.0,
     "optim.weight_decay": -0.5, "optim.max_grad_norm": -1.0,
     "train.iterations": 0, "train.eval_every": 0, "train.eval_samples": 0,

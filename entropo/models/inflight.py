@@ -41,9 +41,13 @@ busier at more prefill calls; the default is a quarter of the slots. A
 freed slot also waits for the end of its block of `steps_per_check`
 steps.
 
-Not yet done: the multi-turn context (`entropo.models.multiturn`), whose
-turns wait for the environment on the host, still runs its episodes in
-lock-step.
+Multi-turn episodes, whose turns wait for the environment on the host,
+run in flight too: `entropo.training.episodes_inflight.play_in_flight`
+drives one compiled decode call per `steps_per_check` steps over
+`entropo.models.agent_slots` (the same per-row cache index), hands each
+ended action to its environment while the other rows decode, and refills
+a row when its episode ends; same tokens as the lock-step `play` for a
+fixed key (docs/benchmarks.md, "In-flight multi-turn episodes").
 """
 
 from typing import NamedTuple

@@ -108,7 +108,7 @@ def read_json(path, *, default=None):
 def launch_record(*, iteration: int, precision, model, model_section,
                   lora: bool = False, sampler_precision=None,
                   sampling_section=None, packing: bool = False,
-                  minibatch_tokens: int = 0) -> dict:
+                  minibatch_tokens: int = 0, agent_section=None) -> dict:
   """How this launch computes, for the `launches` of `run.json`.
 
   The precision policy's `describe()` (preset, backend, the dot algorithm
@@ -116,7 +116,9 @@ def launch_record(*, iteration: int, precision, model, model_section,
   sampler's (`sampler_precision`: the trainer's when None), the
   attention implementation `auto` resolved to, remat and the layer scan,
   the sampler's batching (`sampler_batching`: static, or in-flight with
-  its slots and refill rows, from `sampling_section`), LoRA (rank,
+  its slots and refill rows, from `sampling_section`), the episodes'
+  batching (`episode_batching`, from `agent_section`, None for a
+  single-turn task), LoRA (rank,
   alpha, targets, the base projections' dtype; None for full
   fine-tuning), whether the trainer runs on packed rows
   (`train.packing`), its minibatches' token budget
@@ -139,6 +141,7 @@ def launch_record(*, iteration: int, precision, model, model_section,
       "remat": model_section.remat,
       "scan_layers": model_section.scan_layers,
       "sampler_batching": sampler_batching(sampling_section),
+      "episode_batching": episode_batching(agent_section),
       "packing": packing,
       "minibatch_tokens": minibatch_tokens,
       "lora": None if not lora else {
@@ -157,6 +160,16 @@ def sampler_batching(sampling) -> dict | None:
   return {"mode": "in_flight", "slots": sampling.in_flight_slots,
           "refill_rows": (sampling.refill_rows
                           or max(1, sampling.in_flight_slots // 4))}
+
+
+def episode_batching(agent) -> dict | None:
+  """`{"mode": "lock_step"}` or the in-flight episodes' slots; None
+  without an agent section (single-turn tasks)."""
+  if agent is None:
+    return None
+  if not agent.in_flight_slots:
+    return {"mode": "lock_step"}
+  return {"mode": "in_flight", "slots": agent.in_flight_slots}
 
 
 def write_run_metadata(workdir, config, launch: dict | None = None) -> None:

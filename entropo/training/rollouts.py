@@ -25,6 +25,7 @@ from entropo import advantages as advantages_lib
 from entropo.models import sample
 from entropo.models import sample_in_flight
 from entropo.training import episodes as episodes_lib
+from entropo.training.episodes_inflight import play_in_flight
 
 
 @dataclasses.dataclass
@@ -208,16 +209,24 @@ class AgentRollouts(Rollouts):
         env_workers=agent.env_workers)
     self.stop_ids = episodes_lib.stop_token_ids(tokenizer, task.stop)
     self.eval_rows = task.max_concurrent_episodes or Rollouts.eval_rows
+    self.in_flight_slots = agent.in_flight_slots
 
   def reset_timing(self):
     super().reset_timing()["time/env"] = 0.0
     return self.timing
 
   def play(self, model, batch: dict, key, temperature: float):
-    return episodes_lib.play(
-        model, self.task, self.tokenizer, batch["prompt_tokens"],
-        batch["prompt_mask"], list(batch["problem"]), key=key,
-        limits=self.limits, stop_ids=self.stop_ids, temperature=temperature)
+    """The batch's episodes, in lock-step or in flight
+    (`agent.in_flight_slots`)."""
+    args = (model, self.task, self.tokenizer, batch["prompt_tokens"],
+            batch["prompt_mask"], list(batch["problem"]))
+    kwargs = dict(key=key, limits=self.limits, stop_ids=self.stop_ids,
+                  temperature=temperature)
+    if self.in_flight_slots:
+      return play_in_flight(*args, slots=self.in_flight_slots,
+                            steps_per_check=self.sampling.steps_per_check,
+                            **kwargs)
+    return episodes_lib.play(*args, **kwargs)
 
   def evaluate_rows(self, model, batch, key, temperature):
     """As `Rollouts.evaluate_rows`, and each row's end reason."""

@@ -65,5 +65,6 @@ def train(config, workdir) -> dict[str, float]:
       model_section=trainer.config.model, lora=trainer.lora,
       sampling_section=trainer.config.sampling,
       packing=trainer.config.train.packing,
-      minibatch_tokens=trainer.config.train.minibatch_tokens))
+      minibatch_tokens=trainer.config.train.minibatch_tokens,
+      agent_section=trainer.config.agent if trainer.agent else None))
   return trainer.run()

@@ -337,6 +337,16 @@ class AgentSection:
   # step_timeout starts when it starts running); 0: sized to the machine
   # (4 per CPU, at least 8: entropo.training.env_calls).
   env_workers: int = 0
+  # In-flight episodes (entropo.training.episodes_inflight): 0 plays a
+  # batch's episodes in lock-step (every row acts, then every environment
+  # steps); S >= 1 plays them S rows at a time, each row acting as soon as
+  # its own environment answered and taking the next episode when its own
+  # ended. Same tokens for a fixed key, but each episode counts only its
+  # own tokens against max_context (fewer context_full ends). Faster when
+  # environments take time (1.3-1.8x at 0-200 ms steps), slower on the
+  # demo's instant ones (docs/benchmarks.md, "In-flight multi-turn
+  # episodes"): off by default.
+  in_flight_slots: int = 0
 
   def __post_init__(self):
     for field in ("max_turns", "max_action_tokens", "max_observation_tokens",
@@ -345,6 +355,8 @@ class AgentSection:
     check_number("agent.step_timeout", self.step_timeout)
     check_number("agent.env_workers", self.env_workers, allow_zero=True,
                  integer=True)
+    check_number("agent.in_flight_slots", self.in_flight_slots,
+                 integer=True, allow_zero=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
