@@ -24,7 +24,9 @@ Rows waiting for their environment, or free, are frozen: a call computes
 only its own rows (gathered into a power-of-two batch and written back),
 and the frozen rows that pad that batch write past the cache, where the
 writes are dropped. Each environment call runs in a daemon thread of its
-own (at most one per row at a time) and is booked as `play` books it: a
+own (at most one per row at a time, so `slots` bounds how many run at
+once; `agent.env_workers`, the lock-step pool's size, applies here only
+to `finish`) and is booked as `play` books it: a
 call that raises ends its episode with `env_error`, one past
 `step_timeout` with `env_timeout` (its thread is abandoned); the others
 go on. `final_reward` and `close` run once per environment at the end
