@@ -87,9 +87,15 @@ install: .venv/.installed
 install-runtime: .venv/.installed-runtime
 
 # Both legs, the second even when the first fails; fails if either does.
+# The 3.12 environment installs (mostly downloads) while the 3.11 leg runs;
+# its output goes to .venv312.install.log, and if it failed, test-py312
+# installs again in the open, so the error is in the log of `make test`.
 test:
 	@rc=0; \
+	$(MAKE) --no-print-directory .venv312/.installed \
+	  > .venv312.install.log 2>&1 & install=$$!; \
 	$(MAKE) --no-print-directory test-py311 || rc=1; \
+	wait $$install || echo "== the Python 3.12 environment's install failed; again:"; \
 	$(MAKE) --no-print-directory test-py312 || rc=1; \
 	exit $$rc
 
@@ -119,4 +125,4 @@ bench: install
 	$(VENV_PY) benchmarks/trainer.py
 
 clean:
-	rm -rf .venv .venv312 build *.egg-info .pytest_cache
+	rm -rf .venv .venv312 .venv312.install.log build *.egg-info .pytest_cache

@@ -13,6 +13,7 @@ to find the ones that were forgotten.
 """
 
 import os
+import pathlib
 
 NUM_DEVICES = 8
 ACCELERATOR = os.environ.get("ENTROPO_TEST_ACCELERATOR", "0") not in ("", "0")
@@ -29,6 +30,8 @@ ACCELERATOR = os.environ.get("ENTROPO_TEST_ACCELERATOR", "0") not in ("", "0")
 # subprocesses the tests start inherit it. ENTROPO_TEST_XLA_OPT=1 tests at
 # XLA's default level instead.
 FAST_COMPILE = ("--xla_backend_optimization_level=0"
+                " --xla_cpu_use_fusion_emitters=false"
+                " --xla_cpu_parallel_codegen_split_count=1"
                 if os.environ.get("ENTROPO_TEST_XLA_OPT", "0") in ("", "0")
                 else "")
 
@@ -40,19 +43,19 @@ if not ACCELERATOR:
   ).strip()
   os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import pathlib  # noqa: E402
+# Many tests compile the same programs (the trainer's steps and sampler for
+# the tiny model); a persistent cache shared by the xdist workers compiles
+# each once per machine. Set in the environment, so that the subprocesses
+# the tests start (the launcher, notebooks, benchmarks, several processes)
+# share it too; jax reads both variables when it is imported.
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
-
-# Many tests compile the same programs (the trainer's steps and sampler for
-# the tiny model); a persistent cache shared by the xdist workers compiles
-# each once per machine.
-jax.config.update(
-    "jax_compilation_cache_dir",
-    str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 @pytest.fixture
