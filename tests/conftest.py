@@ -19,16 +19,19 @@ NUM_DEVICES = 8
 ACCELERATOR = os.environ.get("ENTROPO_TEST_ACCELERATOR", "0") not in ("", "0")
 
 # The suite compiles a few thousand small programs and runs each briefly, so
-# most of its time is XLA:CPU compiling. LLVM's optimisation level 0 does
-# that about 1.5x faster (docs/benchmarks.md, "The test suite"). The HLO
+# most of its time is XLA:CPU compiling, and three flags make that cheaper
+# (docs/benchmarks.md, "The test suite"): LLVM's optimisation level 0 (about
+# 1.5x), the legacy elemental loop emitters instead of the MLIR fusion
+# emitters, and one LLVM module per program instead of parallel codegen
+# splits (the last two, interleaved A/B on two test files: 1.8x). The HLO
 # passes (fusion, layout, buffer assignment, memory analysis) do not depend
-# on it; the machine code does, and results may differ from the default
-# level by float32 rounding (measured on the main job: the same samples and
-# rewards, entropy equal to 1e-7 relative). Every comparison in the suite is
-# against a float64 reference within a rounding-derived tolerance or between
-# two programs of the same session, so none depends on the level; the
-# subprocesses the tests start inherit it. ENTROPO_TEST_XLA_OPT=1 tests at
-# XLA's default level instead.
+# on them; the machine code does, and results may differ from the defaults
+# by float32 rounding (measured on the main job at level 0: the same
+# samples and rewards, entropy equal to 1e-7 relative). Every comparison in
+# the suite is against a float64 reference within a rounding-derived
+# tolerance or between two programs of the same session, so none depends on
+# the flags; the subprocesses the tests start inherit them.
+# ENTROPO_TEST_XLA_OPT=1 tests with XLA's defaults instead.
 FAST_COMPILE = ("--xla_backend_optimization_level=0"
                 " --xla_cpu_use_fusion_emitters=false"
                 " --xla_cpu_parallel_codegen_split_count=1"
