@@ -12,6 +12,7 @@ module, with `pytestmark`): run
 to find the ones that were forgotten.
 """
 
+import importlib.metadata
 import os
 import pathlib
 
@@ -23,7 +24,8 @@ ACCELERATOR = os.environ.get("ENTROPO_TEST_ACCELERATOR", "0") not in ("", "0")
 # (docs/benchmarks.md, "The test suite"): LLVM's optimisation level 0 (about
 # 1.5x), the legacy elemental loop emitters instead of the MLIR fusion
 # emitters, and one LLVM module per program instead of parallel codegen
-# splits (the last two, interleaved A/B on two test files: 1.8x). The HLO
+# splits (the last two, interleaved A/B on two test files: 1.8x; jaxlib 0.11
+# has only the MLIR emitters, so its leg gets the other two). The HLO
 # passes (fusion, layout, buffer assignment, memory analysis) do not depend
 # on them; the machine code does, and results may differ from the defaults
 # by float32 rounding (measured on the main job at level 0: the same
@@ -32,11 +34,22 @@ ACCELERATOR = os.environ.get("ENTROPO_TEST_ACCELERATOR", "0") not in ("", "0")
 # tolerance or between two programs of the same session, so none depends on
 # the flags; the subprocesses the tests start inherit them.
 # ENTROPO_TEST_XLA_OPT=1 tests with XLA's defaults instead.
-FAST_COMPILE = ("--xla_backend_optimization_level=0"
-                " --xla_cpu_use_fusion_emitters=false"
-                " --xla_cpu_parallel_codegen_split_count=1"
-                if os.environ.get("ENTROPO_TEST_XLA_OPT", "0") in ("", "0")
-                else "")
+
+
+def _fast_compile_flags() -> str:
+  """The flags above that this jaxlib knows: XLA aborts the process on an
+  unknown flag, and jaxlib 0.11 has no legacy loop emitters to choose."""
+  if os.environ.get("ENTROPO_TEST_XLA_OPT", "0") not in ("", "0"):
+    return ""
+  flags = ["--xla_backend_optimization_level=0",
+           "--xla_cpu_parallel_codegen_split_count=1"]
+  jaxlib = importlib.metadata.version("jaxlib").split(".")
+  if tuple(int(p) for p in jaxlib[:2]) < (0, 11):
+    flags.append("--xla_cpu_use_fusion_emitters=false")
+  return " ".join(flags)
+
+
+FAST_COMPILE = _fast_compile_flags()
 
 if not ACCELERATOR:
   os.environ["XLA_FLAGS"] = (

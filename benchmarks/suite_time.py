@@ -1,0 +1,98 @@
+"""Where the test suite's time goes: a pytest plugin and its summary.
+
+Per test, the plugin records wall time, the worker's CPU time (user + sys,
+all threads), its children's CPU time (the subprocesses a test starts) and
+jax's own compile-pipeline durations (jax.monitoring: tracing, lowering to
+MLIR, XLA backend compile, compilation-cache hits); each xdist worker
+writes its rows to `$SUITE_TIME_DIR/rows_<worker>.json`. Then the summary
+adds them up by kind and by test file:
+
+    rm -rf .pytest_cache/jax   # a cold compilation cache, as on a fresh clone
+    SUITE_TIME_DIR=/tmp/suite PYTHONPATH=benchmarks \\
+        python -m pytest -n 2 -p suite_time tests
+    python benchmarks/suite_time.py /tmp/suite
+
+The jax durations are wall time inside the worker, so on a loaded machine
+they grow with the load while the CPU columns do not.
+"""
+
+import collections
+import json
+import os
+import pathlib
+import sys
+import time
+
+import pytest
+
+_EVENTS = {
+    "compile": "/jax/core/compile/backend_compile_duration",
+    "lower": "/jax/core/compile/jaxpr_to_mlir_module_duration",
+    "trace": "/jax/core/compile/jaxpr_trace_duration",
+    "cache_saved": "/jax/compilation_cache/compile_time_saved_sec",
+}
+_durations = collections.Counter()
+_rows = []
+
+
+def _listen(event, duration, **kwargs):
+  del kwargs  # unused
+  _durations[event] += duration
+
+
+def pytest_configure(config):
+  del config  # unused
+  import jax.monitoring  # pylint: disable=g-import-not-at-top
+  jax.monitoring.register_event_duration_secs_listener(_listen)
+
+
+def _cpu(t):
+  return t.user + t.system, t.children_user + t.children_system
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+  """Times the whole protocol of a test (setup, call, teardown)."""
+  del nextitem  # unused
+  _durations.clear()
+  start, (cpu0, child0) = time.perf_counter(), _cpu(os.times())
+  yield
+  cpu1, child1 = _cpu(os.times())
+  row = {"id": item.nodeid, "wall": time.perf_counter() - start,
+         "cpu": cpu1 - cpu0, "child": child1 - child0}
+  row.update({k: _durations.get(e, 0.0) for k, e in _EVENTS.items()})
+  _rows.append(row)
+
+
+def pytest_sessionfinish(session):
+  del session  # unused
+  out = pathlib.Path(os.environ.get("SUITE_TIME_DIR", "suite_time"))
+  out.mkdir(parents=True, exist_ok=True)
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  (out / f"rows_{worker}.json").write_text(json.dumps(_rows))
+
+
+def summary(folder) -> str:
+  """A markdown table: totals, then the 25 costliest test files."""
+  rows = [r for f in sorted(pathlib.Path(folder).glob("rows_*.json"))
+          for r in json.loads(f.read_text())]
+  cols = ("wall", "cpu", "child", "compile", "lower", "trace", "cache_saved")
+  files = collections.defaultdict(collections.Counter)
+  for r in rows:
+    name = r["id"].split("::")[0]
+    files[name]["tests"] += 1
+    files[name].update({c: r[c] for c in cols})
+  total = collections.Counter()
+  for c in files.values():
+    total.update(c)
+  lines = ["| file | tests | " + " | ".join(f"{c} s" for c in cols) + " |",
+           "|---" * (len(cols) + 2) + "|"]
+  order = sorted(files, key=lambda f: -(files[f]["cpu"] + files[f]["child"]))
+  for name, c in [("all", total)] + [(f, files[f]) for f in order[:25]]:
+    lines.append(f"| {name} | {c['tests']} | "
+                 + " | ".join(f"{c[k]:.0f}" for k in cols) + " |")
+  return "\n".join(lines)
+
+
+if __name__ == "__main__":
+  print(summary(sys.argv[1] if len(sys.argv) > 1 else "suite_time"))

@@ -1,0 +1,52 @@
+"""benchmarks/suite_time.py: the plugin records each test, the summary adds
+them up by file."""
+
+import json
+import pathlib
+import sys
+
+pytest_plugins = ["pytester"]
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
+                       / "benchmarks"))
+import suite_time  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_the_plugin_records_every_test_with_its_compile_time(
+    pytester, tmp_path, monkeypatch):
+  monkeypatch.setenv("SUITE_TIME_DIR", str(tmp_path / "rows"))
+  monkeypatch.delenv("PYTEST_XDIST_WORKER", raising=False)
+  pytester.makepyfile(test_inner="""
+import jax
+import jax.numpy as jnp
+
+def test_compiles():
+  assert float(jax.jit(lambda x: jnp.sin(x) * 3.0)(jnp.float32(0.25))) > 0
+
+def test_plain():
+  assert 1 + 1 == 2
+""")
+  result = pytester.runpytest_inprocess("-p", "suite_time", "-q")
+  result.assert_outcomes(passed=2)
+  rows = json.loads((tmp_path / "rows" / "rows_main.json").read_text())
+  by_name = {r["id"].split("::")[1]: r for r in rows}
+  assert sorted(by_name) == ["test_compiles", "test_plain"]
+  assert by_name["test_compiles"]["compile"] > 0
+  assert by_name["test_compiles"]["trace"] > 0
+  assert by_name["test_plain"]["compile"] == 0
+  for r in rows:
+    assert r["wall"] > 0 and r["cpu"] >= 0 and r["child"] >= 0
+
+
+def test_summary_adds_up_by_file(tmp_path):
+  row = lambda i, f, cpu: {"id": f"tests/{f}.py::t{i}", "wall": 2.0 * cpu,
+                           "cpu": cpu, "child": 1.0, "compile": 0.5,
+                           "lower": 0.25, "trace": 0.125, "cache_saved": 0.0}
+  (tmp_path / "rows_gw0.json").write_text(json.dumps(
+      [row(0, "a", 1.0), row(1, "b", 5.0)]))
+  (tmp_path / "rows_gw1.json").write_text(json.dumps([row(2, "a", 2.0)]))
+  lines = suite_time.summary(tmp_path).splitlines()
+  assert lines[2] == "| all | 3 | 16 | 8 | 3 | 2 | 1 | 0 | 0 |"
+  # Costliest file first: b (5 + 1 s) before a (3 + 2 s).
+  assert lines[3].startswith("| tests/b.py | 1 | 10 | 5 | 1 |")
+  assert lines[4].startswith("| tests/a.py | 2 | 6 | 3 | 2 |")
