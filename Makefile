@@ -87,10 +87,11 @@ install: .venv/.installed
 install-runtime: .venv/.installed-runtime
 
 # Both legs, the second even when the first fails; fails if either does.
-# The 3.12 environment installs (mostly downloads) while the 3.11 leg runs;
+# The 3.12 environment installs (mostly downloads) while the 3.11 leg runs,
+# after the 3.11 one (both editable installs write entropo.egg-info here);
 # its output goes to .venv312.install.log, and if it failed, test-py312
 # installs again in the open, so the error is in the log of `make test`.
-test:
+test: .venv/.installed
 	@rc=0; \
 	$(MAKE) --no-print-directory .venv312/.installed \
 	  > .venv312.install.log 2>&1 & install=$$!; \
