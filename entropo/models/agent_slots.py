@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from entropo.models import multiturn
 from entropo.models import sampler as sampler_lib
 
 
@@ -272,37 +273,28 @@ def _decode_rows(model, cache, hidden, key, per_row, ends, eos_ids,
                  top_k, use_top_p):
   slot, active, step, turn, episode = per_row
   active = active > 0
-  precision = model.precision
   lm_head = model.lm_head_matrix()
   batch, context = slot.shape[0], cache["valid"].shape[1]
   choose = functools.partial(
-      sampler_lib._choose, precision=precision, greedy=greedy, top_k=top_k,  # pylint: disable=protected-access
-      use_top_p=use_top_p)
+      sampler_lib._choose, precision=model.precision, greedy=greedy,  # pylint: disable=protected-access
+      top_k=top_k, use_top_p=use_top_p)
   fold = jax.vmap(jax.random.fold_in)
   keys = fold(jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, turn),
               episode)
 
   def body(carry):
     i, cache, h, slot, live, j, bufs, eos = carry
-    z = precision.round_logits(precision.head_product(h, lm_head))
-    token, lp, _, ent = choose(z, sampler_lib.step_keys(keys, j),
-                               temperature, top_p)
-    token = jnp.where(live, token, pad_id)
-    zero = jnp.zeros_like(lp)
-    bufs = tuple(
-        jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), i,
-                                            axis=1)
-        for b, v in zip(bufs, (token, live, jnp.where(live, lp, zero),
-                               jnp.where(live, ent, zero))))
-    out, cache = model(token[:, None], attention_mask=live[:, None],
-                       positions=slot[:, None], cache=cache,
-                       cache_index=jnp.where(live, slot, context))
-    h = jnp.where(live[:, None], out[:, 0], h)
+    row, cache, h, hit, ends_episode = multiturn.sample_and_feed(
+        model, choose, lm_head, h, cache, sampler_lib.step_keys(keys, j),
+        live, positions=slot, cache_index=jnp.where(live, slot, context),
+        temperature=temperature, top_p=top_p, ends=ends, eos_ids=eos_ids,
+        pad_id=pad_id)
+    token, mask, lp, _, ent = row
+    bufs = multiturn.write_column(bufs, (token, mask, lp, ent), i)
     grow = live.astype(jnp.int32)
-    hit = jnp.any(token[:, None] == ends[None, :], axis=1)
-    eos = eos | (live & jnp.any(token[:, None] == eos_ids[None, :], axis=1))
     live = live & ~hit & (j + 1 < max_tokens)
-    return i + 1, cache, h, slot + grow, live, j + grow, bufs, eos
+    return (i + 1, cache, h, slot + grow, live, j + grow, bufs,
+            eos | ends_episode)
 
   def cond(carry):
     return (carry[0] < block) & jnp.any(carry[4])

@@ -211,36 +211,24 @@ def _act(graphdef, state, cache, hidden, positions, slot, live, key,
          temperature, top_p, ends, eos_ids, pad_id, *, max_tokens, greedy,
          top_k, use_top_p):
   model = nnx.merge(graphdef, state)
-  precision = model.precision
   lm_head = model.lm_head_matrix()
   batch, n = live.shape[0], max_tokens
   choose = functools.partial(
-      sampler_lib._choose, precision=precision, greedy=greedy, top_k=top_k,  # pylint: disable=protected-access
-      use_top_p=use_top_p)
+      sampler_lib._choose, precision=model.precision, greedy=greedy,  # pylint: disable=protected-access
+      top_k=top_k, use_top_p=use_top_p)
 
   keys = sampler_lib.row_keys(key, jnp.arange(batch, dtype=jnp.int32))
 
   def step(carry):
     j, cache, h, pos, live, bufs, eos, stopped = carry
-    z = precision.round_logits(precision.head_product(h, lm_head))
-    token, lp, plp, ent = choose(z, sampler_lib.step_keys(keys, j),
-                                 temperature, top_p)
-    token = jnp.where(live, token, pad_id)
-    zero = jnp.zeros_like(lp)
-    bufs = tuple(
-        jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), j,
-                                            axis=1)
-        for b, v in zip(bufs, (token, live, jnp.where(live, lp, zero),
-                               jnp.where(live, plp, zero),
-                               jnp.where(live, ent, zero))))
-    out, cache = model(token[:, None], attention_mask=live[:, None],
-                       positions=pos[:, None], cache=cache,
-                       cache_index=slot + j)
-    h = jnp.where(live[:, None], out[:, 0], h)
+    row, cache, h, hit, ends_episode = sample_and_feed(
+        model, choose, lm_head, h, cache, sampler_lib.step_keys(keys, j),
+        live, positions=pos, cache_index=slot + j, temperature=temperature,
+        top_p=top_p, ends=ends, eos_ids=eos_ids, pad_id=pad_id)
+    bufs = write_column(bufs, row, j)
     pos = pos + live.astype(jnp.int32)
-    hit = live & jnp.any(token[:, None] == ends[None, :], axis=1)
-    eos = eos | (live & jnp.any(token[:, None] == eos_ids[None, :], axis=1))
-    return j + 1, cache, h, pos, live & ~hit, bufs, eos, stopped | hit
+    return (j + 1, cache, h, pos, live & ~hit, bufs, eos | ends_episode,
+            stopped | hit)
 
   def cond(carry):
     return (carry[0] < n) & jnp.any(carry[4])
@@ -253,6 +241,42 @@ def _act(graphdef, state, cache, hidden, positions, slot, live, key,
       cond, step, (jnp.int32(0), cache, hidden, positions, live, bufs, flags,
                    flags))
   return cache, hidden, positions, j, bufs, eos, stopped
+
+
+def sample_and_feed(model, choose, lm_head, h, cache, keys, live, *,
+                    positions, cache_index, temperature, top_p, ends,
+                    eos_ids, pad_id):
+  """One decode step of a batch of agent rows (here and in agent_slots).
+
+  Samples each row's next token from its hidden state `h` with `keys`
+  (`choose`: `sampler._choose` with the static settings bound), feeds it
+  to the model at `positions` / `cache_index`, and returns
+  `((token, live, logp, policy logp, entropy), cache, h, hit, eos)`: the
+  step's column (pad and zeros where a row is not `live`), the new cache
+  and hidden states (kept where not live), and which live rows sampled a
+  stop-or-EOS id (`ends`) and an EOS id.
+  """
+  precision = model.precision
+  z = precision.round_logits(precision.head_product(h, lm_head))
+  token, lp, plp, ent = choose(z, keys, temperature, top_p)
+  token = jnp.where(live, token, pad_id)
+  zero = jnp.zeros_like(lp)
+  row = (token, live) + tuple(jnp.where(live, v, zero) for v in (lp, plp, ent))
+  out, cache = model(token[:, None], attention_mask=live[:, None],
+                     positions=positions[:, None], cache=cache,
+                     cache_index=cache_index)
+  h = jnp.where(live[:, None], out[:, 0], h)
+  hit = live & jnp.any(token[:, None] == ends[None, :], axis=1)
+  eos = live & jnp.any(token[:, None] == eos_ids[None, :], axis=1)
+  return row, cache, h, hit, eos
+
+
+def write_column(bufs, values, i):
+  """Writes `values[k]` (`[B]`) into column `i` of `bufs[k]` (`[B, W]`)."""
+  return tuple(
+      jax.lax.dynamic_update_slice_in_dim(b, v[:, None].astype(b.dtype), i,
+                                          axis=1)
+      for b, v in zip(bufs, values))
 
 
 _act_jit = jax.jit(
