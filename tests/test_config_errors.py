@@ -176,10 +176,13 @@ def test_a_bad_value_fails_naming_its_field(field):
 def test_minibatches_by_tokens_replace_the_row_split():
   """`train.minibatch_tokens` with `algo.minibatches` > 1 (two splits of
   one batch) is refused, naming it; it changes the optax steps, so a
-  resume may not change it."""
+  resume may not change it. Several data shards are fine (each minibatch
+  is padded with empty rows to a multiple of them)."""
   assert "train.minibatch_tokens" not in config_lib.RESUMABLE
   c = tiny_config()
   c.train.minibatch_tokens = 64
+  validate(c)
+  c.mesh.update(data=2, fsdp=2)
   validate(c)
   c.algo.minibatches = 2
   with pytest.raises(ValueError, match=r"^Invalid config: "

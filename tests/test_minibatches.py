@@ -17,9 +17,9 @@ def _batch(lengths, width=8):
           "mask": jax.numpy.asarray(mask)}
 
 
-def _minibatches(**settings):
+def _minibatches(data=1, **settings):
   placement = BatchPlacement(sharding.make_mesh(
-      data=1, devices=jax.devices()[:1]))
+      data=data, devices=jax.devices()[:data]))
   return Minibatches(placement, **{
       "minibatches": 1, "minibatch_tokens": 0, "packing": False,
       **settings})
@@ -48,3 +48,25 @@ def test_a_budget_below_a_sequence_names_the_field_and_iteration():
                      r"than a sequence of 8 tokens .* in iteration 7"):
     _minibatches(minibatch_tokens=4).rows(
         _batch([3, 8, 1]), jax.random.key(0), iteration=7)
+
+
+@pytest.mark.multidevice
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_minibatches_by_tokens_pad_to_a_multiple_of_the_data_shards(packing):
+  """On 4 data shards a minibatch by tokens of 3 rows is gathered with one
+  empty row (no token, no loss) and packed into a multiple of 4 rows, both
+  split evenly over the devices."""
+  batch = _batch([3, 8, 1, 5, 2, 6, 4, 7])
+  batch["mask"] = batch["attention_mask"][:, 1:]  # the targets'
+  batch = jax.device_put(batch, BatchPlacement(sharding.make_mesh(
+      data=4, devices=jax.devices()[:4])).sharding)
+  mbs = _minibatches(data=4, minibatch_tokens=9, packing=packing)
+  mb = mbs.packed(mbs.gather(batch, np.array([0, 2, 4])))
+  assert mb["tokens"].shape[0] == 4
+  np.testing.assert_array_equal(np.asarray(mb["attention_mask"]).sum(axis=1),
+                                [3, 1, 2, 0])
+  assert not np.asarray(mb["mask"])[3].any()
+  for key in ("tokens", "pack_source") if packing else ("tokens",):
+    assert mb[key].shape[0] % 4 == 0
+    assert {s.data.shape[0] for s in mb[key].addressable_shards} == {
+        mb[key].shape[0] // 4}

@@ -740,6 +740,60 @@ def test_packed_update_equals_the_padded_update(init_from, data_dir, tmp_path,
                                atol=1e-6)
 
 
+@pytest.mark.multidevice
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_minibatches_by_tokens_on_four_data_shards(init_from, data_dir,
+                                                   tmp_path, packing):
+  """`train.minibatch_tokens` on data x fsdp = 4 shards: each minibatch by
+  tokens (here of 2 to 3 rows) is padded with empty rows to a multiple of
+  the 4 shards, and the update's metrics and parameters equal one
+  device's (minibatches of their real rows, no padding) to float32
+  rounding, padded and packed. (The pre-update pass does not depend on
+  minibatch_tokens; its metrics on a mesh are
+  test_sharded_update_equals_one_device's.)"""
+  def config(mesh):
+    c = _config(init_from, data_dir, train=dict(packing=packing),
+                **({"mesh": mesh} if mesh else {}))
+    c.train.minibatch_tokens = 2 * (c.data.max_prompt_len
+                                    + c.sampling.max_new_tokens)
+    return c
+
+  one = Trainer(config(None), tmp_path / "one")
+  eight = Trainer(config(dict(data=2, fsdp=2, tensor=2)), tmp_path / "eight")
+  assert eight.placement.shards == 4
+  roll, _ = one.collect(jax.random.key(3))
+  roll.rewards = np.tile(np.float32([1, 0, 0, 1]), len(roll.rewards) // 4)
+  sizes = {one: [], eight: []}
+  results = []
+  for trainer in (one, eight):
+    real = trainer.learner.update
+    def spy(params, opt_state, mb, *args, real=real, seen=sizes[trainer]):
+      has_tokens = np.asarray(mb["attention_mask"]).any(axis=1)
+      seen.append((len(has_tokens), np.asarray(mb["tokens"])[has_tokens]))
+      return real(params, opt_state, mb, *args)
+    trainer.learner.update = spy
+    batch, dyn = trainer.pre_update(roll)
+    metrics = trainer.update(batch, jax.random.key(4))
+    results.append(({**metrics, "entropy/mean": float(dyn["entropy/mean"])},
+                    trainer.state.params))
+  # The same minibatches; on one device unpadded, on 4 shards padded to
+  # 4 or 8 rows, from minibatches of row counts 4 does not divide.
+  assert len(sizes[one]) == len(sizes[eight]) > 1
+  for (rows1, mb1), (rows8, mb8) in zip(sizes[one], sizes[eight]):
+    np.testing.assert_array_equal(mb8, mb1)
+    assert rows1 == len(mb1) and rows8 % 4 == 0
+  assert any(len(mb) % 4 for _, mb in sizes[one])  # the padding is exercised
+  (m1, p1), (m8, p8) = results
+  assert m1["grad_norm"] > 0 and m1.keys() == m8.keys()
+  assert m1["train/optimizer_steps"] == len(sizes[one])
+  for k in m1:
+    np.testing.assert_allclose(m8[k], m1[k], rtol=2e-5, atol=1e-6,
+                               err_msg=k)
+  for x, y in zip(jax.tree.leaves(p1), jax.tree.leaves(p8)):
+    np.testing.assert_allclose(np.asarray(y), np.asarray(x), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_non_finite_loss_stops_with_a_message(init_from, data_dir, tmp_path,
                                               monkeypatch):
   c = _config(init_from, data_dir, train=dict(iterations=4,

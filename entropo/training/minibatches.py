@@ -60,15 +60,18 @@ class Minibatches:
   def gather(self, batch: dict, rows: np.ndarray) -> dict:
     """The minibatch of `rows`; by tokens (any row count) padded with
     empty rows (no token, no loss) to one of 8 row counts (`rows_bucket`),
-    so the update compiles a bounded number of times: empty rows change no
-    loss or metric (`Learner(batch_rows=)` keeps seq_mean_token_sum_norm's
-    constant, the other modes count tokens or sequences with tokens)."""
+    each a multiple of the data shards (data x fsdp), so the minibatch
+    splits over the devices and the update compiles a bounded number of
+    times: empty rows change no loss or metric (`Learner(batch_rows=)`
+    keeps seq_mean_token_sum_norm's constant, the other modes count tokens
+    or sequences with tokens)."""
     n = batch["tokens"].shape[0]
     if len(rows) == n:
       return batch
     if not self.minibatch_tokens:
       return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows)
-    size = packing_lib.rows_bucket(len(rows), max_rows=n)
+    size = packing_lib.rows_bucket(len(rows), max_rows=n,
+                                   multiple=self.placement.shards)
     empty = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype),
                          batch)
     rows = np.concatenate([rows, np.full(size - len(rows), n)])

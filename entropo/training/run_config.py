@@ -77,7 +77,7 @@ class RunConfig:
     for name, section_cls in SECTIONS.items():
       if name not in sections:
         sections[name] = _section(section_cls, name, config[name])
-    _check_minibatch_tokens(sections["train"], sections["mesh"], algorithm)
+    _check_minibatch_tokens(sections["train"], algorithm)
     if sections["task"].file_backed and not sections["model"].init_from:
       fail("model.init_from", "the tiny warm start is for the tasks "
            f"generated in code; start {sections['task'].name} from a "
@@ -172,20 +172,14 @@ def _check_prompts(task: TaskSection, data: DataSection,
          f"{data.max_prompt_len} + {sampling.max_new_tokens}")
 
 
-def _check_minibatch_tokens(train: TrainSection, mesh: MeshSection,
-                            algorithm) -> None:
-  """Minibatches by tokens replace the row split, on one data shard."""
-  if not train.minibatch_tokens:
-    return
-  if algorithm.minibatches != 1:
+def _check_minibatch_tokens(train: TrainSection, algorithm) -> None:
+  """Minibatches by tokens replace the row split (on any number of data
+  shards: each minibatch is padded with empty rows to a multiple of them,
+  minibatches.py)."""
+  if train.minibatch_tokens and algorithm.minibatches != 1:
     fail("train.minibatch_tokens", f"{train.minibatch_tokens} forms the "
          f"minibatches by tokens; algo.minibatches must then be 1, got "
          f"{algorithm.minibatches}")
-  if mesh.batch_shards != 1:
-    fail("train.minibatch_tokens", f"minibatches by tokens have any number "
-         f"of rows, which need not split over data x fsdp = "
-         f"{mesh.batch_shards} devices; use one data shard or "
-         f"train.minibatch_tokens = 0")
 
 
 def _check_batch(sampling: SamplingSection, mesh: MeshSection,

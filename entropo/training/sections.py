@@ -421,9 +421,9 @@ class TrainSection:
   # of rows (token_mean: by its loss tokens, the seq_mean_* modes: by its
   # sequences), except that seq_mean_token_sum_norm keeps the whole batch's
   # constant B x norm: every token weighs the same whatever minibatch, and
-  # however many sequences, it falls in. Needs algo.minibatches = 1 and one
-  # data shard. Minibatches are padded with empty rows to one of 8 row
-  # counts, which bounds the update's compilations.
+  # however many sequences, it falls in. Needs algo.minibatches = 1. Each
+  # is padded with empty rows to one of 8 row counts, multiples of data x
+  # fsdp: it splits over the devices, the update compiles at most 8 times.
   minibatch_tokens: int = 0
 
   def __post_init__(self):
