@@ -23,12 +23,20 @@
 #              256 prompts, N = 1024, 64 slots: static vs waves vs in-flight
 #              useful tokens/s on log-normal (median N/8) and equal lengths,
 #              with the in-flight loop's trips (one host sync each on
-#              XLA:GPU) and the tests of tests/test_inflight.py on the GPU.
+#              XLA:GPU) and the tests of tests/test_inflight.py on the GPU;
+#   packing    benchmarks/packing.py at Qwen3-0.6B's shape (all 28 layers,
+#              vocabulary 151936, bf16_fp32_head, scanned layers, remat=block,
+#              auto attention: cuDNN), B = 16, L = 4096, log-normal lengths
+#              (median L/8): padded vs packed useful tokens/s of one update
+#              (the shape whose compiled temporaries docs/benchmarks.md gives).
 # Each part is time-boxed; the whole stays under DEADLINE seconds (parts that
 # no longer fit are skipped, so a short DEADLINE runs the first ones only).
+# PARTS="inflight packing" (names, spaces or commas) runs only those parts.
 # Logs and JSON go to $OUT (the device tool's output folder).
 #
 #   bash benchmarks/gpu.sh                        # on the device
+#   PARTS=inflight,inflight_tests,packing bash benchmarks/gpu.sh
+#                                                 # issue 27's parts only
 #   QUICK=1 OUT=/tmp/gpu PYTHON=.venv/bin/python \
 #     PROBE=../shared/gpu/probe_speed.py bash benchmarks/gpu.sh
 #                                                 # CPU smoke run, tiny sizes
@@ -38,8 +46,15 @@ START=$SECONDS
 export OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false TF_CPP_MIN_LOG_LEVEL=2
+ALL_PARTS="decode cudnn update layers tests chunks inflight inflight_tests packing"
+for name in ${PARTS//,/ }; do
+  [[ " $ALL_PARTS " == *" $name "* ]] || {
+    echo "PARTS: no part '$name'; the parts are: $ALL_PARTS" >&2; exit 2; }
+done
+selected() { [ -z "$PARTS" ] || [[ " ${PARTS//,/ } " == *" $1 "* ]]; }
 part() {  # part NAME SECONDS CMD...
   local name=$1 limit=$2; shift 2
+  selected "$name" || { echo "## $name: not in PARTS"; return; }
   local left=$(( DEADLINE - (SECONDS - START) ))
   (( left < 15 )) && { echo "## $name: skipped, ${left}s left"; return; }
   (( limit > left )) && limit=$left
@@ -56,6 +71,7 @@ if [ -n "$QUICK" ]; then  # sizes that compile in seconds on a CPU
   TESTS="decode_matches"
   UPDATE="--layers 1 --batch 1 --seq 64 --repeats 1"
   INFLIGHT="--runs tiny:32 --batch 8 --slots 4 --repeats 1"
+  PACKING="--cases tiny --batch 16 --length 64 --repeats 1"
 else
   DECODE=""
   CHUNKS="--new_tokens 2016 --repeats 2"
@@ -63,6 +79,7 @@ else
   TESTS="not cudnn and not pallas"
   UPDATE="--batch 16 --seq 1024"
   INFLIGHT="--runs qwen3-0.6b:1024 --batch 256 --slots 64 --repeats 2"
+  PACKING="--cases qwen3_0.6b --batch 16 --length 4096 --attention auto --repeats 3"
 fi
 PROBE=${PROBE:-.device/probe_speed.py}
 # The wheels check.sh installs (its README): entropo imports nothing of
@@ -78,8 +95,10 @@ part cudnn 60 "${ATTENTION_TESTS[@]}" -k cudnn
 if [ -f "$PROBE" ]; then
   # shellcheck disable=SC2086
   part update 80 "$PY" "$PROBE" train $UPDATE --precision bf16_fp32_logits
-else
+elif selected update; then
   echo "## update: skipped, no $PROBE"
+else
+  echo "## update: not in PARTS"
 fi
 # shellcheck disable=SC2086
 part layers 150 "$PY" benchmarks/attention_memory.py $LAYERS \
@@ -94,4 +113,7 @@ part inflight 150 env PYTHONPATH="$PYTHONPATH:$PWD/benchmarks" "$PY" \
   benchmarks/inflight.py $INFLIGHT --out "$OUT/inflight.json"
 part inflight_tests 90 env ENTROPO_TEST_ACCELERATOR=1 "$PY" -m pytest -q \
   -p no:cacheprovider -o addopts="" tests/test_inflight.py
+# shellcheck disable=SC2086
+part packing 180 "$PY" benchmarks/packing.py $PACKING \
+  --out "$OUT/packing.json"
 echo "## total $((SECONDS-START))s"

@@ -27,11 +27,19 @@ time includes the host's packing plan. Cases:
 * `qwen3_0.6b` (`--memory`): the whole Qwen3-0.6B (28 layers, 151936
   vocabulary, `scan_layers`, `remat=block`, bf16_fp32_head), B = 16,
   L = 4096, compiled only: XLA's temporary bytes of each update
-  (`.lower().compile().memory_analysis()`), not run.
+  (`.lower().compile().memory_analysis()`), not run;
+* `qwen3_0.6b` in `--cases` (not a default: minutes per step on a CPU):
+  the same whole model timed like the others, for a GPU
+  (`benchmarks/gpu.sh`, part `packing`).
+
+`--batch` and `--length` replace the cases' B and L (0: the case's);
+`--attention` picks the kernel (`blockwise`, as measured on CPU; `auto`
+is cuDNN on a GPU for the bf16 preset).
 
 Usage:
 
     python benchmarks/packing.py [--cases near_full tiny qwen_width] \\
+        [--batch B] [--length L] [--attention blockwise] \\
         [--repeats 3] [--memory] [--trainer 14] [--workdir DIR] \\
         [--plot docs/results/packing_demo.png] \\
         [--out benchmarks/out/packing.json]
@@ -73,7 +81,11 @@ CASES = {
     "tiny": (TINY, 64, 512, "lognormal", "fp32"),
     "qwen_width": (dict(QWEN3_06B, num_layers=2, vocab_size=16384), 8, 512,
                    "lognormal", "fp32"),
+    "qwen3_0.6b": (QWEN3_06B, 16, 4096, "lognormal", "bf16_fp32_head"),
 }
+DEFAULT_CASES = ("near_full", "tiny", "qwen_width")
+# The whole model's layers: scanned, each rematerialised in the backward.
+MODEL_OPTIONS = {"qwen3_0.6b": dict(remat="block", scan_layers=True)}
 MEMORY_CASE = ("qwen3_0.6b", QWEN3_06B, 16, 4096, "lognormal",
                "bf16_fp32_head")
 
@@ -111,10 +123,10 @@ def packed_batch(batch: dict) -> dict:
 
 
 def learner_for(model_kwargs: dict, precision: str, length: int, *,
-                abstract=False, **model_options):
+                abstract=False, attention="blockwise", **model_options):
   """`(learner, params, opt_state, hyper)` of GRPO on a random model."""
   config = ModelConfig(**model_kwargs, max_position_embeddings=length,
-                       attention="blockwise")
+                       attention=attention)
   def make():
     return Transformer(config, precision=precision, rngs=nnx.Rngs(0),
                        **model_options)
@@ -132,13 +144,18 @@ def learner_for(model_kwargs: dict, precision: str, length: int, *,
   return learner, params, opt_state, hyper
 
 
-def time_case(name: str, repeats: int, seed: int) -> dict:
+def time_case(name: str, repeats: int, seed: int, *, batch_rows: int = 0,
+              row_length: int = 0, attention: str = "blockwise") -> dict:
+  """The padded and packed update of case `name` (its B and L unless
+  `batch_rows` / `row_length` are set), medians of `repeats` rounds."""
   model_kwargs, b, length, kind, precision = CASES[name]
+  b, length = batch_rows or b, row_length or length
   rng = np.random.default_rng(seed)
   lengths = lengths_of(kind, b, length, rng)
   batch = padded_batch(lengths, length, model_kwargs["vocab_size"], rng)
-  learner, params, opt_state, hyper = learner_for(model_kwargs, precision,
-                                                  length)
+  learner, params, opt_state, hyper = learner_for(
+      model_kwargs, precision, length, attention=attention,
+      **MODEL_OPTIONS.get(name, {}))
   key = jax.random.key(0)
   useful = int(lengths.sum())
   step = lambda mb: jax.block_until_ready(  # noqa
@@ -153,7 +170,8 @@ def time_case(name: str, repeats: int, seed: int) -> dict:
         times[variant].append(time.perf_counter() - start)
   packed_rows = packed_batch(batch)["segment_ids"].shape[0]
   row = {"case": name, "B": b, "L": length, "lengths": kind,
-         "precision": precision, "useful_tokens": useful,
+         "precision": precision, "attention": attention,
+         "backend": jax.default_backend(), "useful_tokens": useful,
          "padded_slots": b * length, "packed_slots": packed_rows * length,
          "packed_rows": packed_rows}
   for variant, spent in times.items():
@@ -304,8 +322,14 @@ def table(rows) -> str:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--cases", nargs="*", default=list(CASES),
+  parser.add_argument("--cases", nargs="*", default=list(DEFAULT_CASES),
                       choices=list(CASES))
+  parser.add_argument("--batch", type=int, default=0, metavar="B",
+                      help="rows of every case (0: the case's)")
+  parser.add_argument("--length", type=int, default=0, metavar="L",
+                      help="row length of every case (0: the case's)")
+  parser.add_argument("--attention", default="blockwise",
+                      choices=["blockwise", "auto", "reference", "cudnn"])
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--memory", action="store_true",
@@ -320,9 +344,18 @@ def main(argv=None):
   parser.add_argument("--out", default=str(ROOT / "benchmarks" / "out" /
                                            "packing.json"))
   args = parser.parse_args(argv)
+  if args.batch < 0:
+    parser.error(f"--batch must be >= 1 (0: each case's); got {args.batch}")
+  if args.length < 0 or 0 < args.length < 8:
+    parser.error(f"--length must be >= 8 (median length L / 8; 0: each "
+                 f"case's); got {args.length}")
+  if args.repeats < 1:
+    parser.error(f"--repeats must be >= 1; got {args.repeats}")
   rows = []
   for name in args.cases:
-    rows.append(time_case(name, args.repeats, args.seed))
+    rows.append(time_case(name, args.repeats, args.seed,
+                          batch_rows=args.batch, row_length=args.length,
+                          attention=args.attention))
     print(json.dumps(rows[-1]), flush=True)
   if args.memory:
     rows.append(memory_case())

@@ -236,6 +236,37 @@ def test_packing_benchmark_runs(tmp_path, monkeypatch, capsys):
   assert "| micro | 16 x 64 | lognormal |" in capsys.readouterr().out
 
 
+def test_packing_benchmark_whole_model_options(tmp_path, monkeypatch,
+                                              capsys):
+  """The options gpu.sh's `packing` part passes (`--cases qwen3_0.6b
+  --batch --length --attention auto`: scanned, rematerialised layers,
+  bf16_fp32_head) run end to end, on a micro model; a bad size is refused
+  naming its option."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "bench_packing", ROOT / "benchmarks" / "packing.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  micro = dict(bench.QWEN3_06B, vocab_size=64, hidden_size=16,
+               intermediate_size=32, num_layers=2, num_heads=2,
+               num_kv_heads=1, head_dim=8)
+  monkeypatch.setitem(bench.CASES, "qwen3_0.6b",
+                      (micro,) + bench.CASES["qwen3_0.6b"][1:])
+  out = tmp_path / "packing.json"
+  bench.main(["--cases", "qwen3_0.6b", "--batch", "8", "--length", "32",
+              "--attention", "auto", "--repeats", "1", "--out", str(out)])
+  (row,) = json.loads(out.read_text())["rows"]
+  assert (row["B"], row["L"], row["precision"], row["attention"]) == (
+      8, 32, "bf16_fp32_head", "auto")
+  assert row["packed_rows"] < row["B"] and row["packed_s"] > 0
+  assert "| qwen3_0.6b | 8 x 32 | lognormal |" in capsys.readouterr().out
+  for option, value in (("--length", "4"), ("--batch", "-1"),
+                        ("--repeats", "0")):
+    with pytest.raises(SystemExit):
+      bench.main([option, value, "--out", str(out)])
+    assert f"{option} must be" in capsys.readouterr().err
+
+
 def test_packing_benchmark_plots_the_trainer_runs(tmp_path):
   """`--plot` draws a `--trainer` row (a made-up 2-iteration one: the real
   runs take minutes to compile) into a PNG."""
