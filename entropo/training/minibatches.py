@@ -12,7 +12,6 @@ the whole batch the same way.
 import dataclasses
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from entropo import packing as packing_lib
@@ -72,11 +71,9 @@ class Minibatches:
       return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows)
     size = packing_lib.rows_bucket(len(rows), max_rows=n,
                                    multiple=self.placement.shards)
-    empty = jax.tree.map(lambda x: jnp.zeros((1,) + x.shape[1:], x.dtype),
-                         batch)
-    rows = np.concatenate([rows, np.full(size - len(rows), n)])
-    return rollouts_lib.gather_rows(self.placement.sharding, [batch, empty],
-                                    rows)
+    rows = np.concatenate([rows, np.full(size - len(rows), n)])  # n: empty
+    return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows,
+                                    fill=True)
 
   def packed(self, mb: dict) -> dict:
     """`mb` with the index arrays of its packing plan when `packing` is on

@@ -52,12 +52,16 @@ class Rollout:
             self.sampler_logps)
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def gather_rows(sharding, parts, rows):
-  """Rows `rows` of the concatenation of `parts` (pytrees of `[B, ...]`)."""
+@functools.partial(jax.jit, static_argnums=0, static_argnames="fill")
+def gather_rows(sharding, parts, rows, *, fill=False):
+  """Rows `rows` of the concatenation of `parts` (pytrees of `[B, ...]`);
+  with `fill`, an index past the end gives a row of zeros (no token, no
+  loss: a minibatch's padding, made on the mesh, no host array)."""
   whole = jax.tree.map(lambda *xs: jnp.concatenate(xs), *parts)
-  return jax.lax.with_sharding_constraint(
-      jax.tree.map(lambda x: x[rows], whole), sharding)
+  take = ((lambda x: x.at[rows].get(mode="fill", fill_value=0)) if fill
+          else (lambda x: x[rows]))
+  return jax.lax.with_sharding_constraint(jax.tree.map(take, whole),
+                                          sharding)
 
 
 class Rollouts:
