@@ -298,7 +298,11 @@ def test_apps_world_checks_and_api():
     env.step(f'run: pay("{name}", 1)\n')  # the wrong amount
     end = env.step("done\n")
     assert end.done and end.reason == "failed"
-    assert 0 < env.final_reward(end.reason) < 1
+    # bob 18 -> 21, me 28 -> 25, payments [bob, 3], bob's debt 1 -> 0 are
+    # to do; paying 1 did only the debt: 1 / 4.
+    assert problem["name"] == "bob" and problem["amount"] == 3
+    assert problem["state"]["owe"]["bob"] == 1
+    assert env.final_reward(end.reason) == 0.25
   finally:
     env.close()
   world = apps_world.World(problem["state"])
@@ -492,6 +496,44 @@ def test_restart_is_said_when_the_episode_goes_on():
     env.close()
 
 
+def _payback_problem():
+  """A hand-made `payback` problem: me owes ann 4 and bob 2."""
+  return {"kind": "payback", "name": "ann",
+          "state": {"balance": {"ann": 5, "bob": 3, "cy": 0, "me": 40},
+                    "owe": {"ann": 4, "bob": 2},
+                    "phone": {"bob": "5551111", "cy": "5552222"}}}
+
+
+@pytest.mark.parametrize("payments, finished, want", [
+    # Checks: ann has 9, bob has 3, cy has 0, me has 36, payments as
+    # asked, debts as expected, other contacts unchanged. To do at the
+    # start (failing): ann, me, payments, debts (4); holding: bob, cy,
+    # contacts (3).
+    ([], True, 0.0),  # untouched (the old reward: (3 + 1) / 8 = 0.5)
+    ([], False, 0.0),
+    ([["ann", 4]], True, 1.0),
+    ([["ann", 4]], False, 0.5),  # right state, no `done`: halved
+    # me has 36 (1 done); bob has 7 (1 broken): 1 / (4 + 1).
+    ([["bob", 4]], True, 0.2),
+    ([["bob", 4]], False, 0.1),
+    # ann has 9 and debts as expected (2 done); me has 35 and cy has 1
+    # (cy broken): 2 / (4 + 1).
+    ([["ann", 4], ["cy", 1]], True, 0.4),
+])
+def test_apps_world_reward_pays_progress(payments, finished, want):
+  problem = _payback_problem()
+  env = apps_world.AppsEnvironment(tasks.get_task("apps_world"))
+  env.problem = problem
+  env.world = apps_world.World(problem["state"])  # no sandbox: the API only
+  for name, amount in payments:
+    env.world("pay", [name, amount], {})
+  reason = "failed" if finished else "turn_budget"
+  assert env.final_reward(reason) == pytest.approx(want, abs=1e-12)
+  assert apps_world.progress(problem, env.world.state) == pytest.approx(
+      want * 2 / (1 + finished), abs=1e-12)
+  env.close()
+
+
 def test_apps_world_reward_needs_done():
   task = tasks.get_task("apps_world", kinds=("pay",))
   problem = task.generate_problem(np.random.default_rng(5))
@@ -499,7 +541,7 @@ def test_apps_world_reward_needs_done():
   try:
     env.reset(problem)
     env.step(f'run: pay("{problem["name"]}",{problem["amount"]})\n')
-    assert env.final_reward("turn_budget") < 1.0  # right state, no `done`
+    assert env.final_reward("turn_budget") == 0.5  # right state, no `done`
     assert env.final_reward("solved") == 1.0
   finally:
     env.close()

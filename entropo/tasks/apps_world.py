@@ -6,12 +6,17 @@ the agent's code calls it through functions in the sandbox that forward to
 the parent (`_rpc`), so code can only change the world through the API,
 never forge it. A task is stated in words; the episode ends when the agent
 writes `done` (or runs out of turns). The reward is computed from checks on
-the final state: dense, the fraction of checks that pass (`final_reward`,
-whatever the reason the episode ended), and a sparse success (`SOLVED`)
-when all pass. One check is that the agent said `done`: without it, a
-policy trained on the dense reward learns to stop saying it (the state
-checks alone gave a truncated episode full reward). As in AppWorld, checks include "nothing else changed", so
-stray payments cost reward.
+the final state, and a sparse success (`SOLVED`) when all pass. The reward
+(`final_reward`, whatever the reason the episode ended) pays progress
+(`progress`): of the checks that fail on the starting state (the work to
+do), the fraction that pass at the end, where a check that held at the
+start and fails at the end (as in AppWorld, "nothing else changed", so
+stray payments) counts as one more to do; halved when the agent did not
+say `done` (without that, a policy learns to stop saying it: a truncated
+episode with the right state got full reward). An episode that changed
+nothing, or crashed and said `done`, gets 0: the reward of the fraction
+of all checks paid it 0.375-0.5 for the checks that already held
+(docs/sandbox.md).
 
 The API in the sandbox:
 
@@ -147,6 +152,22 @@ def checks(problem: Mapping[str, Any], final: Mapping[str, Any]
   return result
 
 
+def progress(problem: Mapping[str, Any], final: Mapping[str, Any]) -> float:
+  """The reward for the state `final`: the checks still to do on the
+  starting state that pass on `final`, over those to do plus the checks
+  that held at the start and fail on `final` (broken ones). 0 for an
+  untouched state, 1 exactly when every check passes."""
+  start = problem["state"]
+  initial = [ok for _, ok in checks(problem, {**start, "payments": []})]
+  end = [ok for _, ok in checks(problem, final)]
+  todo = sum(not ok for ok in initial)
+  done = sum(ok for was, ok in zip(initial, end) if not was)
+  broken = sum(not ok for was, ok in zip(initial, end) if was)
+  if todo + broken == 0:
+    return 1.0
+  return done / (todo + broken)
+
+
 class AppsEnvironment(code_env.CodeEnvironment):
   """One apps_world episode; the world lives in this (parent) object."""
 
@@ -167,10 +188,9 @@ class AppsEnvironment(code_env.CodeEnvironment):
     return self.task.prompt(self.problem)
 
   def score(self, finished: bool = True) -> float:
-    """The fraction of checks passing on the current state, with one more
-    check: that the agent `finished` (said `done`)."""
-    result = checks(self.problem, self.world.state)
-    return (sum(ok for _, ok in result) + finished) / (len(result) + 1)
+    """`progress` of the current state, halved unless the agent `finished`
+    (said `done`)."""
+    return progress(self.problem, self.world.state) * (1 + finished) / 2
 
   def act(self, kind, payload):
     if kind != code_env.DONE:

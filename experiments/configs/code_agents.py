@@ -14,9 +14,9 @@ process per episode:
 * `calc_code`: `17*23+4=?`, the agent may `run: 17*23+4`, sees `395`, and
   answers `answer: 395`; a sparse reward.
 * `apps_world`: `task: pay back bob`, the agent calls the apps' API
-  (`run: owe("bob")`, `run: pay("bob",7)`) and says `done`; the reward is
-  the fraction of checks on the final state that pass (dense), solved when
-  all pass.
+  (`run: owe("bob")`, `run: pay("bob",7)`) and says `done`; the reward
+  pays progress (the checks still to do at the start that pass at the
+  end, docs/tasks.md), solved when all checks pass.
 
 The limits below fit every scripted transcript and every observation the
 task can make (`max_observation_tokens` = `observation_chars` + 1), so
