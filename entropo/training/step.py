@@ -64,9 +64,11 @@ def _adamw(learning_rate, b1, b2, weight_decay, max_grad_norm):
       optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
 
 
+@functools.lru_cache(maxsize=16)
 def warm_start_optimizer(learning_rate: float, steps: int
                          ) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and cosine decay to 10 % over `steps`."""
+  """AdamW with linear warm-up and cosine decay to 10 % over `steps`; one
+  object per settings, so warm starts of one shape share `sft_step`."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, learning_rate, max(1, steps // 20), max(2, steps),
       learning_rate * 0.1)
