@@ -157,7 +157,7 @@ def _batch(rng):
   return params, batch, packed
 
 
-def _learner(algo, **algo_fields):
+def _learner(algo, batch_rows=None, **algo_fields):
   """A Learner of preset `algo` with `algo_fields` set, and its
   hyperparameters."""
   c = training_setup.tiny_config(algo)
@@ -166,7 +166,8 @@ def _learner(algo, **algo_fields):
   graphdef, _ = _model_state()
   learner = step_lib.Learner(graphdef, algorithm,
                              step_lib.make_optimizer(c.optim),
-                             max_new_tokens=LENGTH - PROMPT, group_size=4)
+                             max_new_tokens=LENGTH - PROMPT, group_size=4,
+                             batch_rows=batch_rows)
   hyper = algorithm.hyperparameters(algorithm.init_controllers(),
                                     algorithm.fixed_hyperparameters())
   return learner, hyper
@@ -364,9 +365,9 @@ def test_minibatches_by_tokens_keep_the_constant_normaliser(rng):
   split = (np.asarray([0, 3, 5]), np.asarray([1, 2]), np.asarray([4, 6, 7]))
   sums = {}
   for batch_rows in (None, 8):
-    learner, hyper = _learner("grpo", agg="seq_mean_token_sum_norm",
-                              kl_coef=0.1, entropy_coef=0.01)
-    learner.batch_rows = batch_rows
+    learner, hyper = _learner("grpo", batch_rows, kl_coef=0.1,
+                              agg="seq_mean_token_sum_norm",
+                              entropy_coef=0.01)
     loss = jax.jit(lambda b, learner=learner, hyper=hyper: learner.loss(
         params, b, hyper, key)[0])
     whole = float(loss(batch))
@@ -386,8 +387,7 @@ def test_empty_rows_change_no_loss_metric_or_gradient(rng, algo, agg):
   gradient) are those of the minibatch without them, and the empty rows
   get none."""
   _, batch, _ = _batch(rng)
-  learner, hyper = _learner(algo, agg=agg, kl_coef=0.1, entropy_coef=0.01)
-  learner.batch_rows = 8
+  learner, hyper = _learner(algo, 8, agg=agg, kl_coef=0.1, entropy_coef=0.01)
   key = jax.random.key(4)
   rows = np.asarray([0, 2, 5, 6, 7])  # a minibatch of 5
   mb = {k: v[rows] for k, v in batch.items()}
@@ -414,3 +414,24 @@ def test_empty_rows_change_no_loss_metric_or_gradient(rng, algo, agg):
   for w, g in zip(want_cot, got_cot):
     _close(g[:5], w, "cotangent")
     assert not np.asarray(g[5:]).any()
+
+
+def test_learners_of_equal_settings_share_their_steps():
+  """Learners of equal settings (a resumed run, a study's runs of one
+  configuration) share one pair of jitted steps, so the second compiles
+  nothing; any setting that changes the program gives its own."""
+  learner, _ = _learner("grpo", kl_coef=0.1)
+  again, _ = _learner("grpo", kl_coef=0.1)
+  assert learner is not again
+  assert again.update is learner.update
+  assert again.pre_update is learner.pre_update
+  for other in (_learner("grpo", kl_coef=0.2)[0],  # the algorithm
+                _learner("grpo", 8, kl_coef=0.1)[0]):  # batch_rows
+    assert other.update is not learner.update
+    assert other.pre_update is not learner.pre_update
+  c = training_setup.tiny_config("grpo")
+  c.optim.learning_rate *= 2  # the optimizer's settings
+  other = step_lib.Learner(learner.graphdef, learner.algorithm,
+                           step_lib.make_optimizer(c.optim),
+                           max_new_tokens=LENGTH - PROMPT, group_size=4)
+  assert other.update is not learner.update

@@ -49,16 +49,26 @@ STATE_FINITE = "state_finite"
 
 
 def make_optimizer(optim) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping, from the `optim` config section."""
+  """AdamW with global-norm clipping, from the `optim` config section.
+
+  Equal settings give the same object, so Learners of equal configurations
+  compare equal and share their compiled steps (`Learner`)."""
+  return _adamw(optim.learning_rate, optim.b1, optim.b2, optim.weight_decay,
+                optim.max_grad_norm)
+
+
+@functools.lru_cache(maxsize=16)
+def _adamw(learning_rate, b1, b2, weight_decay, max_grad_norm):
   return optax.chain(
-      optax.clip_by_global_norm(optim.max_grad_norm),
-      optax.adamw(optim.learning_rate, b1=optim.b1, b2=optim.b2,
-                  weight_decay=optim.weight_decay))
+      optax.clip_by_global_norm(max_grad_norm),
+      optax.adamw(learning_rate, b1=b1, b2=b2, weight_decay=weight_decay))
 
 
+@functools.lru_cache(maxsize=16)
 def warm_start_optimizer(learning_rate: float, steps: int
                          ) -> optax.GradientTransformation:
-  """AdamW with linear warm-up and cosine decay to 10 % over `steps`."""
+  """AdamW with linear warm-up and cosine decay to 10 % over `steps`; one
+  object per settings, so warm starts of one shape share `sft_step`."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, learning_rate, max(1, steps // 20), max(2, steps),
       learning_rate * 0.1)
@@ -112,6 +122,11 @@ class Learner:
   number of rows) keeps `seq_mean_token_sum_norm`'s constant at the whole
   batch's `batch_rows x norm` for a minibatch of any size; None (minibatches
   of rows, all of one size) divides by the minibatch's rows x norm.
+
+  The settings are fixed at construction: Learners with equal settings
+  (`_settings`: the same model structure, algorithm, optimizer settings and
+  normalisers) share one pair of jitted steps, so a second trainer of a
+  configuration in the same process compiles nothing new.
   """
 
   def __init__(self, graphdef, algorithm, optimizer: optax.GradientTransformation,
@@ -125,8 +140,13 @@ class Learner:
     self.batch_rows = batch_rows
     self.group_size = group_size
     self.reference_without_adapters = reference_without_adapters
-    self.pre_update = jax.jit(self._pre_update)
-    self.update = jax.jit(self._update)
+    self.pre_update, self.update = _compiled_steps(self)
+
+  def _settings(self) -> tuple:
+    """Everything the jitted methods read from `self`: Learners with equal
+    settings trace to the same programs."""
+    return (self.graphdef, self.algorithm, self.optimizer, self.norm,
+            self.batch_rows, self.group_size, self.reference_without_adapters)
 
   def model(self, params, frozen=None):
     """The model with trained variables `params` (and `frozen`, the rest
@@ -222,6 +242,27 @@ class Learner:
         jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves((params, opt_state))
         if jnp.issubdtype(x.dtype, jnp.inexact)]))
     return params, opt_state, masking.scalar_metrics(metrics)
+
+
+# The jitted steps of recent Learners, by their settings, most recent last:
+# the trainers of one process (a resumed run, a test suite, a notebook that
+# rebuilds its trainer, a study's runs of one configuration) trace, lower and
+# compile each step once instead of once per Learner.
+_STEPS: list[tuple[tuple, tuple[Any, Any]]] = []
+_STEPS_KEPT = 8
+
+
+def _compiled_steps(learner: Learner) -> tuple[Any, Any]:
+  """`(pre_update, update)` jitted, shared with an equal earlier Learner."""
+  settings = learner._settings()  # pylint: disable=protected-access
+  for i, (known, steps) in enumerate(_STEPS):
+    if known == settings:
+      _STEPS.append(_STEPS.pop(i))
+      return steps
+  steps = (jax.jit(learner._pre_update), jax.jit(learner._update))  # pylint: disable=protected-access
+  _STEPS.append((settings, steps))
+  del _STEPS[:-_STEPS_KEPT]
+  return steps
 
 
 @jax.jit
