@@ -25,7 +25,7 @@ that a wrong program's error message does not end the episode as
 `max_action_tokens` slots after the prompt's `max_prompt_len`, with
 observation chunks padded to `EpisodeLimits.observation_bucket` between
 them (the rollout's slot accounting: rows share slots), so that no episode
-ends `context_full` early. tests/test_sandbox.py checks all three.
+ends `context_full` early. tests/test_tasks_code.py checks all three.
 """
 
 from entropo.training import config as config_lib
