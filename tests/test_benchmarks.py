@@ -282,3 +282,31 @@ def test_packing_benchmark_plots_the_trainer_runs(tmp_path):
   path = tmp_path / "plot" / "demo.png"
   bench.plot_trainer(row, path)
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compile_options_benchmark_times_each_set(capsys):
+  """benchmarks/compile_options.py compiles the step under each option set
+  (a new program each time, so no cache answers), and reports an option
+  XLA does not know as refused instead of failing; bad arguments are
+  refused by name before anything compiles."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  spec = importlib.util.spec_from_file_location(
+      "bench_compile_options", ROOT / "benchmarks" / "compile_options.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  cache_on = jax.config.jax_enable_compilation_cache
+  bench.main(["{}", '{"no_such_option": 1}', "--repeats", "2",
+              "--layers", "1", "--batch", "1", "--length", "8"])
+  assert jax.config.jax_enable_compilation_cache == cache_on
+  out = capsys.readouterr().out
+  (timed,) = [line for line in out.splitlines() if line.startswith("| {}")]
+  rounds = [float(x) for x in timed.split("|")[2].split(",")]
+  assert len(rounds) == 2 and min(rounds) > 0.01  # compiled, not cached
+  assert "refused: INVALID_ARGUMENT" in out and "no_such_option" in out
+  for bad, shown in ((["{}", "--repeats", "0"], "--repeats"),
+                     (["[1]"], "must be a JSON object"),
+                     (["{x"], "are not JSON")):
+    with pytest.raises(SystemExit):
+      bench.main(bad)
+    assert shown in capsys.readouterr().err
