@@ -4,8 +4,10 @@ Per test, the plugin records wall time, the worker's CPU time (user + sys,
 all threads), its children's CPU time (the subprocesses a test starts) and
 jax's own compile-pipeline durations (jax.monitoring: tracing, lowering to
 MLIR, XLA backend compile, compilation-cache hits); each xdist worker
-writes its rows to `$SUITE_TIME_DIR/rows_<worker>.json`. Then the summary
-adds them up by kind and by test file:
+writes its rows to `$SUITE_TIME_DIR/rows_<worker>.json`; each row also
+holds the XLA compile seconds and count of every program the test
+compiled, by name (`jit(_update)`). Then the summary adds them up by kind
+and by test file, and by program (which compiles cost most, how often):
 
     rm -rf .pytest_cache/jax   # a cold compilation cache, as on a fresh clone
     SUITE_TIME_DIR=/tmp/suite PYTHONPATH=benchmarks \\
@@ -32,18 +34,34 @@ _EVENTS = {
     "cache_saved": "/jax/compilation_cache/compile_time_saved_sec",
 }
 _durations = collections.Counter()
-_rows = []
+_programs = collections.defaultdict(lambda: [0, 0.0])  # name: [n, seconds]
+# One list of rows per running session: a session run inside a test (the
+# plugin's own test, pytester) records its tests apart from the outer one.
+_sessions = []
+_listening = []
 
 
 def _listen(event, duration, **kwargs):
-  del kwargs  # unused
   _durations[event] += duration
+  if event == _EVENTS["compile"]:
+    program = _programs[str(kwargs.get("fun_name", "?"))]
+    program[0] += 1
+    program[1] += duration
 
 
 def pytest_configure(config):
+  """Listens to jax's compile events, once per process (a nested session
+  must not count each event twice)."""
   del config  # unused
-  import jax.monitoring  # pylint: disable=g-import-not-at-top
-  jax.monitoring.register_event_duration_secs_listener(_listen)
+  if not _listening:
+    import jax.monitoring  # pylint: disable=g-import-not-at-top
+    jax.monitoring.register_event_duration_secs_listener(_listen)
+    _listening.append(True)
+
+
+def pytest_sessionstart(session):
+  del session  # unused
+  _sessions.append([])
 
 
 def _cpu(t):
@@ -55,13 +73,15 @@ def pytest_runtest_protocol(item, nextitem):
   """Times the whole protocol of a test (setup, call, teardown)."""
   del nextitem  # unused
   _durations.clear()
+  _programs.clear()
   start, (cpu0, child0) = time.perf_counter(), _cpu(os.times())
   yield
   cpu1, child1 = _cpu(os.times())
   row = {"id": item.nodeid, "wall": time.perf_counter() - start,
          "cpu": cpu1 - cpu0, "child": child1 - child0}
   row.update({k: _durations.get(e, 0.0) for k, e in _EVENTS.items()})
-  _rows.append(row)
+  row["programs"] = dict(_programs)
+  _sessions[-1].append(row)
 
 
 def pytest_sessionfinish(session):
@@ -69,7 +89,7 @@ def pytest_sessionfinish(session):
   out = pathlib.Path(os.environ.get("SUITE_TIME_DIR", "suite_time"))
   out.mkdir(parents=True, exist_ok=True)
   worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-  (out / f"rows_{worker}.json").write_text(json.dumps(_rows))
+  (out / f"rows_{worker}.json").write_text(json.dumps(_sessions.pop()))
 
 
 def summary(folder) -> str:
@@ -91,6 +111,21 @@ def summary(folder) -> str:
   for name, c in [("all", total)] + [(f, files[f]) for f in order[:25]]:
     lines.append(f"| {name} | {c['tests']} | "
                  + " | ".join(f"{c[k]:.0f}" for k in cols) + " |")
+  return "\n".join(lines + ["", _programs_table(rows)])
+
+
+def _programs_table(rows, top: int = 15) -> str:
+  """The `top` programs by XLA compile seconds: compiles, seconds, tests."""
+  seconds, count, tests = (collections.Counter(), collections.Counter(),
+                           collections.Counter())
+  for r in rows:
+    for name, (n, secs) in r.get("programs", {}).items():
+      seconds[name] += secs
+      count[name] += n
+      tests[name] += 1
+  lines = ["| program | compiles | compile s | tests |", "|---|---|---|---|"]
+  for name, secs in seconds.most_common(top):
+    lines.append(f"| {name} | {count[name]} | {secs:.0f} | {tests[name]} |")
   return "\n".join(lines)
 
 

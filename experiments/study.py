@@ -110,6 +110,12 @@ _BAND_PRESETS = flags.DEFINE_list(
 _MISMATCH_CORRECTION = flags.DEFINE_enum(
     "mismatch_correction", "icepop", list(study_mismatch.CORRECTIONS),
     "The correction the mismatch stage compares with none.")
+_MISMATCH_TRAINERS = flags.DEFINE_list(
+    "mismatch_trainers", list(study_mismatch.TRAINERS),
+    "Trainer precision presets of the mismatch stage.")
+_MISMATCH_SAMPLERS = flags.DEFINE_list(
+    "mismatch_samplers", list(study_mismatch.SAMPLERS),
+    "Sampler precision presets of the mismatch stage.")
 _MISMATCH_ALGORITHM = flags.DEFINE_string(
     "mismatch_algorithm", study_mismatch.ALGORITHM,
     "The algorithm of the mismatch stage.")
@@ -452,7 +458,8 @@ def _check_flags() -> None:
         raise app.UsageError(
             f"--sources: {source!r} is neither warm_start nor one of "
             f"--algorithms {_ALGORITHMS.value}.")
-  for flag in (_PRESETS, _BAND_PRESETS):
+  for flag in (_PRESETS, _BAND_PRESETS, _MISMATCH_TRAINERS,
+               _MISMATCH_SAMPLERS):
     for preset in flag.value:
       if preset not in PRESETS:
         raise app.UsageError(f"--{flag.name}: unknown preset {preset!r}; "
@@ -489,7 +496,9 @@ def main(argv):
       "lora": lambda: study_regimes.lora(study),
       "mismatch": lambda: (study_mismatch.mismatch(
           study, algorithm=_MISMATCH_ALGORITHM.value,
-          correction=_MISMATCH_CORRECTION.value), _log(
+          correction=_MISMATCH_CORRECTION.value,
+          trainers=_MISMATCH_TRAINERS.value,
+          samplers=_MISMATCH_SAMPLERS.value), _log(
               "mismatch report: " + ", ".join(
                   str(f) for f in study_mismatch.write_report(study.dir)))),
       "report": lambda: _log("report: " + ", ".join(

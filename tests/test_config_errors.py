@@ -63,6 +63,7 @@ BAD = {
     "train.tensorboard": "yes", "train.plots": 2, "train.progress": None,
     "train.allow_config_change": "no", "train.skip_non_finite": 1,
     "train.packing": "yes", "train.minibatch_tokens": -1,
+    "train.row_buckets": 0,
     "mesh.data": 0, "mesh.fsdp": 0, "mesh.tensor": 16,
     "algo.name": "ppo", "algo.advantage": "gae", "algo.grpo_scale": "row",
     "algo.objective": "ppo2", "algo.clip_low": -0.1,

@@ -1,5 +1,7 @@
 """The trainer's minibatches (entropo/training/minibatches.py)."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -70,3 +72,21 @@ def test_minibatches_by_tokens_pad_to_a_multiple_of_the_data_shards(packing):
     assert mb[key].shape[0] % 4 == 0
     assert {s.data.shape[0] for s in mb[key].addressable_shards} == {
         mb[key].shape[0] // 4}
+
+
+@pytest.mark.parametrize("row_buckets, rows", [(8, 3), (4, 4), (1, 8)])
+def test_row_buckets_set_the_padded_row_counts(row_buckets, rows):
+  """`train.row_buckets`: a minibatch by tokens of 3 of 8 rows is padded
+  to 3 rows with 8 buckets (sizes 1..8), 4 with 4 (2, 4, 6, 8) and the
+  whole batch's 8 with one; packing rounds its rows the same way (its 6
+  tokens fit one 8-token row: 1 row of up to 3 or 4, 8 of 8)."""
+  batch = _batch([3, 8, 1, 5, 2, 6, 4, 7])
+  batch["mask"] = batch["attention_mask"][:, 1:]
+  mbs = _minibatches(minibatch_tokens=9, row_buckets=row_buckets)
+  mb = mbs.gather(batch, np.array([0, 2, 4]))
+  assert mb["tokens"].shape[0] == rows
+  np.testing.assert_array_equal(
+      np.asarray(mb["attention_mask"]).sum(axis=1)[:3], [3, 1, 2])
+  assert not np.asarray(mb["attention_mask"])[3:].any()
+  packed = dataclasses.replace(mbs, packing=True).packed(mb)
+  assert packed["pack_source"].shape[0] == {8: 1, 4: 1, 1: 8}[row_buckets]

@@ -288,6 +288,10 @@ def _study(*args):
     (["--sources=dapo", "--algorithms=grpo"], "--sources: 'dapo'"),
     (["--presets=fp8"], "unknown preset 'fp8'"),
     (["--band_presets=fp32,bf8"], "--band_presets: unknown preset 'bf8'"),
+    (["--mismatch_trainers=fp32,fp8"],
+     "--mismatch_trainers: unknown preset 'fp8'"),
+    (["--mismatch_samplers=int8"],
+     "--mismatch_samplers: unknown preset 'int8'"),
     (["--band_regime=mb16_lr4"], "--band_regime: Not an off-policy cell"),
     (["--offpolicy_algorithms=grpo,ppo"], "Unknown algorithm 'ppo'"),
 ])
@@ -315,6 +319,21 @@ def test_mismatch_stage_configs_and_report(tmp_path, rng):
                                        typed.sampler_precision.name)
     corrected = directory.parent.name == "icepop"
     assert (typed.algorithm.correction == "mask") == corrected
+  # Fewer cells (--mismatch_trainers / --mismatch_samplers): fp16 training.
+  jobs.clear()
+  study_mismatch.mismatch(study, correction="token_mask_5pct",
+                          trainers=("fp16",), samplers=("fp16",))
+  assert [d.relative_to(tmp_path / "runs/mismatch/dapo").as_posix()
+          for _, d in jobs] == [
+              f"train_fp16_sample_fp16/{corr}/seed{seed}" for seed in (0, 1)
+              for corr in ("none", "token_mask_5pct")]
+  c = jobs[1][0]
+  c.model.init_from = ""
+  typed = validate(c)
+  assert (typed.precision.name, typed.sampler_precision.name) == (
+      "fp16", "fp16")
+  assert (typed.algorithm.correction_low,
+          typed.algorithm.correction_high) == (0.95, 1.05)
   # The report on fake runs that carry the mismatch metrics.
   timing = {}
   for corr in ("none", "icepop"):

@@ -5,6 +5,8 @@ import json
 import pathlib
 import sys
 
+import pytest
+
 pytest_plugins = ["pytester"]
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]
@@ -26,14 +28,25 @@ def test_compiles():
 def test_plain():
   assert 1 + 1 == 2
 """)
+  # An outer session already recording (as when the suite runs under the
+  # plugin): the inner run's rows are its own, the outer's stay.
+  outer = {"id": "outer::test"}
+  suite_time.pytest_sessionstart(None)
+  suite_time._sessions[-1].append(outer)  # pylint: disable=protected-access
   result = pytester.runpytest_inprocess("-p", "suite_time", "-q")
   result.assert_outcomes(passed=2)
+  assert suite_time._sessions.pop() == [outer]  # pylint: disable=protected-access
   rows = json.loads((tmp_path / "rows" / "rows_main.json").read_text())
   by_name = {r["id"].split("::")[1]: r for r in rows}
   assert sorted(by_name) == ["test_compiles", "test_plain"]
   assert by_name["test_compiles"]["compile"] > 0
   assert by_name["test_compiles"]["trace"] > 0
   assert by_name["test_plain"]["compile"] == 0
+  programs = by_name["test_compiles"]["programs"]
+  assert any("lambda" in name for name in programs), programs
+  assert sum(secs for _, secs in programs.values()) == pytest.approx(
+      by_name["test_compiles"]["compile"])
+  assert by_name["test_plain"]["programs"] == {}
   for r in rows:
     assert r["wall"] > 0 and r["cpu"] >= 0 and r["child"] >= 0
 
@@ -44,8 +57,12 @@ def test_summary_adds_up_by_file(tmp_path):
                            "lower": 0.25, "trace": 0.125, "cache_saved": 0.0}
   (tmp_path / "rows_gw0.json").write_text(json.dumps(
       [row(0, "a", 1.0), row(1, "b", 5.0)]))
-  (tmp_path / "rows_gw1.json").write_text(json.dumps([row(2, "a", 2.0)]))
-  lines = suite_time.summary(tmp_path).splitlines()
+  rows = [row(2, "a", 2.0)]
+  rows[0]["programs"] = {"jit(_update)": [2, 1.5], "jit(add)": [1, 0.25]}
+  (tmp_path / "rows_gw1.json").write_text(json.dumps(rows))
+  text = suite_time.summary(tmp_path)
+  assert text.endswith("| jit(_update) | 2 | 2 | 1 |\n| jit(add) | 1 | 0 | 1 |")
+  lines = text.splitlines()
   assert lines[2] == "| all | 3 | 16 | 8 | 3 | 2 | 1 | 0 | 0 |"
   # Costliest file first: b (5 + 1 s) before a (3 + 2 s).
   assert lines[3].startswith("| tests/b.py | 1 | 10 | 5 | 1 |")

@@ -748,11 +748,13 @@ def test_minibatches_by_tokens_on_four_data_shards(init_from, data_dir,
   tokens (here of 2 to 3 rows) is padded with empty rows to a multiple of
   the 4 shards, and the update's metrics and parameters equal one
   device's (minibatches of their real rows, no padding) to float32
-  rounding, padded and packed. (The pre-update pass does not depend on
+  rounding, padded and packed (8 row buckets: on one device each row
+  count is its own). (The pre-update pass does not depend on
   minibatch_tokens; its metrics on a mesh are
   test_sharded_update_equals_one_device's.)"""
   def config(mesh):
-    c = _config(init_from, data_dir, train=dict(packing=packing),
+    c = _config(init_from, data_dir,
+                train=dict(packing=packing, row_buckets=8),
                 **({"mesh": mesh} if mesh else {}))
     c.train.minibatch_tokens = 2 * (c.data.max_prompt_len
                                     + c.sampling.max_new_tokens)
@@ -1514,8 +1516,8 @@ def test_minibatches_by_tokens(init_from, data_dir, tmp_path, monkeypatch):
   rows = Trainer(_config(init_from, data_dir), tmp_path / "rows")
   roll, _ = rows.collect(jax.random.key(3))
   budget = 2 * roll.tokens.shape[1]  # two rows' slots: every sequence fits
-  c = _config(init_from, data_dir, train=dict(iterations=1,
-                                              minibatch_tokens=budget))
+  c = _config(init_from, data_dir, train=dict(
+      iterations=1, minibatch_tokens=budget, row_buckets=8))
   c.algo.epochs = 2
   train(c, tmp_path / "tokens")
   launch = json.loads((tmp_path / "tokens" / "run.json").read_text())[

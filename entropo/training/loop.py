@@ -104,7 +104,8 @@ class Trainer:
     self.placement = BatchPlacement(self.mesh)
     self.minibatches = minibatches_lib.Minibatches(
         self.placement, self.algorithm.minibatches,
-        config.train.minibatch_tokens, config.train.packing)
+        config.train.minibatch_tokens, config.train.packing,
+        config.train.row_buckets)
     self.optimizer = step_lib.make_optimizer(config.optim)
     kl = self.algorithm.kl_coef > 0
     self.learner = step_lib.Learner(

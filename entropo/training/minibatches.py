@@ -27,6 +27,7 @@ class Minibatches:
   minibatches: int  # algo.minibatches
   minibatch_tokens: int  # train.minibatch_tokens (0: by rows)
   packing: bool  # train.packing
+  row_buckets: int = 8  # train.row_buckets
 
   def rows(self, batch: dict, key, *, iteration: int) -> list[np.ndarray]:
     """The rows of each minibatch of one epoch, in index order.
@@ -58,10 +59,10 @@ class Minibatches:
 
   def gather(self, batch: dict, rows: np.ndarray) -> dict:
     """The minibatch of `rows`; by tokens (any row count) padded with
-    empty rows (no token, no loss) to one of 8 row counts (`rows_bucket`),
-    each a multiple of the data shards (data x fsdp), so the minibatch
-    splits over the devices and the update compiles a bounded number of
-    times: empty rows change no loss or metric (`Learner(batch_rows=)`
+    empty rows (no token, no loss) to one of `row_buckets` row counts
+    (`rows_bucket`), each a multiple of the data shards (data x fsdp), so
+    the minibatch splits over the devices and the update compiles a
+    bounded number of times: empty rows change no loss or metric (`Learner(batch_rows=)`
     keeps seq_mean_token_sum_norm's constant, the other modes count tokens
     or sequences with tokens)."""
     n = batch["tokens"].shape[0]
@@ -70,7 +71,8 @@ class Minibatches:
     if not self.minibatch_tokens:
       return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows)
     size = packing_lib.rows_bucket(len(rows), max_rows=n,
-                                   multiple=self.placement.shards)
+                                   multiple=self.placement.shards,
+                                   buckets=self.row_buckets)
     rows = np.concatenate([rows, np.full(size - len(rows), n)])  # n: empty
     return rollouts_lib.gather_rows(self.placement.sharding, [batch], rows,
                                     fill=True)
@@ -82,8 +84,8 @@ class Minibatches:
     off.
 
     Rows of the batch's length L, so every sequence fits one; the row count
-    is rounded up to one of 8 sizes (`rows_bucket`, a multiple of the data
-    shards), so the update compiles at most 8 times.
+    is rounded up to one of `row_buckets` sizes (`rows_bucket`, a multiple
+    of the data shards), so the update compiles at most that many times.
     """
     if not self.packing:
       return mb
@@ -92,6 +94,7 @@ class Minibatches:
     plan = packing_lib.plan(mask, row_tokens=length,
                             loss_mask=self.placement.to_host(mb["mask"]))
     plan = packing_lib.with_rows(plan, packing_lib.rows_bucket(
-        plan.rows, max_rows=b, multiple=self.placement.shards))
+        plan.rows, max_rows=b, multiple=self.placement.shards,
+        buckets=self.row_buckets))
     return {**mb, **{k: self.placement.from_host(v)
                      for k, v in plan.arrays().items()}}

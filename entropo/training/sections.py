@@ -422,9 +422,14 @@ class TrainSection:
   # sequences), except that seq_mean_token_sum_norm keeps the whole batch's
   # constant B x norm: every token weighs the same whatever minibatch, and
   # however many sequences, it falls in. Needs algo.minibatches = 1. Each
-  # is padded with empty rows to one of 8 row counts, multiples of data x
-  # fsdp: it splits over the devices, the update compiles at most 8 times.
+  # is padded with empty rows to one of `row_buckets` row counts,
+  # multiples of data x fsdp: it splits over the devices.
   minibatch_tokens: int = 0
+  # The row counts a packed batch or a minibatch by tokens is padded up to
+  # (`entropo.packing.rows_bucket`): each is one compiled shape of the
+  # update. More waste fewer rows, fewer compile less; 1: always the
+  # batch's row count (one shape, packing then saves no rows).
+  row_buckets: int = 8
 
   def __post_init__(self):
     for field in ("iterations", "eval_every", "eval_samples",
@@ -432,6 +437,7 @@ class TrainSection:
       check_number(f"train.{field}", getattr(self, field), integer=True)
     check_number("train.minibatch_tokens", self.minibatch_tokens,
                  integer=True, allow_zero=True)
+    check_number("train.row_buckets", self.row_buckets, integer=True)
     # 0 would keep no checkpoint: a rerun would silently start over.
     check_number("train.max_checkpoints", self.max_checkpoints, integer=True)
     for field in ("tensorboard", "plots", "progress", "allow_config_change",
