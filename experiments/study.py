@@ -32,8 +32,9 @@ so an interrupted study continues where it stopped):
   learning rate, the starting entropy, REPO variants, precision where the
   clip band binds (`--band_regime`), and LoRA adapters
   (`experiments/study_regimes.py`).
-* `mismatch`: the sampler's own precision (`sampling.precision`) crossed
-  with the trainer's, without and with a mismatch correction
+* `mismatch`: the sampler's own precision (`sampling.precision`,
+  `--mismatch_samplers`) crossed with the trainer's
+  (`--mismatch_trainers`), without and with a mismatch correction
   (`--mismatch_correction`), on `--mismatch_algorithm`; writes
   `report/mismatch.md` and its plots (`experiments/study_mismatch.py`).
 * `report`: tables (`report/summary.md`, `report/summary.json`) and plots

@@ -286,7 +286,7 @@ RESUMABLE = (
     "train.iterations", "train.eval_every", "train.checkpoint_every",
     "train.max_checkpoints", "train.log_every", "train.tensorboard",
     "train.plots", "train.progress", "train.allow_config_change",
-    "train.skip_non_finite", "train.packing",
+    "train.skip_non_finite", "train.packing", "train.row_buckets",
     "model.attention", "model.attention_chunk_size", "model.remat",
     "model.scan_layers", "sampling.steps_per_check",
     "sampling.in_flight_slots", "sampling.refill_rows",

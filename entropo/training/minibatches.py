@@ -62,9 +62,9 @@ class Minibatches:
     empty rows (no token, no loss) to one of `row_buckets` row counts
     (`rows_bucket`), each a multiple of the data shards (data x fsdp), so
     the minibatch splits over the devices and the update compiles a
-    bounded number of times: empty rows change no loss or metric (`Learner(batch_rows=)`
-    keeps seq_mean_token_sum_norm's constant, the other modes count tokens
-    or sequences with tokens)."""
+    bounded number of times: empty rows change no loss or metric
+    (`Learner(batch_rows=)` keeps seq_mean_token_sum_norm's constant, the
+    other modes count tokens or sequences with tokens)."""
     n = batch["tokens"].shape[0]
     if len(rows) == n:
       return batch

@@ -425,10 +425,10 @@ class TrainSection:
   # is padded with empty rows to one of `row_buckets` row counts,
   # multiples of data x fsdp: it splits over the devices.
   minibatch_tokens: int = 0
-  # The row counts a packed batch or a minibatch by tokens is padded up to
-  # (`entropo.packing.rows_bucket`): each is one compiled shape of the
-  # update. More waste fewer rows, fewer compile less; 1: always the
-  # batch's row count (one shape, packing then saves no rows).
+  # How many row counts a packed batch or a minibatch by tokens is padded
+  # up to (`entropo.packing.rows_bucket`), each one compiled shape of the
+  # steps: more pad fewer empty rows, fewer compile less often; 1 keeps
+  # the batch's row count (one shape; packing then saves no rows).
   row_buckets: int = 8
 
   def __post_init__(self):
