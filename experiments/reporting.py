@@ -118,12 +118,12 @@ def table(header, rows) -> str:
   return "\n".join(lines)
 
 
-def subplots(ncols=1, *, figsize, squeeze=True):
+def subplots(ncols=1, *, nrows=1, figsize, squeeze=True):
   """A figure and its axes, without pyplot: no global backend switch (a
   notebook's inline plots keep working), nothing to close."""
   from matplotlib.figure import Figure  # pylint: disable=g-import-not-at-top
   fig = Figure(figsize=figsize)
-  return fig, fig.subplots(1, ncols, squeeze=squeeze)
+  return fig, fig.subplots(nrows, ncols, squeeze=squeeze)
 
 
 def figure(path, fig):

@@ -165,9 +165,13 @@ def _kl_vs_entropy(runs, out) -> pathlib.Path:
 def _entropy_curves(runs, out) -> pathlib.Path:
   """Batch entropy over training, per cell, without and with correction."""
   cells = sorted({name.rsplit("/", 1)[0] for name in runs})
-  fig, axes = reporting.subplots(len(cells), figsize=(3.2 * len(cells), 3.2),
-                                 squeeze=False)
-  for ax, c in zip(axes[0], cells):
+  cols = min(3, len(cells))
+  rows = -(-len(cells) // cols)
+  fig, axes = reporting.subplots(cols, nrows=rows,
+                                 figsize=(3.6 * cols, 3 * rows), squeeze=False)
+  for ax in axes.flat[len(cells):]:
+    ax.set_visible(False)
+  for ax, c in zip(axes.flat, cells):
     for name, seeds in sorted(runs.items()):
       if name.rsplit("/", 1)[0] != c:
         continue
