@@ -31,11 +31,12 @@ def test_plain():
   # An outer session already recording (as when the suite runs under the
   # plugin): the inner run's rows are its own, the outer's stay.
   outer = {"id": "outer::test"}
+  sessions = suite_time._sessions  # pylint: disable=protected-access
   suite_time.pytest_sessionstart(None)
-  suite_time._sessions[-1].append(outer)  # pylint: disable=protected-access
+  sessions[-1].append(outer)
   result = pytester.runpytest_inprocess("-p", "suite_time", "-q")
   result.assert_outcomes(passed=2)
-  assert suite_time._sessions.pop() == [outer]  # pylint: disable=protected-access
+  assert sessions.pop() == [outer]
   rows = json.loads((tmp_path / "rows" / "rows_main.json").read_text())
   by_name = {r["id"].split("::")[1]: r for r in rows}
   assert sorted(by_name) == ["test_compiles", "test_plain"]
