@@ -24,7 +24,7 @@ def _minibatches(data=1, **settings):
       data=data, devices=jax.devices()[:data]))
   return Minibatches(placement, **{
       "minibatches": 1, "minibatch_tokens": 0, "packing": False,
-      **settings})
+      "row_buckets": 8, **settings})
 
 
 def test_rows_split_a_permutation_into_equal_minibatches():

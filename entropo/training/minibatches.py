@@ -1,10 +1,11 @@
 """How the trainer cuts a batch of rollouts into minibatches, and packs them.
 
-`Minibatches` holds the three settings that decide it: `algo.minibatches`
+`Minibatches` holds the four settings that decide it: `algo.minibatches`
 (equal slices of a random permutation), `train.minibatch_tokens` (the same
 permutation cut by a token budget, docs/training.md "Minibatches by
-tokens") and `train.packing` (each minibatch's sequences packed into rows
-with segment ids, entropo/packing.py). The trainer's `update` asks it for
+tokens"), `train.packing` (each minibatch's sequences packed into rows
+with segment ids, entropo/packing.py) and `train.row_buckets` (the row
+counts those are padded to). The trainer's `update` asks it for
 each epoch's rows, gathers them and packs them; the pre-update pass packs
 the whole batch the same way.
 """
@@ -27,7 +28,7 @@ class Minibatches:
   minibatches: int  # algo.minibatches
   minibatch_tokens: int  # train.minibatch_tokens (0: by rows)
   packing: bool  # train.packing
-  row_buckets: int = 8  # train.row_buckets
+  row_buckets: int  # train.row_buckets
 
   def rows(self, batch: dict, key, *, iteration: int) -> list[np.ndarray]:
     """The rows of each minibatch of one epoch, in index order.
