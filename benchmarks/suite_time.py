@@ -39,6 +39,7 @@ _programs = collections.defaultdict(lambda: [0, 0.0])  # name: [n, seconds]
 # plugin's own test, pytester) records its tests apart from the outer one.
 _sessions = []
 _listening = []
+_STARTED = time.time()  # the plugin is imported as pytest starts
 
 
 def _listen(event, duration, **kwargs):
@@ -74,11 +75,13 @@ def pytest_runtest_protocol(item, nextitem):
   del nextitem  # unused
   _durations.clear()
   _programs.clear()
-  start, (cpu0, child0) = time.perf_counter(), _cpu(os.times())
+  began, start, (cpu0, child0) = (time.time(), time.perf_counter(),
+                                  _cpu(os.times()))
   yield
   cpu1, child1 = _cpu(os.times())
   row = {"id": item.nodeid, "wall": time.perf_counter() - start,
-         "cpu": cpu1 - cpu0, "child": child1 - child0}
+         "cpu": cpu1 - cpu0, "child": child1 - child0,
+         "began": began, "process_began": _STARTED}
   row.update({k: _durations.get(e, 0.0) for k, e in _EVENTS.items()})
   row["programs"] = dict(_programs)
   _sessions[-1].append(row)
@@ -93,7 +96,8 @@ def pytest_sessionfinish(session):
 
 
 def summary(folder) -> str:
-  """A markdown table: totals, then the 25 costliest test files."""
+  """Markdown tables: totals and the 25 costliest test files, the costliest
+  programs, and each worker's start, time in tests and idle end."""
   rows = [r for f in sorted(pathlib.Path(folder).glob("rows_*.json"))
           for r in json.loads(f.read_text())]
   cols = ("wall", "cpu", "child", "compile", "lower", "trace", "cache_saved")
@@ -111,7 +115,31 @@ def summary(folder) -> str:
   for name, c in [("all", total)] + [(f, files[f]) for f in order[:25]]:
     lines.append(f"| {name} | {c['tests']} | "
                  + " | ".join(f"{c[k]:.0f}" for k in cols) + " |")
-  return "\n".join(lines + ["", _programs_table(rows)])
+  timeline = _timeline(folder)
+  return "\n".join(lines + ["", _programs_table(rows)]
+                   + (["", timeline] if timeline else []))
+
+
+def _timeline(folder) -> str:
+  """Per worker: seconds from its start to its first test (imports and
+  collection), in tests, and idle at the end while another worker ran on."""
+  spans = {}
+  for f in sorted(pathlib.Path(folder).glob("rows_*.json")):
+    rows = [r for r in json.loads(f.read_text()) if "began" in r]
+    if rows:
+      spans[f.stem[5:]] = (rows[0]["process_began"],
+                           min(r["began"] for r in rows),
+                           sum(r["wall"] for r in rows),
+                           max(r["began"] + r["wall"] for r in rows))
+  if not spans:
+    return ""
+  end = max(s[3] for s in spans.values())
+  lines = ["| worker | start to first test s | in tests s | idle at the end s |",
+           "|---|---|---|---|"]
+  for name, (began, first, busy, last) in spans.items():
+    lines.append(f"| {name} | {first - began:.0f} | {busy:.0f} | "
+                 f"{end - last:.0f} |")
+  return "\n".join(lines)
 
 
 def _programs_table(rows, top: int = 15) -> str:

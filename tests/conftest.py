@@ -82,6 +82,7 @@ def rng():
 
 def pytest_collection_modifyitems(config, items):
   del config  # unused
+  _slow_modules_first(items)
   if not ACCELERATOR:
     return
   skip = pytest.mark.skip(reason=(
@@ -91,6 +92,16 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if item.get_closest_marker("multidevice") is not None:
       item.add_marker(skip)
+
+
+def _slow_modules_first(items):
+  """Puts the modules that hold a `slow` test first, each whole and in its
+  own order (module fixtures are set up once): the xdist workers start on
+  the long tests, and the last tests of a run, which one worker finishes
+  while the other has nothing left, are short ones."""
+  slow = {item.nodeid.split("::")[0] for item in items
+          if item.get_closest_marker("slow") is not None}
+  items.sort(key=lambda item: item.nodeid.split("::")[0] not in slow)
 
 
 if not ACCELERATOR:

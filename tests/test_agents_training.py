@@ -103,6 +103,7 @@ def test_resume_equals_an_uninterrupted_run(shared, tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.slow
 def test_a_user_environment_file_trains_through_the_launcher(shared, tmp_path):
   env = "experiments/envs/guess_number.py:GuessNumber"
   flags = [f"--config=experiments/configs/agents.py:{env}:grpo",

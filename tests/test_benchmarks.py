@@ -236,6 +236,7 @@ def test_packing_benchmark_runs(tmp_path, monkeypatch, capsys):
   assert "| micro | 16 x 64 | lognormal |" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_packing_benchmark_whole_model_options(tmp_path, monkeypatch,
                                               capsys):
   """The options gpu.sh's `packing` part passes (`--cases qwen3_0.6b

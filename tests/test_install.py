@@ -13,6 +13,8 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TEST_ONLY = ("torch", "transformers", "peft")
 
@@ -92,6 +94,7 @@ def test_library_imports_no_test_only_package():
   assert _imported(_IMPORT_ALL) == "imported: []"
 
 
+@pytest.mark.slow
 def test_main_job_runs_without_test_only_packages(tmp_path):
   args = [f"--config={ROOT / 'experiments' / 'configs' / 'countdown.py'}",
           f"--workdir={tmp_path / 'workdir'}"]

@@ -224,6 +224,7 @@ def _stable(record):
 
 
 @pytest.mark.multidevice
+@pytest.mark.slow
 def test_two_processes_train_like_one(tmp_path):
   multi, single = tmp_path / "multi", tmp_path / "single"
   _launch_two_processes(multi, tmp_path)

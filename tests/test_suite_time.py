@@ -50,6 +50,7 @@ def test_plain():
   assert by_name["test_plain"]["programs"] == {}
   for r in rows:
     assert r["wall"] > 0 and r["cpu"] >= 0 and r["child"] >= 0
+    assert r["process_began"] <= r["began"]
 
 
 def test_summary_adds_up_by_file(tmp_path):
@@ -68,3 +69,37 @@ def test_summary_adds_up_by_file(tmp_path):
   # Costliest file first: b (5 + 1 s) before a (3 + 2 s).
   assert lines[3].startswith("| tests/b.py | 1 | 10 | 5 | 1 |")
   assert lines[4].startswith("| tests/a.py | 2 | 6 | 3 | 2 |")
+
+
+def test_timeline_shows_each_worker_and_its_idle_end(tmp_path):
+  """gw0 starts at 100, first test at 104, tests for 20 s, done at 130;
+  gw1 runs on to 150, so gw0 idled 20 s at the end."""
+  def rows(start, spans):
+    return [{"id": f"tests/a.py::t{i}", "wall": w, "began": b,
+             "process_began": start, "cpu": 0.0, "child": 0.0,
+             "compile": 0.0, "lower": 0.0, "trace": 0.0, "cache_saved": 0.0}
+            for i, (b, w) in enumerate(spans)]
+  (tmp_path / "rows_gw0.json").write_text(json.dumps(
+      rows(100.0, [(104.0, 6.0), (120.0, 10.0), (110.0, 4.0)])))
+  (tmp_path / "rows_gw1.json").write_text(json.dumps(
+      rows(101.0, [(103.0, 47.0)])))
+  text = suite_time.summary(tmp_path)
+  assert text.endswith("| gw0 | 4 | 20 | 20 |\n| gw1 | 2 | 47 | 0 |"), text
+
+
+def test_slow_modules_run_first_each_whole_and_in_order():
+  from tests import conftest  # pylint: disable=g-import-not-at-top
+
+  class Item:
+    def __init__(self, nodeid, slow=False):
+      self.nodeid, self.slow = nodeid, slow
+
+    def get_closest_marker(self, name):
+      return object() if name == "slow" and self.slow else None
+
+  ids = [("a.py::x", False), ("b.py::y", False), ("b.py::z", True),
+         ("c.py::u", False), ("d.py::v", True), ("d.py::w", False)]
+  items = [Item(i, s) for i, s in ids]
+  conftest._slow_modules_first(items)  # pylint: disable=protected-access
+  assert [i.nodeid for i in items] == [
+      "b.py::y", "b.py::z", "d.py::v", "d.py::w", "a.py::x", "c.py::u"]

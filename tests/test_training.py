@@ -445,6 +445,7 @@ def test_lora_trains_every_preset(algo, init_from, data_dir, tmp_path):
       "q_proj", "v_proj", "o_proj", "down_proj"], "base_dtype": "float32"}
 
 
+@pytest.mark.slow
 def test_lora_base_in_the_compute_dtype_trains_identically(
     init_from, data_dir, tmp_path):
   """`model.lora_base_dtype="compute"` under bf16: the base's projections
