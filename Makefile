@@ -50,16 +50,9 @@ endef
 	.venv/bin/python -m pip install $(PIP_QUIET) -c constraints/py311.txt -e .
 	touch $@
 
-# The 3.12 environment in two steps: its dependencies (the pinned list, no
-# entropo, so nothing is written into this tree: it can install beside the
-# 3.11 environment), then entropo itself, editable (quick).
-.venv312/.deps: constraints/py312.txt | .venv312/bin/python
-	.venv312/bin/python -m pip install $(PIP_QUIET) --upgrade pip
-	.venv312/bin/python -m pip install $(PIP_QUIET) -r constraints/py312.txt
-	touch $@
-
 .venv312/.installed: setup.py pyproject.toml constraints/py312.txt \
-  .venv312/.deps
+  | .venv312/bin/python
+	.venv312/bin/python -m pip install $(PIP_QUIET) --upgrade pip
 	.venv312/bin/python -m pip install $(PIP_QUIET) -c constraints/py312.txt \
 	  -e ".[test,bench]"
 	touch $@
@@ -94,20 +87,14 @@ install: .venv/.installed
 install-runtime: .venv/.installed-runtime
 
 # Both legs, the second even when the first fails; fails if either does.
-# The 3.12 environment's dependencies install while the 3.11 environment
-# does (pip keeps one core busy), entropo into it once the 3.11 install is
-# done (both editable installs write entropo.egg-info here), while the 3.11
-# leg runs; its output goes to .venv312.install.log, and if it failed,
-# test-py312 installs again in the open, so the error is in the log of
-# `make test`.
-test:
+# The 3.12 environment installs (mostly downloads) while the 3.11 leg runs,
+# after the 3.11 one (both editable installs write entropo.egg-info here);
+# its output goes to .venv312.install.log, and if it failed, test-py312
+# installs again in the open, so the error is in the log of `make test`.
+test: .venv/.installed
 	@rc=0; \
-	$(MAKE) --no-print-directory .venv312/.deps \
-	  > .venv312.install.log 2>&1 & deps=$$!; \
-	$(MAKE) --no-print-directory .venv/.installed || { wait; exit 1; }; \
-	wait $$deps; \
 	$(MAKE) --no-print-directory .venv312/.installed \
-	  >> .venv312.install.log 2>&1 & install=$$!; \
+	  > .venv312.install.log 2>&1 & install=$$!; \
 	$(MAKE) --no-print-directory test-py311 || rc=1; \
 	wait $$install || echo "== the Python 3.12 environment's install failed; again:"; \
 	$(MAKE) --no-print-directory test-py312 || rc=1; \

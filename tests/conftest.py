@@ -63,11 +63,15 @@ if not ACCELERATOR:
 # the tiny model); a persistent cache shared by the xdist workers compiles
 # each once per machine. Set in the environment, so that the subprocesses
 # the tests start (the launcher, notebooks, benchmarks, several processes)
-# share it too; jax reads both variables when it is imported.
+# share it too; jax reads both variables when it is imported. Every program
+# is cached, however short its compile: the thousands of one-operation
+# programs of eager jax calls (about 25 ms each on jaxlib 0.11) are then
+# compiled once for both workers (-10 % CPU on nine test files with jaxlib
+# 0.11, no change with 0.10: docs/benchmarks.md, "The test suite").
 os.environ.setdefault(
     "JAX_COMPILATION_CACHE_DIR",
     str(pathlib.Path(__file__).resolve().parents[1] / ".pytest_cache" / "jax"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
