@@ -6,8 +6,10 @@ jax's own compile-pipeline durations (jax.monitoring: tracing, lowering to
 MLIR, XLA backend compile, compilation-cache hits); each xdist worker
 writes its rows to `$SUITE_TIME_DIR/rows_<worker>.json`; each row also
 holds the XLA compile seconds and count of every program the test
-compiled, by name (`jit(_update)`). Then the summary adds them up by kind
-and by test file, and by program (which compiles cost most, how often):
+compiled, by name (`jit(_update)`), and when the test and its worker
+began. Then the summary adds them up by kind and by test file, and by
+program (which compiles cost most, how often), and shows each worker's
+start, time in tests and idle end:
 
     rm -rf .pytest_cache/jax   # a cold compilation cache, as on a fresh clone
     SUITE_TIME_DIR=/tmp/suite PYTHONPATH=benchmarks \\
