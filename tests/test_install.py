@@ -74,9 +74,8 @@ def _env():
   env["JAX_PLATFORMS"] = "cpu"
   env["PYTHONPATH"] = os.pathsep.join(
       p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-  # The suite's persistent compilation cache (conftest).
-  env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+  # The suite's persistent compilation cache comes with os.environ
+  # (conftest).
   env["MPLBACKEND"] = "Agg"
   return env
 

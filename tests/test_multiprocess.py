@@ -170,6 +170,7 @@ def _free_port() -> int:
 def _launch_two_processes(workdir, log_dir) -> None:
   """Runs experiments.main as processes 0 and 1; raises with their logs."""
   port = _free_port()
+  # os.environ holds the compilation cache this session uses (conftest).
   base = {k: v for k, v in os.environ.items()
           if not k.startswith(("ENTROPO_", "JAX_COORDINATOR"))}
   base.update(
@@ -180,9 +181,6 @@ def _launch_two_processes(workdir, log_dir) -> None:
           + ["--xla_force_host_platform_device_count=4"]),
       JAX_PLATFORMS="cpu",
       PYTHONPATH=os.pathsep.join([str(ROOT), base.get("PYTHONPATH", "")]),
-      # The compilation cache this test session uses (tests/conftest.py).
-      JAX_COMPILATION_CACHE_DIR=str(ROOT / ".pytest_cache" / "jax"),
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0.2",
       ENTROPO_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
       ENTROPO_NUM_PROCESSES="2")
   procs, logs = [], []

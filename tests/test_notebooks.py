@@ -79,10 +79,9 @@ def _kernel_env(tmp_path):
   env["PYTHONPATH"] = os.pathsep.join(
       p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
   env.pop("MPLBACKEND", None)  # the kernel's inline backend returns PNGs
-  # The suite's persistent compilation cache (conftest): reruns skip most
-  # of the kernels' compile time.
-  env["JAX_COMPILATION_CACHE_DIR"] = str(ROOT / ".pytest_cache" / "jax")
-  env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.2"
+  # The suite's persistent compilation cache comes with os.environ
+  # (conftest's JAX_COMPILATION_CACHE_DIR): reruns skip most of the
+  # kernels' compile time.
   return env
 
 
