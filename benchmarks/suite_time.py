@@ -100,8 +100,9 @@ def pytest_sessionfinish(session):
 def summary(folder) -> str:
   """Markdown tables: totals and the 25 costliest test files, the costliest
   programs, and each worker's start, time in tests and idle end."""
-  rows = [r for f in sorted(pathlib.Path(folder).glob("rows_*.json"))
-          for r in json.loads(f.read_text())]
+  workers = {f.stem[len("rows_"):]: json.loads(f.read_text())
+             for f in sorted(pathlib.Path(folder).glob("rows_*.json"))}
+  rows = [r for worker_rows in workers.values() for r in worker_rows]
   cols = ("wall", "cpu", "child", "compile", "lower", "trace", "cache_saved")
   files = collections.defaultdict(collections.Counter)
   for r in rows:
@@ -117,19 +118,20 @@ def summary(folder) -> str:
   for name, c in [("all", total)] + [(f, files[f]) for f in order[:25]]:
     lines.append(f"| {name} | {c['tests']} | "
                  + " | ".join(f"{c[k]:.0f}" for k in cols) + " |")
-  timeline = _timeline(folder)
+  timeline = _timeline(workers)
   return "\n".join(lines + ["", _programs_table(rows)]
                    + (["", timeline] if timeline else []))
 
 
-def _timeline(folder) -> str:
-  """Per worker: seconds from its start to its first test (imports and
-  collection), in tests, and idle at the end while another worker ran on."""
+def _timeline(workers) -> str:
+  """Per worker (`{name: rows}`): seconds from its start to its first test
+  (imports and collection), in tests, and idle at the end while another
+  worker ran on."""
   spans = {}
-  for f in sorted(pathlib.Path(folder).glob("rows_*.json")):
-    rows = [r for r in json.loads(f.read_text()) if "began" in r]
+  for name, worker_rows in workers.items():
+    rows = [r for r in worker_rows if "began" in r]
     if rows:
-      spans[f.stem[5:]] = (rows[0]["process_began"],
+      spans[name] = (rows[0]["process_began"],
                            min(r["began"] for r in rows),
                            sum(r["wall"] for r in rows),
                            max(r["began"] + r["wall"] for r in rows))
